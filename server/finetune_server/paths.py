@@ -1,0 +1,49 @@
+"""Confinement of caller-named paths to configured roots.
+
+A caller may name a local model folder or a server-side dataset, but only under the roots the operator configured.
+`..`, absolute paths outside the roots and symlinks that lead out are refused with PERMISSION_DENIED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from finetune_server.errors import ErrorKind, FinetuneError, Violation
+
+
+def looks_like_path(name: str) -> bool:
+    """True when `name` is meant as a filesystem path rather than a hub id (`org/name`)."""
+    return name.startswith(("/", "./", "../", "~")) or name in {".", ".."} or "\\" in name or name.count("/") > 1
+
+
+def confine(name: str, roots: Sequence[Path], field_path: str) -> Path:
+    """Resolve `name` (absolute, or relative to a root) to a real path inside one of `roots`.
+
+    Relative names are tried against each root in order; the first that exists wins, else the first root's candidate
+    is returned (so "not found" can be reported by the caller). Symlinks are resolved before the check.
+    """
+    if not roots:
+        raise FinetuneError(
+            ErrorKind.PERMISSION_DENIED,
+            "NO_ROOT_CONFIGURED",
+            f"{field_path}: local paths are not allowed: the server has no root configured for them",
+            violations=[Violation(field_path, "PATH_NOT_ALLOWED", "no root is configured for local paths")],
+            hint="Start the server with --model-dir / --dataset-dir, or use a hub id / an uploaded dataset.",
+        )
+    resolved_roots = [Path(r).expanduser().resolve() for r in roots]
+    raw = Path(name).expanduser()
+    candidates = [raw.resolve()] if raw.is_absolute() else [(root / raw).resolve() for root in resolved_roots]
+    inside = [c for c in candidates if any(c == r or c.is_relative_to(r) for r in resolved_roots)]
+    if not inside:
+        raise FinetuneError(
+            ErrorKind.PERMISSION_DENIED,
+            "PATH_OUTSIDE_ROOTS",
+            f"{field_path}: {name!r} is outside the allowed folders",
+            violations=[Violation(field_path, "PATH_OUTSIDE_ROOTS", f"{name!r} resolves outside the allowed folders")],
+            hint="Name a path inside the server's configured folders (see GetServerInfo).",
+        )
+    for candidate in inside:
+        if candidate.exists():
+            return candidate
+    return inside[0]

@@ -1,0 +1,44 @@
+"""Server settings: where state lives, which local folders callers may name, hub access and limits."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MAX_UPLOAD_BYTES = 1 << 30  # 1 GiB
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass
+class ServerSettings:
+    data_dir: Path
+    model_roots: list[Path] = field(default_factory=list)
+    dataset_roots: list[Path] = field(default_factory=list)
+    offline: bool = False  # no hub downloads; also on when HF_HUB_OFFLINE=1
+    hf_endpoint: str = ""  # informational; huggingface_hub reads HF_ENDPOINT itself
+    hf_cache_dir: Path | None = None  # None: huggingface_hub's default (HF_HOME / HF_HUB_CACHE)
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    slots: int = 1
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        self.model_roots = [Path(p).expanduser().resolve() for p in self.model_roots]
+        self.dataset_roots = [Path(p).expanduser().resolve() for p in self.dataset_roots]
+        self.offline = self.offline or _env_flag("HF_HUB_OFFLINE")
+        self.hf_endpoint = self.hf_endpoint or os.environ.get("HF_ENDPOINT", "")
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"

@@ -1,0 +1,152 @@
+"""The training config as the domain sees it: the contract's fields, `None` meaning "not set".
+
+A preset fills only fields left unset; then the server defaults fill the rest. The resolved config has every field
+set and is what a job records and a worker runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DATA_FORMATS = ("auto", "alpaca", "messages", "qa", "text")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit")
+
+
+@dataclass
+class LoraSettings:
+    r: int | None = None
+    alpha: int | None = None
+    dropout: float | None = None
+    target_modules: list[str] = field(default_factory=list)  # empty: every linear projection of the architecture
+    modules_to_save: list[str] = field(default_factory=list)
+    use_dora: bool | None = None
+
+
+@dataclass
+class TrainingConfig:
+    model_name: str = ""
+    dataset: str = ""
+    data_format: str | None = None
+    max_length: int | None = None
+    num_train_epochs: float | None = None
+    max_steps: int | None = None
+    learning_rate: float | None = None
+    lr_scheduler_type: str | None = None
+    warmup_ratio: float | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    per_device_train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    gradient_checkpointing: bool | None = None
+    load_in_8bit: bool | None = None
+    load_in_4bit: bool | None = None
+    fp16: bool | None = None
+    bf16: bool | None = None
+    optim: str | None = None
+    seed: int | None = None
+    preset: str = ""
+    packing: bool | None = None
+    eval_split: float | None = None
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int | None = None
+    logging_steps: int | None = None
+    early_stopping_patience: int | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train_on_prompt: bool | None = None
+    eval_dataset: str = ""
+    chat_template: str = ""
+    allow_fallback_chat_template: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        """Inverse of to_dict (used for persistence and the worker hand-off; input is our own output)."""
+        values = dict(data)
+        lora = LoraSettings(**values.pop("lora", {}) or {})
+        return cls(**values, lora=lora)
+
+
+# Server defaults for every optional field; `None` for lora.alpha means "2 * r", resolved below.
+DEFAULTS: dict[str, Any] = {
+    "data_format": "auto",
+    "max_length": 2048,
+    "num_train_epochs": 3.0,
+    "max_steps": 0,
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.03,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "gradient_checkpointing": False,
+    "load_in_8bit": False,
+    "load_in_4bit": False,
+    "fp16": False,
+    "bf16": False,
+    "optim": "adamw_torch",
+    "seed": 42,
+    "packing": False,
+    "eval_split": 0.0,
+    "eval_steps": 0,
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "logging_steps": 1,
+    "early_stopping_patience": 0,
+    "train_on_prompt": False,
+    "allow_fallback_chat_template": True,
+    "lora.r": 16,
+    "lora.dropout": 0.05,
+    "lora.use_dora": False,
+}
+
+
+def get_path(config: TrainingConfig, path: str) -> Any:
+    """Value of a dotted field path such as `lora.r`."""
+    target: Any = config
+    for part in path.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def set_path(config: TrainingConfig, path: str, value: Any) -> None:
+    *parents, name = path.split(".")
+    target: Any = config
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, name, value)
+
+
+def optional_field_paths() -> list[str]:
+    """Every field path whose `None` means "not set" (the ones presets and defaults may fill)."""
+    paths = [f.name for f in dataclasses.fields(TrainingConfig) if f.default is None]
+    paths += [f"lora.{f.name}" for f in dataclasses.fields(LoraSettings) if f.default is None]
+    return paths
+
+
+def resolve(config: TrainingConfig, preset_values: dict[str, Any] | None = None) -> tuple[TrainingConfig, list[str]]:
+    """Fill unset fields from the preset, then from DEFAULTS. Returns the resolved copy and the preset-filled paths.
+
+    Explicit values are never overridden: only fields that are `None` (or an empty list) are filled.
+    """
+    resolved = dataclasses.replace(config, lora=dataclasses.replace(config.lora))
+    resolved.lora.target_modules = list(config.lora.target_modules)
+    resolved.lora.modules_to_save = list(config.lora.modules_to_save)
+    filled: list[str] = []
+    for path, value in (preset_values or {}).items():
+        current = get_path(resolved, path)
+        if current is None or current == []:
+            set_path(resolved, path, list(value) if isinstance(value, list) else value)
+            filled.append(path)
+    for path, value in DEFAULTS.items():
+        if get_path(resolved, path) is None:
+            set_path(resolved, path, value)
+    if resolved.lora.alpha is None:
+        resolved.lora.alpha = 2 * int(resolved.lora.r or DEFAULTS["lora.r"])
+    return resolved, filled
