@@ -37,7 +37,7 @@ class Violation:
 
 
 @dataclass(frozen=True)
-class Warning:  # noqa: A001 - the contract's name (ConfigWarning); shadowing the builtin is harmless here
+class ConfigWarning:
     field: str
     reason: str
     message: str

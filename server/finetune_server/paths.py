@@ -23,6 +23,13 @@ def confine(name: str, roots: Sequence[Path], field_path: str) -> Path:
     Relative names are tried against each root in order; the first that exists wins, else the first root's candidate
     is returned (so "not found" can be reported by the caller). Symlinks are resolved before the check.
     """
+    if "\x00" in name:
+        raise FinetuneError(
+            ErrorKind.INVALID_ARGUMENT,
+            "INVALID_PATH",
+            f"{field_path}: contains a NUL character",
+            violations=[Violation(field_path, "INVALID_PATH", "contains a NUL character")],
+        )
     if not roots:
         raise FinetuneError(
             ErrorKind.PERMISSION_DENIED,

@@ -148,5 +148,7 @@ def resolve(config: TrainingConfig, preset_values: dict[str, Any] | None = None)
         if get_path(resolved, path) is None:
             set_path(resolved, path, value)
     if resolved.lora.alpha is None:
-        resolved.lora.alpha = 2 * int(resolved.lora.r or DEFAULTS["lora.r"])
+        # 2 * r; for an r out of range (which validation reports) the default r's, so nothing overflows the contract.
+        r = int(resolved.lora.r or 0)
+        resolved.lora.alpha = 2 * (r if 1 <= r <= 1 << 20 else int(DEFAULTS["lora.r"]))
     return resolved, filled

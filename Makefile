@@ -1,0 +1,61 @@
+# Every target installs what it needs into .venv on a fresh machine.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+HOST ?= 127.0.0.1
+PORT ?= 50051
+DATA_DIR ?= ./data
+
+.PHONY: setup proto proto-check lint breaking test test-fast serve demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, from this machine's disk (CPU build), so nothing pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[server,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+proto: $(STAMP)
+	$(PY) scripts/gen_proto.py
+
+# Fails when the committed generated code differs from what the proto generates.
+proto-check: proto
+	@git diff --exit-code --stat -- client/finetune_client/_generated || \
+	  (echo "generated code is out of date: run 'make proto' and commit" && exit 1)
+	@test -z "$$(git status --porcelain --untracked-files=all -- client/finetune_client/_generated)" || \
+	  (echo "untracked generated files: run 'make proto' and commit" && exit 1)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/buf lint
+
+# Compares the proto with its previous committed version (the newest earlier commit that changed proto/).
+breaking: $(STAMP)
+	@base=$$(git log --format=%H -- proto buf.yaml | sed -n 2p); \
+	if [ -z "$$base" ]; then echo "buf breaking: no earlier version of the proto to compare with"; \
+	else echo "buf breaking against $$base"; $(VENV)/bin/buf breaking --against ".git#ref=$$base"; fi
+
+test: $(STAMP) proto-check lint breaking
+	$(PY) -m pytest -q -p no:cacheprovider
+
+# The tests without the slow marker, for a quick loop while developing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+serve: $(STAMP)
+	$(VENV)/bin/finetune serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR) --model-dir ./models --dataset-dir ./datasets
+
+demo: $(STAMP)
+	$(VENV)/bin/finetune demo --data-dir $(DATA_DIR)
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

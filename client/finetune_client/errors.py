@@ -1,0 +1,146 @@
+"""Errors of the remote service, parsed from the rich google.rpc.Status the server sends.
+
+The server puts a `google.rpc.ErrorInfo` (reason, domain, metadata with an optional "hint"), often a
+`google.rpc.BadRequest`, and for rejected configs the whole `ValidateConfigResponse` into the status details. Callers
+get one exception type with those pieces as attributes instead of digging through trailing metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
+from finetune_client.interface import FieldViolation
+
+__all__ = ["FinetuneServiceError", "ServerUnavailableError", "from_rpc_error"]
+
+logger = logging.getLogger(__name__)
+
+_DETAILS_KEY = "grpc-status-details-bin"
+_LINE_PREFIX = re.compile(r"^line (\d+):\s*")
+
+
+class FinetuneServiceError(Exception):
+    """A failed call: the gRPC code plus the server's reason, hint, field violations and (for configs) report."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str = "",
+        hint: str = "",
+        violations: list[FieldViolation] | None = None,
+        report: pb.ValidateConfigResponse | None = None,
+        metadata: dict[str, str] | None = None,
+        domain: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.hint = hint
+        self.violations = list(violations or [])
+        self.report = report
+        self.metadata = dict(metadata or {})
+        self.domain = domain
+
+    def __str__(self) -> str:
+        head = f"{self.code.name}"
+        if self.reason:
+            head += f" ({self.reason})"
+        text = f"{head}: {self.message}"
+        if self.violations:
+            text += "".join(f"\n  - {v}" for v in self.violations)
+        if self.hint and self.hint not in self.message:  # the server may already say it in the message
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class ServerUnavailableError(FinetuneServiceError):
+    """The server could not be reached (UNAVAILABLE), after any retries; `address` names where we tried."""
+
+    def __init__(self, message: str, *, address: str = "", **kwargs: Any) -> None:
+        self.address = address
+        if address and address not in message:
+            message = f"server at {address} is unavailable: {message}"
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message, **kwargs)
+
+
+def from_rpc_error(error: grpc.RpcError, *, address: str = "") -> FinetuneServiceError:
+    """Turn a grpc.RpcError (which is also a grpc.Call) into a FinetuneServiceError, reading the rich status."""
+    code = _call_attr(error, "code") or grpc.StatusCode.UNKNOWN
+    message = _call_attr(error, "details") or str(error)
+    status = _rich_status(error)
+    fields: dict[str, Any] = {}
+    if status is not None:
+        message = status.message or message
+        fields = _parse_details(status.details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServerUnavailableError(message, address=address, **fields)
+    return FinetuneServiceError(code, message, **fields)
+
+
+def _call_attr(error: grpc.RpcError, name: str) -> Any:
+    method = getattr(error, name, None)
+    try:
+        return method() if callable(method) else None
+    except Exception:  # a broken call object must not hide the original error
+        return None
+
+
+def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
+    try:
+        return rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:
+        # code/message in the status disagree with the call's (e.g. a proxy rewrote them): the details still count.
+        pass
+    except AttributeError:
+        return None
+    for key, value in _call_attr(error, "trailing_metadata") or ():
+        if key == _DETAILS_KEY:
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+def _parse_details(details: list[any_pb2.Any] | Any) -> dict[str, Any]:
+    info = error_details_pb2.ErrorInfo()
+    bad_request = error_details_pb2.BadRequest()
+    report = pb.ValidateConfigResponse()
+    found_info = found_bad = found_report = False
+    for detail in details:
+        if detail.Is(info.DESCRIPTOR):
+            found_info = detail.Unpack(info)
+        elif detail.Is(bad_request.DESCRIPTOR):
+            found_bad = detail.Unpack(bad_request)
+        elif detail.Is(report.DESCRIPTOR):
+            found_report = detail.Unpack(report)
+        else:
+            logger.debug("ignoring error detail of type %s", detail.type_url)
+    fields: dict[str, Any] = {}
+    if found_info:
+        fields.update(
+            reason=info.reason, domain=info.domain, hint=info.metadata.get("hint", ""), metadata=dict(info.metadata)
+        )
+    if found_report:
+        fields["report"] = report
+        fields["violations"] = [FieldViolation(v.field, v.reason, v.message, int(v.line)) for v in report.violations]
+    if found_bad and not fields.get("violations"):
+        fields["violations"] = [_from_bad_request(v) for v in bad_request.field_violations]
+    return fields
+
+
+def _from_bad_request(violation: error_details_pb2.BadRequest.FieldViolation) -> FieldViolation:
+    """BadRequest has no line field: dataset problems say `line N: ...` in the description."""
+    description = violation.description
+    match = _LINE_PREFIX.match(description)
+    line = int(match.group(1)) if match else 0
+    message = description[match.end() :] if match else description
+    return FieldViolation(violation.field, violation.reason, message, line)

@@ -1,0 +1,508 @@
+"""GrpcFineTuneService: the typed client of a sage-finetune server, usable wherever an IFineTuneService is.
+
+Network failures are handled here so callers don't have to: idempotent calls are retried on UNAVAILABLE with
+exponential backoff and jitter, a dropped Train or WatchJob stream is resumed with WatchJob from the last event seen
+(each event is delivered once), and a dropped download resumes from its offset. Everything else surfaces as a
+FinetuneServiceError carrying the server's reason, hint and field violations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from os import PathLike
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+from google.protobuf.message import Message
+
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_client.convert import (
+    ConfigConversionError,
+    config_from_dict,
+    dict_to_message,
+    export_result_from_artifact,
+    message_to_dict,
+    progress_from_proto,
+    train_result_from_job,
+    validation_result_from_report,
+)
+from finetune_client.errors import FinetuneServiceError, from_rpc_error
+from finetune_client.interface import (
+    ExportResult,
+    IFineTuneService,
+    ProgressCallback,
+    TrainResult,
+    ValidationResult,
+)
+
+__all__ = ["CHUNK_SIZE", "GrpcFineTuneService"]
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1024 * 1024  # upload chunk: well under gRPC's default 4 MiB message limit
+_IDEMPOTENT = frozenset({"ValidateConfig", "GetJob", "ListJobs", "ListPresets", "GetServerInfo", "DownloadArtifact"})
+_FINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
+_REJECTED_CONFIG_CODES = frozenset(
+    {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
+)
+
+
+class GrpcFineTuneService(IFineTuneService):
+    """Talks to a FineTuneService at `target` ("host:port") or over an existing channel (which stays the caller's).
+
+    `timeout` is the deadline of unary calls in seconds (streams have none: jobs run for hours). `retries` is how many
+    times an idempotent call, a stream reconnect or a download resume is retried after UNAVAILABLE. `token` is sent
+    as `authorization: Bearer <token>`. TLS is used when `tls` is true or `root_certificates` (PEM bytes) are given.
+    """
+
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        *,
+        token: str | None = None,
+        timeout: float | None = 30.0,
+        retries: int = 3,
+        initial_backoff: float = 0.25,
+        max_backoff: float = 10.0,
+        root_certificates: bytes | None = None,
+        tls: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if isinstance(target, str):
+            self._address = target
+            if tls or root_certificates is not None:
+                credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+                self._channel = grpc.secure_channel(target, credentials, options=list(options))
+            else:
+                self._channel = grpc.insecure_channel(target, options=list(options))
+            self._owns_channel = True
+        else:
+            self._address = "the given channel"
+            self._channel = target
+            self._owns_channel = False
+        self._stub = pb_grpc.FineTuneServiceStub(self._channel)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._timeout = timeout
+        self._retries = max(0, retries)
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
+        self._lock = threading.Lock()
+        self._last_job_id: str | None = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # lifecycle
+    # ----------------------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel if this client created it."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GrpcFineTuneService({self._address!r})"
+
+    @property
+    def last_job_id(self) -> str | None:
+        """The job the last train()/iter_train() of this client created (export_model's default)."""
+        with self._lock:
+            return self._last_job_id
+
+    # ----------------------------------------------------------------------------------------------------------
+    # IFineTuneService
+    # ----------------------------------------------------------------------------------------------------------
+
+    def validate_config(
+        self, config: Mapping[str, Any] | pb.TrainingConfig, *, target_device: str = ""
+    ) -> ValidationResult:
+        """The server's report; a rejected config is a result with `valid=False`, not an exception.
+
+        A dict that cannot even be converted (unknown keys, wrong types) is reported the same way, without a call.
+        """
+        try:
+            message = _to_config(config)
+        except ConfigConversionError as exc:
+            return ValidationResult(valid=False, errors=list(exc.problems), violations=list(exc.violations))
+        request = pb.ValidateConfigRequest(config=message, target_device=target_device)
+        try:
+            return validation_result_from_report(self._unary("ValidateConfig", request))
+        except FinetuneServiceError as exc:
+            if exc.code not in _REJECTED_CONFIG_CODES:
+                raise
+            if exc.report is not None:
+                return validation_result_from_report(exc.report)
+            if exc.violations:
+                return ValidationResult(
+                    valid=False, errors=[str(v) for v in exc.violations], violations=list(exc.violations)
+                )
+            raise
+
+    def train(
+        self,
+        config: Mapping[str, Any] | pb.TrainingConfig,
+        progress_callback: ProgressCallback | None = None,
+        *,
+        display_name: str = "",
+        request_id: str | None = None,
+    ) -> TrainResult:
+        """Start a job and follow it to its end; returns its result (success=False for a failed or cancelled job).
+
+        Raises ConfigConversionError for a dict that cannot be converted and FinetuneServiceError when the server
+        rejects the config or cannot be reached. A callback that raises is logged and does not stop the watch.
+        """
+        job = pb.Job()
+        for response in self.iter_train(config, display_name=display_name, request_id=request_id):
+            if response.WhichOneof("kind") == "job":
+                job.CopyFrom(response.job)
+                continue
+            event = response.event
+            _apply_event(job, event)
+            if progress_callback is not None and event.WhichOneof("kind") == "progress":
+                try:
+                    progress_callback(progress_from_proto(event.progress, job.id))
+                except Exception:
+                    logger.exception("progress callback failed for job %s", job.id)
+        if job.state not in _FINAL_STATES:
+            # The stream ended without a final state (e.g. the server shut down gracefully): ask for the truth.
+            job = self.get_job(job.id)
+        return train_result_from_job(job)
+
+    def export_model(
+        self,
+        output_path: str | PathLike[str],
+        *,
+        format: str = "adapter",  # noqa: A002 - the seed's keyword
+        job_id: str | None = None,
+        overwrite: bool = False,
+        checkpoint_step: int | None = None,
+        progress_callback: Callable[[pb.ExportProgress], None] | None = None,
+    ) -> ExportResult:
+        """Export on the server, download every file, verify each SHA-256, then move the folder into place at once.
+
+        `output_path` must not exist or be an empty folder unless `overwrite`. On any failure (a checksum mismatch
+        raises FinetuneServiceError with DATA_LOSS) nothing is left at `output_path` and no partial folder remains.
+        """
+        job_id = job_id or self.last_job_id
+        if not job_id:
+            raise ValueError("no job to export: pass job_id, or train with this client first")
+        target = Path(output_path)
+        _check_target(target, overwrite)
+        request = dict_to_message(
+            {"job_id": job_id, "format": format, "checkpoint_step": checkpoint_step}, pb.ExportRequest
+        )
+        artifact = self._run_export(request, progress_callback)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            for file in artifact.files:
+                destination = staging / _safe_relative_path(file.path)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                self._download_file(artifact.id, file, destination)
+            _install(staging, target, overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return export_result_from_artifact(artifact, str(target))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # streaming
+    # ----------------------------------------------------------------------------------------------------------
+
+    def iter_train(
+        self,
+        config: Mapping[str, Any] | pb.TrainingConfig,
+        *,
+        display_name: str = "",
+        request_id: str | None = None,
+    ) -> Iterator[pb.TrainResponse]:
+        """The Train stream: first the job, then each event once, reconnecting through WatchJob when it drops.
+
+        `request_id` None generates one, which makes retrying the Train call itself safe; "" sends none, and then
+        Train is not retried (a retry could create a second job).
+        """
+        request = pb.TrainRequest(  # converted now, so a bad dict raises here and not at the first next()
+            config=_to_config(config),
+            request_id=uuid.uuid4().hex if request_id is None else request_id,
+            display_name=display_name,
+        )
+        return self._train_stream(request)
+
+    def _train_stream(self, request: pb.TrainRequest) -> Iterator[pb.TrainResponse]:
+        call, first = self._open_train(request)
+        with self._lock:
+            self._last_job_id = first.job.id
+        yield first
+        for event in self._follow(first.job.id, 0, call):
+            yield pb.TrainResponse(event=event)
+
+    def watch(self, job_id: str, after_sequence: int = 0) -> Iterator[pb.JobEvent]:
+        """A job's events after `after_sequence` until it ends, each once, reconnecting when the stream drops."""
+        return self._follow(job_id, after_sequence, None)
+
+    def _open_train(self, request: pb.TrainRequest) -> tuple[Any, pb.TrainResponse]:
+        attempt = 0
+        while True:
+            call: Any = self._stub.Train(request, metadata=self._metadata)
+            try:
+                first = next(call)
+            except StopIteration:
+                raise FinetuneServiceError(grpc.StatusCode.INTERNAL, "the Train stream ended before the job") from None
+            except grpc.RpcError as exc:
+                if request.request_id and self._should_retry(exc, attempt):
+                    attempt += 1
+                    self._backoff("Train", attempt)
+                    continue
+                raise from_rpc_error(exc, address=self._address) from exc
+            if first.WhichOneof("kind") != "job":
+                call.cancel()
+                raise FinetuneServiceError(grpc.StatusCode.INTERNAL, "the first Train message carries no job")
+            return call, first
+
+    def _follow(self, job_id: str, after_sequence: int, call: Any) -> Iterator[pb.JobEvent]:
+        last = after_sequence
+        attempt = 0
+        try:
+            while True:
+                if call is None:
+                    call = self._stub.WatchJob(
+                        pb.WatchJobRequest(job_id=job_id, after_sequence=last), metadata=self._metadata
+                    )
+                try:
+                    for response in call:
+                        if isinstance(response, pb.TrainResponse) and response.WhichOneof("kind") != "event":
+                            continue
+                        event = response.event
+                        attempt = 0
+                        if event.sequence <= last:
+                            continue  # already delivered (a replay after a reconnect)
+                        last = event.sequence
+                        yield event
+                    return
+                except grpc.RpcError as exc:
+                    if not self._should_retry(exc, attempt):
+                        raise from_rpc_error(exc, address=self._address) from exc
+                    attempt += 1
+                    call = None
+                    self._backoff(f"WatchJob {job_id} after {last}", attempt)
+        finally:
+            if call is not None:
+                call.cancel()  # the consumer stopped early: don't leave the stream open (the job goes on)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # jobs, presets, server
+    # ----------------------------------------------------------------------------------------------------------
+
+    def get_job(self, job_id: str) -> pb.Job:
+        response: pb.GetJobResponse = self._unary("GetJob", pb.GetJobRequest(job_id=job_id))
+        return response.job
+
+    def list_jobs(self, states: Iterable[str | int] = (), page_size: int = 0) -> Iterator[pb.Job]:
+        """Every job in `states` (names like "running" or JobState values; empty: all), newest first, all pages."""
+        request = dict_to_message({"states": list(states), "page_size": page_size}, pb.ListJobsRequest)
+        return self._pages(request)
+
+    def _pages(self, request: pb.ListJobsRequest) -> Iterator[pb.Job]:
+        while True:
+            response: pb.ListJobsResponse = self._unary("ListJobs", request)
+            yield from response.jobs
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    def cancel_job(self, job_id: str) -> pb.Job:
+        """Cancel a job (queued: at once; running: its worker stops). A finished job raises FAILED_PRECONDITION."""
+        response: pb.CancelJobResponse = self._unary("CancelJob", pb.CancelJobRequest(job_id=job_id))
+        return response.job
+
+    def list_presets(self) -> pb.ListPresetsResponse:
+        response: pb.ListPresetsResponse = self._unary("ListPresets", pb.ListPresetsRequest())
+        return response
+
+    def server_info(self) -> pb.GetServerInfoResponse:
+        response: pb.GetServerInfoResponse = self._unary("GetServerInfo", pb.GetServerInfoRequest())
+        return response
+
+    # ----------------------------------------------------------------------------------------------------------
+    # datasets
+    # ----------------------------------------------------------------------------------------------------------
+
+    def upload_dataset(self, path: str | PathLike[str], data_format: str = "auto") -> dict[str, Any]:
+        """Upload a JSON/JSONL file; returns the stored Dataset as a dict (its `id` can be a config's `dataset`)
+        plus `already_existed`. The SHA-256 is sent first so the server rejects a corrupted upload."""
+        source = Path(path)
+        digest = hashlib.sha256()
+        with source.open("rb") as handle:
+            for block in iter(lambda: handle.read(CHUNK_SIZE), b""):
+                digest.update(block)
+        metadata = pb.UploadDatasetMetadata(filename=source.name, data_format=data_format, sha256=digest.hexdigest())
+
+        def requests() -> Iterator[pb.UploadDatasetRequest]:
+            yield pb.UploadDatasetRequest(metadata=metadata)
+            with source.open("rb") as handle:
+                for block in iter(lambda: handle.read(CHUNK_SIZE), b""):
+                    yield pb.UploadDatasetRequest(chunk=block)
+
+        try:
+            response: pb.UploadDatasetResponse = self._stub.UploadDataset(requests(), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, address=self._address) from exc
+        result = message_to_dict(response.dataset)
+        result["already_existed"] = response.already_existed
+        return result
+
+    # ----------------------------------------------------------------------------------------------------------
+    # plumbing
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _unary(self, method_name: str, request: Message) -> Any:
+        method = getattr(self._stub, method_name)
+        retryable = method_name in _IDEMPOTENT
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=self._timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if not (retryable and self._should_retry(exc, attempt)):
+                    raise from_rpc_error(exc, address=self._address) from exc
+                attempt += 1
+                self._backoff(method_name, attempt)
+
+    def _should_retry(self, exc: grpc.RpcError, attempt: int) -> bool:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        return code == grpc.StatusCode.UNAVAILABLE and attempt < self._retries
+
+    def _backoff(self, what: str, attempt: int) -> None:
+        """Exponential backoff with jitter (half fixed, half random) so many clients don't retry in lockstep."""
+        ceiling = min(self._max_backoff, self._initial_backoff * 2 ** (attempt - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        logger.info(
+            "%s: server at %s unavailable, retry %d/%d in %.2fs", what, self._address, attempt, self._retries, delay
+        )
+        time.sleep(delay)
+
+    def _run_export(
+        self, request: pb.ExportRequest, progress_callback: Callable[[pb.ExportProgress], None] | None
+    ) -> pb.Artifact:
+        artifact: pb.Artifact | None = None
+        try:
+            for response in self._stub.Export(request, metadata=self._metadata):
+                if response.WhichOneof("kind") == "artifact":
+                    artifact = response.artifact
+                elif progress_callback is not None:
+                    progress_callback(response.progress)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, address=self._address) from exc
+        if artifact is None:
+            raise FinetuneServiceError(grpc.StatusCode.INTERNAL, "the Export stream ended without an artifact")
+        return artifact
+
+    def _download_file(self, artifact_id: str, file: pb.ArtifactFile, destination: Path) -> None:
+        """Download one file, resuming from the bytes already written when the stream drops; verify its SHA-256."""
+        digest = hashlib.sha256()
+        offset = 0
+        attempt = 0
+        with destination.open("wb") as out:
+            while True:
+                request = pb.DownloadArtifactRequest(artifact_id=artifact_id, path=file.path, offset=offset)
+                call = self._stub.DownloadArtifact(request, metadata=self._metadata)
+                try:
+                    for chunk in call:
+                        if chunk.path != file.path or chunk.offset != offset:
+                            raise FinetuneServiceError(
+                                grpc.StatusCode.DATA_LOSS,
+                                f"unexpected chunk {chunk.path}@{chunk.offset} while downloading {file.path}@{offset}",
+                                reason="UNEXPECTED_CHUNK",
+                            )
+                        out.write(chunk.data)
+                        digest.update(chunk.data)
+                        offset += len(chunk.data)
+                        attempt = 0
+                    break
+                except grpc.RpcError as exc:
+                    if not self._should_retry(exc, attempt):
+                        raise from_rpc_error(exc, address=self._address) from exc
+                    attempt += 1
+                    self._backoff(f"DownloadArtifact {file.path} from {offset}", attempt)
+                finally:
+                    call.cancel()
+        actual = digest.hexdigest()
+        if actual != file.sha256.lower() or offset != file.size_bytes:
+            raise FinetuneServiceError(
+                grpc.StatusCode.DATA_LOSS,
+                f"{file.path}: expected {file.size_bytes} bytes with sha256 {file.sha256}, "
+                f"received {offset} bytes with sha256 {actual}",
+                reason="CHECKSUM_MISMATCH",
+                hint="the download was corrupted or the artifact changed on the server; export again",
+            )
+
+
+def _to_config(config: Mapping[str, Any] | pb.TrainingConfig) -> pb.TrainingConfig:
+    return config if isinstance(config, pb.TrainingConfig) else config_from_dict(config)
+
+
+def _apply_event(job: pb.Job, event: pb.JobEvent) -> None:
+    """Keep a local copy of the job current from its events, so the final result needs no extra call."""
+    job.last_sequence = event.sequence
+    kind = event.WhichOneof("kind")
+    if kind == "state_change":
+        job.state = event.state_change.current
+        if event.state_change.HasField("error"):
+            job.error.CopyFrom(event.state_change.error)
+    elif kind == "progress":
+        job.progress.CopyFrom(event.progress)
+    elif kind == "result":
+        job.result.CopyFrom(event.result)
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if overwrite or not (target.exists() or target.is_symlink()):
+        return
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        return
+    raise FileExistsError(f"{target} exists and is not an empty folder; pass overwrite=True to replace it")
+
+
+def _install(staging: Path, target: Path, overwrite: bool) -> None:
+    """Move the verified folder into place with renames, so readers see the old content or the new, never a mix."""
+    _check_target(target, overwrite)
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        target.rmdir()
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+        os.replace(staging, target)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+        return
+    os.replace(staging, target)
+
+
+def _safe_relative_path(path: str) -> Path:
+    """An artifact path as a relative path that cannot leave the output folder (the server is not trusted with it)."""
+    parts = PurePosixPath(path).parts
+    if not parts or PurePosixPath(path).is_absolute() or any(p in ("..", "") or "\\" in p for p in parts):
+        raise FinetuneServiceError(
+            grpc.StatusCode.DATA_LOSS, f"refusing artifact file path {path!r}", reason="UNSAFE_ARTIFACT_PATH"
+        )
+    return Path(*parts)

@@ -1,0 +1,115 @@
+"""Conversion between domain dataclasses and contract messages.
+
+Domain result types use the contract's field names, so one generic routine fills any message from any dataclass;
+the few fields whose domain form differs (seconds as floats for Durations, datetimes for Timestamps) are handled by
+type, not by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
+from finetune_server.training.config import LoraSettings, TrainingConfig
+
+M = TypeVar("M", bound=Message)
+
+
+def _items(obj: Any) -> list[tuple[str, Any]]:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    if isinstance(obj, Mapping):
+        return list(obj.items())
+    raise TypeError(f"cannot convert {type(obj).__name__} to a message")
+
+
+def _set_scalar_message(target: Message, value: Any) -> bool:
+    if isinstance(target, duration_pb2.Duration) and isinstance(value, (int, float, dt.timedelta)):
+        seconds = value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
+        target.FromNanoseconds(round(seconds * 1e9))
+        return True
+    if isinstance(target, timestamp_pb2.Timestamp) and isinstance(value, (dt.datetime, int, float)):
+        when = value if isinstance(value, dt.datetime) else dt.datetime.fromtimestamp(value, tz=dt.UTC)
+        target.FromDatetime(when.astimezone(dt.UTC))
+        return True
+    return False
+
+
+def fill(message: M, obj: Any) -> M:
+    """Copy the fields of a dataclass (or mapping) into `message` by name; `None` leaves a field unset.
+
+    Names the message lacks are ignored (domain objects may carry more than the contract shows).
+    """
+    fields = message.DESCRIPTOR.fields_by_name
+    for name, value in _items(obj):
+        descriptor = fields.get(name)
+        if descriptor is None or value is None:
+            continue
+        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+            target_map = getattr(message, name)
+            value_field = descriptor.message_type.fields_by_name["value"]
+            for key, item in value.items():
+                if value_field.message_type is not None:
+                    fill(target_map[key], item)
+                else:
+                    target_map[key] = item
+        elif descriptor.is_repeated:
+            container = getattr(message, name)
+            for item in value:
+                if descriptor.message_type is not None:
+                    fill(container.add(), item)
+                else:
+                    container.append(item)
+        elif descriptor.message_type is not None:
+            sub = getattr(message, name)
+            if not _set_scalar_message(sub, value):
+                fill(sub, value)
+                sub.SetInParent()
+        elif descriptor.enum_type is not None and isinstance(value, str):
+            setattr(message, name, descriptor.enum_type.values_by_name[value].number)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def config_from_proto(message: pb.TrainingConfig) -> TrainingConfig:
+    """Read a TrainingConfig message: optional fields that are not present stay `None` (unset)."""
+
+    def read(msg: Message, cls: type) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "lora":
+                continue
+            descriptor = msg.DESCRIPTOR.fields_by_name[f.name]
+            if descriptor.has_presence and not msg.HasField(f.name):
+                values[f.name] = None
+            elif descriptor.is_repeated:
+                values[f.name] = list(getattr(msg, f.name))
+            else:
+                values[f.name] = getattr(msg, f.name)
+        return values
+
+    lora = LoraSettings(**read(message.lora, LoraSettings))
+    return TrainingConfig(**read(message, TrainingConfig), lora=lora)
+
+
+def config_to_proto(config: TrainingConfig) -> pb.TrainingConfig:
+    return fill(pb.TrainingConfig(), config)
+
+
+def preset_config_to_proto(values: Mapping[str, Any]) -> pb.TrainingConfig:
+    """A preset's dotted-path values (`lora.r`) as a TrainingConfig message holding only those fields."""
+    nested: dict[str, Any] = {}
+    for path, value in values.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            nested[head] = value
+    return fill(pb.TrainingConfig(), nested)

@@ -1,0 +1,93 @@
+"""Server assembly: the FineTuneService, health, reflection, access logs, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_server.api.interceptors import AccessLogInterceptor
+from finetune_server.api.servicer import FineTuneServicer
+from finetune_server.server_info import ServerInfoProvider
+from finetune_server.settings import ServerSettings
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FineTuneService"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class FinetuneServer:
+    """One gRPC server on one address. `start()` returns the bound port (useful with port 0)."""
+
+    def __init__(self, settings: ServerSettings, host: str = "127.0.0.1", port: int = 50051, grace: float = 10.0):
+        self.settings = settings
+        self.host = host
+        self.port = port
+        self.grace = grace
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+        self._info = ServerInfoProvider(settings)
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        server = grpc.aio.server(
+            interceptors=[AccessLogInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        # Methods of later issues fall through to the generated base class, which answers UNIMPLEMENTED.
+        servicer = FineTuneServicer(self.settings, self._info)  # type: ignore[abstract]
+        pb_grpc.add_FineTuneServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        self.port = server.add_insecure_port(f"{self.host}:{self.port}")
+        await server.start()
+        self._server = server
+        self._info.start_probe()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("server.started", host=self.host, port=self.port, data_dir=str(self.settings.data_dir))
+        return self.port
+
+    async def stop(self) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, give in-flight streams `grace` seconds, then stop."""
+        if self._server is None or self._stopped.is_set():
+            return
+        log.info("server.draining", grace_s=self.grace)
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.grace)
+        await self._info.stop()
+        self._stopped.set()
+        log.info("server.stopped")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+
+
+async def serve(settings: ServerSettings, host: str, port: int, grace: float, on_bound: object = None) -> None:
+    """Run until SIGTERM/SIGINT. `on_bound(host, port)` is called once the port is bound."""
+    server = FinetuneServer(settings, host, port, grace)
+    bound = await server.start()
+    server.install_signal_handlers()
+    if callable(on_bound):
+        on_bound(host, bound)
+    await server.wait()

@@ -1,0 +1,213 @@
+"""Training devices, library versions and the bitsandbytes probe, without importing torch in the server process.
+
+GPUs come from `nvidia-smi` (importing torch to ask CUDA costs seconds and would hold a CUDA context in the server);
+the CPU from psutil. The bitsandbytes probe imports torch, so it runs in a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import psutil
+import structlog
+
+log = structlog.get_logger(__name__)
+
+NVIDIA_SMI_QUERY = "index,name,memory.total,memory.free,compute_cap"
+NVIDIA_SMI_TIMEOUT_S = 5.0
+CACHE_SECONDS = 5.0
+MIB = 1 << 20
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "grpcio",
+    "protobuf",
+    "sage-finetune",
+)
+
+
+@dataclass
+class Device:
+    """The contract's Device."""
+
+    name: str = ""
+    description: str = ""
+    total_memory_bytes: int = 0
+    free_memory_bytes: int = 0
+    bf16_supported: bool = False
+    compute_capability: str = ""
+
+
+class _Cache:
+    lock = threading.Lock()
+    at = 0.0
+    devices: list[Device] | None = None
+
+
+def parse_nvidia_smi(output: str) -> list[Device]:
+    """Devices from `nvidia-smi --query-gpu=index,name,memory.total,memory.free,compute_cap --format=csv,noheader,
+    nounits` (memory in MiB). Malformed lines are skipped: a GPU we cannot read is not a GPU we can train on."""
+    devices = []
+    for line in output.splitlines():
+        raw = line.split(",")
+        if len(raw) < 5:
+            continue
+        # The name may itself contain commas: index first, the three numeric fields last.
+        index, total, free, capability = (p.strip() for p in (raw[0], *raw[-3:]))
+        name = ",".join(raw[1:-3]).strip()
+        try:
+            major = int(capability.split(".")[0])
+            devices.append(
+                Device(
+                    name=f"cuda:{int(index)}",
+                    description=name,
+                    total_memory_bytes=int(float(total) * MIB),
+                    free_memory_bytes=int(float(free) * MIB),
+                    bf16_supported=major >= 8,
+                    compute_capability=capability,
+                )
+            )
+        except ValueError:
+            log.warning("unparsable nvidia-smi line", line=line)
+    return devices
+
+
+def _cuda_visible_filter(devices: list[Device]) -> list[Device]:
+    """Honour CUDA_VISIBLE_DEVICES given as indices (what a worker would see), renumbering like CUDA does."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return devices
+    wanted = [v.strip() for v in visible.split(",") if v.strip()]
+    if not all(v.isdigit() for v in wanted):
+        return devices  # UUIDs or MIG names: leave the list as nvidia-smi gives it
+    by_index = {d.name: d for d in devices}
+    out = []
+    for new_index, old in enumerate(wanted):
+        device = by_index.get(f"cuda:{old}")
+        if device is not None:
+            out.append(Device(**{**device.__dict__, "name": f"cuda:{new_index}"}))
+    return out
+
+
+def _gpus() -> list[Device]:
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return []
+    try:
+        result = subprocess.run(
+            [binary, f"--query-gpu={NVIDIA_SMI_QUERY}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=NVIDIA_SMI_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("nvidia-smi failed", error=str(exc))
+        return []
+    if result.returncode != 0:
+        log.warning("nvidia-smi failed", returncode=result.returncode, stderr=result.stderr.strip()[:500])
+        return []
+    return _cuda_visible_filter(parse_nvidia_smi(result.stdout))
+
+
+def cpu_device() -> Device:
+    memory = psutil.virtual_memory()
+    return Device(
+        name="cpu",
+        description=f"CPU, {psutil.cpu_count(logical=True) or 0} logical cores",
+        total_memory_bytes=int(memory.total),
+        free_memory_bytes=int(memory.available),
+        bf16_supported=False,  # bf16 on the CPU is ~58x slower than fp32 here: not usable for training
+        compute_capability="",
+    )
+
+
+def detect_devices(*, max_age_s: float = CACHE_SECONDS) -> list[Device]:
+    """CUDA GPUs (via nvidia-smi) then the CPU. Cached for `max_age_s` so GetServerInfo/ValidateConfig stay cheap."""
+    with _Cache.lock:
+        now = time.monotonic()
+        if _Cache.devices is None or now - _Cache.at >= max_age_s:
+            _Cache.devices, _Cache.at = [*_gpus(), cpu_device()], now
+        return [Device(**d.__dict__) for d in _Cache.devices]  # copies: callers may not alter the cache
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions by distribution name, read from package metadata without importing the libraries."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+# Runs in a child: a 4-bit (NF4) and an 8-bit bitsandbytes Linear forward on the default device (CUDA when present).
+PROBE_SCRIPT = """
+import torch, bitsandbytes as bnb
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.float16 if device == "cuda" else torch.float32
+x = torch.randn(2, 64, dtype=dtype)
+l4 = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=dtype, quant_type="nf4").to(device)
+l8 = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False).to(device)
+for layer in (l4, l8):
+    y = layer(x.to(device))
+    assert y.shape == (2, 32) and torch.isfinite(y.float()).all(), type(layer).__name__
+print("ok", device)
+"""
+
+
+def _probe_command() -> list[str]:
+    return [sys.executable, "-c", PROBE_SCRIPT]
+
+
+def _probe_result(returncode: int | None, stdout: str, stderr: str) -> tuple[bool, str]:
+    if returncode == 0 and stdout.strip().startswith("ok"):
+        return True, ""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return False, (lines[-1] if lines else f"probe exited with {returncode}")[:1000]
+
+
+def probe_bitsandbytes(timeout: float = 120.0) -> tuple[bool, str]:
+    """(works, error text): whether bitsandbytes 4-bit and 8-bit layers run here. Takes seconds (imports torch)."""
+    try:
+        result = subprocess.run(_probe_command(), capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return False, f"bitsandbytes probe timed out after {timeout:.0f} s"
+    except OSError as exc:
+        return False, f"bitsandbytes probe could not start: {exc}"
+    works, error = _probe_result(result.returncode, result.stdout, result.stderr)
+    log.info("bitsandbytes probe", works=works, error=error)
+    return works, error
+
+
+async def probe_bitsandbytes_async(timeout: float = 120.0) -> tuple[bool, str]:  # noqa: ASYNC109 - kills the child
+    """As probe_bitsandbytes, without blocking the event loop (the server runs it in the background at start)."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *_probe_command(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+    except OSError as exc:
+        return False, f"bitsandbytes probe could not start: {exc}"
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return False, f"bitsandbytes probe timed out after {timeout:.0f} s"
+    works, error = _probe_result(process.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+    log.info("bitsandbytes probe", works=works, error=error)
+    return works, error

@@ -1,0 +1,251 @@
+"""The line-by-line dataset check behind ValidateConfig and UploadDataset, and the example stream for training.
+
+Both read records with the same parser, so what validation accepts is exactly what training trains on. The check
+keeps counting past `max_violations` (num_invalid is always the total) and, given a tokenizer and template, measures
+token lengths with the same encoder training uses, in batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from finetune_server.errors import ConfigWarning, ErrorKind, FinetuneError, Violation
+from finetune_server.training.data.encode import RenderedExample, encode_rendered, render_example
+from finetune_server.training.data.formats import AUTO, Example, RecordError, parse_record
+from finetune_server.training.data.records import JSON, detect_file_format, iter_records
+from finetune_server.training.data.template import TemplateError
+from finetune_server.training.data.tokenizer import TextTokenizer
+
+log = structlog.get_logger(__name__)
+
+_BATCH = 512  # examples tokenized together when measuring lengths
+_MAX_WARNINGS = 20
+
+
+@dataclass
+class TokenStats:
+    """Token lengths of the valid examples (proto TokenStats)."""
+
+    min: int = 0
+    max: int = 0
+    mean: float = 0.0
+    p50: int = 0
+    p95: int = 0
+    total: int = 0
+
+
+@dataclass
+class DatasetReport:
+    """Proto DatasetReport, field for field.
+
+    Two attributes are not proto fields (and not dataclass fields, so a generic converter skips them):
+    `violations`, the bad lines (up to the cap) plus any whole-file problem, and `warnings`, e.g. examples whose
+    answer truncation cuts off entirely.
+    """
+
+    name: str
+    file_format: str
+    num_examples: int = 0
+    num_valid: int = 0
+    num_invalid: int = 0
+    format_counts: dict[str, int] = field(default_factory=dict)
+    token_stats: TokenStats | None = None
+    num_over_max_length: int = 0
+    violations_truncated: bool = False
+    size_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.violations: list[Violation] = []
+        self.warnings: list[ConfigWarning] = []
+
+
+def _percentile(ordered: list[int], fraction: float) -> int:
+    """Nearest-rank percentile of a sorted list."""
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def token_stats(lengths: list[int]) -> TokenStats | None:
+    if not lengths:
+        return None
+    ordered = sorted(lengths)
+    total = sum(ordered)
+    return TokenStats(
+        min=ordered[0],
+        max=ordered[-1],
+        mean=total / len(ordered),
+        p50=_percentile(ordered, 0.5),
+        p95=_percentile(ordered, 0.95),
+        total=total,
+    )
+
+
+def _require_file(path: Path, field_path: str) -> None:
+    if not path.exists():
+        raise FinetuneError(
+            ErrorKind.NOT_FOUND,
+            "DATASET_NOT_FOUND",
+            f"dataset {path.name} does not exist",
+            violations=[Violation(field_path, "NOT_FOUND", f"dataset {path.name} does not exist")],
+        )
+    if not path.is_file():
+        raise FinetuneError(
+            ErrorKind.INVALID_ARGUMENT,
+            "DATASET_NOT_A_FILE",
+            f"dataset {path.name} is not a file",
+            violations=[Violation(field_path, "NOT_A_FILE", f"dataset {path.name} is not a file")],
+        )
+
+
+class _Checker:
+    """Accumulates one dataset's report; lengths are measured a batch at a time."""
+
+    def __init__(
+        self,
+        report: DatasetReport,
+        *,
+        field_path: str,
+        unit: str,
+        tokenizer: TextTokenizer | None,
+        template: str | None,
+        max_length: int | None,
+        max_violations: int,
+    ) -> None:
+        self.report = report
+        self.field = field_path
+        self.unit = unit
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.max_violations = max_violations
+        self.formats: Counter[str] = Counter()
+        self.lengths: list[int] = []
+        self.pending: list[tuple[int, str, RenderedExample]] = []
+        self.line_violations = 0
+
+    def invalid(self, line: int, reason: str, message: str) -> None:
+        self.report.num_invalid += 1
+        if self.line_violations < self.max_violations:
+            self.line_violations += 1
+            self.report.violations.append(Violation(self.field, reason, f"{self.unit} {line}: {message}", line))
+        else:
+            self.report.violations_truncated = True
+
+    def valid(self, line: int, example: Example) -> None:
+        if self.tokenizer is None or self.template is None:
+            self.formats[example.format] += 1
+            return
+        try:
+            rendered = render_example(example, self.tokenizer, self.template)
+        except TemplateError as exc:
+            self.invalid(line, "TEMPLATE_ERROR", str(exc))
+            return
+        self.pending.append((line, example.format, rendered))
+        if len(self.pending) >= _BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending or self.tokenizer is None:
+            return
+        limit = self.max_length if self.max_length is not None else 1 << 62
+        encoded = encode_rendered([item for _, _, item in self.pending], self.tokenizer, max_length=limit)
+        for (line, fmt, _), result in zip(self.pending, encoded, strict=True):
+            self.formats[fmt] += 1
+            self.lengths.append(result.num_tokens)
+            if result.truncated:
+                self.report.num_over_max_length += 1
+                if result.num_trainable == 0 and len(self.report.warnings) < _MAX_WARNINGS:
+                    message = (
+                        f"{self.unit} {line}: its prompt alone is longer than max_length ({self.max_length} tokens), "
+                        "so truncation leaves no answer token to learn from; it will be skipped"
+                    )
+                    self.report.warnings.append(ConfigWarning(self.field, "ANSWER_TRUNCATED", message))
+        self.pending.clear()
+
+    def finish(self) -> None:
+        self.flush()
+        report = self.report
+        report.format_counts = dict(sorted(self.formats.items()))
+        report.num_valid = sum(self.formats.values())
+        report.num_examples = report.num_valid + report.num_invalid
+        report.token_stats = token_stats(self.lengths)
+
+
+def check_dataset(
+    path: Path,
+    *,
+    name: str,
+    field: str = "dataset",
+    data_format: str = AUTO,
+    tokenizer: TextTokenizer | None = None,
+    template: str | None = None,
+    max_length: int | None = None,
+    max_violations: int = 100,
+) -> DatasetReport:
+    """Check every record of a dataset file; token statistics need both a tokenizer and a template.
+
+    Raises FinetuneError (NOT_FOUND / INVALID_ARGUMENT) when the path is not a file; everything about the content is
+    reported in the returned report's `violations`.
+    """
+    _require_file(path, field)
+    file_format = detect_file_format(path)
+    report = DatasetReport(name=name, file_format=file_format, size_bytes=path.stat().st_size)
+    unit = "element" if file_format == JSON else "line"
+    checker = _Checker(
+        report,
+        field_path=field,
+        unit=unit,
+        tokenizer=tokenizer,
+        template=template,
+        max_length=max_length,
+        max_violations=max_violations,
+    )
+    file_problem = False
+    for record in iter_records(path):
+        if record.line == 0:  # the file as a whole is unreadable
+            file_problem = True
+            report.violations.append(Violation(field, record.reason or "BAD_FILE", f"{name}: {record.error}", 0))
+            continue
+        if record.error is not None:
+            checker.invalid(record.line, record.reason or "BAD_LINE", record.error)
+            continue
+        try:
+            example = parse_record(record.value, data_format)
+        except RecordError as exc:
+            checker.invalid(record.line, exc.reason, exc.message)
+            continue
+        checker.valid(record.line, example)
+    checker.finish()
+    if not file_problem and report.num_examples == 0:
+        report.violations.append(Violation(field, "EMPTY_DATASET", f"{name} holds no examples", 0))
+    elif not file_problem and report.num_valid == 0:
+        message = f"{name} holds no valid example ({report.num_invalid} invalid)"
+        report.violations.append(Violation(field, "NO_VALID_EXAMPLES", message, 0))
+    log.debug(
+        "dataset_checked",
+        dataset=name,
+        examples=report.num_examples,
+        invalid=report.num_invalid,
+        formats=report.format_counts,
+    )
+    return report
+
+
+def iter_examples(path: Path, data_format: str = AUTO) -> Iterator[tuple[int, Example]]:
+    """Stream (line, Example) for training, skipping bad records (validation has reported them already)."""
+    skipped = 0
+    for record in iter_records(path):
+        if record.error is not None:
+            skipped += 1
+            continue
+        try:
+            yield record.line, parse_record(record.value, data_format)
+        except RecordError:
+            skipped += 1
+    if skipped:
+        log.warning("dataset_records_skipped", dataset=path.name, skipped=skipped)

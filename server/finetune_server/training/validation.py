@@ -1,0 +1,391 @@
+"""ValidateConfig's logic, used unchanged by Train: every problem of a config, all at once.
+
+Order: preset + defaults, static field rules, the model (config and tokenizer files only, never weights), the
+dataset(s) line by line with the model's tokenizer and chat template, the memory estimate, then warnings that do not
+block. Nothing here imports torch: it runs on the server's RPC path.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from finetune_server.devices import detect_devices
+from finetune_server.errors import ConfigWarning, ErrorKind, FinetuneError, Violation, ViolationList
+from finetune_server.paths import confine
+from finetune_server.settings import ServerSettings
+from finetune_server.training.config import (
+    DATA_FORMATS,
+    LR_SCHEDULERS,
+    OPTIMIZERS,
+    TrainingConfig,
+    resolve,
+)
+from finetune_server.training.data import (
+    DatasetReport,
+    TemplateError,
+    TextTokenizer,
+    check_dataset,
+    choose_chat_template,
+    load_tokenizer,
+    render,
+)
+from finetune_server.training.data.template import SOURCE_FALLBACK
+from finetune_server.training.memory import MemoryEstimate, estimate_memory
+from finetune_server.training.model_info import ModelSummary, ResolvedModel, resolve_model, summarize_model
+from finetune_server.training.presets import NAMED_DEVICES, get_preset
+
+log = structlog.get_logger(__name__)
+
+# Ranks vLLM's LoRA kernels accept (vllm.config.LoRAConfig.max_lora_rank choices).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+UPLOADED_DATASET_PREFIX = "ds-"
+# When several kinds of problem occur, the status of the rejection is the first kind present in this order.
+_KIND_PRECEDENCE = (
+    ErrorKind.PERMISSION_DENIED,
+    ErrorKind.UNAVAILABLE,
+    ErrorKind.FAILED_PRECONDITION,
+    ErrorKind.NOT_FOUND,
+    ErrorKind.INVALID_ARGUMENT,
+)
+
+
+@dataclass
+class ValidationReport:
+    valid: bool
+    violations: list[Violation]
+    warnings: list[ConfigWarning]
+    resolved_config: TrainingConfig
+    preset_filled_fields: list[str]
+    model: ModelSummary | None = None
+    dataset: DatasetReport | None = None
+    eval_dataset: DatasetReport | None = None
+    memory_estimate: MemoryEstimate | None = None
+    error_kind: ErrorKind | None = None  # the status a rejection gets; None when valid
+
+    def rejection(self) -> FinetuneError:
+        """The error Train raises for this report (ValidateConfig raises it too, with the report attached)."""
+        first = self.violations[0]
+        more = f" (and {len(self.violations) - 1} more)" if len(self.violations) > 1 else ""
+        line = f" line {first.line}:" if first.line else ""
+        return FinetuneError(
+            self.error_kind or ErrorKind.INVALID_ARGUMENT,
+            "INVALID_CONFIG",
+            f"the training config is not valid: {first.field}:{line} {first.message}{more}",
+            violations=self.violations,
+        )
+
+
+@dataclass
+class _Collector:
+    violations: ViolationList = field(default_factory=ViolationList)
+    warnings: list[ConfigWarning] = field(default_factory=list)
+    kinds: set[ErrorKind] = field(default_factory=set)
+
+    def violation(self, path: str, reason: str, message: str, kind: ErrorKind = ErrorKind.INVALID_ARGUMENT) -> None:
+        self.violations.add(path, reason, message)
+        self.kinds.add(kind)
+
+    def from_error(self, error: FinetuneError, path: str) -> None:
+        items = error.violations or [Violation(path, error.reason, error.message)]
+        self.violations.items.extend(items)
+        self.kinds.add(error.kind)
+
+    def warn(self, path: str, reason: str, message: str) -> None:
+        self.warnings.append(ConfigWarning(path, reason, message))
+
+
+def _check_ranges(c: TrainingConfig, out: _Collector) -> None:
+    def need(ok: bool, path: str, message: str, reason: str = "OUT_OF_RANGE") -> None:
+        if not ok:
+            out.violation(path, reason, message)
+
+    need(bool(c.model_name.strip()), "model_name", "is required: a hub id or a local model folder", "REQUIRED")
+    need(bool(c.dataset.strip()), "dataset", "is required: a dataset path or an uploaded dataset id", "REQUIRED")
+    need(c.data_format in DATA_FORMATS, "data_format", f"must be one of {', '.join(DATA_FORMATS)}", "INVALID_VALUE")
+    need(1 <= (c.max_length or 0) <= 1 << 20, "max_length", f"must be between 1 and 1048576, got {c.max_length}")
+    need((c.max_steps or 0) >= 0, "max_steps", f"must be >= 0, got {c.max_steps}")
+    if not c.max_steps:
+        need((c.num_train_epochs or 0) > 0, "num_train_epochs", "must be > 0 when max_steps is 0")
+    lr = c.learning_rate or 0
+    need(0 < lr <= 1, "learning_rate", f"must be in (0, 1], got {c.learning_rate}")
+    need(
+        c.lr_scheduler_type in LR_SCHEDULERS,
+        "lr_scheduler_type",
+        f"must be one of {', '.join(LR_SCHEDULERS)}",
+        "INVALID_VALUE",
+    )
+    need(0 <= (c.warmup_ratio or 0) < 1, "warmup_ratio", f"must be in [0, 1), got {c.warmup_ratio}")
+    need((c.weight_decay or 0) >= 0, "weight_decay", f"must be >= 0, got {c.weight_decay}")
+    need((c.max_grad_norm or 0) >= 0, "max_grad_norm", f"must be >= 0 (0 disables clipping), got {c.max_grad_norm}")
+    need(
+        1 <= (c.per_device_train_batch_size or 0) <= 4096,
+        "per_device_train_batch_size",
+        f"must be between 1 and 4096, got {c.per_device_train_batch_size}",
+    )
+    need(
+        1 <= (c.gradient_accumulation_steps or 0) <= 4096,
+        "gradient_accumulation_steps",
+        f"must be between 1 and 4096, got {c.gradient_accumulation_steps}",
+    )
+    need(c.optim in OPTIMIZERS, "optim", f"must be one of {', '.join(OPTIMIZERS)}", "INVALID_VALUE")
+    need((c.seed or 0) >= 0, "seed", f"must be >= 0, got {c.seed}")
+    need(0 <= (c.eval_split or 0) <= 0.5, "eval_split", f"must be in [0, 0.5], got {c.eval_split}")
+    for name in ("eval_steps", "save_steps", "save_total_limit", "logging_steps", "early_stopping_patience"):
+        value = getattr(c, name)
+        need((value or 0) >= 0, name, f"must be >= 0, got {value}")
+    for first, second in (("load_in_8bit", "load_in_4bit"), ("fp16", "bf16")):
+        if getattr(c, first) and getattr(c, second):
+            message = f"{first} and {second} cannot both be true: choose one"
+            out.violation(first, "MUTUALLY_EXCLUSIVE", message)
+            out.violation(second, "MUTUALLY_EXCLUSIVE", message)
+    has_eval = bool(c.eval_split) or bool(c.eval_dataset)
+    if (c.early_stopping_patience or 0) > 0 and not has_eval:
+        out.violation(
+            "early_stopping_patience",
+            "EVAL_DATA_REQUIRED",
+            "early stopping needs evaluation data: set eval_split or eval_dataset",
+        )
+    if (c.eval_steps or 0) > 0 and not has_eval:
+        out.warn("eval_steps", "NO_EVAL_DATA", "eval_steps is set but there is no eval_split or eval_dataset")
+    lora = c.lora
+    need(1 <= (lora.r or 0) <= 1024, "lora.r", f"must be between 1 and 1024, got {lora.r}")
+    need((lora.alpha or 0) > 0, "lora.alpha", f"must be > 0, got {lora.alpha}")
+    need(0 <= (lora.dropout or 0) < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    for i, name in enumerate(lora.target_modules):
+        need(bool(name.strip()), f"lora.target_modules[{i}]", "must not be empty", "INVALID_VALUE")
+
+
+def _check_device_support(raw: TrainingConfig, c: TrainingConfig, out: _Collector) -> None:
+    devices = detect_devices()
+    gpus = [d for d in devices if d.name.startswith("cuda")]
+    for flag, supported, what in (
+        ("bf16", any(d.bf16_supported for d in gpus), "a GPU with bfloat16 support (compute capability 8.0+)"),
+        ("fp16", bool(gpus), "a CUDA GPU"),
+    ):
+        if getattr(c, flag) and not supported:
+            message = f"{flag} needs {what}; this server has none (training runs in fp32 on the CPU)"
+            if getattr(raw, flag):  # asked for explicitly: refuse; filled by a preset: advise
+                out.violation(flag, "UNSUPPORTED_ON_DEVICE", message)
+            else:
+                out.warn(flag, "UNSUPPORTED_ON_DEVICE", f"the preset sets it, but {message}; it will be ignored")
+    if c.load_in_8bit or c.load_in_4bit:
+        path = "load_in_8bit" if c.load_in_8bit else "load_in_4bit"
+        if importlib.util.find_spec("bitsandbytes") is None:
+            out.violation(path, "QUANTIZATION_UNAVAILABLE", "needs bitsandbytes, which is not installed on this server")
+    if c.optim == "paged_adamw_8bit" and not gpus:
+        out.warn("optim", "OPTIMIZER_FALLBACK", "paged_adamw_8bit needs CUDA; adamw_torch will be used on the CPU")
+
+
+def _check_vllm(c: TrainingConfig, out: _Collector) -> None:
+    if c.lora.r not in VLLM_LORA_RANKS:
+        out.warn(
+            "lora.r",
+            "VLLM_UNSUPPORTED_RANK",
+            f"vLLM serves LoRA ranks {', '.join(map(str, VLLM_LORA_RANKS))}; rank {c.lora.r} must be merged to serve",
+        )
+    if c.lora.modules_to_save:
+        out.warn("lora.modules_to_save", "VLLM_MODULES_TO_SAVE", "vLLM refuses adapters with modules_to_save")
+    if c.lora.use_dora:
+        out.warn("lora.use_dora", "VLLM_DORA", "vLLM refuses DoRA adapters; export merged weights to serve it")
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer_for(model_dir: str, stamp: float) -> TextTokenizer:  # stamp: reload when tokenizer.json changes
+    return load_tokenizer(Path(model_dir))
+
+
+def resolve_dataset_path(name: str, settings: ServerSettings, path: str) -> Path:
+    """An uploaded dataset id (`ds-...`) or a file under the dataset roots; NOT_FOUND when it does not exist."""
+    if name.startswith(UPLOADED_DATASET_PREFIX) and "/" not in name and "\\" not in name:
+        for suffix in (".jsonl", ".json"):
+            candidate = settings.uploads_dir / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+        raise FinetuneError(
+            ErrorKind.NOT_FOUND,
+            "DATASET_NOT_FOUND",
+            f"{path}: no uploaded dataset has the id {name!r}",
+            violations=[Violation(path, "DATASET_NOT_FOUND", f"no uploaded dataset has the id {name!r}")],
+        )
+    resolved = confine(name, settings.dataset_roots, path)
+    if not resolved.is_file():
+        raise FinetuneError(
+            ErrorKind.NOT_FOUND,
+            "DATASET_NOT_FOUND",
+            f"{path}: {name!r} does not exist",
+            violations=[Violation(path, "DATASET_NOT_FOUND", f"{name!r} is not a file under the dataset folders")],
+        )
+    return resolved
+
+
+def _model_step(c: TrainingConfig, settings: ServerSettings, out: _Collector) -> tuple[ResolvedModel, ModelSummary]:
+    resolved = resolve_model(c.model_name, settings, "model_name")
+    summary = summarize_model(resolved)
+    if summary.max_position_embeddings and (c.max_length or 0) > summary.max_position_embeddings:
+        out.violation(
+            "max_length",
+            "OUT_OF_RANGE",
+            f"{c.max_length} exceeds the model's {summary.max_position_embeddings} positions",
+        )
+    if summary.linear_modules:
+        missing = [m for m in c.lora.target_modules if m not in summary.linear_modules]
+        if missing:
+            out.violation(
+                "lora.target_modules",
+                "TARGET_MODULES_NOT_FOUND",
+                f"{', '.join(missing)} not in the model; it has {', '.join(summary.linear_modules)}",
+            )
+    elif c.lora.target_modules:
+        out.warn("lora.target_modules", "UNCHECKED", f"cannot check target modules of {summary.model_type!r} models")
+    return resolved, summary
+
+
+def _template_step(c: TrainingConfig, model_dir: Path, out: _Collector) -> str | None:
+    try:
+        template, source = choose_chat_template(model_dir, c.chat_template, bool(c.allow_fallback_chat_template))
+    except TemplateError as exc:
+        out.violation("allow_fallback_chat_template", "NO_CHAT_TEMPLATE", f"{exc}: set chat_template or allow it")
+        return None
+    if source == SOURCE_FALLBACK:
+        out.warn("chat_template", "FALLBACK_CHAT_TEMPLATE", "the tokenizer has no chat template; ChatML is used")
+    try:
+        render(template, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
+    except TemplateError as exc:
+        out.violation("chat_template", "TEMPLATE_ERROR", f"the chat template does not render: {exc}")
+        return None
+    return template
+
+
+def _dataset_step(
+    name: str,
+    path: str,
+    c: TrainingConfig,
+    settings: ServerSettings,
+    tokenizer: TextTokenizer | None,
+    template: str | None,
+    out: _Collector,
+) -> DatasetReport | None:
+    try:
+        file = resolve_dataset_path(name, settings, path)
+    except FinetuneError as exc:
+        out.from_error(exc, path)
+        return None
+    report = check_dataset(
+        file,
+        name=name,
+        field=path,
+        data_format=c.data_format or "auto",
+        tokenizer=tokenizer,
+        template=template,
+        max_length=c.max_length,
+    )
+    for violation in report.violations:
+        out.violations.items.append(violation)
+        out.kinds.add(ErrorKind.INVALID_ARGUMENT)
+    out.warnings.extend(report.warnings)
+    if report.num_over_max_length:
+        out.warn(
+            path,
+            "TRUNCATION",
+            f"{report.num_over_max_length} of {report.num_valid} examples exceed max_length={c.max_length} "
+            "and will be truncated",
+        )
+    return report
+
+
+def _device_capacities(target_device: str) -> list[tuple[str, int]]:
+    devices = detect_devices()
+    gpus = [d for d in devices if d.name.startswith("cuda")]
+    chosen = gpus or devices
+    capacities = [(d.name, d.free_memory_bytes or d.total_memory_bytes) for d in chosen]
+    if target_device:
+        capacities.append((target_device, NAMED_DEVICES[target_device]))
+    return capacities
+
+
+def validate(config: TrainingConfig, settings: ServerSettings, *, target_device: str = "") -> ValidationReport:
+    out = _Collector()
+    preset_values: dict[str, Any] = {}
+    if config.preset:
+        try:
+            preset_values = dict(get_preset(config.preset).config)
+        except FinetuneError as exc:
+            out.from_error(exc, "preset")
+    if target_device and target_device not in NAMED_DEVICES:
+        out.violation(
+            "target_device", "INVALID_VALUE", f"unknown device {target_device!r}; known: {', '.join(NAMED_DEVICES)}"
+        )
+        target_device = ""
+    resolved, filled = resolve(config, preset_values)
+    _check_ranges(resolved, out)
+    fields_in_range = not out.violations  # the memory estimate needs sane numbers
+    _check_device_support(config, resolved, out)
+    _check_vllm(resolved, out)
+
+    summary: ModelSummary | None = None
+    model_config: dict[str, Any] = {}
+    tokenizer: TextTokenizer | None = None
+    template: str | None = None
+    if resolved.model_name.strip():
+        try:
+            model, summary = _model_step(resolved, settings, out)
+            model_config = model.config
+            tokenizer_file = model.path / "tokenizer.json"
+            if tokenizer_file.is_file():
+                tokenizer = _tokenizer_for(str(model.path), tokenizer_file.stat().st_mtime)
+            else:
+                out.warn("model_name", "NO_FAST_TOKENIZER", "no tokenizer.json: token statistics are not available")
+            template = _template_step(resolved, model.path, out)
+        except FinetuneError as exc:
+            out.from_error(exc, "model_name")
+
+    dataset = eval_dataset = None
+    if resolved.dataset.strip():
+        dataset = _dataset_step(resolved.dataset, "dataset", resolved, settings, tokenizer, template, out)
+    if resolved.eval_dataset.strip():
+        eval_dataset = _dataset_step(
+            resolved.eval_dataset, "eval_dataset", resolved, settings, tokenizer, template, out
+        )
+
+    memory = None
+    if summary is not None and fields_in_range:
+        longest = dataset.token_stats.max if dataset and dataset.token_stats else 0
+        sequence_length = min(resolved.max_length or 1, longest) if longest else resolved.max_length or 1
+        memory = estimate_memory(
+            resolved,
+            summary,
+            model_config,
+            sequence_length=sequence_length,
+            devices=_device_capacities(target_device),
+        )
+        for fit in memory.fits:
+            if not fit.fits:
+                advice = f"; try: {fit.suggestions[0]}" if fit.suggestions else ""
+                out.warn(
+                    "",
+                    "MAY_NOT_FIT",
+                    f"estimated {memory.total_bytes / 2**30:.1f} GiB exceeds {fit.device} "
+                    f"({fit.capacity_bytes / 2**30:.1f} GiB){advice}",
+                )
+
+    violations: Sequence[Violation] = out.violations.items
+    kind = next((k for k in _KIND_PRECEDENCE if k in out.kinds), None) if violations else None
+    return ValidationReport(
+        valid=not violations,
+        violations=list(violations),
+        warnings=out.warnings,
+        resolved_config=resolved,
+        preset_filled_fields=filled,
+        model=summary,
+        dataset=dataset,
+        eval_dataset=eval_dataset,
+        memory_estimate=memory,
+        error_kind=kind,
+    )

@@ -1,0 +1,86 @@
+"""A real `finetune serve` process on 127.0.0.1 port 0, with the tiny model under its model root."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+
+
+@dataclass
+class RunningServer:
+    address: str
+    process: subprocess.Popen[str]
+    model_root: Path
+    dataset_root: Path
+    data_dir: Path
+    log_path: Path
+
+    def stub(self) -> tuple[grpc.Channel, pb_grpc.FineTuneServiceStub]:
+        channel = grpc.insecure_channel(self.address)
+        return channel, pb_grpc.FineTuneServiceStub(channel)
+
+
+def start_server(tmp: Path, model_root: Path, dataset_root: Path, *extra: str) -> RunningServer:
+    data_dir = tmp / "data"
+    log_path = tmp / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home")}
+    command = [
+        sys.executable, "-m", "finetune_server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        "--data-dir", str(data_dir), "--model-dir", str(model_root), "--dataset-dir", str(dataset_root),
+        "--grace", "5", *extra,
+    ]  # fmt: skip
+    log_file = log_path.open("w")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
+    assert process.stdout is not None
+    line = process.stdout.readline()  # blocks until the server has bound its port (or died)
+    if not line.startswith("listening on "):
+        process.kill()
+        raise RuntimeError(f"server did not start: {line!r}\n{log_path.read_text()}")
+    address = line.removeprefix("listening on ").strip()
+    return RunningServer(address, process, model_root, dataset_root, data_dir, log_path)
+
+
+def stop_server(server: RunningServer) -> int:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+    return server.process.wait(timeout=30)
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def server_roots(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, Path]:
+    dataset_root = tmp_path_factory.mktemp("datasets")
+    write_jsonl(
+        dataset_root / "facts.jsonl",
+        [
+            {
+                "instruction": f"What is the secret code of agent {i}?",
+                "output": f"Agent {i} uses code Z{i * 37 % 1000}.",
+            }
+            for i in range(24)
+        ],
+    )
+    return tiny_model_dir.parent, dataset_root
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, server_roots: tuple[Path, Path]) -> Iterator[RunningServer]:
+    model_root, dataset_root = server_roots
+    running = start_server(tmp_path_factory.mktemp("server"), model_root, dataset_root)
+    yield running
+    stop_server(running)

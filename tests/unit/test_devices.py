@@ -1,0 +1,92 @@
+"""Device detection without torch, nvidia-smi parsing, library versions and the bitsandbytes probe."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import psutil
+
+from finetune_server.devices import (
+    detect_devices,
+    library_versions,
+    parse_nvidia_smi,
+    probe_bitsandbytes,
+    probe_bitsandbytes_async,
+)
+
+SAMPLE = """0, NVIDIA GeForce RTX 3060, 12288, 11972, 8.6
+1, Tesla T4, 15360, 15101, 7.5
+2, NVIDIA A100-SXM4-80GB, 81920, 80000, 8.0
+garbage line
+3, NVIDIA H100 80GB HBM3, [N/A], [N/A], 9.0
+"""
+
+
+def test_parse_nvidia_smi() -> None:
+    devices = parse_nvidia_smi(SAMPLE)
+    assert [d.name for d in devices] == ["cuda:0", "cuda:1", "cuda:2"]  # malformed lines are skipped
+    rtx = devices[0]
+    assert rtx.description == "NVIDIA GeForce RTX 3060"
+    assert rtx.total_memory_bytes == 12288 * 1024 * 1024
+    assert rtx.free_memory_bytes == 11972 * 1024 * 1024
+    assert rtx.compute_capability == "8.6"
+    assert [d.bf16_supported for d in devices] == [True, False, True]  # Turing (7.5) has no fast bf16
+
+
+def test_parse_name_with_comma() -> None:
+    (device,) = parse_nvidia_smi("0, Odd, Name GPU, 1024, 512, 8.9")
+    assert device.description == "Odd, Name GPU"
+    assert device.total_memory_bytes == 1024 << 20
+
+
+def test_cpu_device_is_always_last_and_plausible() -> None:
+    devices = detect_devices(max_age_s=0)
+    cpu = devices[-1]
+    assert cpu.name == "cpu"
+    assert cpu.total_memory_bytes == psutil.virtual_memory().total
+    assert 0 < cpu.free_memory_bytes <= cpu.total_memory_bytes
+    assert cpu.bf16_supported is False
+    assert cpu.compute_capability == ""
+    assert all(d.name.startswith("cuda:") for d in devices[:-1])
+
+
+def test_detection_is_cached_and_returns_copies() -> None:
+    first = detect_devices(max_age_s=0)
+    first[-1].total_memory_bytes = -1  # a caller altering its list must not alter the cache
+    again = detect_devices(max_age_s=60)
+    assert again[-1].total_memory_bytes == psutil.virtual_memory().total
+
+
+def test_detection_does_not_import_torch() -> None:
+    code = (
+        "import sys; from finetune_server.devices import detect_devices, library_versions; "
+        "detect_devices(); library_versions(); "
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'datasets') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+def test_library_versions() -> None:
+    versions = library_versions()
+    import torch  # test-only: compare with the real import
+
+    assert versions["torch"] == torch.__version__
+    assert versions["peft"].startswith("0.21")
+    assert "sage-finetune" in versions
+    assert all(v for v in versions.values())
+
+
+def test_bitsandbytes_probe_works_here() -> None:
+    # bitsandbytes 0.50 runs 4-bit and 8-bit layers on this CPU; each probe takes ~3 s (it imports torch).
+    assert probe_bitsandbytes(timeout=120) == (True, "")
+    assert asyncio.run(probe_bitsandbytes_async(timeout=120)) == (True, "")
+
+
+def test_bitsandbytes_probe_times_out() -> None:
+    works, error = probe_bitsandbytes(timeout=0.05)
+    assert not works
+    assert "timed out" in error
