@@ -1,0 +1,232 @@
+"""Checkpoints that are either complete or absent, found by step number, and enough to resume exactly.
+
+Layout of `output_dir/checkpoints/step-00000100/`:
+    adapter/              the LoRA adapter (PEFT save_pretrained, safetensors)
+    optimizer.pt          optimizer state dict
+    scheduler.pt          LR scheduler state dict
+    rng.pt                torch CPU and CUDA generator states
+    trainer_state.json    step, data position, python/numpy RNG states and `extra` (loss history, counters)
+    complete              written last
+
+A checkpoint is written into a temp folder next to the others, every file fsynced, then renamed into place and the
+parent fsynced, so a crash leaves either the whole checkpoint or a temp folder that is ignored (and removed later).
+Checkpoints are ordered by the integer step, never by their names as strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+log = structlog.get_logger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "complete"
+ADAPTER_DIR = "adapter"
+_STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^step-(\d+)$")
+_TEMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the data stream resumes: the next micro-batch is `batch_index` of epoch `epoch`'s batch plan."""
+
+    epoch: int
+    batch_index: int
+
+
+@dataclass
+class CheckpointState:
+    """What `load_checkpoint` hands back besides restoring the model, optimizer and scheduler in place."""
+
+    step: int
+    path: Path
+    data_position: DataPosition
+    rng_states: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """Every generator the loop may draw from: python, numpy, torch CPU and each CUDA device."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    cuda_states = states.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every folder bottom-up, so the rename publishes data that is on disk."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            with open(Path(dirpath) / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_dir(staging: Path, target: Path) -> None:
+    """Atomically put the finished folder `staging` at `target` (same parent), replacing an existing one."""
+    _fsync_tree(staging)
+    if target.exists():
+        # A folder cannot be renamed over a non-empty one: move the old aside first, then drop it.
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{_TEMP_PREFIX}old-{target.name}-"))
+        os.replace(target, old / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+    _fsync_dir(target.parent)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    *,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rng_states: dict[str, Any],
+    data_position: DataPosition,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `checkpoints/step-{step:08d}` atomically and return its path. `extra` must be JSON-serialisable."""
+    parent = Path(output_dir) / CHECKPOINTS_DIR
+    parent.mkdir(parents=True, exist_ok=True)
+    target = parent / checkpoint_name(step)
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_TEMP_PREFIX}{target.name}-"))
+    try:
+        model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save({"torch": rng_states["torch"], "cuda": rng_states.get("cuda") or []}, staging / "rng.pt")
+        state = {
+            "step": step,
+            "data_position": {"epoch": data_position.epoch, "batch_index": data_position.batch_index},
+            "rng": {"python": rng_states["python"], "numpy": rng_states["numpy"]},
+            "extra": extra or {},
+        }
+        (staging / _STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        (staging / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
+        publish_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first by integer step. Temp and incomplete folders are skipped."""
+    parent = Path(output_dir) / CHECKPOINTS_DIR
+    if not parent.is_dir():
+        return []
+    found = []
+    for child in parent.iterdir():
+        match = _NAME.match(child.name)
+        if match and child.is_dir() and (child / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    found.sort(key=lambda item: item[0])
+    return found
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint by step number, or None."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def prune(output_dir: Path, keep: int) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond the newest `keep` (keep <= 0: keep all). Returns what went."""
+    if keep <= 0:
+        return []
+    doomed = [path for _step, path in list_checkpoints(output_dir)[:-keep]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def remove_stale_temp(output_dir: Path) -> list[Path]:
+    """Remove temp folders a crashed save left behind (call only when no save is in progress)."""
+    parent = Path(output_dir) / CHECKPOINTS_DIR
+    if not parent.is_dir():
+        return []
+    stale = [child for child in parent.iterdir() if child.name.startswith(_TEMP_PREFIX)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def load_checkpoint(path: Path, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> CheckpointState:
+    """Restore the adapter weights, optimizer and scheduler in place; return the step, data position, RNG and extra.
+
+    RNG states are returned, not applied: the caller restores them right before the loop, after everything that
+    draws random numbers during setup (model init, LoRA init).
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise ValueError(f"{path} is not a complete checkpoint")
+    device = next(p.device for p in model.parameters())
+    weights = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"), device=str(device))
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "modules_to_save" in k]
+    if unexpected:
+        raise ValueError(f"checkpoint {path.name} does not match the model: unexpected {unexpected[:5]}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    torch_rng = torch.load(path / "rng.pt", weights_only=True)
+    state = json.loads((path / _STATE_FILE).read_text(encoding="utf-8"))
+    position = state["data_position"]
+    return CheckpointState(
+        step=int(state["step"]),
+        path=path,
+        data_position=DataPosition(epoch=int(position["epoch"]), batch_index=int(position["batch_index"])),
+        rng_states={**state["rng"], "torch": torch_rng["torch"], "cuda": torch_rng["cuda"]},
+        extra=state.get("extra", {}),
+    )

@@ -1,0 +1,97 @@
+"""What the training loop reports while it runs: typed events handed to an `EventSink`.
+
+The loop measures these itself (no log scraping). The worker turns them into the contract's TrainingProgress,
+EvalResult, CheckpointSaved and LogLine messages; an in-process caller can consume them directly.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceMemoryReading:
+    """Allocated and peak tensor bytes on CUDA; the process's resident set and its peak on CPU."""
+
+    device: str
+    allocated_bytes: int
+    peak_bytes: int
+    reserved_bytes: int = 0  # CUDA only
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    step: int  # optimizer steps completed
+    total_steps: int
+    epoch: float  # fractional, e.g. 1.5
+    loss: float  # mean token loss over the steps since the previous progress event
+    learning_rate: float  # of the last step
+    grad_norm: float  # global norm before clipping, of the last step
+    tokens_per_second: float  # non-padding tokens since the previous progress event
+    elapsed_s: float  # this attempt and the ones before it (resume)
+    eta_s: float | None
+    memory: DeviceMemoryReading
+    tokens_seen: int  # non-padding tokens trained on so far
+
+
+@dataclass(frozen=True)
+class EvalEvent:
+    step: int
+    eval_loss: float  # token-weighted mean over the eval set
+    perplexity: float
+    is_best: bool
+
+
+@dataclass(frozen=True)
+class CheckpointEvent:
+    step: int
+    path: str  # relative to the output dir, e.g. checkpoints/step-00000100
+    size_bytes: int
+
+
+class LogLevel(enum.Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    level: LogLevel
+    message: str
+
+
+Event = ProgressEvent | EvalEvent | CheckpointEvent | LogEvent
+EventSink = Callable[[Event], None]
+
+
+def read_device_memory(device: torch.device) -> DeviceMemoryReading:
+    """A memory reading of `device`, cheap enough for every progress event (no device sync)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return DeviceMemoryReading(
+            device=f"cuda:{index}",
+            allocated_bytes=int(torch.cuda.memory_allocated(index)),
+            peak_bytes=int(torch.cuda.max_memory_allocated(index)),
+            reserved_bytes=int(torch.cuda.memory_reserved(index)),
+        )
+    process = psutil.Process(os.getpid())
+    rss = int(process.memory_info().rss)
+    return DeviceMemoryReading(device=str(device), allocated_bytes=rss, peak_bytes=max(rss, _peak_rss_bytes()))
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if os.uname().sysname == "Darwin" else int(peak) * 1024

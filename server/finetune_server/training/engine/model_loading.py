@@ -1,0 +1,196 @@
+"""Load a base model for LoRA training: local folder or hub id, dtype by device, 8/4-bit, checkpointing, PEFT.
+
+The order follows PEFT's guidance for quantised training: load with a BitsAndBytesConfig, then
+`prepare_model_for_kbit_training` (freezes the base, upcasts norms to fp32), then `get_peft_model`. Gradient
+checkpointing is always non-reentrant (`use_reentrant=False`): it needs no `enable_input_require_grads` hack and
+works with frozen embeddings and DDP.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from torch import nn
+
+from finetune_server.errors import ErrorKind, FinetuneError, Violation
+from finetune_server.training.config import TrainingConfig
+
+log = structlog.get_logger(__name__)
+
+# What a model folder needs for training; everything else in a hub repo (other formats, images, ONNX) is skipped.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+_GC_KWARGS = {"use_reentrant": False}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_model_dir(model_ref: str | Path, *, cache_dir: Path | None = None, offline: bool | None = None) -> Path:
+    """A local folder with config.json, or a hub snapshot downloaded into (or found in) the hub cache.
+
+    HF_HUB_OFFLINE, HF_ENDPOINT and HF_HUB_CACHE are read now, not at import time, so a worker's environment counts.
+    """
+    local = Path(model_ref).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FinetuneError(
+                ErrorKind.FAILED_PRECONDITION,
+                "MODEL_INVALID",
+                f"{local} has no config.json",
+                violations=[Violation("model_name", "MODEL_INVALID", "the folder has no config.json")],
+            )
+        return local
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = _env_flag("HF_HUB_OFFLINE") if offline is None else offline
+    cache = cache_dir or (Path(os.environ["HF_HUB_CACHE"]) if os.environ.get("HF_HUB_CACHE") else None)
+    try:
+        path = snapshot_download(
+            str(model_ref),
+            cache_dir=cache,
+            local_files_only=offline,
+            allow_patterns=_HUB_PATTERNS,
+            endpoint=os.environ.get("HF_ENDPOINT") or None,
+        )
+    except RepositoryNotFoundError as exc:
+        raise FinetuneError(
+            ErrorKind.NOT_FOUND,
+            "MODEL_NOT_FOUND",
+            f"model {model_ref!r} was not found on the hub",
+            violations=[Violation("model_name", "MODEL_NOT_FOUND", "no such model")],
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        raise FinetuneError(
+            ErrorKind.FAILED_PRECONDITION if offline else ErrorKind.UNAVAILABLE,
+            "MODEL_NOT_CACHED" if offline else "HUB_UNREACHABLE",
+            f"model {model_ref!r} is not in the local cache and the hub "
+            + ("is disabled (offline mode)" if offline else "cannot be reached"),
+            hint="Download it once with network access, or name a local model folder.",
+        ) from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise FinetuneError(
+            ErrorKind.UNAVAILABLE, "MODEL_DOWNLOAD_FAILED", f"cannot download {model_ref!r}: {exc}"
+        ) from exc
+    return Path(path)
+
+
+def compute_dtype(config: TrainingConfig, device: torch.device) -> torch.dtype:
+    """fp32 on CPU always (bf16 there is ~58x slower); bf16 or fp16 on CUDA when the config asks."""
+    if device.type != "cuda":
+        return torch.float32
+    if config.bf16:
+        return torch.bfloat16
+    if config.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Short names of the linear projections inside the repeated decoder layers (q_proj, ..., down_proj).
+
+    A module counts when it is an nn.Linear (bitsandbytes' Linear8bitLt/Linear4bit subclass it) under an indexed
+    layer list (`layers.3.`), which leaves out lm_head, embeddings and any projection outside the decoder stack.
+    """
+    names: set[str] = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, nn.Linear) and any(p.isdigit() for p in parts[:-1]) and parts[-1] != "lm_head":
+            names.add(parts[-1])
+    return sorted(names)
+
+
+def _check_targets(model: nn.Module, targets: list[str]) -> None:
+    module_names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in module_names)]
+    if missing:
+        available = linear_module_names(model)
+        raise FinetuneError(
+            ErrorKind.INVALID_ARGUMENT,
+            "TARGET_MODULES_NOT_FOUND",
+            f"lora.target_modules: the model has no module named {', '.join(missing)}; "
+            f"its linear projections are {', '.join(available)}",
+            violations=[
+                Violation("lora.target_modules", "TARGET_MODULES_NOT_FOUND", f"no module named {t!r}") for t in missing
+            ],
+            hint=f"Leave target_modules empty to adapt every linear projection ({', '.join(available)}).",
+        )
+
+
+def _quantization_config(config: TrainingConfig, dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if config.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if config.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_for_training(
+    config: TrainingConfig,
+    model_ref: str | Path,
+    *,
+    device: torch.device | str,
+    cache_dir: Path | None = None,
+) -> tuple[Any, Path]:
+    """The PEFT model on `device` in train mode (only the adapter trainable), and the folder with the tokenizer."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    model_dir = resolve_model_dir(model_ref, cache_dir=cache_dir)
+    dtype = compute_dtype(config, device)
+    quantization = _quantization_config(config, dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if quantization is not None:
+        # bitsandbytes quantises while loading, on the target device.
+        kwargs.update(quantization_config=quantization, device_map={"": device})
+    log.info("loading model", model=str(model_ref), dtype=str(dtype), device=str(device), quantized=bool(quantization))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if quantization is None:
+        model = model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
+    model.config.use_cache = False  # no KV cache in training (and packing's mask detection needs it off)
+
+    targets = list(config.lora.target_modules) or linear_module_names(model)
+    _check_targets(model, targets)
+
+    if quantization is not None:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=bool(config.gradient_checkpointing),
+            gradient_checkpointing_kwargs=_GC_KWARGS,
+        )
+    elif config.gradient_checkpointing:
+        # transformers 5 renamed it (the old name warns); keep working on either side of the rename.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=_GC_KWARGS)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_GC_KWARGS)
+
+    lora = LoraConfig(
+        r=int(config.lora.r or 16),
+        lora_alpha=int(config.lora.alpha or 2 * int(config.lora.r or 16)),
+        lora_dropout=float(config.lora.dropout or 0.0),
+        target_modules=targets,
+        modules_to_save=list(config.lora.modules_to_save) or None,
+        use_dora=bool(config.lora.use_dora),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    peft_model.train()
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("lora ready", targets=targets, trainable_params=trainable, total_params=total)
+    return peft_model, model_dir

@@ -1,0 +1,148 @@
+"""Checkpoints: atomic writes, newest complete one by integer step, pruning, and an exact state round trip."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
+from finetune_server.training.engine import checkpoint as ckpt
+from finetune_server.training.engine.model_loading import load_for_training
+
+
+def _complete(root: Path, name: str) -> Path:
+    folder = root / ckpt.CHECKPOINTS_DIR / name
+    folder.mkdir(parents=True)
+    (folder / ckpt.COMPLETE_MARKER).write_text("x")
+    return folder
+
+
+def test_latest_is_by_integer_step_not_string_order(tmp_path: Path) -> None:
+    for name in ("step-500", "step-999", "step-1000"):  # as strings, step-999 sorts last
+        _complete(tmp_path, name)
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1000"
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [500, 999, 1000]
+
+
+def test_temp_and_incomplete_folders_are_ignored(tmp_path: Path) -> None:
+    _complete(tmp_path, ckpt.checkpoint_name(20))
+    half = tmp_path / "checkpoints" / ".tmp-step-00000040-abc"  # a save that crashed before its rename
+    (half / "adapter").mkdir(parents=True)
+    (half / "optimizer.pt").write_bytes(b"partial")
+    (tmp_path / "checkpoints" / ckpt.checkpoint_name(30)).mkdir()  # no `complete` marker
+    (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
+
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-00000020"
+    assert ckpt.remove_stale_temp(tmp_path) == [half]
+    assert not half.exists()
+
+
+def test_no_checkpoint(tmp_path: Path) -> None:
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    assert ckpt.prune(tmp_path, 2) == []
+
+
+def test_prune_keeps_the_newest_by_step(tmp_path: Path) -> None:
+    for step in (5, 100, 20, 1000, 300):
+        _complete(tmp_path, ckpt.checkpoint_name(step))
+    removed = ckpt.prune(tmp_path, 2)
+    assert sorted(p.name for p in removed) == ["step-00000005", "step-00000020", "step-00000100"]
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [300, 1000]
+    assert ckpt.prune(tmp_path, 0) == []  # 0: keep everything
+    assert len(ckpt.list_checkpoints(tmp_path)) == 2
+
+
+@pytest.fixture()
+def lora_model(tiny_model_dir: Path):
+    config, _ = resolve(TrainingConfig(model_name=str(tiny_model_dir), lora=LoraSettings(r=4, dropout=0.0)))
+    model, _ = load_for_training(config, tiny_model_dir, device="cpu")
+    return model
+
+
+def _one_step(model, optimizer, scheduler) -> None:
+    ids = torch.randint(0, 500, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
+def test_save_and_load_restore_everything(tmp_path: Path, lora_model) -> None:
+    params = [p for p in lora_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    _one_step(lora_model, optimizer, scheduler)
+    saved_weights = {n: p.detach().clone() for n, p in lora_model.named_parameters() if p.requires_grad}
+    saved_lr = scheduler.get_last_lr()
+    rng = ckpt.capture_rng_states()
+    expected_draws = (random.random(), float(np.random.rand()), torch.rand(3))
+
+    path = ckpt.save_checkpoint(
+        tmp_path,
+        7,
+        model=lora_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        rng_states=rng,
+        data_position=ckpt.DataPosition(epoch=1, batch_index=3),
+        extra={"history": [{"step": 1, "loss": 2.5}]},
+    )
+    assert path == tmp_path / "checkpoints" / "step-00000007"
+    assert (path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (path / ckpt.COMPLETE_MARKER).is_file()
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+
+    # Move on: weights, optimizer moments, schedule and RNG all change.
+    _one_step(lora_model, optimizer, scheduler)
+    _one_step(lora_model, optimizer, scheduler)
+    assert scheduler.get_last_lr() != saved_lr
+
+    fresh_optimizer = torch.optim.AdamW(params, lr=1e-2)
+    fresh_scheduler = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda step: 1.0 / (1 + step))
+    state = ckpt.load_checkpoint(path, model=lora_model, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+
+    assert state.step == 7
+    assert state.data_position == ckpt.DataPosition(1, 3)
+    assert state.extra == {"history": [{"step": 1, "loss": 2.5}]}
+    for name, param in lora_model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, saved_weights[name]), name
+    assert fresh_scheduler.get_last_lr() == saved_lr
+    moments = [s["exp_avg"] for s in fresh_optimizer.state.values()]
+    assert len(moments) == len(params) and all(torch.isfinite(m).all() for m in moments)
+    assert int(next(iter(fresh_optimizer.state.values()))["step"]) == 1
+    ckpt.restore_rng_states(state.rng_states)
+    draws = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert draws[:2] == expected_draws[:2]
+    assert torch.equal(draws[2], expected_draws[2])
+
+
+class _BrokenAdapter:
+    """Writes part of a checkpoint, then fails, as a full disk would."""
+
+    def save_pretrained(self, path: Path, **_: object) -> None:
+        Path(path).mkdir(parents=True)
+        (Path(path) / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+
+def test_a_failed_save_leaves_no_checkpoint_and_keeps_the_previous(tmp_path: Path) -> None:
+    previous = _complete(tmp_path, ckpt.checkpoint_name(10))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(OSError, match="No space"):
+        ckpt.save_checkpoint(
+            tmp_path,
+            20,
+            model=_BrokenAdapter(),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rng_states=ckpt.capture_rng_states(),
+            data_position=ckpt.DataPosition(0, 0),
+        )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000010"]
+    assert ckpt.latest_checkpoint(tmp_path) == previous

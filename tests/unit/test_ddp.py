@@ -1,0 +1,120 @@
+"""The same loop under torchrun: 2 CPU processes on gloo follow the trajectory of 1 process with 2x accumulation.
+
+Every optimizer step consumes one window of `grad_accum * world_size` planned micro-batches, rank r trains its r-th
+share, and the loss is normalised by the trainable tokens of the whole window; so the two runs must agree.
+This file is also the worker script that torchrun starts (see `__main__` below).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+COMMON: dict[str, Any] = {
+    "max_steps": 4,
+    "per_device_train_batch_size": 2,
+    "learning_rate": 5e-3,
+    "lr_scheduler_type": "linear",
+    "warmup_ratio": 0.25,
+    "max_length": 96,
+    "save_steps": 2,
+    "eval_split": 0.25,
+    "eval_steps": 2,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+}
+
+
+def _run(model_dir: str, dataset: str, output_dir: str, overrides: dict[str, Any], events_file: str) -> None:
+    from finetune_server.training.config import TrainingConfig, resolve
+    from finetune_server.training.engine.events import EvalEvent, Event, ProgressEvent
+    from finetune_server.training.engine.loop import run_training
+
+    config, _ = resolve(TrainingConfig.from_dict({"model_name": model_dir, "dataset": dataset, **overrides}))
+    events: list[Event] = []
+    run_training(config, model_ref=model_dir, dataset_path=dataset, output_dir=output_dir, on_event=events.append)
+    if int(os.environ.get("RANK", "0")) == 0:
+        rows = [
+            {"step": e.step, "loss": e.loss, "tokens_seen": e.tokens_seen}
+            for e in events
+            if isinstance(e, ProgressEvent)
+        ]
+        evals = [{"step": e.step, "eval_loss": e.eval_loss} for e in events if isinstance(e, EvalEvent)]
+        Path(events_file).write_text(json.dumps({"progress": rows, "evals": evals}))
+
+
+def _facts(path: Path) -> Path:
+    rows = [
+        {"instruction": f"Name of planet {i}?", "output": f"Planet {i} is called {'blue ' * (i % 4)}world {i}."}
+        for i in range(16)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_double_accumulation(tmp_path: Path, tiny_model_dir: Path) -> None:
+    dataset = _facts(tmp_path / "facts.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    single = {**COMMON, "gradient_accumulation_steps": 2}
+    double = {**COMMON, "gradient_accumulation_steps": 1}
+    script = str(Path(__file__).resolve())
+
+    subprocess.run(
+        [
+            sys.executable,
+            script,
+            str(tiny_model_dir),
+            str(dataset),
+            str(tmp_path / "one"),
+            json.dumps(single),
+            str(tmp_path / "one.json"),
+        ],
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            script,
+            str(tiny_model_dir),
+            str(dataset),
+            str(tmp_path / "two"),
+            json.dumps(double),
+            str(tmp_path / "two.json"),
+        ],
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert [r["step"] for r in two["progress"]] == [1, 2, 3, 4]
+    for a, b in zip(one["progress"], two["progress"], strict=True):
+        assert a["step"] == b["step"] and a["tokens_seen"] == b["tokens_seen"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert [e["step"] for e in two["evals"]] == [2, 4]
+    for a, b in zip(one["evals"], two["evals"], strict=True):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5)
+    wa = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-6)
+    # Only rank 0 wrote checkpoints, and they are complete.
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+
+if __name__ == "__main__":
+    _run(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5])
