@@ -15,6 +15,10 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 from finetune_server.api.interceptors import AccessLogInterceptor
 from finetune_server.api.servicer import FineTuneServicer
+from finetune_server.jobs.executor import Executor, LocalSubprocessExecutor
+from finetune_server.jobs.service import JobService
+from finetune_server.jobs.store import SqliteJobStore
+from finetune_server.jobs.uploads import remove_stale_uploads
 from finetune_server.server_info import ServerInfoProvider
 from finetune_server.settings import ServerSettings
 
@@ -27,8 +31,18 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 class FinetuneServer:
     """One gRPC server on one address. `start()` returns the bound port (useful with port 0)."""
 
-    def __init__(self, settings: ServerSettings, host: str = "127.0.0.1", port: int = 50051, grace: float = 10.0):
+    def __init__(
+        self,
+        settings: ServerSettings,
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        grace: float = 10.0,
+        executor: Executor | None = None,
+    ):
         self.settings = settings
+        self._executor = executor or LocalSubprocessExecutor()
+        self.store: SqliteJobStore | None = None
+        self.jobs: JobService | None = None
         self.host = host
         self.port = port
         self.grace = grace
@@ -39,6 +53,9 @@ class FinetuneServer:
 
     async def start(self) -> int:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_uploads(self.settings)
+        self.store = SqliteJobStore(self.settings.data_dir / "finetune.db")
+        self.jobs = JobService(self.settings, self.store, self._executor)
         server = grpc.aio.server(
             interceptors=[AccessLogInterceptor()],
             options=[
@@ -47,7 +64,7 @@ class FinetuneServer:
             ],
         )
         # Methods of later issues fall through to the generated base class, which answers UNIMPLEMENTED.
-        servicer = FineTuneServicer(self.settings, self._info)  # type: ignore[abstract]
+        servicer = FineTuneServicer(self.settings, self._info, self.jobs, self.store)  # type: ignore[abstract]
         pb_grpc.add_FineTuneServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -57,6 +74,7 @@ class FinetuneServer:
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()
         self._server = server
+        await self.jobs.start()  # re-queues jobs a crash left RUNNING, then schedules
         self._info.start_probe()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -70,6 +88,10 @@ class FinetuneServer:
         log.info("server.draining", grace_s=self.grace)
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.grace)
+        if self.jobs is not None:
+            await self.jobs.stop()  # running jobs stay RUNNING and resume at the next start
+        if self.store is not None:
+            self.store.close()
         await self._info.stop()
         self._stopped.set()
         log.info("server.stopped")

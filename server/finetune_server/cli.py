@@ -1,4 +1,4 @@
-"""The `finetune` command. `serve` runs the server; the other commands arrive with the CLI issue."""
+"""The `finetune` command: `serve` runs the server, `demo` shows the whole service on an embedded default."""
 
 from __future__ import annotations
 
@@ -57,6 +57,29 @@ def serve(
         sys.stdout.flush()
 
     asyncio.run(run_server(settings, host, port, grace, on_bound=announce))
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="Where the demo's model, data, jobs and server log go.")] = Path(
+        "./data"
+    ),
+    server: Annotated[
+        str | None, typer.Option(envvar="FINETUNE_SERVER", help="Use this server instead of starting one.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="A hub id or local folder instead of the embedded tiny model.")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 150,
+) -> None:
+    """Train the embedded tiny model on made-up facts through the service and show its answers before and after."""
+    from rich.console import Console
+
+    from finetune_server.demo import run_demo
+    from finetune_server.logging import configure_logging
+
+    configure_logging("warning")
+    raise typer.Exit(run_demo(data_dir, server=server, model=model, steps=steps, console=Console()))
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
+from finetune_server.jobs.models import JobEventRecord, JobRecord
 from finetune_server.training.config import LoraSettings, TrainingConfig
 
 M = TypeVar("M", bound=Message)
@@ -39,6 +40,15 @@ def _set_scalar_message(target: Message, value: Any) -> bool:
         target.FromDatetime(when.astimezone(dt.UTC))
         return True
     return False
+
+
+def enum_number(enum_type: Any, name: str) -> int:
+    """An enum value by its full name (`JOB_STATE_RUNNING`) or its short one (`RUNNING`, `running`)."""
+    values = enum_type.values_by_name
+    if name in values:
+        return values[name].number
+    prefix = enum_type.values[0].name.removesuffix("UNSPECIFIED")  # e.g. "JOB_STATE_"
+    return values[prefix + name.upper()].number
 
 
 def fill(message: M, obj: Any) -> M:
@@ -68,11 +78,13 @@ def fill(message: M, obj: Any) -> M:
                     container.append(item)
         elif descriptor.message_type is not None:
             sub = getattr(message, name)
-            if not _set_scalar_message(sub, value):
+            if isinstance(value, Message):
+                sub.CopyFrom(value)
+            elif not _set_scalar_message(sub, value):
                 fill(sub, value)
                 sub.SetInParent()
         elif descriptor.enum_type is not None and isinstance(value, str):
-            setattr(message, name, descriptor.enum_type.values_by_name[value].number)
+            setattr(message, name, enum_number(descriptor.enum_type, value))
         else:
             setattr(message, name, value)
     return message
@@ -113,3 +125,35 @@ def preset_config_to_proto(values: Mapping[str, Any]) -> pb.TrainingConfig:
         else:
             nested[head] = value
     return fill(pb.TrainingConfig(), nested)
+
+
+def job_to_proto(job: JobRecord) -> pb.Job:
+    message = fill(
+        pb.Job(),
+        {
+            "id": job.id,
+            "state": job.state.value,
+            "request_id": job.request_id,
+            "display_name": job.display_name,
+            "create_time": job.create_time,
+            "start_time": job.start_time,
+            "end_time": job.end_time,
+            "progress": job.progress,
+            "error": job.error,
+            "result": job.result,
+            "resume_count": job.resume_count,
+            "last_sequence": job.last_sequence,
+            "cancel_requested": job.cancel_requested,
+            "owner": job.owner,
+        },
+    )
+    message.config.CopyFrom(config_to_proto(TrainingConfig.from_dict(job.config)))
+    return message
+
+
+def event_to_proto(event: JobEventRecord) -> pb.JobEvent:
+    message = pb.JobEvent(job_id=event.job_id, sequence=event.sequence)
+    message.time.FromNanoseconds(round(event.time * 1e9))
+    fill(message, {event.kind.value: event.payload})
+    getattr(message, event.kind.value).SetInParent()  # an empty payload still says which kind it is
+    return message

@@ -1,18 +1,31 @@
 """The FineTuneService servicer: translate messages, delegate to the domain, nothing else.
 
-Methods that later issues implement (jobs, export, upload) answer UNIMPLEMENTED through the generated base class.
+Methods that later issues implement (export, download) answer UNIMPLEMENTED through the generated base class.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
-from finetune_server.api.convert import config_from_proto, config_to_proto, fill, preset_config_to_proto
+from finetune_server.api.convert import (
+    config_from_proto,
+    config_to_proto,
+    event_to_proto,
+    fill,
+    job_to_proto,
+    preset_config_to_proto,
+)
 from finetune_server.api.errors import map_errors
+from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.jobs.models import JobState
+from finetune_server.jobs.service import JobService
+from finetune_server.jobs.store import JobStore
+from finetune_server.jobs.uploads import store_upload
 from finetune_server.server_info import ServerInfoProvider
 from finetune_server.settings import ServerSettings
 from finetune_server.training import presets
@@ -34,9 +47,11 @@ def report_to_proto(report: ValidationReport) -> pb.ValidateConfigResponse:
 
 
 class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
-    def __init__(self, settings: ServerSettings, info: ServerInfoProvider) -> None:
+    def __init__(self, settings: ServerSettings, info: ServerInfoProvider, jobs: JobService, store: JobStore) -> None:
         self._settings = settings
         self._info = info
+        self._jobs = jobs
+        self._store = store
 
     @map_errors
     async def ValidateConfig(  # noqa: N802 - gRPC method name
@@ -70,3 +85,77 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
         return fill(pb.GetServerInfoResponse(), await self._info.describe())
+
+    @map_errors
+    async def Train(  # noqa: N802 - gRPC method name
+        self, request: pb.TrainRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TrainResponse]:
+        job, _ = await self._jobs.submit(
+            config_from_proto(request.config), request_id=request.request_id, display_name=request.display_name
+        )
+        yield pb.TrainResponse(job=job_to_proto(job))
+        async for event in self._jobs.watch(job.id, 0):
+            yield pb.TrainResponse(event=event_to_proto(event))
+
+    @map_errors
+    async def WatchJob(  # noqa: N802 - gRPC method name
+        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchJobResponse]:
+        async for event in self._jobs.watch(request.job_id, request.after_sequence):
+            yield pb.WatchJobResponse(event=event_to_proto(event))
+
+    @map_errors
+    async def GetJob(  # noqa: N802 - gRPC method name
+        self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetJobResponse:
+        return pb.GetJobResponse(job=job_to_proto(await self._jobs.get(request.job_id)))
+
+    @map_errors
+    async def ListJobs(  # noqa: N802 - gRPC method name
+        self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListJobsResponse:
+        states = []
+        for number in request.states:
+            name = pb.JobState.Name(number) if number in pb.JobState.values() else ""
+            if not name or number == pb.JOB_STATE_UNSPECIFIED:
+                raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_STATE", f"states: {number} is not a state")
+            states.append(JobState(name.removeprefix("JOB_STATE_")))
+        jobs, token = await self._jobs.list(states=states, page_size=request.page_size, page_token=request.page_token)
+        return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
+
+    @map_errors
+    async def CancelJob(  # noqa: N802 - gRPC method name
+        self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelJobResponse:
+        return pb.CancelJobResponse(job=job_to_proto(await self._jobs.cancel(request.job_id)))
+
+    @map_errors
+    async def UploadDataset(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[pb.UploadDatasetRequest], context: grpc.aio.ServicerContext
+    ) -> pb.UploadDatasetResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("metadata"):
+            raise FinetuneError(
+                ErrorKind.INVALID_ARGUMENT, "METADATA_FIRST", "the first message of an upload must carry metadata"
+            )
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if not message.HasField("chunk"):
+                    raise FinetuneError(
+                        ErrorKind.INVALID_ARGUMENT, "CHUNK_EXPECTED", "only the first message may carry metadata"
+                    )
+                yield message.chunk
+
+        metadata = first.metadata
+        record, created = await store_upload(
+            self._settings,
+            self._store,
+            filename=metadata.filename,
+            data_format=metadata.data_format,
+            expected_sha256=metadata.sha256,
+            chunks=chunks(),
+        )
+        response = pb.UploadDatasetResponse(already_existed=not created)
+        fill(response.dataset, record)
+        return response

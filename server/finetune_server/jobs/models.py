@@ -1,0 +1,80 @@
+"""Records of the job service: jobs, their events and uploaded datasets, as the store keeps them.
+
+Payloads are JSON-able dicts whose keys are the contract's field names (JobEvent's oneof members, JobError,
+JobResult, TrainingProgress), so the API layer fills messages from them without a per-field mapping.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class JobState(enum.Enum):
+    """Mirrors the contract's JobState (names without the JOB_STATE_ prefix)."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class EventKind(enum.Enum):
+    """The JobEvent oneof member an event fills."""
+
+    STATE_CHANGE = "state_change"  # payload: {"previous", "current" (JobState names), "message", "error"?}
+    PROGRESS = "progress"  # payload: TrainingProgress fields (elapsed/eta in seconds)
+    EVAL = "eval"  # payload: EvalResult fields
+    CHECKPOINT = "checkpoint"  # payload: CheckpointSaved fields
+    LOG = "log"  # payload: {"level": "INFO"|..., "message"}
+    RESULT = "result"  # payload: JobResult fields
+
+
+@dataclass(frozen=True)
+class JobEventRecord:
+    job_id: str
+    sequence: int  # per job, from 1, gap-free
+    time: float  # unix seconds
+    kind: EventKind
+    payload: dict[str, Any]
+
+
+@dataclass
+class JobRecord:
+    id: str
+    state: JobState
+    config: dict[str, Any]  # the resolved TrainingConfig as TrainingConfig.to_dict()
+    request_id: str = ""
+    display_name: str = ""
+    owner: str = ""
+    create_time: float = 0.0
+    start_time: float | None = None
+    end_time: float | None = None
+    progress: dict[str, Any] | None = None  # the newest progress payload
+    error: dict[str, Any] | None = None  # JobError fields: reason, message, hint, step
+    result: dict[str, Any] | None = None  # JobResult fields
+    resume_count: int = 0
+    attempts: int = 0  # worker starts, for the retry limit
+    last_sequence: int = 0
+    cancel_requested: bool = False
+    queue_position: int = 0  # FIFO order among queued jobs (a re-queued job keeps its original place)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    id: str  # "ds-" + first 16 hex digits of sha256
+    filename: str
+    size_bytes: int
+    sha256: str
+    path: str  # relative to the data dir
+    report: dict[str, Any] = field(default_factory=dict)  # DatasetReport fields (no token stats)
+    create_time: float = 0.0

@@ -1,0 +1,365 @@
+"""The job service: accepts jobs, schedules them FIFO over device slots, runs each in a worker through the executor,
+records every event, and recovers after a crash. It knows the store and the executor only by their interfaces.
+
+Lifecycle of one job: QUEUED (persisted before Train answers) -> RUNNING (a worker is training) -> SUCCEEDED,
+FAILED or CANCELLED. A worker that dies without a final word is restarted from the newest checkpoint up to
+`max_attempts`; a server that dies leaves its RUNNING jobs to be re-queued by the next start, in their old place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.jobs.executor import Executor
+from finetune_server.jobs.hub import EventHub
+from finetune_server.jobs.models import EventKind, JobEventRecord, JobRecord, JobState
+from finetune_server.jobs.store import InvalidTransition, JobStore
+from finetune_server.jobs.supervisor import WorkerExit, kill_process_group
+from finetune_server.jobs.worker import WorkerSpec
+from finetune_server.settings import ServerSettings
+from finetune_server.training.config import TrainingConfig
+from finetune_server.training.model_info import resolve_model
+from finetune_server.training.validation import resolve_dataset_path, validate
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+MAX_ATTEMPTS = 3
+WORKER_PID_FILE = "worker.pid"
+
+
+def not_found(job_id: str) -> FinetuneError:
+    return FinetuneError(ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"no job has the id {job_id!r}")
+
+
+@dataclass
+class _Running:
+    job_id: str
+    slot: int
+    cancel: asyncio.Event
+    task: asyncio.Task[None]
+
+
+class JobService:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        store: JobStore,
+        executor: Executor,
+        *,
+        max_attempts: int = MAX_ATTEMPTS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._executor = executor
+        self._max_attempts = max_attempts
+        self._clock = clock
+        self.hub = EventHub()
+        self._running: dict[str, _Running] = {}
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._draining = False
+
+    # -- plumbing -------------------------------------------------------------------------------------------------
+
+    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Store calls run in a thread: SQLite commits fsync, which must not stall the event loop."""
+        return await asyncio.to_thread(partial(fn, *args, **kwargs))
+
+    async def _published(self, job_id: str) -> None:
+        """Hand every stored event the hub has not seen yet to the hub (one store read per write, not per watcher)."""
+        events = await self._db(self._store.events_after, job_id, self.hub.latest(job_id))
+        self.hub.publish(events)
+
+    async def _append(self, job_id: str, kind: EventKind, payload: dict[str, Any]) -> None:
+        await self._db(self._store.append_event, job_id, kind, payload, now=self._clock())
+        await self._published(job_id)
+
+    async def _transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
+        job, _ = await self._db(self._store.transition, job_id, state, now=self._clock(), **kwargs)
+        await self._published(job_id)
+        if state.is_final:
+            self.hub.forget(job_id)
+        return job
+
+    def job_dir(self, job_id: str) -> Path:
+        return self._settings.jobs_dir / job_id
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._recover()
+        self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+
+    async def _recover(self) -> None:
+        """Re-queue the jobs a crashed server left RUNNING; they resume from their newest checkpoint."""
+        for job in await self._db(self._store.jobs_in_state, JobState.RUNNING):
+            pid_file = self.job_dir(job.id) / WORKER_PID_FILE
+            if pid_file.is_file():  # an orphan worker stops by itself when its stdin closes; make sure
+                kill_process_group(int(pid_file.read_text().strip() or 0))
+            await self._transition(
+                job.id,
+                JobState.QUEUED,
+                expect=[JobState.RUNNING],
+                message="the server restarted; the job is queued again and resumes from its newest checkpoint",
+            )
+            log.info("job.requeued_after_restart", job_id=job.id)
+
+    async def stop(self) -> None:
+        """Stop scheduling and stop the workers; their jobs stay RUNNING and resume at the next start."""
+        self._draining = True
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+        for running in list(self._running.values()):
+            running.cancel.set()
+        await asyncio.gather(*(r.task for r in self._running.values()), return_exceptions=True)
+
+    # -- requests -------------------------------------------------------------------------------------------------
+
+    async def submit(
+        self, config: TrainingConfig, *, request_id: str = "", display_name: str = "", owner: str = ""
+    ) -> tuple[JobRecord, bool]:
+        """Validate exactly as ValidateConfig does, then persist the job as QUEUED. Idempotent on request_id."""
+        if request_id:
+            existing = await self._db(self._store.find_by_request_id, request_id)
+            if existing is not None:
+                return existing, False
+        report = await asyncio.to_thread(validate, config, self._settings)
+        if not report.valid:
+            raise report.rejection()
+        job, created = await self._db(
+            self._store.create_job,
+            job_id=f"job-{uuid.uuid4().hex[:16]}",
+            config=report.resolved_config.to_dict(),
+            request_id=request_id,
+            display_name=display_name,
+            owner=owner,
+            now=self._clock(),
+        )
+        if created:
+            await self._published(job.id)
+            log.info("job.queued", job_id=job.id, model=config.model_name)
+            self._wake.set()
+        return job, created
+
+    async def get(self, job_id: str) -> JobRecord:
+        try:
+            return await self._db(self._store.get_job, job_id)
+        except KeyError:
+            raise not_found(job_id) from None
+
+    async def list(self, *, states: list[JobState], page_size: int, page_token: str) -> tuple[list[JobRecord], str]:
+        if not 0 <= page_size <= 1000:
+            raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", "page_size must be in 0..1000")
+        try:
+            return await self._db(
+                self._store.list_jobs, states=states or None, page_size=page_size or 50, page_token=page_token
+            )
+        except ValueError:
+            raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", "page_token is not valid") from None
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        job = await self.get(job_id)
+        if job.state.is_final:
+            raise FinetuneError(
+                ErrorKind.FAILED_PRECONDITION,
+                "JOB_FINISHED",
+                f"job {job_id} already ended as {job.state.value}",
+            )
+        if job.state is JobState.QUEUED:
+            try:
+                return await self._transition(
+                    job_id, JobState.CANCELLED, expect=[JobState.QUEUED], message="cancelled while queued"
+                )
+            except InvalidTransition:
+                job = await self.get(job_id)  # it started meanwhile: cancel the running worker instead
+        job = await self._db(self._store.request_cancel, job_id)
+        running = self._running.get(job_id)
+        if running is not None:
+            running.cancel.set()
+        await self._append(job_id, EventKind.LOG, {"level": "INFO", "message": "cancel requested"})
+        return job
+
+    async def watch(self, job_id: str, after_sequence: int = 0) -> AsyncIterator[JobEventRecord]:
+        """Stored events after `after_sequence`, then live ones, until the job's final event has been sent."""
+        job = await self.get(job_id)
+        if after_sequence < 0 or after_sequence > job.last_sequence:
+            raise FinetuneError(
+                ErrorKind.INVALID_ARGUMENT,
+                "SEQUENCE_OUT_OF_RANGE",
+                f"after_sequence must be in 0..{job.last_sequence} (the job's newest event), got {after_sequence}",
+            )
+        last = after_sequence
+        while True:
+            events = self.hub.recent_after(job_id, last)
+            if events is None:
+                events = await self._db(self._store.events_after, job_id, last)
+            for event in events:
+                yield event
+                last = event.sequence
+                if event.kind is EventKind.STATE_CHANGE and JobState(event.payload["current"]).is_final:
+                    return
+            if not events:
+                job = await self.get(job_id)
+                if job.state.is_final and job.last_sequence <= last:
+                    return
+                if job.last_sequence <= last:
+                    await self.hub.wait_beyond(job_id, last)
+
+    # -- scheduling -----------------------------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        """FIFO over slots: start the oldest queued job whenever a slot is free."""
+        while not self._draining:
+            self._wake.clear()
+            free = sorted(set(range(self._settings.slots)) - {r.slot for r in self._running.values()})
+            for slot in free:
+                job = await self._db(self._store.next_queued)
+                if job is None:
+                    break
+                await self._launch(job, slot)
+            await self._wake.wait()
+
+    async def _launch(self, job: JobRecord, slot: int) -> None:
+        job = await self._transition(
+            job.id, JobState.RUNNING, expect=[JobState.QUEUED], message=f"a worker is starting on slot {slot}"
+        )
+        cancel = asyncio.Event()
+        if job.cancel_requested:
+            cancel.set()
+        task = asyncio.get_running_loop().create_task(self._run(job, slot, cancel))
+        self._running[job.id] = _Running(job.id, slot, cancel, task)
+
+    def _spec(self, job: JobRecord, slot: int) -> WorkerSpec:
+        config = TrainingConfig.from_dict(job.config)
+        model = resolve_model(config.model_name, self._settings)
+        dataset = resolve_dataset_path(config.dataset, self._settings, "dataset")
+        eval_dataset = (
+            resolve_dataset_path(config.eval_dataset, self._settings, "eval_dataset") if config.eval_dataset else None
+        )
+        return WorkerSpec(
+            job_id=job.id,
+            config=job.config,
+            model_ref=str(model.path) if model.source == "local" else config.model_name,
+            dataset_path=str(dataset),
+            eval_dataset_path=str(eval_dataset) if eval_dataset else None,
+            output_dir=str(self.job_dir(job.id)),
+            hub_cache_dir=str(self._settings.hf_cache_dir) if self._settings.hf_cache_dir else None,
+            hub_offline=self._settings.offline,
+            gpu_slot=slot,
+            data_dir=str(self._settings.data_dir),
+        )
+
+    async def _run(self, job: JobRecord, slot: int, cancel: asyncio.Event) -> None:
+        bound = log.bind(job_id=job.id)
+        try:
+            await self._attempts(job, slot, cancel, bound)
+        except Exception as exc:  # the service must survive anything a job does
+            bound.exception("job.supervision_failed")
+            await self._fail(job.id, {"reason": "INTERNAL", "message": f"the server could not run the job: {exc}"})
+        finally:
+            self._running.pop(job.id, None)
+            self._wake.set()
+
+    async def _attempts(self, job: JobRecord, slot: int, cancel: asyncio.Event, bound: Any) -> None:
+        try:
+            spec = await asyncio.to_thread(self._spec, job, slot)
+        except FinetuneError as exc:  # the model or dataset vanished since the job was accepted
+            await self._fail(job.id, {"reason": exc.reason, "message": exc.message, "hint": exc.hint})
+            return
+        job_dir = self.job_dir(job.id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            job = await self._db(self._store.record_attempt, job.id, resumed=False)
+            outcome = await self._executor.run(
+                spec,
+                on_message=partial(self._on_worker_message, job.id),
+                cancel=cancel,
+                log_path=job_dir / "worker.log",
+            )
+            (job_dir / WORKER_PID_FILE).unlink(missing_ok=True)
+            if await self._settle(job, outcome, cancel, bound):
+                return
+
+    async def _settle(self, job: JobRecord, outcome: WorkerExit, cancel: asyncio.Event, bound: Any) -> bool:
+        """Record how a worker ended. True when the job is settled; False to start another attempt."""
+        final = outcome.final or {}
+        kind = final.get("type")
+        if kind == "result":
+            result = dict(final["data"])
+            await self._transition(
+                job.id, JobState.SUCCEEDED, expect=[JobState.RUNNING], result=result, message="training finished"
+            )
+            bound.info("job.succeeded", steps=result.get("steps"))
+            return True
+        if self._draining:  # the server is stopping: leave the job RUNNING so the next start resumes it
+            bound.info("job.left_for_resume")
+            return True
+        if kind == "cancelled" or (cancel.is_set() and kind != "error"):
+            await self._transition(job.id, JobState.CANCELLED, expect=[JobState.RUNNING], message="cancelled")
+            return True
+        if kind == "error":
+            error = {k: final.get(k) for k in ("reason", "message", "hint", "step") if final.get(k) is not None}
+            await self._fail(job.id, error)
+            return True
+        # No final word: the worker died. Retry from the newest checkpoint while attempts remain.
+        how = f"signal {outcome.signal}" if outcome.signal else f"exit code {outcome.returncode}"
+        if outcome.oom_killed:
+            await self._fail(
+                job.id,
+                {
+                    "reason": "OUT_OF_MEMORY",
+                    "message": f"the worker was killed for using too much memory ({how})",
+                    "hint": "Use a smaller per_device_train_batch_size or max_length, gradient_checkpointing, "
+                    "or load_in_8bit / load_in_4bit.",
+                },
+            )
+            return True
+        current = await self.get(job.id)
+        if current.attempts >= self._max_attempts:
+            tail = "\n".join(outcome.log_tail[-15:])
+            await self._fail(
+                job.id,
+                {
+                    "reason": "WORKER_CRASHED",
+                    "message": f"the worker died ({how}) {current.attempts} times; last log lines:\n{tail}",
+                    "hint": "Check the job's worker.log; the newest checkpoint is kept.",
+                },
+            )
+            return True
+        message = f"the worker died ({how}); restarting from the newest checkpoint (attempt {current.attempts + 1})"
+        await self._append(job.id, EventKind.LOG, {"level": "WARNING", "message": message})
+        bound.warning("job.worker_died", how=how, attempts=current.attempts)
+        return False
+
+    async def _fail(self, job_id: str, error: dict[str, Any]) -> None:
+        await self._transition(
+            job_id, JobState.FAILED, expect=[JobState.RUNNING, JobState.QUEUED], error=error, message="failed"
+        )
+
+    async def _on_worker_message(self, job_id: str, message: dict[str, Any]) -> None:
+        """Persist what the worker reports, in order, before reading its next message."""
+        kind = message.get("type")
+        if kind == "event":
+            await self._append(job_id, EventKind(message["kind"]), message["data"])
+        elif kind == "started":
+            # Its process group id, so that a restarted server can stop an orphan of this one.
+            (self.job_dir(job_id) / WORKER_PID_FILE).write_text(str(message["pid"]))
+            step = message.get("resumed_from_step")
+            if step is None:
+                return
+            await self._db(self._store.record_resume, job_id)
+            await self._append(
+                job_id, EventKind.LOG, {"level": "INFO", "message": f"resumed from the checkpoint at step {step}"}
+            )

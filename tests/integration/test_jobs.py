@@ -1,0 +1,266 @@
+"""Jobs over gRPC against a real server with real workers: Train, WatchJob, GetJob, ListJobs, CancelJob, uploads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+
+from .conftest import RunningServer, start_server, stop_server
+
+FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
+
+
+@pytest.fixture(scope="module")
+def jobs_server(tmp_path_factory: pytest.TempPathFactory, server_roots: tuple[Path, Path]) -> Iterator[RunningServer]:
+    running = start_server(tmp_path_factory.mktemp("jobs-server"), *server_roots, "--max-upload-bytes", "200000")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def stub(jobs_server: RunningServer) -> Iterator[pb_grpc.FineTuneServiceStub]:
+    channel, stub = jobs_server.stub()
+    yield stub
+    channel.close()
+
+
+def job_config(model: str, **overrides: Any) -> pb.TrainingConfig:
+    values: dict[str, Any] = {
+        "model_name": model,
+        "dataset": "facts.jsonl",
+        "max_steps": 6,
+        "max_length": 128,
+        "per_device_train_batch_size": 4,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        **overrides,
+    }
+    config = pb.TrainingConfig(**{k: v for k, v in values.items() if k != "lora"})
+    config.lora.r = 8
+    return config
+
+
+def train_to_end(
+    stub: pb_grpc.FineTuneServiceStub, config: pb.TrainingConfig, **request: Any
+) -> tuple[pb.Job, list[pb.JobEvent]]:
+    stream = stub.Train(pb.TrainRequest(config=config, **request), timeout=300)
+    first = next(stream)
+    assert first.WhichOneof("kind") == "job"
+    events = [message.event for message in stream]
+    return first.job, events
+
+
+def assert_gap_free(events: list[pb.JobEvent], start: int = 1) -> None:
+    assert [e.sequence for e in events] == list(range(start, start + len(events)))
+
+
+def states_of(events: list[pb.JobEvent]) -> list[int]:
+    return [e.state_change.current for e in events if e.WhichOneof("kind") == "state_change"]
+
+
+def test_train_streams_the_job_then_every_event_until_it_succeeds(
+    stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path, jobs_server: RunningServer
+) -> None:
+    job, events = train_to_end(stub, job_config(tiny_model_dir.name), display_name="first")
+    assert job.id.startswith("job-") and job.state == pb.JOB_STATE_QUEUED and job.display_name == "first"
+    assert job.config.lora.alpha == 16, "the job records its resolved config"
+    assert_gap_free(events)
+    assert states_of(events) == [pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING, pb.JOB_STATE_SUCCEEDED]
+    progress = [e.progress for e in events if e.WhichOneof("kind") == "progress"]
+    assert [p.step for p in progress] == [1, 2, 3, 4, 5, 6]
+    assert all(p.total_steps == 6 and p.tokens_per_second > 0 and p.memory.peak_bytes > 0 for p in progress)
+    checkpoints = [e.checkpoint.step for e in events if e.WhichOneof("kind") == "checkpoint"]
+    assert checkpoints[:3] == [2, 4, 6]
+    results = [e.result for e in events if e.WhichOneof("kind") == "result"]
+    assert len(results) == 1 and results[0].steps == 6 and results[0].trained_tokens > 0
+    assert events[-1].state_change.current == pb.JOB_STATE_SUCCEEDED, "the last event is the final state change"
+
+    stored = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10).job
+    assert stored.state == pb.JOB_STATE_SUCCEEDED and stored.last_sequence == events[-1].sequence
+    assert stored.result.steps == 6 and stored.progress.step == 6
+    assert stored.start_time.seconds > 0 and stored.end_time.ToNanoseconds() >= stored.start_time.ToNanoseconds()
+    adapter = jobs_server.data_dir / stored.result.adapter_location
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "chat_template.jinja").is_file()
+
+
+def test_watch_replays_from_any_sequence_and_ends_with_the_job(
+    stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path
+) -> None:
+    job, events = train_to_end(stub, job_config(tiny_model_dir.name))
+    for after in (0, 3, len(events) - 1):
+        replayed = [m.event for m in stub.WatchJob(pb.WatchJobRequest(job_id=job.id, after_sequence=after), timeout=30)]
+        assert replayed == events[after:]
+    nothing = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id, after_sequence=len(events)), timeout=30))
+    assert nothing == []
+    with pytest.raises(grpc.RpcError) as beyond:
+        list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id, after_sequence=len(events) + 1), timeout=30))
+    assert beyond.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_request_id_makes_train_idempotent(stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path) -> None:
+    first_job, first_events = train_to_end(stub, job_config(tiny_model_dir.name), request_id="same-request-42")
+    again_job, again_events = train_to_end(stub, job_config(tiny_model_dir.name), request_id="same-request-42")
+    assert again_job.id == first_job.id
+    assert again_events == first_events, "the repeated call streams the same job's events"
+
+
+def test_many_watchers_receive_the_same_complete_sequence(
+    stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path
+) -> None:
+    stream = stub.Train(pb.TrainRequest(config=job_config(tiny_model_dir.name, max_steps=8)), timeout=300)
+    job = next(stream).job
+    received: list[list[pb.JobEvent]] = [[] for _ in range(20)]
+
+    def watch(index: int) -> None:
+        for message in stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=300):
+            received[index].append(message.event)
+
+    threads = [threading.Thread(target=watch, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    train_events = [m.event for m in stream]
+    for thread in threads:
+        thread.join(timeout=300)
+    assert all(events == train_events for events in received)
+    assert_gap_free(train_events)
+    assert states_of(train_events)[-1] == pb.JOB_STATE_SUCCEEDED
+
+
+def test_cancel_a_queued_job_then_a_running_one(
+    stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path, jobs_server: RunningServer
+) -> None:
+    long_run = job_config(tiny_model_dir.name, max_steps=100000, save_steps=0)
+    running_stream = stub.Train(pb.TrainRequest(config=long_run), timeout=300)
+    running = next(running_stream).job
+    queued = next(stub.Train(pb.TrainRequest(config=long_run), timeout=300)).job  # one slot: this one waits
+
+    cancelled = stub.CancelJob(pb.CancelJobRequest(job_id=queued.id), timeout=10).job
+    assert cancelled.state == pb.JOB_STATE_CANCELLED, "a queued job is cancelled at once"
+
+    worker_pid = 0
+    for message in running_stream:  # wait until the worker really trains
+        if message.event.WhichOneof("kind") == "progress":
+            worker_pid = int((jobs_server.data_dir / "jobs" / running.id / "worker.pid").read_text())
+            break
+    assert worker_pid > 0
+    reply = stub.CancelJob(pb.CancelJobRequest(job_id=running.id), timeout=10).job
+    assert reply.state == pb.JOB_STATE_RUNNING and reply.cancel_requested
+    rest = [m.event for m in running_stream]
+    assert states_of(rest)[-1] == pb.JOB_STATE_CANCELLED
+    final = stub.GetJob(pb.GetJobRequest(job_id=running.id), timeout=10).job
+    assert final.state == pb.JOB_STATE_CANCELLED and not final.cancel_requested
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)  # the worker process is gone
+
+    with pytest.raises(grpc.RpcError) as finished:
+        stub.CancelJob(pb.CancelJobRequest(job_id=running.id), timeout=10)
+    assert finished.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_list_jobs_newest_first_paged_and_filtered(stub: pb_grpc.FineTuneServiceStub) -> None:
+    everything = stub.ListJobs(pb.ListJobsRequest(page_size=1000), timeout=10).jobs
+    assert len(everything) >= 4
+    times = [j.create_time.ToNanoseconds() for j in everything]
+    assert times == sorted(times, reverse=True)
+    paged: list[str] = []
+    token = ""
+    while True:
+        page = stub.ListJobs(pb.ListJobsRequest(page_size=2, page_token=token), timeout=10)
+        paged += [j.id for j in page.jobs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert paged == [j.id for j in everything]
+    cancelled = stub.ListJobs(pb.ListJobsRequest(states=[pb.JOB_STATE_CANCELLED]), timeout=10).jobs
+    assert cancelled and all(j.state == pb.JOB_STATE_CANCELLED for j in cancelled)
+    with pytest.raises(grpc.RpcError) as bad_token:
+        stub.ListJobs(pb.ListJobsRequest(page_token="not-a-token"), timeout=10)
+    assert bad_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unknown_job_is_not_found(stub: pb_grpc.FineTuneServiceStub) -> None:
+    for call in (
+        lambda: stub.GetJob(pb.GetJobRequest(job_id="job-nope"), timeout=10),
+        lambda: stub.CancelJob(pb.CancelJobRequest(job_id="job-nope"), timeout=10),
+        lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id="job-nope"), timeout=10)),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_train_rejects_a_bad_config_exactly_like_validate(
+    stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path
+) -> None:
+    bad = job_config(tiny_model_dir.name, learning_rate=0.0)
+    with pytest.raises(grpc.RpcError) as trained:
+        next(stub.Train(pb.TrainRequest(config=bad), timeout=30))
+    with pytest.raises(grpc.RpcError) as validated:
+        stub.ValidateConfig(pb.ValidateConfigRequest(config=bad), timeout=30)
+    assert trained.value.code() == validated.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert trained.value.details() == validated.value.details()
+
+
+def upload(stub: pb_grpc.FineTuneServiceStub, data: bytes, filename: str = "mine.jsonl", sha: str = "") -> Any:
+    def messages() -> Iterator[pb.UploadDatasetRequest]:
+        yield pb.UploadDatasetRequest(metadata=pb.UploadDatasetMetadata(filename=filename, sha256=sha))
+        for start in range(0, len(data), 1000):
+            yield pb.UploadDatasetRequest(chunk=data[start : start + 1000])
+
+    return stub.UploadDataset(messages(), timeout=30)
+
+
+def test_upload_is_checked_stored_once_and_usable_as_a_dataset(
+    stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path, jobs_server: RunningServer
+) -> None:
+    data = b"".join(b'{"instruction": "Name %d?", "output": "Item %d."}\n' % (i, i) for i in range(30))
+    first = upload(stub, data, sha=hashlib.sha256(data).hexdigest())
+    assert first.dataset.id == "ds-" + hashlib.sha256(data).hexdigest()[:16] and not first.already_existed
+    assert first.dataset.report.num_valid == 30 and first.dataset.size_bytes == len(data)
+    again = upload(stub, data, filename="renamed.jsonl")
+    assert again.already_existed and again.dataset.id == first.dataset.id
+    _, events = train_to_end(stub, job_config(tiny_model_dir.name, dataset=first.dataset.id, max_steps=2))
+    assert states_of(events)[-1] == pb.JOB_STATE_SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    ("data", "filename", "sha", "code"),
+    [
+        (b'{"text": "x"}\n' * 20000, "big.jsonl", "", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (b'{"text": "fine"}\n{broken\n', "bad.jsonl", "", grpc.StatusCode.INVALID_ARGUMENT),
+        (b'{"text": "fine"}\n', "data.csv", "", grpc.StatusCode.INVALID_ARGUMENT),
+        (b'{"text": "fine"}\n', "ok.jsonl", "0" * 64, grpc.StatusCode.DATA_LOSS),
+    ],
+)
+def test_bad_uploads_are_refused_and_nothing_is_kept(
+    stub: pb_grpc.FineTuneServiceStub,
+    jobs_server: RunningServer,
+    data: bytes,
+    filename: str,
+    sha: str,
+    code: grpc.StatusCode,
+) -> None:
+    uploads = jobs_server.data_dir / "datasets"
+    before = sorted(p.name for p in uploads.glob("*"))
+    with pytest.raises(grpc.RpcError) as caught:
+        upload(stub, data, filename=filename, sha=sha)
+    assert caught.value.code() == code
+    assert sorted(p.name for p in uploads.glob("*")) == before
+
+
+def test_unknown_uploaded_dataset_is_not_found(stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        config = job_config(tiny_model_dir.name, dataset="ds-ffffffffffffffff")
+        next(stub.Train(pb.TrainRequest(config=config), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,537 @@
+"""SqliteJobStore: durable jobs, gap-free event sequences, idempotent creates and uploads, migrations."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from finetune_server.jobs.models import DatasetRecord, EventKind, JobState
+from finetune_server.jobs.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    InvalidTransition,
+    JobStore,
+    SchemaTooNewError,
+    SqliteJobStore,
+    apply_migrations,
+)
+
+CONFIG = {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "data.jsonl", "lora": {"r": 8}}
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "jobs.sqlite3"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SqliteJobStore]:
+    s = SqliteJobStore(db_path)
+    yield s
+    s.close()
+
+
+def _pragma(path: Path, name: str) -> object:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"PRAGMA {name}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_opens_in_wal_mode_with_full_sync(store: SqliteJobStore, db_path: Path) -> None:
+    as_seam: JobStore = store  # mypy checks SqliteJobStore against the seam
+    assert as_seam is store
+    assert _pragma(db_path, "journal_mode") == "wal"
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert store._conn.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+
+
+# -- create / get / list ------------------------------------------------------------------------------------------
+
+
+def test_create_job_is_queued_with_its_first_event(store: SqliteJobStore) -> None:
+    job, created = store.create_job(
+        job_id="job-1", config=CONFIG, request_id="req-1", display_name="first", owner="alice", now=100.0
+    )
+    assert created
+    assert job.state is JobState.QUEUED
+    assert (job.config, job.request_id, job.display_name, job.owner) == (CONFIG, "req-1", "first", "alice")
+    assert job.create_time == 100.0
+    assert job.last_sequence == 1
+    assert job.queue_position == 1
+
+    assert store.get_job("job-1") == job
+    [event] = store.events_after("job-1", 0)
+    assert (event.sequence, event.kind, event.time) == (1, EventKind.STATE_CHANGE, 100.0)
+    assert event.payload == {"previous": None, "current": "QUEUED", "message": "queued"}
+
+    second, _ = store.create_job(job_id="job-2", config=CONFIG, now=101.0)
+    assert second.queue_position == 2
+
+
+def test_unknown_ids_raise_key_error(store: SqliteJobStore) -> None:
+    for call in (
+        lambda: store.get_job("nope"),
+        lambda: store.append_event("nope", EventKind.LOG, {"level": "INFO", "message": "x"}, now=1.0),
+        lambda: store.transition("nope", JobState.RUNNING, now=1.0),
+        lambda: store.events_after("nope", 0),
+        lambda: store.request_cancel("nope"),
+        lambda: store.record_attempt("nope", resumed=False),
+        lambda: store.get_dataset("ds-nope"),
+    ):
+        with pytest.raises(KeyError):
+            call()
+    assert store.find_by_request_id("nope") is None
+    assert store.find_by_request_id("") is None
+    assert store.find_dataset_by_sha256("0" * 64) is None
+
+
+def test_duplicate_job_id_without_request_id_is_rejected(store: SqliteJobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    with pytest.raises(ValueError, match="already exists"):
+        store.create_job(job_id="job-1", config={"other": True}, now=2.0)
+    assert store.get_job("job-1").config == CONFIG
+    assert store.get_job("job-1").last_sequence == 1
+
+
+def test_list_jobs_pages_newest_first_with_filters(store: SqliteJobStore) -> None:
+    # Two jobs share a create_time so the id must break the tie for stable paging.
+    # job-c is inserted before job-b so insertion order and id order disagree.
+    times = {"job-a": 1.0, "job-c": 2.0, "job-b": 2.0, "job-d": 3.0, "job-e": 4.0}
+    for job_id, t in times.items():
+        store.create_job(job_id=job_id, config=CONFIG, owner="bob" if job_id in ("job-b", "job-e") else "", now=t)
+    store.transition("job-c", JobState.RUNNING, now=5.0)
+
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page, token = store.list_jobs(states=None, page_size=2, page_token=token)
+        seen += [j.id for j in page]
+        pages += 1
+        if not token:
+            break
+    assert seen == ["job-e", "job-d", "job-c", "job-b", "job-a"]
+    assert pages == 3
+
+    exact, token = store.list_jobs(states=None, page_size=5, page_token="")
+    assert len(exact) == 5
+    assert token == ""
+
+    queued, _ = store.list_jobs(states=[JobState.QUEUED], page_size=10, page_token="")
+    assert [j.id for j in queued] == ["job-e", "job-d", "job-b", "job-a"]
+    running, _ = store.list_jobs(states={JobState.RUNNING, JobState.FAILED}, page_size=10, page_token="")
+    assert [j.id for j in running] == ["job-c"]
+    everything, _ = store.list_jobs(states=[], page_size=10, page_token="")
+    assert len(everything) == 5
+
+    bobs, token = store.list_jobs(states=None, page_size=1, page_token="", owner="bob")
+    assert [j.id for j in bobs] == ["job-e"]
+    bobs, token = store.list_jobs(states=None, page_size=1, page_token=token, owner="bob")
+    assert [j.id for j in bobs] == ["job-b"]
+    assert token == ""
+
+
+@pytest.mark.parametrize("token", ["not base64 !!", "bm9wZQ", "WzEsMiwzXQ", "eyJhIjoxLCJiIjoyfQ", "WyJ4IiwieSJd"])
+def test_list_jobs_rejects_malformed_tokens(store: SqliteJobStore, token: str) -> None:
+    # "nope", [1,2,3], {"a":1,"b":2}, ["x","y"]
+    with pytest.raises(ValueError, match="page_token"):
+        store.list_jobs(states=None, page_size=10, page_token=token)
+
+
+def test_list_jobs_rejects_non_positive_page_size(store: SqliteJobStore) -> None:
+    with pytest.raises(ValueError, match="page_size"):
+        store.list_jobs(states=None, page_size=0, page_token="")
+
+
+# -- request_id idempotency -----------------------------------------------------------------------------------------
+
+
+def test_request_id_makes_create_idempotent(store: SqliteJobStore) -> None:
+    first, created = store.create_job(job_id="job-1", config=CONFIG, request_id="req", now=1.0)
+    again, created_again = store.create_job(job_id="job-2", config={"other": 1}, request_id="req", now=2.0)
+    assert created and not created_again
+    assert again == first
+    assert store.find_by_request_id("req") == first
+    assert store.count_in_state(JobState.QUEUED) == 1
+    assert store.get_job("job-1").last_sequence == 1  # no second "queued" event
+    with pytest.raises(KeyError):
+        store.get_job("job-2")
+    # Empty request ids are not keys: any number of jobs may have none.
+    store.create_job(job_id="job-3", config=CONFIG, now=3.0)
+    store.create_job(job_id="job-4", config=CONFIG, now=4.0)
+    assert store.count_in_state(JobState.QUEUED) == 3
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+def test_racing_creates_with_one_request_id_make_one_job(db_path: Path, connections: int) -> None:
+    stores = [SqliteJobStore(db_path) for _ in range(connections)]
+    barrier = threading.Barrier(8)
+    results: list[tuple[str, bool]] = []
+    errors: list[BaseException] = []
+
+    def create(i: int) -> None:
+        try:
+            barrier.wait()
+            job, created = stores[i % connections].create_job(
+                job_id=f"job-{i}", config=CONFIG, request_id="same", now=float(i)
+            )
+            results.append((job.id, created))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(created for _, created in results) == 1
+    assert len({job_id for job_id, _ in results}) == 1
+    assert stores[0].count_in_state(JobState.QUEUED) == 1
+    assert stores[0].get_job(results[0][0]).last_sequence == 1
+    for s in stores:
+        s.close()
+
+
+# -- events ---------------------------------------------------------------------------------------------------------
+
+
+def test_append_event_numbers_events_and_keeps_progress(store: SqliteJobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    log = store.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "hello"}, now=2.0)
+    progress = {"step": 3, "total_steps": 10, "loss": float("nan")}
+    prog = store.append_event("job-1", EventKind.PROGRESS, progress, now=3.0)
+    assert (log.sequence, prog.sequence) == (2, 3)
+
+    job = store.get_job("job-1")
+    assert job.last_sequence == 3
+    assert job.progress is not None
+    assert job.progress["step"] == 3
+    assert math.isnan(job.progress["loss"])  # a NaN loss is stored, not refused
+
+    store.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "after"}, now=4.0)
+    assert store.get_job("job-1").progress is not None  # only PROGRESS events replace it
+    assert store.get_job("job-1").progress["step"] == 3  # type: ignore[index]
+
+
+def test_events_after_returns_the_tail_in_order(store: SqliteJobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    store.create_job(job_id="job-2", config=CONFIG, now=1.0)
+    for i in range(2, 11):
+        store.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": str(i)}, now=float(i))
+    store.append_event("job-2", EventKind.LOG, {"level": "INFO", "message": "other"}, now=1.0)
+
+    assert [e.sequence for e in store.events_after("job-1", 0)] == list(range(1, 11))
+    tail = store.events_after("job-1", 7)
+    assert [e.sequence for e in tail] == [8, 9, 10]
+    assert [e.payload["message"] for e in tail] == ["8", "9", "10"]
+    assert all(e.job_id == "job-1" for e in tail)
+    assert [e.sequence for e in store.events_after("job-1", 3, limit=2)] == [4, 5]
+    assert store.events_after("job-1", 10) == []
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+def test_concurrent_appends_are_gap_free(db_path: Path, connections: int) -> None:
+    stores = [SqliteJobStore(db_path) for _ in range(connections)]
+    stores[0].create_job(job_id="job-1", config=CONFIG, now=0.0)
+    per_thread = 20
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def append(t: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                stores[t % connections].append_event(
+                    "job-1", EventKind.LOG, {"level": "INFO", "message": f"{t}:{i}"}, now=1.0
+                )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=append, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    events = stores[0].events_after("job-1", 0, limit=10_000)
+    assert [e.sequence for e in events] == list(range(1, 8 * per_thread + 2))
+    assert sorted(e.payload["message"] for e in events[1:]) == sorted(
+        f"{t}:{i}" for t in range(8) for i in range(per_thread)
+    )
+    assert stores[0].get_job("job-1").last_sequence == 8 * per_thread + 1
+    for s in stores:
+        s.close()
+
+
+# -- transitions ----------------------------------------------------------------------------------------------------
+
+
+def test_transition_sets_state_times_and_appends_state_change(store: SqliteJobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    job, event = store.transition("job-1", JobState.RUNNING, now=2.0, message="started", expect=[JobState.QUEUED])
+    assert job.state is JobState.RUNNING
+    assert (job.start_time, job.end_time) == (2.0, None)
+    assert event.kind is EventKind.STATE_CHANGE
+    assert event.sequence == job.last_sequence == 2
+    assert event.payload == {"previous": "QUEUED", "current": "RUNNING", "message": "started"}
+
+    # Re-queued after a crash and started again: start_time stays the first start, queue place is kept.
+    store.transition("job-1", JobState.QUEUED, now=3.0, message="worker crashed")
+    job, _ = store.transition("job-1", JobState.RUNNING, now=4.0)
+    assert job.start_time == 2.0
+    assert job.queue_position == 1
+
+
+def test_transition_rejects_unexpected_state_without_writing(store: SqliteJobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    with pytest.raises(InvalidTransition) as info:
+        store.transition("job-1", JobState.SUCCEEDED, now=2.0, result={"x": 1}, expect=[JobState.RUNNING])
+    assert info.value.current is JobState.QUEUED
+    job = store.get_job("job-1")
+    assert job.state is JobState.QUEUED
+    assert job.result is None
+    assert job.last_sequence == 1
+    assert len(store.events_after("job-1", 0)) == 1
+
+
+def test_success_stores_result_and_ends_on_its_state_change(store: SqliteJobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    store.transition("job-1", JobState.RUNNING, now=2.0)
+    store.request_cancel("job-1")
+    result = {"adapter_path": "jobs/job-1/adapter", "final_loss": 0.5}
+    job, event = store.transition(
+        "job-1", JobState.SUCCEEDED, now=9.0, message="done", result=result, expect=[JobState.RUNNING]
+    )
+    assert job.state is JobState.SUCCEEDED
+    assert (job.start_time, job.end_time) == (2.0, 9.0)
+    assert job.result == result
+    assert not job.cancel_requested  # cleared once final
+
+    events = store.events_after("job-1", 0)
+    assert [e.kind for e in events[-2:]] == [EventKind.RESULT, EventKind.STATE_CHANGE]
+    assert events[-2].payload == result
+    assert events[-1] == event
+    assert event.sequence == job.last_sequence == 4
+
+
+def test_failure_stores_error_in_job_and_event(store: SqliteJobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    store.transition("job-1", JobState.RUNNING, now=2.0)
+    error = {"reason": "OUT_OF_MEMORY", "message": "CUDA out of memory", "hint": "lower batch_size", "step": 7}
+    job, event = store.transition("job-1", JobState.FAILED, now=3.0, message="failed", error=error)
+    assert job.error == error
+    assert job.end_time == 3.0
+    assert event.payload == {"previous": "RUNNING", "current": "FAILED", "message": "failed", "error": error}
+    assert store.events_after("job-1", 0)[-1].kind is EventKind.STATE_CHANGE
+
+
+def test_request_cancel_and_record_attempt(store: SqliteJobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    assert not store.get_job("job-1").cancel_requested
+    assert store.request_cancel("job-1").cancel_requested
+    assert store.get_job("job-1").cancel_requested
+
+    store.transition("job-1", JobState.CANCELLED, now=2.0)
+    assert not store.request_cancel("job-1").cancel_requested  # nothing left to cancel
+
+    job = store.record_attempt("job-1", resumed=False)
+    assert (job.attempts, job.resume_count) == (1, 0)
+    job = store.record_attempt("job-1", resumed=True)
+    assert (job.attempts, job.resume_count) == (2, 1)
+    assert store.get_job("job-1").attempts == 2
+
+
+def test_queue_queries(store: SqliteJobStore) -> None:
+    assert store.next_queued() is None
+    for i in range(4):
+        store.create_job(job_id=f"job-{i}", config=CONFIG, now=10.0 - i)  # newer ids get older timestamps
+    assert store.next_queued().id == "job-0"  # type: ignore[union-attr]
+    store.transition("job-0", JobState.RUNNING, now=11.0)
+    store.transition("job-2", JobState.RUNNING, now=11.0)
+    assert store.next_queued().id == "job-1"  # type: ignore[union-attr]
+    assert [j.id for j in store.jobs_in_state(JobState.QUEUED)] == ["job-1", "job-3"]
+    assert [j.id for j in store.jobs_in_state(JobState.RUNNING)] == ["job-0", "job-2"]
+    assert store.count_in_state(JobState.RUNNING) == 2
+    assert store.count_in_state(JobState.FAILED) == 0
+    # A job put back in the queue keeps its original place ahead of later ones.
+    store.transition("job-0", JobState.QUEUED, now=12.0)
+    assert store.next_queued().id == "job-0"  # type: ignore[union-attr]
+
+
+# -- datasets -------------------------------------------------------------------------------------------------------
+
+
+def _dataset(sha: str, filename: str = "data.jsonl") -> DatasetRecord:
+    return DatasetRecord(
+        id="ds-" + sha[:16],
+        filename=filename,
+        size_bytes=1234,
+        sha256=sha,
+        path=f"datasets/{sha}.jsonl",
+        report={"num_examples": 10, "num_valid": 9, "format_counts": {"alpaca": 9}},
+        create_time=5.0,
+    )
+
+
+def test_datasets_are_idempotent_on_sha256(store: SqliteJobStore) -> None:
+    sha = "ab" * 32
+    stored, created = store.put_dataset(_dataset(sha))
+    assert created
+    assert store.get_dataset(stored.id) == stored
+    assert store.find_dataset_by_sha256(sha) == stored
+
+    again, created_again = store.put_dataset(_dataset(sha, filename="renamed.jsonl"))
+    assert not created_again
+    assert again == stored
+    assert again.filename == "data.jsonl"
+
+    other, created_other = store.put_dataset(_dataset("cd" * 32))
+    assert created_other
+    assert store.get_dataset(other.id).sha256 == "cd" * 32
+
+
+# -- durability -----------------------------------------------------------------------------------------------------
+
+
+def test_reopen_after_close_keeps_everything(db_path: Path) -> None:
+    with SqliteJobStore(db_path) as s:
+        s.create_job(job_id="job-1", config=CONFIG, request_id="req", owner="o", now=1.0)
+        s.transition("job-1", JobState.RUNNING, now=2.0)
+        s.append_event("job-1", EventKind.PROGRESS, {"step": 1}, now=3.0)
+        s.record_attempt("job-1", resumed=True)
+        s.transition("job-1", JobState.SUCCEEDED, now=4.0, result={"ok": True})
+        s.put_dataset(_dataset("ef" * 32))
+        job_before = s.get_job("job-1")
+        events_before = s.events_after("job-1", 0)
+
+    with SqliteJobStore(db_path) as s:
+        assert s.get_job("job-1") == job_before
+        assert s.events_after("job-1", 0) == events_before
+        assert s.find_by_request_id("req") == job_before
+        assert s.find_dataset_by_sha256("ef" * 32) is not None
+        assert s.integrity_check() == "ok"
+        assert s.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "x"}, now=5.0).sequence == 6
+
+
+_CHILD = """
+import os, sys
+from pathlib import Path
+from finetune_server.jobs.models import EventKind
+from finetune_server.jobs.store import SqliteJobStore
+
+store = SqliteJobStore(Path(sys.argv[1]))
+acks = os.fdopen(int(sys.argv[2]), "w", buffering=1)
+job, _ = store.create_job(job_id="job-crash", config={"k": 1}, request_id="crash", now=1.0)
+acks.write(f"{job.last_sequence}\\n")
+i = 0
+while True:
+    i += 1
+    event = store.append_event("job-crash", EventKind.LOG, {"level": "INFO", "message": f"line {i}"}, now=float(i))
+    acks.write(f"{event.sequence}\\n")
+"""
+
+
+def test_everything_acknowledged_survives_sigkill(db_path: Path) -> None:
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(db_path), str(write_fd)],
+        pass_fds=(write_fd,),
+        stdout=subprocess.DEVNULL,
+    )
+    os.close(write_fd)
+    acked = 0
+    try:
+        with os.fdopen(read_fd) as acks:
+            for line in acks:
+                acked = int(line)
+                if acked >= 40:
+                    # Killed while it keeps writing: the next transaction may be half done.
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert acked >= 40
+
+    with SqliteJobStore(db_path) as s:
+        assert s.integrity_check() == "ok"
+        job = s.get_job("job-crash")
+        assert job.request_id == "crash"
+        assert job.last_sequence >= acked
+        events = s.events_after("job-crash", 0)
+        assert [e.sequence for e in events] == list(range(1, job.last_sequence + 1))
+        assert events[0].kind is EventKind.STATE_CHANGE
+        assert [e.payload["message"] for e in events[1:]] == [f"line {i}" for i in range(1, job.last_sequence)]
+
+
+# -- migrations -----------------------------------------------------------------------------------------------------
+
+
+def _indexes(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
+    finally:
+        conn.close()
+
+
+def test_v1_database_is_migrated_and_reopening_is_idempotent(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    assert apply_migrations(conn, MIGRATIONS[:1]) == 0
+    conn.execute(
+        "INSERT INTO jobs (id, state, config, create_time, queue_position, last_sequence)"
+        " VALUES ('job-old', 'QUEUED', '{}', 1.0, 1, 0)"
+    )
+    conn.close()
+    assert _pragma(db_path, "user_version") == 1
+    assert "jobs_newest" not in _indexes(db_path)
+
+    with SqliteJobStore(db_path) as s:
+        assert s.get_job("job-old").state is JobState.QUEUED
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 2
+    assert {"jobs_newest", "jobs_owner_newest", "jobs_state_queue", "jobs_request_id"} <= _indexes(db_path)
+
+    # Reopening re-runs nothing (migration 2's CREATE INDEX would fail if it did).
+    with SqliteJobStore(db_path) as s:
+        assert s.next_queued().id == "job-old"  # type: ignore[union-attr]
+    assert _pragma(db_path, "user_version") == 2
+
+
+def test_failed_migration_rolls_back_entirely(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    apply_migrations(conn, MIGRATIONS[:1])
+    broken = (*MIGRATIONS[:1], ("CREATE TABLE extra (x INTEGER)", "THIS IS NOT SQL"))
+    with pytest.raises(sqlite3.OperationalError):
+        apply_migrations(conn, broken)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'extra'").fetchone() is None
+    conn.close()
+
+
+def test_newer_schema_is_refused(db_path: Path) -> None:
+    SqliteJobStore(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(SchemaTooNewError, match="99"):
+        SqliteJobStore(db_path)
+    assert _pragma(db_path, "user_version") == 99
+
+
+def test_integrity_check_is_ok(store: SqliteJobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    assert store.integrity_check() == "ok"
