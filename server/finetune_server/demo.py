@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -93,7 +94,8 @@ def answer_all(model_ref: str | Path, questions: list[str], adapter: Path | None
             )
             output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
             new_tokens = output[0, inputs["input_ids"].shape[1] :]
-            answers.append(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+            text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+            answers.append(text or repr(tokenizer.decode(new_tokens[:6])))  # what it emits, even if only specials
     return answers
 
 
@@ -117,7 +119,21 @@ def local_server(data_dir: Path, model_root: Path) -> Iterator[str]:
         log.close()
 
 
+def _quiet_libraries() -> None:
+    """The demo's screen is for the demo: no library progress bars, deprecation notes or optional-kernel notices."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def run_demo(data_dir: Path, *, server: str | None, model: str | None, steps: int, console: Console) -> int:
+    _quiet_libraries()
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     facts = demo_facts()
@@ -205,7 +221,7 @@ def _print_comparison(console: Console, facts: list[Fact], before: list[str], af
     table.add_column("after training")
     for fact, old, new in zip(facts, before, after, strict=True):
         mark = "[green]✓[/]" if new == fact.answer else "[red]✗[/]"
-        table.add_row(fact.question, old[:40] or "(nothing)", f"{mark} {new}")
+        table.add_row(fact.question, escape(old[:40]) or "(nothing)", f"{mark} {escape(new)}")
     console.print(table)
     right_before = sum(b == f.answer for b, f in zip(before, facts, strict=True))
     right_after = sum(a == f.answer for a, f in zip(after, facts, strict=True))

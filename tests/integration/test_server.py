@@ -81,7 +81,7 @@ def test_server_info_describes_devices_and_versions(channel: grpc.Channel) -> No
 def test_rpcs_of_later_issues_answer_unimplemented(channel: grpc.Channel) -> None:
     stub = pb_grpc.FineTuneServiceStub(channel)
     with pytest.raises(grpc.RpcError) as caught:
-        stub.GetJob(pb.GetJobRequest(job_id="job-1"), timeout=10)
+        list(stub.Export(pb.ExportRequest(job_id="job-1", format=pb.EXPORT_FORMAT_ADAPTER), timeout=10))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -314,7 +314,7 @@ class JobService:
             await self._fail(job.id, error)
             return True
         # No final word: the worker died. Retry from the newest checkpoint while attempts remain.
-        how = f"signal {outcome.signal}" if outcome.signal else f"exit code {outcome.returncode}"
+        how = f"signal {outcome.signal.name}" if outcome.signal else f"exit code {outcome.returncode}"
         if outcome.oom_killed:
             await self._fail(
                 job.id,
