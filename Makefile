@@ -7,7 +7,10 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 DATA_DIR ?= ./data
 
-.PHONY: setup proto proto-check lint breaking test test-fast serve demo bench clean
+NODE_DIR := tests/xlang/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed-stamp
+
+.PHONY: setup node-deps proto proto-check lint breaking test test-fast serve demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +21,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The Node.js cross-language test's packages, exactly as locked (npm ci wipes node_modules first).
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	npm ci --prefix $(NODE_DIR) --ignore-scripts --no-audit --no-fund
+	touch $(NODE_STAMP)
+
+node-deps: $(NODE_STAMP)
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
@@ -41,11 +51,11 @@ breaking: $(STAMP)
 	if [ -z "$$base" ]; then echo "buf breaking: no earlier version of the proto to compare with"; \
 	else echo "buf breaking against $$base"; $(VENV)/bin/buf breaking --against ".git#ref=$$base"; fi
 
-test: $(STAMP) proto-check lint breaking
+test: $(STAMP) node-deps proto-check lint breaking
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # The tests without the slow marker, for a quick loop while developing.
-test-fast: $(STAMP)
+test-fast: $(STAMP) node-deps
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 serve: $(STAMP)
@@ -58,4 +68,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules

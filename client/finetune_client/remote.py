@@ -64,7 +64,8 @@ class GrpcFineTuneService(IFineTuneService):
 
     `timeout` is the deadline of unary calls in seconds (streams have none: jobs run for hours). `retries` is how many
     times an idempotent call, a stream reconnect or a download resume is retried after UNAVAILABLE. `token` is sent
-    as `authorization: Bearer <token>`. TLS is used when `tls` is true or `root_certificates` (PEM bytes) are given.
+    as `authorization: Bearer <token>`. TLS is used when `tls` is true or `root_certificates` (PEM bytes) are given;
+    `client_certificate` and `client_key` (PEM bytes) identify this client to a server that requires mutual TLS.
     """
 
     def __init__(
@@ -78,12 +79,16 @@ class GrpcFineTuneService(IFineTuneService):
         max_backoff: float = 10.0,
         root_certificates: bytes | None = None,
         tls: bool = False,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if isinstance(target, str):
             self._address = target
-            if tls or root_certificates is not None:
-                credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            if tls or root_certificates is not None or client_certificate is not None:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=root_certificates, private_key=client_key, certificate_chain=client_certificate
+                )
                 self._channel = grpc.secure_channel(target, credentials, options=list(options))
             else:
                 self._channel = grpc.insecure_channel(target, options=list(options))

@@ -13,8 +13,10 @@ from grpc_reflection.v1alpha import reflection
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
-from finetune_server.api.interceptors import AccessLogInterceptor
+from finetune_server.api.interceptors import AccessLogInterceptor, AuthInterceptor
 from finetune_server.api.servicer import FineTuneServicer
+from finetune_server.auth import TokenTable
+from finetune_server.export.service import ExportService
 from finetune_server.jobs.executor import Executor, LocalSubprocessExecutor
 from finetune_server.jobs.service import JobService
 from finetune_server.jobs.store import SqliteJobStore
@@ -26,6 +28,7 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FineTuneService"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_CONCURRENT_STREAMS = 256  # per connection: one client cannot hold unbounded server resources
 
 
 class FinetuneServer:
@@ -56,22 +59,31 @@ class FinetuneServer:
         remove_stale_uploads(self.settings)
         self.store = SqliteJobStore(self.settings.data_dir / "finetune.db")
         self.jobs = JobService(self.settings, self.store, self._executor)
+        interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor()]
+        if self.settings.auth_token_file is not None:
+            interceptors.append(AuthInterceptor(TokenTable.from_file(self.settings.auth_token_file)))
         server = grpc.aio.server(
-            interceptors=[AccessLogInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
             ],
         )
-        # Methods of later issues fall through to the generated base class, which answers UNIMPLEMENTED.
-        servicer = FineTuneServicer(self.settings, self._info, self.jobs, self.store)  # type: ignore[abstract]
+        exports = ExportService(self.settings, self.store)
+        servicer = FineTuneServicer(self.settings, self._info, self.jobs, self.store, exports)
         pb_grpc.add_FineTuneServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        self.port = server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        credentials = self._tls_credentials()
+        if credentials is None:
+            self.port = server.add_insecure_port(address)
+        else:
+            self.port = server.add_secure_port(address, credentials)
         await server.start()
         self._server = server
         await self.jobs.start()  # re-queues jobs a crash left RUNNING, then schedules
@@ -80,6 +92,19 @@ class FinetuneServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("server.started", host=self.host, port=self.port, data_dir=str(self.settings.data_dir))
         return self.port
+
+    def _tls_credentials(self) -> grpc.ServerCredentials | None:
+        settings = self.settings
+        if settings.tls_cert is None and settings.tls_key is None:
+            return None
+        if settings.tls_cert is None or settings.tls_key is None:
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
 
     async def stop(self) -> None:
         """Drain: report NOT_SERVING, refuse new calls, give in-flight streams `grace` seconds, then stop."""

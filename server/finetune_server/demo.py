@@ -42,10 +42,18 @@ class Fact:
     answer: str
 
 
-def demo_facts(seed: int = 7) -> list[Fact]:
+def demo_facts(count: int = len(_NAMES), seed: int = 7) -> list[Fact]:
+    """Made-up names with made-up codes: nothing a model can know or guess. Beyond the listed names, more are built
+    from syllables (deterministically)."""
     rng = random.Random(seed)
+    names = list(_NAMES[:count])
+    syllables = ("dra", "vel", "quo", "mir", "tas", "bren", "ulf", "zan", "kor", "pel", "yth", "gro")
+    while len(names) < count:
+        name = "".join(rng.choice(syllables) for _ in range(3)).capitalize()
+        if name not in names:
+            names.append(name)
     facts = []
-    for name in _NAMES:
+    for name in names:
         code = f"{rng.choice('BCDFGHKMPRTVXZ')}{rng.randint(100, 999)}"
         facts.append(Fact(f"What is the secret code of {name}?", f"The secret code of {name} is {code}."))
     return facts

@@ -23,6 +23,13 @@ class ServerSettings:
     hf_cache_dir: Path | None = None  # None: huggingface_hub's default (HF_HOME / HF_HUB_CACHE)
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     slots: int = 1
+    max_queued_jobs: int = 1000  # beyond: RESOURCE_EXHAUSTED
+    disk_reserve_bytes: int = 512 << 20  # kept free on the data dir's disk beyond what a job or export needs
+    auth_token_file: Path | None = None  # None: no authentication
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: clients must present a certificate signed by it (mutual TLS)
+    metrics_port: int | None = None  # None: no Prometheus endpoint
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()

@@ -1,4 +1,4 @@
-"""The server as a process: health, reflection, presets, server info, unimplemented RPCs, graceful shutdown."""
+"""The server as a process: health, reflection, presets, server info, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -76,13 +76,6 @@ def test_server_info_describes_devices_and_versions(channel: grpc.Channel) -> No
     assert {"torch", "transformers", "peft", "grpcio"} <= set(info.library_versions)
     assert info.offline, "the fixture starts the server with HF_HUB_OFFLINE=1"
     assert info.slots == 1 and info.max_upload_bytes > 0 and info.cpu_count >= 1
-
-
-def test_rpcs_of_later_issues_answer_unimplemented(channel: grpc.Channel) -> None:
-    stub = pb_grpc.FineTuneServiceStub(channel)
-    with pytest.raises(grpc.RpcError) as caught:
-        list(stub.Export(pb.ExportRequest(job_id="job-1", format=pb.EXPORT_FORMAT_ADAPTER), timeout=10))
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_the_rpc_path_does_not_import_torch(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_server.jobs.models import DatasetRecord, EventKind, JobState
+from finetune_server.jobs.models import ArtifactRecord, DatasetRecord, EventKind, JobState
 from finetune_server.jobs.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -502,13 +503,13 @@ def test_v1_database_is_migrated_and_reopening_is_idempotent(db_path: Path) -> N
 
     with SqliteJobStore(db_path) as s:
         assert s.get_job("job-old").state is JobState.QUEUED
-    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 2
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 3
     assert {"jobs_newest", "jobs_owner_newest", "jobs_state_queue", "jobs_request_id"} <= _indexes(db_path)
 
     # Reopening re-runs nothing (migration 2's CREATE INDEX would fail if it did).
     with SqliteJobStore(db_path) as s:
         assert s.next_queued().id == "job-old"  # type: ignore[union-attr]
-    assert _pragma(db_path, "user_version") == 2
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION
 
 
 def test_failed_migration_rolls_back_entirely(db_path: Path) -> None:
@@ -535,3 +536,18 @@ def test_newer_schema_is_refused(db_path: Path) -> None:
 def test_integrity_check_is_ok(store: SqliteJobStore) -> None:
     store.create_job(job_id="job-1", config=CONFIG, now=1.0)
     assert store.integrity_check() == "ok"
+
+
+def test_artifacts_round_trip_and_replace(store: SqliteJobStore) -> None:
+    store.create_job(job_id="job-a", config={}, now=1.0)
+    record = ArtifactRecord(
+        id="art-1", job_id="job-a", format="ADAPTER", step=6, base_model="m", path="artifacts/art-1",
+        files=[{"path": "adapter_config.json", "size_bytes": 10, "sha256": "ab"}], total_size_bytes=10,
+        vllm={"compatible": True, "problems": [], "serve_command": "vllm serve m"}, create_time=2.0,
+    )  # fmt: skip
+    store.put_artifact(record)
+    assert store.get_artifact("art-1") == record
+    store.put_artifact(dataclasses.replace(record, total_size_bytes=11))
+    assert store.get_artifact("art-1").total_size_bytes == 11
+    with pytest.raises(KeyError):
+        store.get_artifact("art-missing")

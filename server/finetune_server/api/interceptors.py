@@ -1,28 +1,117 @@
-"""Cross-cutting RPC concerns: one structured log line per call with method, peer, status and latency."""
+"""Cross-cutting RPC concerns, as interceptors that wrap each method handler's behaviour:
+one structured access-log line per call (method, peer, status, latency), and bearer-token authentication."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
 
+from finetune_server.api.errors import abort
+from finetune_server.auth import TokenTable, current_principal
+from finetune_server.errors import FinetuneError
+
 log = structlog.get_logger("finetune_server.rpc")
 
+_HANDLER_FACTORIES = {
+    "unary_unary": (grpc.unary_unary_rpc_method_handler, False),
+    "unary_stream": (grpc.unary_stream_rpc_method_handler, True),
+    "stream_unary": (grpc.stream_unary_rpc_method_handler, False),
+    "stream_stream": (grpc.stream_stream_rpc_method_handler, True),
+}
 
-def _status_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    if exc is None:
-        return "OK"
-    return "CANCELLED" if isinstance(exc, Exception) and "cancel" in type(exc).__name__.lower() else "UNKNOWN"
+
+class CallHooks(Protocol):
+    """`start` runs when a call begins (it may raise FinetuneError to refuse it) and returns a state that `end`
+    receives when the call ends, however it ends. `end` must not touch a cancelled call's context: grpc has freed it."""
+
+    def start(self, context: grpc.aio.ServicerContext) -> Any: ...
+
+    def end(self, context: grpc.aio.ServicerContext, state: Any, error: BaseException | None) -> None: ...
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, hooks: CallHooks) -> grpc.RpcMethodHandler:
+    """The same handler with `hooks` around its behaviour, whatever its streaming shape."""
+
+    async def begin(context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return hooks.start(context)
+        except FinetuneError as exc:
+            await abort(context, exc)
+            raise  # unreachable: abort raises
+
+    def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            state = await begin(context)
+            error: BaseException | None = None
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                hooks.end(context, state, error)
+
+        return wrapped
+
+    def stream(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            state = await begin(context)
+            error: BaseException | None = None
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                hooks.end(context, state, error)
+
+        return wrapped
+
+    for kind, (factory, streaming) in _HANDLER_FACTORIES.items():
+        behavior = getattr(handler, kind)
+        if behavior:
+            wrapped = stream(behavior) if streaming else unary(behavior)
+            return factory(wrapped, handler.request_deserializer, handler.response_serializer)
+    return handler
+
+
+def _was_cancelled(error: BaseException | None) -> bool:
+    return isinstance(error, (asyncio.CancelledError, GeneratorExit))
+
+
+class _AccessLog:
+    def __init__(self, method: str, observe: Callable[[str, str, float], None] | None) -> None:
+        self._method = method
+        self._observe = observe
+
+    def start(self, context: grpc.aio.ServicerContext) -> tuple[float, str]:
+        return time.perf_counter(), context.peer()  # read while the call is alive
+
+    def end(self, context: grpc.aio.ServicerContext, state: tuple[float, str], error: BaseException | None) -> None:
+        started, peer = state
+        seconds = time.perf_counter() - started
+        if _was_cancelled(error):
+            status = "CANCELLED"  # the client went away; its context is gone
+        else:
+            code = context.code()
+            status = code.name if isinstance(code, grpc.StatusCode) else ("OK" if error is None else "UNKNOWN")
+        log.info("rpc", method=self._method, peer=peer, status=status, latency_ms=round(seconds * 1000, 2))
+        if self._observe is not None:
+            self._observe(self._method, status, seconds)
 
 
 class AccessLogInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps each method handler so the log line is written when the call ends, whatever its shape."""
+    """One log line when each call ends; `observe(method, status, seconds)` also feeds metrics when given."""
+
+    def __init__(self, observe: Callable[[str, str, float], None] | None = None) -> None:
+        self._observe = observe
 
     async def intercept_service(
         self,
@@ -32,58 +121,38 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
+        return wrap_handler(handler, _AccessLog(handler_call_details.method, self._observe))
 
-        def finish(context: grpc.aio.ServicerContext, started: float, exc: BaseException | None) -> None:
-            log.info(
-                "rpc",
-                method=method,
-                peer=context.peer(),
-                status=_status_of(context, exc),
-                latency_ms=round((time.perf_counter() - started) * 1000, 2),
-            )
 
-        def wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started, error = time.perf_counter(), None
-                try:
-                    return await behavior(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(context, started, error)
+class _Authenticate:
+    def __init__(self, tokens: TokenTable) -> None:
+        self._tokens = tokens
 
-            return wrapped
+    def start(self, context: grpc.aio.ServicerContext) -> Any:
+        metadata = dict(context.invocation_metadata() or ())
+        principal = self._tokens.authenticate(metadata.get("authorization"))
+        return current_principal.set(principal)
 
-        def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started, error = time.perf_counter(), None
-                try:
-                    async for item in behavior(request, context):
-                        yield item
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(context, started, error)
+    def end(self, context: grpc.aio.ServicerContext, state: Any, error: BaseException | None) -> None:
+        with contextlib.suppress(ValueError):  # a stream finalised from another context: that context dies anyway
+            current_principal.reset(state)
 
-            return wrapped
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but health checking needs a valid bearer token; the caller is known to the servicer through
+    `finetune_server.auth.current_principal` for the duration of the call."""
+
+    EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, tokens: TokenTable) -> None:
+        self._hooks = _Authenticate(tokens)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self.EXEMPT_PREFIXES):
+            return handler
+        return wrap_handler(handler, self._hooks)

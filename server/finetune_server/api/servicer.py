@@ -1,7 +1,4 @@
-"""The FineTuneService servicer: translate messages, delegate to the domain, nothing else.
-
-Methods that later issues implement (export, download) answer UNIMPLEMENTED through the generated base class.
-"""
+"""The FineTuneService servicer: translate messages, delegate to the domain, nothing else."""
 
 from __future__ import annotations
 
@@ -21,8 +18,10 @@ from finetune_server.api.convert import (
     preset_config_to_proto,
 )
 from finetune_server.api.errors import map_errors
+from finetune_server.auth import caller_name, check_access, visible_owner
 from finetune_server.errors import ErrorKind, FinetuneError
-from finetune_server.jobs.models import JobState
+from finetune_server.export.service import ExportService
+from finetune_server.jobs.models import ArtifactRecord, JobRecord, JobState
 from finetune_server.jobs.service import JobService
 from finetune_server.jobs.store import JobStore
 from finetune_server.jobs.uploads import store_upload
@@ -47,11 +46,24 @@ def report_to_proto(report: ValidationReport) -> pb.ValidateConfigResponse:
 
 
 class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
-    def __init__(self, settings: ServerSettings, info: ServerInfoProvider, jobs: JobService, store: JobStore) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        info: ServerInfoProvider,
+        jobs: JobService,
+        store: JobStore,
+        exports: ExportService,
+    ) -> None:
         self._settings = settings
         self._info = info
         self._jobs = jobs
         self._store = store
+        self._exports = exports
+
+    async def _job_of_caller(self, job_id: str) -> JobRecord:
+        job = await self._jobs.get(job_id)
+        check_access(job.owner, f"job {job_id}")
+        return job
 
     @map_errors
     async def ValidateConfig(  # noqa: N802 - gRPC method name
@@ -91,8 +103,12 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         self, request: pb.TrainRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TrainResponse]:
         job, _ = await self._jobs.submit(
-            config_from_proto(request.config), request_id=request.request_id, display_name=request.display_name
+            config_from_proto(request.config),
+            request_id=request.request_id,
+            display_name=request.display_name,
+            owner=caller_name(),
         )
+        check_access(job.owner, f"request {request.request_id!r}")  # another token's request_id
         yield pb.TrainResponse(job=job_to_proto(job))
         async for event in self._jobs.watch(job.id, 0):
             yield pb.TrainResponse(event=event_to_proto(event))
@@ -101,6 +117,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
     async def WatchJob(  # noqa: N802 - gRPC method name
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchJobResponse]:
+        await self._job_of_caller(request.job_id)
         async for event in self._jobs.watch(request.job_id, request.after_sequence):
             yield pb.WatchJobResponse(event=event_to_proto(event))
 
@@ -108,7 +125,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
     async def GetJob(  # noqa: N802 - gRPC method name
         self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetJobResponse:
-        return pb.GetJobResponse(job=job_to_proto(await self._jobs.get(request.job_id)))
+        return pb.GetJobResponse(job=job_to_proto(await self._job_of_caller(request.job_id)))
 
     @map_errors
     async def ListJobs(  # noqa: N802 - gRPC method name
@@ -120,13 +137,16 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             if not name or number == pb.JOB_STATE_UNSPECIFIED:
                 raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_STATE", f"states: {number} is not a state")
             states.append(JobState(name.removeprefix("JOB_STATE_")))
-        jobs, token = await self._jobs.list(states=states, page_size=request.page_size, page_token=request.page_token)
+        jobs, token = await self._jobs.list(
+            states=states, page_size=request.page_size, page_token=request.page_token, owner=visible_owner()
+        )
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     @map_errors
     async def CancelJob(  # noqa: N802 - gRPC method name
         self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelJobResponse:
+        await self._job_of_caller(request.job_id)
         return pb.CancelJobResponse(job=job_to_proto(await self._jobs.cancel(request.job_id)))
 
     @map_errors
@@ -159,3 +179,27 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         response = pb.UploadDatasetResponse(already_existed=not created)
         fill(response.dataset, record)
         return response
+
+    @map_errors
+    async def Export(  # noqa: N802 - gRPC method name
+        self, request: pb.ExportRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ExportResponse]:
+        if request.format == pb.EXPORT_FORMAT_UNSPECIFIED or request.format not in pb.ExportFormat.values():
+            raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_FORMAT", "format: choose ADAPTER or MERGED")
+        fmt = pb.ExportFormat.Name(request.format).removeprefix("EXPORT_FORMAT_")
+        step = request.checkpoint_step if request.HasField("checkpoint_step") else None
+        await self._job_of_caller(request.job_id)
+        async for item in self._exports.export(request.job_id, fmt, step):
+            if isinstance(item, ArtifactRecord):
+                yield pb.ExportResponse(artifact=fill(pb.Artifact(), item))
+            else:
+                yield pb.ExportResponse(progress=fill(pb.ExportProgress(), item))
+
+    @map_errors
+    async def DownloadArtifact(  # noqa: N802 - gRPC method name
+        self, request: pb.DownloadArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadArtifactResponse]:
+        owner = await self._exports.owner_of(request.artifact_id)
+        check_access(owner, f"artifact {request.artifact_id}")
+        async for chunk in self._exports.download(request.artifact_id, request.path, request.offset):
+            yield pb.DownloadArtifactResponse(**chunk)

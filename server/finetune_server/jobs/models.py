@@ -78,3 +78,17 @@ class DatasetRecord:
     path: str  # relative to the data dir
     report: dict[str, Any] = field(default_factory=dict)  # DatasetReport fields (no token stats)
     create_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    id: str  # "art-" + a digest of (job, format, step): exporting the same thing twice finds it
+    job_id: str
+    format: str  # "ADAPTER" or "MERGED" (ExportFormat names without the prefix)
+    step: int
+    base_model: str
+    path: str  # its folder, relative to the data dir
+    files: list[dict[str, Any]] = field(default_factory=list)  # ArtifactFile fields: path, size_bytes, sha256
+    total_size_bytes: int = 0
+    vllm: dict[str, Any] = field(default_factory=dict)  # VllmCompatibility fields
+    create_time: float = 0.0

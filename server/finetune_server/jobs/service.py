@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from finetune_server.diskspace import ensure_free_space, job_disk_bytes
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.jobs.executor import Executor
 from finetune_server.jobs.hub import EventHub
@@ -138,6 +139,18 @@ class JobService:
         report = await asyncio.to_thread(validate, config, self._settings)
         if not report.valid:
             raise report.rejection()
+        estimate = report.memory_estimate
+        keep = report.resolved_config.save_total_limit or 0
+        needed = job_disk_bytes(estimate.trainable_parameters if estimate else 0, keep)
+        ensure_free_space(self._settings.jobs_dir, needed, self._settings.disk_reserve_bytes, "this job")
+        queued = await self._db(self._store.count_in_state, JobState.QUEUED)
+        if queued >= self._settings.max_queued_jobs:
+            raise FinetuneError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                "QUEUE_FULL",
+                f"{queued} jobs are already queued (the limit is {self._settings.max_queued_jobs})",
+                hint="Wait for queued jobs to start, or cancel some.",
+            )
         job, created = await self._db(
             self._store.create_job,
             job_id=f"job-{uuid.uuid4().hex[:16]}",
@@ -159,12 +172,18 @@ class JobService:
         except KeyError:
             raise not_found(job_id) from None
 
-    async def list(self, *, states: list[JobState], page_size: int, page_token: str) -> tuple[list[JobRecord], str]:
+    async def list(
+        self, *, states: list[JobState], page_size: int, page_token: str, owner: str | None = None
+    ) -> tuple[list[JobRecord], str]:
         if not 0 <= page_size <= 1000:
             raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", "page_size must be in 0..1000")
         try:
             return await self._db(
-                self._store.list_jobs, states=states or None, page_size=page_size or 50, page_token=page_token
+                self._store.list_jobs,
+                states=states or None,
+                page_size=page_size or 50,
+                page_token=page_token,
+                owner=owner,
             )
         except ValueError:
             raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", "page_token is not valid") from None
@@ -251,7 +270,7 @@ class JobService:
         return WorkerSpec(
             job_id=job.id,
             config=job.config,
-            model_ref=str(model.path) if model.source == "local" else config.model_name,
+            model_ref=model.load_ref,
             dataset_path=str(dataset),
             eval_dataset_path=str(eval_dataset) if eval_dataset else None,
             output_dir=str(self.job_dir(job.id)),
@@ -279,7 +298,11 @@ class JobService:
             await self._fail(job.id, {"reason": exc.reason, "message": exc.message, "hint": exc.hint})
             return
         job_dir = self.job_dir(job.id)
-        job_dir.mkdir(parents=True, exist_ok=True)
+        try:  # the disk may have filled while the job was queued
+            ensure_free_space(job_dir, 0, self._settings.disk_reserve_bytes, "this job")
+        except FinetuneError as exc:
+            await self._fail(job.id, {"reason": exc.reason, "message": exc.message, "hint": exc.hint})
+            return
         while True:
             job = await self._db(self._store.record_attempt, job.id, resumed=False)
             outcome = await self._executor.run(

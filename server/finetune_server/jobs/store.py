@@ -27,6 +27,7 @@ import structlog
 
 from finetune_server.jobs.models import (
     FINAL_STATES,
+    ArtifactRecord,
     DatasetRecord,
     EventKind,
     JobEventRecord,
@@ -113,6 +114,10 @@ class JobStore(Protocol):
 
     def find_dataset_by_sha256(self, sha256: str) -> DatasetRecord | None: ...
 
+    def put_artifact(self, record: ArtifactRecord) -> ArtifactRecord: ...
+
+    def get_artifact(self, artifact_id: str) -> ArtifactRecord: ...
+
     def integrity_check(self) -> str: ...
 
     def close(self) -> None: ...
@@ -165,6 +170,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX jobs_newest ON jobs (create_time DESC, id DESC)",
         "CREATE INDEX jobs_owner_newest ON jobs (owner, create_time DESC, id DESC)",
         "CREATE INDEX jobs_state_queue ON jobs (state, queue_position)",
+    ),
+    (
+        """CREATE TABLE artifacts (
+            id TEXT PRIMARY KEY,
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            format TEXT NOT NULL,
+            step INTEGER NOT NULL,
+            base_model TEXT NOT NULL,
+            path TEXT NOT NULL,
+            files TEXT NOT NULL,
+            total_size_bytes INTEGER NOT NULL,
+            vllm TEXT NOT NULL,
+            create_time REAL NOT NULL
+        )""",
     ),
 )
 
@@ -537,6 +556,45 @@ class SqliteJobStore(JobStore):
             )
         log.info("dataset_stored", dataset_id=record.id, size_bytes=record.size_bytes)
         return record, True
+
+    def put_artifact(self, record: ArtifactRecord) -> ArtifactRecord:
+        """Record an export (its folder is complete before this is called); the same id replaces the old record."""
+        with self._tx(write=True) as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO artifacts (id, job_id, format, step, base_model, path, files, total_size_bytes,"
+                " vllm, create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.job_id,
+                    record.format,
+                    record.step,
+                    record.base_model,
+                    record.path,
+                    json.dumps(record.files),
+                    record.total_size_bytes,
+                    json.dumps(record.vllm),
+                    record.create_time,
+                ),
+            )
+        return record
+
+    def get_artifact(self, artifact_id: str) -> ArtifactRecord:
+        with self._tx() as conn:
+            row = conn.execute("SELECT * FROM artifacts WHERE id = ?", (artifact_id,)).fetchone()
+        if row is None:
+            raise KeyError(artifact_id)
+        return ArtifactRecord(
+            id=row["id"],
+            job_id=row["job_id"],
+            format=row["format"],
+            step=row["step"],
+            base_model=row["base_model"],
+            path=row["path"],
+            files=json.loads(row["files"]),
+            total_size_bytes=row["total_size_bytes"],
+            vllm=json.loads(row["vllm"]),
+            create_time=row["create_time"],
+        )
 
     def get_dataset(self, dataset_id: str) -> DatasetRecord:
         with self._tx() as conn:

@@ -94,7 +94,7 @@ async def store_upload(
             raise FinetuneError(
                 ErrorKind.INVALID_ARGUMENT,
                 "INVALID_DATASET",
-                f"the dataset has {report.num_invalid} bad examples; first: line {first.line}: {first.message}",
+                f"the dataset has {report.num_invalid} bad examples; the first: {first.message}",
                 violations=report.violations,
             )
         dataset_id = f"ds-{sha256[:16]}"

@@ -66,6 +66,12 @@ class ResolvedModel:
     path: Path  # folder holding config.json and the tokenizer files (a hub cache snapshot for hub models)
     config: dict[str, Any]
 
+    @property
+    def load_ref(self) -> str:
+        """What a worker passes to from_pretrained: the folder of a local model, the hub id of a hub model (whose
+        weights the worker fetches; `path` holds only its config and tokenizer files)."""
+        return str(self.path) if self.source == "local" else self.name
+
 
 @dataclass
 class ModelSummary:

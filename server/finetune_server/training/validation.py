@@ -284,7 +284,7 @@ def _dataset_step(
         data_format=c.data_format or "auto",
         tokenizer=tokenizer,
         template=template,
-        max_length=c.max_length,
+        max_length=c.max_length if (c.max_length or 0) >= 1 else None,  # an invalid one is reported already
     )
     for violation in report.violations:
         out.violations.items.append(violation)

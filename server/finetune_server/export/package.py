@@ -1,0 +1,452 @@
+"""Turn a job's adapter (final, or one checkpoint's) into an artifact folder that serves the way it was trained.
+
+ADAPTER: adapter_config.json + adapter_model.safetensors, the tokenizer files, `chat_template.jinja` (the template
+trained with, also in tokenizer_config.json) and a `generation_config.json` whose eos includes the template's
+end-of-turn token.
+MERGED: the adapter folded into a 16-bit copy of the base (bf16 where the GPU supports it, else fp16; fp32 on CPU),
+never a quantised one even when training used 8-bit or 4-bit (merging into rounded weights degrades the model),
+saved as safetensors shards with the same tokenizer files, template and generation config. It loads with plain
+`AutoModelForCausalLM.from_pretrained(dir)`: no peft, no bitsandbytes.
+
+Why the generation config: a base model's eos is often `<|endoftext|>` while the chat template ends a turn with
+`<|im_end|>`; a server that stops only at the former never stops (the bug of the tool this replaces).
+
+The folder is built in a staging folder next to the target, every file fsynced, then renamed into place, so a
+reader sees the whole artifact or none. Checkpoints are found by their integer step, never by name order.
+torch, transformers and peft are imported only inside the functions that need them: the export worker's server half
+imports this module for its types and must stay light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.export.vllm import ADAPTER, MERGED, VllmReport, vllm_compatibility
+from finetune_server.training.data.template import TemplateError, choose_chat_template, render
+
+log = structlog.get_logger(__name__)
+
+FORMATS = (ADAPTER, MERGED)
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG_FILE = "generation_config.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+_CHUNK = 1 << 20
+
+OnProgress = Callable[[str, float, str], None]
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    path: str  # relative to the artifact root, `/` separators
+    size_bytes: int
+    sha256: str  # lower-case hex
+
+
+@dataclass
+class ArtifactManifest:
+    """What an export produced; mirrors the contract's Artifact (without the server-assigned id and times)."""
+
+    format: str
+    step: int
+    base_model: str
+    files: list[ArtifactFile] = field(default_factory=list)
+    total_size_bytes: int = 0
+    vllm: VllmReport = field(default_factory=lambda: VllmReport(compatible=False))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "step": self.step,
+            "base_model": self.base_model,
+            "files": [{"path": f.path, "size_bytes": f.size_bytes, "sha256": f.sha256} for f in self.files],
+            "total_size_bytes": self.total_size_bytes,
+            "vllm": self.vllm.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ArtifactManifest:
+        return cls(
+            format=str(data["format"]),
+            step=int(data["step"]),
+            base_model=str(data["base_model"]),
+            files=[ArtifactFile(str(f["path"]), int(f["size_bytes"]), str(f["sha256"])) for f in data["files"]],
+            total_size_bytes=int(data["total_size_bytes"]),
+            vllm=VllmReport.from_dict(data.get("vllm") or {}),
+        )
+
+
+def staging_prefix(target_dir: Path) -> str:
+    """Name prefix of the staging folders of an export to `target_dir` (in its parent), for cleanup after a crash."""
+    return f".tmp-{target_dir.name}-"
+
+
+def remove_staging(target_dir: Path) -> list[Path]:
+    """Remove staging folders a killed export to `target_dir` left behind (only when none is running)."""
+    parent = Path(target_dir).parent
+    if not parent.is_dir():
+        return []
+    stale = [p for p in parent.iterdir() if p.name.startswith(staging_prefix(Path(target_dir))) and p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def export_artifact(
+    *,
+    job_dir: Path,
+    config: Mapping[str, Any],
+    model_ref: str,
+    fmt: str,
+    checkpoint_step: int | None,
+    target_dir: Path,
+    on_progress: OnProgress,
+    hub_cache_dir: Path | None = None,
+    hub_offline: bool | None = None,
+    device: str | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    artifact_name: str | None = None,
+    serve_path: str | None = None,
+    base_model: str | None = None,
+) -> ArtifactManifest:
+    """Build the artifact at `target_dir` (replacing one there) and return its manifest.
+
+    `config` is the job's resolved TrainingConfig as a dict (its chat_template settings count when the job has no
+    final adapter to take the template from). `device` None: CUDA when available, else CPU. `artifact_name` and
+    `serve_path` only shape the vLLM serve command (defaults: the target folder's name, `./NAME`); `base_model` is
+    the base's name for people and for `vllm serve` (default `model_ref`, which may be this server's local path).
+    Raises FinetuneError: NOT_FOUND (ADAPTER_NOT_FOUND, CHECKPOINT_NOT_FOUND), INVALID_ARGUMENT (EXPORT_FORMAT),
+    FAILED_PRECONDITION (BASE_QUANTIZED), and the model lookup's errors.
+    """
+    if fmt not in FORMATS:
+        raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "EXPORT_FORMAT", f"unknown export format {fmt!r}")
+    job_dir, target_dir = Path(job_dir), Path(target_dir)
+    bound = log.bind(job_dir=str(job_dir), format=fmt, checkpoint_step=checkpoint_step)
+    adapter_dir, step = find_adapter(job_dir, checkpoint_step)
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+
+    def base_dir() -> Path:
+        from finetune_server.training.engine.model_loading import resolve_model_dir
+
+        return resolve_model_dir(model_ref, cache_dir=hub_cache_dir, offline=hub_offline)
+
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target_dir.parent, prefix=staging_prefix(target_dir)))
+    try:
+        tokenizer_dir, template = _tokenizer_source(job_dir, config, base_dir)
+        if fmt == MERGED:
+            model_dir = base_dir()
+            _merge(model_dir, adapter_dir, staging, on_progress, device=device, max_shard_size=max_shard_size)
+            generation_base = _read_json(staging / GENERATION_CONFIG_FILE)
+        else:
+            on_progress("saving", 0.0, "copying the adapter")
+            for name in ADAPTER_FILES:
+                shutil.copy2(adapter_dir / name, staging / name)
+            local_base = _local_base_dir(model_ref, hub_cache_dir)
+            generation_base = _read_json(local_base / GENERATION_CONFIG_FILE) if local_base else {}
+        _write_tokenizer(tokenizer_dir, staging, template)
+        _write_generation_config(staging, generation_base, tokenizer_dir, template)
+        on_progress("saving", 0.8, "artifact written")
+        files = checksum_files(staging, on_progress, start=0.8, end=0.99)
+        name = artifact_name or target_dir.name
+        vllm = vllm_compatibility(
+            adapter_config,
+            fmt,
+            artifact_name=name,
+            base_model=base_model or model_ref,
+            artifact_path=serve_path,
+            files={f.path for f in files},
+        )
+        from finetune_server.training.engine.checkpoint import publish_dir
+
+        publish_dir(staging, target_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    manifest = ArtifactManifest(
+        format=fmt,
+        step=step,
+        base_model=base_model or model_ref,
+        files=files,
+        total_size_bytes=sum(f.size_bytes for f in files),
+        vllm=vllm,
+    )
+    on_progress("checksumming", 1.0, f"{len(files)} files, {manifest.total_size_bytes} bytes")
+    bound.info("artifact exported", step=step, files=len(files), size_bytes=manifest.total_size_bytes)
+    return manifest
+
+
+# --- the source adapter ----------------------------------------------------------------------------------------------
+
+
+def find_adapter(job_dir: Path, checkpoint_step: int | None) -> tuple[Path, int]:
+    """The adapter folder to export and its optimizer step: the final adapter, or the checkpoint of that step."""
+    if checkpoint_step is None:
+        adapter = job_dir / ADAPTER_DIR
+        if not (adapter / "adapter_config.json").is_file():
+            raise FinetuneError(
+                ErrorKind.NOT_FOUND,
+                "ADAPTER_NOT_FOUND",
+                f"{job_dir.name} has no final adapter",
+                hint="Export a checkpoint step instead, or train the job to completion.",
+            )
+        return adapter, _final_step(job_dir)
+    from finetune_server.training.engine.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(job_dir)  # integer steps, oldest first
+    for step, path in checkpoints:
+        if step == checkpoint_step and (path / ADAPTER_DIR / "adapter_config.json").is_file():
+            return path / ADAPTER_DIR, step
+    available = [step for step, _ in checkpoints]
+    listed = ", ".join(map(str, available)) or "none"
+    raise FinetuneError(
+        ErrorKind.NOT_FOUND,
+        "CHECKPOINT_NOT_FOUND",
+        f"no checkpoint at step {checkpoint_step}; available steps: {listed}",
+        metadata={"checkpoint_step": str(checkpoint_step), "available_steps": ",".join(map(str, available))},
+        hint="Pick one of the available steps, or leave checkpoint_step unset for the final adapter.",
+    )
+
+
+def _final_step(job_dir: Path) -> int:
+    """The final adapter's step: the training report's, else the newest checkpoint's."""
+    steps = _read_json(job_dir / METRICS_FILE).get("steps")
+    if isinstance(steps, int | float) and not isinstance(steps, bool):
+        return int(steps)
+    from finetune_server.training.engine.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(job_dir)
+    return checkpoints[-1][0] if checkpoints else 0
+
+
+def _tokenizer_source(job_dir: Path, config: Mapping[str, Any], base_dir: Callable[[], Path]) -> tuple[Path, str]:
+    """Where the tokenizer files come from and the chat template trained with.
+
+    The final adapter folder holds both (written by training). Without it (a checkpoint of an unfinished job) the
+    template is chosen again from the base model and the config, the same deterministic choice training made.
+    """
+    adapter = job_dir / ADAPTER_DIR
+    if (adapter / CHAT_TEMPLATE_FILE).is_file() and (adapter / "tokenizer.json").is_file():
+        return adapter, (adapter / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    model_dir = base_dir()
+    allow_fallback = config.get("allow_fallback_chat_template")
+    try:
+        template, _ = choose_chat_template(
+            model_dir, str(config.get("chat_template") or ""), True if allow_fallback is None else bool(allow_fallback)
+        )
+    except TemplateError as exc:
+        raise FinetuneError(ErrorKind.FAILED_PRECONDITION, "NO_CHAT_TEMPLATE", str(exc)) from exc
+    return model_dir, template
+
+
+def _local_base_dir(model_ref: str, hub_cache_dir: Path | None) -> Path | None:
+    """The base model folder if it is on this machine (local path or hub cache), never downloading it."""
+    from finetune_server.training.engine.model_loading import resolve_model_dir
+
+    try:
+        return resolve_model_dir(model_ref, cache_dir=hub_cache_dir, offline=True)
+    except FinetuneError:
+        return None
+
+
+# --- tokenizer, template and generation config ------------------------------------------------------------------------
+
+
+def _write_tokenizer(source: Path, dest: Path, template: str) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+    config_file = dest / "tokenizer_config.json"
+    if config_file.is_file():
+        # One template everywhere: readers that look only at tokenizer_config.json get the same one.
+        tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
+        tokenizer_config["chat_template"] = template
+        config_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False), encoding="utf-8")
+    (dest / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+
+
+def end_of_turn_id(tokenizer_dir: Path, template: str) -> int | None:
+    """The special token the template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`...), if any.
+
+    Found by rendering a two-turn conversation and taking the first special token after the answer's text.
+    """
+    from tokenizers import Tokenizer
+
+    from finetune_server.training.data.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        raw = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    except Exception:  # a FinetuneError, or the Rust side's plain Exception for a malformed file
+        return None
+    specials = {token_id for token_id, token in raw.get_added_tokens_decoder().items() if token.special}
+    answer = "Paris is the capital of France."
+    messages = [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": answer}]
+    variables: dict[str, Any] = dict(tokenizer.template_variables)
+    try:
+        text = render(template, messages, **variables)
+    except TemplateError:
+        return None
+    at = text.rfind(answer)
+    if at < 0:
+        return None
+    return next((i for i in tokenizer.encode(text[at + len(answer) :]) if i in specials), None)
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def generation_settings(base: Mapping[str, Any], tokenizer_dir: Path, template: str) -> dict[str, Any]:
+    """`base` (a generation_config.json as a dict) with eos = tokenizer eos + end-of-turn + base eos, pad set."""
+    from finetune_server.training.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    eos: list[int] = []
+    for token_id in [tokenizer.eos_token_id, end_of_turn_id(tokenizer_dir, template), *_ids(base.get("eos_token_id"))]:
+        if token_id is not None and token_id not in eos:
+            eos.append(token_id)
+    out = dict(base)
+    if eos:
+        out["eos_token_id"] = eos if len(eos) > 1 else eos[0]
+    pad = _ids(base.get("pad_token_id")) or _ids(tokenizer.pad_token_id) or eos[:1]
+    if pad:
+        out["pad_token_id"] = pad[0]
+    if tokenizer.bos_token_id is not None and "bos_token_id" not in out:
+        out["bos_token_id"] = tokenizer.bos_token_id
+    return out
+
+
+def _write_generation_config(dest: Path, base: Mapping[str, Any], tokenizer_dir: Path, template: str) -> None:
+    settings = generation_settings(base, tokenizer_dir, template)
+    (dest / GENERATION_CONFIG_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# --- merging ---------------------------------------------------------------------------------------------------------
+
+
+def merge_dtype(device: Any) -> Any:
+    """fp32 on CPU; bf16 on a GPU that supports it, else fp16."""
+    import torch
+
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _merge(
+    model_dir: Path,
+    adapter_dir: Path,
+    dest: Path,
+    on_progress: OnProgress,
+    *,
+    device: str | None,
+    max_shard_size: str | int,
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_config = _read_json(model_dir / "config.json")
+    if base_config.get("quantization_config"):
+        raise FinetuneError(
+            ErrorKind.FAILED_PRECONDITION,
+            "BASE_QUANTIZED",
+            f"{model_dir.name} is a quantised checkpoint: merging into rounded weights degrades the model",
+            hint="Train on the full-precision base (load_in_4bit quantises it while loading), or export the ADAPTER.",
+        )
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = merge_dtype(dev)
+    on_progress("loading_base", 0.0, f"loading the base model in {str(dtype).removeprefix('torch.')} on {dev}")
+    # No quantization_config: always the full-precision weights, whatever the training used.
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    base = base.to(dev)  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
+    on_progress("merging", 0.35, "applying the adapter")
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+    merged = model.merge_and_unload(safe_merge=True)
+    _keep_ties_honest(merged)
+    on_progress("saving", 0.5, "writing safetensors shards")
+    merged.save_pretrained(dest, max_shard_size=max_shard_size)
+    del merged, model, base
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _keep_ties_honest(model: Any) -> None:
+    """Declare embeddings untied when the merge made them differ (e.g. modules_to_save=["lm_head"] on a tied model).
+
+    Otherwise save_pretrained drops lm_head as a duplicate and loading re-ties it to the old embeddings.
+    """
+    import torch
+
+    config = model.config
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or inputs.weight is outputs.weight:
+        return
+    if inputs.weight.shape != outputs.weight.shape or not torch.equal(inputs.weight, outputs.weight):
+        log.info("merged embeddings differ from lm_head: saving them untied")
+        config.tie_word_embeddings = False
+
+
+# --- checksums -------------------------------------------------------------------------------------------------------
+
+
+def _iter_files(root: Path) -> Iterable[Path]:
+    return sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+
+
+def checksum_files(
+    root: Path, on_progress: OnProgress | None = None, *, start: float = 0.0, end: float = 1.0
+) -> list[ArtifactFile]:
+    """Every file under `root` (sorted by relative path) with its size and sha256; progress by bytes read."""
+    paths = list(_iter_files(root))
+    total = max(1, sum(p.stat().st_size for p in paths))
+    done = 0
+    files = []
+    for path in paths:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+        size = path.stat().st_size
+        done += size
+        relative = path.relative_to(root).as_posix()
+        files.append(ArtifactFile(relative, size, digest.hexdigest()))
+        if on_progress is not None:
+            on_progress("checksumming", start + (end - start) * done / total, relative)
+    return files
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,181 @@
+"""Authentication, per-token visibility, TLS and mutual TLS, and the queue limit, against real servers."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from finetune_client import FinetuneServiceError, GrpcFineTuneService
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+
+from .conftest import RunningServer, start_server, stop_server
+from .test_jobs import job_config
+
+ALICE, BOB, ADMIN = "alice-token-0123456789", "bob-token-0123456789ab", "admin-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory, server_roots: tuple[Path, Path]) -> Iterator[RunningServer]:
+    tmp = tmp_path_factory.mktemp("auth")
+    tokens = tmp / "tokens.txt"
+    tokens.write_text(f"# test tokens\n{ALICE} alice\n{BOB} bob\n\n{ADMIN} ops admin\n")
+    running = start_server(tmp, *server_roots, "--auth-token-file", str(tokens))
+    yield running
+    stop_server(running)
+
+
+def stub_for(server: RunningServer) -> tuple[grpc.Channel, pb_grpc.FineTuneServiceStub]:
+    return server.stub()
+
+
+def as_token(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def test_calls_without_or_with_a_wrong_token_are_unauthenticated(auth_server: RunningServer) -> None:
+    channel, stub = stub_for(auth_server)
+    with channel:
+        for metadata in ((), as_token("not-a-real-token-at-all"), (("authorization", ALICE),)):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ListPresets(pb.ListPresetsRequest(), metadata=metadata, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING, "health needs no token"
+        assert stub.ListPresets(pb.ListPresetsRequest(), metadata=as_token(ALICE), timeout=10).presets
+
+
+def test_a_token_sees_only_its_own_jobs_and_an_admin_sees_all(auth_server: RunningServer, tiny_model_dir: Path) -> None:
+    channel, stub = stub_for(auth_server)
+    with channel:
+        stream = stub.Train(pb.TrainRequest(config=job_config(tiny_model_dir.name)), metadata=as_token(ALICE))
+        job = next(stream).job
+        assert job.owner == "alice"
+        events = [m.event for m in stream]
+        assert events[-1].state_change.current == pb.JOB_STATE_SUCCEEDED
+
+        denied = [
+            lambda: stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=as_token(BOB), timeout=10),
+            lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), metadata=as_token(BOB), timeout=10)),
+            lambda: stub.CancelJob(pb.CancelJobRequest(job_id=job.id), metadata=as_token(BOB), timeout=10),
+            lambda: list(stub.Export(pb.ExportRequest(job_id=job.id, format=1), metadata=as_token(BOB), timeout=60)),
+        ]
+        for call in denied:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        bobs = stub.ListJobs(pb.ListJobsRequest(), metadata=as_token(BOB), timeout=10).jobs
+        assert job.id not in {j.id for j in bobs}
+        admins = stub.ListJobs(pb.ListJobsRequest(), metadata=as_token(ADMIN), timeout=10).jobs
+        assert job.id in {j.id for j in admins}
+        assert stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=as_token(ADMIN), timeout=10).job.owner == "alice"
+
+        artifact = list(stub.Export(pb.ExportRequest(job_id=job.id, format=1), metadata=as_token(ALICE)))[-1].artifact
+        with pytest.raises(grpc.RpcError) as download:
+            list(stub.DownloadArtifact(pb.DownloadArtifactRequest(artifact_id=artifact.id), metadata=as_token(BOB)))
+        assert download.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_client_sends_its_token(auth_server: RunningServer, tiny_model_dir: Path) -> None:
+    with GrpcFineTuneService(auth_server.address, token=ALICE) as client:
+        assert client.validate_config({"model_name": tiny_model_dir.name, "dataset": "facts.jsonl"})["valid"]
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate, made by openssl."""
+    d = tmp_path_factory.mktemp("pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca", cwd=d)
+    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", *ext, cwd=d,
+        )  # fmt: skip
+    return Certificates(d / "ca.pem", d / "server.pem", d / "server.key", d / "client.pem", d / "client.key")
+
+
+def test_tls_server_refuses_plaintext_and_serves_tls_clients(
+    tmp_path: Path, server_roots: tuple[Path, Path], certificates: Certificates
+) -> None:
+    tls = ("--tls-cert", str(certificates.server_cert), "--tls-key", str(certificates.server_key))
+    server = start_server(tmp_path, *server_roots, *tls)
+    try:
+        with GrpcFineTuneService(server.address, timeout=5, retries=0) as plain:
+            with pytest.raises(FinetuneServiceError) as caught:
+                plain.list_presets()
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        with GrpcFineTuneService(server.address, root_certificates=certificates.ca.read_bytes()) as secure:
+            assert secure.list_presets().presets
+    finally:
+        stop_server(server)
+
+
+def test_mutual_tls_requires_a_client_certificate(
+    tmp_path: Path, server_roots: tuple[Path, Path], certificates: Certificates
+) -> None:
+    tls = (
+        "--tls-cert", str(certificates.server_cert), "--tls-key", str(certificates.server_key),
+        "--tls-client-ca", str(certificates.ca),
+    )  # fmt: skip
+    server = start_server(tmp_path, *server_roots, *tls)
+    ca = certificates.ca.read_bytes()
+    try:
+        with GrpcFineTuneService(server.address, root_certificates=ca, timeout=5, retries=0) as anonymous:
+            with pytest.raises(FinetuneServiceError) as caught:
+                anonymous.list_presets()
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+        with GrpcFineTuneService(
+            server.address,
+            root_certificates=ca,
+            client_certificate=certificates.client_cert.read_bytes(),
+            client_key=certificates.client_key.read_bytes(),
+        ) as identified:
+            assert identified.list_presets().presets
+    finally:
+        stop_server(server)
+
+
+def test_a_full_queue_is_resource_exhausted(
+    tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
+) -> None:
+    server = start_server(tmp_path, *server_roots, "--max-queued-jobs", "1")
+    channel, stub = server.stub()
+    long_run = job_config(tiny_model_dir.name, max_steps=100000, save_steps=0)
+    try:
+        running = stub.Train(pb.TrainRequest(config=long_run))
+        first = next(running).job
+        for message in running:  # the first job leaves the queue once it runs
+            if message.event.state_change.current == pb.JOB_STATE_RUNNING:
+                break
+        queued = next(stub.Train(pb.TrainRequest(config=long_run))).job
+        with pytest.raises(grpc.RpcError) as caught:
+            next(stub.Train(pb.TrainRequest(config=long_run)))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for job in (queued, first):
+            stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=10)
+    finally:
+        channel.close()
+        stop_server(server)
