@@ -21,6 +21,7 @@ from finetune_server.jobs.executor import Executor, LocalSubprocessExecutor
 from finetune_server.jobs.service import JobService
 from finetune_server.jobs.store import SqliteJobStore
 from finetune_server.jobs.uploads import remove_stale_uploads
+from finetune_server.metrics import ServiceMetrics, store_state_counts
 from finetune_server.server_info import ServerInfoProvider
 from finetune_server.settings import ServerSettings
 
@@ -43,6 +44,8 @@ class FinetuneServer:
         executor: Executor | None = None,
     ):
         self.settings = settings
+        self.metrics: ServiceMetrics | None = None
+        self.metrics_port: int | None = None  # the bound /metrics port once started, when settings ask for one
         self._executor = executor or LocalSubprocessExecutor()
         self.store: SqliteJobStore | None = None
         self.jobs: JobService | None = None
@@ -58,8 +61,9 @@ class FinetuneServer:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_uploads(self.settings)
         self.store = SqliteJobStore(self.settings.data_dir / "finetune.db")
-        self.jobs = JobService(self.settings, self.store, self._executor)
-        interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor()]
+        self.metrics = ServiceMetrics(store_state_counts(self.store))
+        self.jobs = JobService(self.settings, self.store, self._executor, metrics=self.metrics)
+        interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor(observe=self.metrics.observe_rpc)]
         if self.settings.auth_token_file is not None:
             interceptors.append(AuthInterceptor(TokenTable.from_file(self.settings.auth_token_file)))
         server = grpc.aio.server(
@@ -87,6 +91,8 @@ class FinetuneServer:
         await server.start()
         self._server = server
         await self.jobs.start()  # re-queues jobs a crash left RUNNING, then schedules
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http_server(self.settings.metrics_port, self.host)
         self._info.start_probe()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -115,6 +121,8 @@ class FinetuneServer:
         await self._server.stop(self.grace)
         if self.jobs is not None:
             await self.jobs.stop()  # running jobs stay RUNNING and resume at the next start
+        if self.metrics is not None:
+            self.metrics.stop_http_server()  # before the store it reads closes
         if self.store is not None:
             self.store.close()
         await self._info.stop()
@@ -130,11 +138,21 @@ class FinetuneServer:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
 
 
-async def serve(settings: ServerSettings, host: str, port: int, grace: float, on_bound: object = None) -> None:
-    """Run until SIGTERM/SIGINT. `on_bound(host, port)` is called once the port is bound."""
+async def serve(
+    settings: ServerSettings,
+    host: str,
+    port: int,
+    grace: float,
+    on_bound: object = None,
+    on_metrics_bound: object = None,
+) -> None:
+    """Run until SIGTERM/SIGINT. `on_bound(host, port)` is called once the port is bound, then
+    `on_metrics_bound(host, metrics_port)` when the settings ask for a metrics endpoint."""
     server = FinetuneServer(settings, host, port, grace)
     bound = await server.start()
     server.install_signal_handlers()
     if callable(on_bound):
         on_bound(host, bound)
+    if callable(on_metrics_bound) and server.metrics_port is not None:
+        on_metrics_bound(host, server.metrics_port)
     await server.wait()

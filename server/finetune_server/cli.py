@@ -163,7 +163,11 @@ def serve(
         sys.stdout.write(f"listening on {bound_host}:{bound_port}\n")
         sys.stdout.flush()
 
-    asyncio.run(run_server(settings, host, port, grace, on_bound=announce))
+    def announce_metrics(bound_host: str, bound_port: int) -> None:
+        sys.stdout.write(f"metrics on {bound_host}:{bound_port}\n")
+        sys.stdout.flush()
+
+    asyncio.run(run_server(settings, host, port, grace, on_bound=announce, on_metrics_bound=announce_metrics))
 
 
 @app.command()

@@ -27,6 +27,7 @@ from finetune_server.jobs.models import EventKind, JobEventRecord, JobRecord, Jo
 from finetune_server.jobs.store import InvalidTransition, JobStore
 from finetune_server.jobs.supervisor import WorkerExit, kill_process_group
 from finetune_server.jobs.worker import WorkerSpec
+from finetune_server.metrics import ServiceMetrics
 from finetune_server.settings import ServerSettings
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.model_info import resolve_model
@@ -60,8 +61,10 @@ class JobService:
         *,
         max_attempts: int = MAX_ATTEMPTS,
         clock: Callable[[], float] = time.time,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._store = store
         self._executor = executor
         self._max_attempts = max_attempts
@@ -89,6 +92,8 @@ class JobService:
 
     async def _transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
         job, _ = await self._db(self._store.transition, job_id, state, now=self._clock(), **kwargs)
+        if state.is_final and self._metrics is not None:  # before publishing: a watcher that saw the end sees it
+            self._metrics.job_ended(job_id)
         await self._published(job_id)
         if state.is_final:
             self.hub.forget(job_id)
@@ -375,6 +380,8 @@ class JobService:
         """Persist what the worker reports, in order, before reading its next message."""
         kind = message.get("type")
         if kind == "event":
+            if message["kind"] == EventKind.PROGRESS.value and self._metrics is not None:
+                self._metrics.on_progress(job_id, message["data"])  # before publishing, like job_ended
             await self._append(job_id, EventKind(message["kind"]), message["data"])
         elif kind == "started":
             # Its process group id, so that a restarted server can stop an orphan of this one.

@@ -194,6 +194,7 @@ def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> 
     """Train one attempt and send the final message; returns the exit code (typed errors included)."""
     # Heavy imports here, not at module level: the supervisor imports WorkerSpec without torch.
     from finetune_server.errors import FinetuneError
+    from finetune_server.jobs.tensorboard import TENSORBOARD_DIR, tensorboard_sink
     from finetune_server.training.config import TrainingConfig
     from finetune_server.training.engine.checkpoint import list_checkpoints
     from finetune_server.training.engine.errors import TrainingCancelled
@@ -207,6 +208,13 @@ def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> 
     if stop.is_set():  # cancelled (or orphaned) while importing: do not load the model at all
         channel.send({"type": "cancelled", "step": resumed_from or 0})
         return EXIT_OK
+    tensorboard = tensorboard_sink(output_dir / TENSORBOARD_DIR, resumed_from_step=resumed_from)  # None: not installed
+
+    def on_event(event: Any) -> None:
+        channel.send(event_message(event))
+        if tensorboard is not None:
+            tensorboard(event)
+
     try:
         outcome = run_training(
             TrainingConfig.from_dict(spec.config),
@@ -214,7 +222,7 @@ def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> 
             dataset_path=spec.dataset_path,
             eval_dataset_path=spec.eval_dataset_path,
             output_dir=output_dir,
-            on_event=lambda event: channel.send(event_message(event)),
+            on_event=on_event,
             should_stop=stop.is_set,
             device=spec.device,
             job_id=spec.job_id,
@@ -229,6 +237,9 @@ def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> 
         log.warning("training failed", reason=exc.reason, error=exc.message, step=getattr(exc, "step", 0))
         channel.send(error_message(exc))
         return EXIT_ERROR
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
     channel.send(
         {
             "type": "result",
