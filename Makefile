@@ -10,14 +10,14 @@ DATA_DIR ?= ./data
 NODE_DIR := tests/xlang/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed-stamp
 
-.PHONY: setup node-deps proto proto-check lint breaking test test-fast serve demo bench clean
+.PHONY: setup node-deps proto proto-check lint breaking test test-fast serve demo bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, from this machine's disk (CPU build), so nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[server,dev]'
+	$(PY) -m pip install -q -e '.[server,dev,bench]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -66,6 +66,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# On a CUDA machine with this venv: 16-bit vs 8-bit vs 4-bit, packing on/off, MFU (<= 8 minutes, no downloads).
+bench-gpu: $(STAMP)
+	bash bench/gpu.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules

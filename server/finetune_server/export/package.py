@@ -32,25 +32,21 @@ import structlog
 
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.export.vllm import ADAPTER, MERGED, VllmReport, vllm_compatibility
-from finetune_server.training.data.template import TemplateError, choose_chat_template, render
+from finetune_server.training.data.template import (
+    CHAT_TEMPLATE_FILE,
+    TemplateError,
+    choose_chat_template,
+    render,
+    save_tokenizer_files,
+)
 
 log = structlog.get_logger(__name__)
 
 FORMATS = (ADAPTER, MERGED)
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 GENERATION_CONFIG_FILE = "generation_config.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 _CHUNK = 1 << 20
 
@@ -165,7 +161,7 @@ def export_artifact(
                 shutil.copy2(adapter_dir / name, staging / name)
             local_base = _local_base_dir(model_ref, hub_cache_dir)
             generation_base = _read_json(local_base / GENERATION_CONFIG_FILE) if local_base else {}
-        _write_tokenizer(tokenizer_dir, staging, template)
+        save_tokenizer_files(tokenizer_dir, staging, template)
         _write_generation_config(staging, generation_base, tokenizer_dir, template)
         on_progress("saving", 0.8, "artifact written")
         files = checksum_files(staging, on_progress, start=0.8, end=0.99)
@@ -271,19 +267,6 @@ def _local_base_dir(model_ref: str, hub_cache_dir: Path | None) -> Path | None:
 
 
 # --- tokenizer, template and generation config ------------------------------------------------------------------------
-
-
-def _write_tokenizer(source: Path, dest: Path, template: str) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, dest / name)
-    config_file = dest / "tokenizer_config.json"
-    if config_file.is_file():
-        # One template everywhere: readers that look only at tokenizer_config.json get the same one.
-        tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
-        tokenizer_config["chat_template"] = template
-        config_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False), encoding="utf-8")
-    (dest / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
 
 
 def end_of_turn_id(tokenizer_dir: Path, template: str) -> int | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,6 +265,47 @@ def _template_step(c: TrainingConfig, model_dir: Path, out: _Collector) -> str |
     return template
 
 
+# key -> (the tokenizer, kept alive so its id in the key cannot be reused, the report)
+_DATASET_REPORTS: OrderedDict[tuple[Any, ...], tuple[TextTokenizer | None, DatasetReport]] = OrderedDict()
+_DATASET_REPORTS_LOCK = threading.Lock()
+_DATASET_REPORTS_MAX = 32
+
+
+def _checked_dataset(
+    file: Path,
+    *,
+    name: str,
+    field: str,
+    data_format: str,
+    tokenizer: TextTokenizer | None,
+    template: str | None,
+    max_length: int | None,
+) -> DatasetReport:
+    """check_dataset, remembered: tokenising a dataset is most of a ValidateConfig call, and callers validate the
+    same file again and again. The key holds the file's size and mtime, so an edited file is read again. Reports
+    are only read by callers, never changed."""
+    stat = file.stat()
+    key = (str(file), stat.st_size, stat.st_mtime_ns, name, field, data_format, id(tokenizer), template, max_length)
+    with _DATASET_REPORTS_LOCK:
+        if key in _DATASET_REPORTS:
+            _DATASET_REPORTS.move_to_end(key)
+            return _DATASET_REPORTS[key][1]
+    report = check_dataset(
+        file,
+        name=name,
+        field=field,
+        data_format=data_format,
+        tokenizer=tokenizer,
+        template=template,
+        max_length=max_length,
+    )
+    with _DATASET_REPORTS_LOCK:
+        _DATASET_REPORTS[key] = (tokenizer, report)
+        while len(_DATASET_REPORTS) > _DATASET_REPORTS_MAX:
+            _DATASET_REPORTS.popitem(last=False)
+    return report
+
+
 def _dataset_step(
     name: str,
     path: str,
@@ -277,7 +320,7 @@ def _dataset_step(
     except FinetuneError as exc:
         out.from_error(exc, path)
         return None
-    report = check_dataset(
+    report = _checked_dataset(
         file,
         name=name,
         field=path,

@@ -14,6 +14,7 @@ export, so training and serving agree.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -44,12 +45,39 @@ class TemplateError(ValueError):
     """A chat template that does not compile, or fails to render a conversation (e.g. `raise_exception`)."""
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# What a tokenizer may consist of; copied with adapters and exports so they tokenise exactly as training did.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def save_tokenizer_files(source: Path, dest: Path, template: str) -> None:
+    """Copy the tokenizer from `source` to `dest` with `template` as its one chat template, in both places readers
+    look (chat_template.jinja and tokenizer_config.json), so training and serving agree."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+    config_file = dest / "tokenizer_config.json"
+    if config_file.is_file():
+        tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
+        tokenizer_config["chat_template"] = template
+        config_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False), encoding="utf-8")
+    (dest / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+
+
 def load_chat_template(model_dir: Path) -> str | None:
     """The model's own template: chat_template.jinja, else tokenizer_config.json's `chat_template`.
 
     A list of named templates (`[{name, template}]`) yields the one named `default`.
     """
-    jinja_file = model_dir / "chat_template.jinja"
+    jinja_file = model_dir / CHAT_TEMPLATE_FILE
     if jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8")
     config_file = model_dir / "tokenizer_config.json"

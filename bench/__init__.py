@@ -1,0 +1,1 @@
+"""sage-finetune benchmarks with baselines: `python -m bench` (see bench/README.md)."""

@@ -1,0 +1,124 @@
+"""`python -m bench`: run the benchmarks and write results.json + results.md (default: bench/results/).
+
+python -m bench                          # everything at the default sizes (~15 minutes on 2 cores)
+python -m bench --quick                  # the smallest size, a few steps (the CI smoke run)
+python -m bench --only engine,rpc        # a subset
+python -m bench --sizes 4M --reps 5      # engine sizes and repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import engine, memory, rpc, service
+from bench.common import (
+    DEFAULT_SIZES,
+    DEFAULT_WORK_DIR,
+    QUICK_SIZE,
+    RESULTS_DIR,
+    SIZES,
+    Section,
+    machine,
+    versions,
+    write_json,
+)
+from bench.report import render
+
+BENCHMARKS = ("engine", "service", "rpc", "memory")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="sage-finetune benchmarks with baselines.")
+    parser.add_argument("--quick", action="store_true", help="smallest size, a few steps (smoke run)")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
+    parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=f"engine model sizes, of {list(SIZES)}")
+    parser.add_argument("--reps", type=int, default=3, help="alternating repetitions (engine, service)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in the engine runs")
+    parser.add_argument("--watchers", type=int, default=100, help="concurrent WatchJob streams in the service run")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="models, datasets, job folders")
+    args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
+    unknown_sizes = set(args.sizes.split(",")) - set(SIZES)
+    if unknown_sizes:
+        parser.error(f"unknown sizes: {', '.join(sorted(unknown_sizes))}")
+    return args
+
+
+def plan(args: argparse.Namespace) -> dict[str, Callable[[], Section]]:
+    work = args.work_dir.resolve()
+    quick = args.quick
+    reps = 1 if quick else args.reps
+    runners: dict[str, Callable[[], Section]] = {
+        "engine": lambda: engine.run(
+            sizes=engine.default_sizes(quick, args.sizes.split(",")),
+            work_dir=work,
+            reps=reps,
+            threads=args.threads,
+            methods=engine.QUICK_METHODS if quick else engine.DEFAULT_METHODS,
+        ),
+        "service": lambda: service.run(
+            size=QUICK_SIZE if quick else dataclasses.replace(SIZES["0.1M"], samples=48, batch_size=4),
+            work_dir=work,
+            reps=reps,
+            watchers=3 if quick else args.watchers,
+            warm_up=not quick,
+        ),
+        "rpc": lambda: rpc.run(
+            size=QUICK_SIZE if quick else SIZES["0.1M"],
+            work_dir=work,
+            levels=(1, 5) if quick else rpc.LEVELS,
+            max_requests=20 if quick else 3000,
+            max_seconds=0.5 if quick else 6.0,
+        ),
+        "memory": lambda: memory.run(cases=memory.QUICK_CASES if quick else memory.DEFAULT_CASES, work_dir=work),
+    }
+    return {name: runners[name] for name in BENCHMARKS if name in args.only.split(",")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    results: dict = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": bool(args.quick),
+        "argv": vars(args) | {"out_dir": str(args.out_dir), "work_dir": str(args.work_dir)},
+        "versions": versions(),
+        "machine": machine(),
+        "sections": {},
+        "wall_s": 0.0,
+    }
+    out_json, out_md = args.out_dir / "results.json", args.out_dir / "results.md"
+    failed = False
+    for name, runner in plan(args).items():
+        print(f"[bench] {name} ...", flush=True)
+        try:
+            section = runner()
+        except Exception:  # one failed benchmark must not lose the others' results
+            failed = True
+            section = Section(name, error=traceback.format_exc())
+            print(section.error, flush=True)
+        results["sections"][name] = json.loads(json.dumps(dataclasses.asdict(section), default=str))  # plain data
+        results["wall_s"] = time.perf_counter() - started
+        write_json(out_json, results)  # after each benchmark: a long run that dies keeps what it measured
+        out_md.write_text(render(results))
+        print(f"[bench] {name} done in {section.wall_s:.0f} s", flush=True)
+        for target in section.targets:
+            met = {True: "met", False: "NOT met", None: "not measured"}[target.met]
+            print(f"    {target.name}: {target.value:.3f} (target {target.target}) {met}", flush=True)
+    print(f"[bench] wrote {out_json} and {out_md} in {results['wall_s']:.0f} s", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

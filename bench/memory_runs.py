@@ -1,0 +1,114 @@
+"""Child process of the memory benchmark: one config, a fresh process, peak RSS of training vs the estimate.
+
+    python -m bench.memory_runs --model-dir M --batch 8 --seq 256 [--checkpointing] --steps 2 --out R.json
+
+After the imports, the resident set is the baseline; the peak is sampled while `run_training` runs on examples that
+all fill `seq` tokens, so every micro-batch is batch x seq. The estimate is `estimate_memory` for the same resolved
+config, judged against the CPU (its 0.4 GiB import allowance is left out of the comparison with the delta).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--seq", type=int, required=True)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    import peft  # noqa: F401  (imported before the baseline, as the worker has it before training)
+    import structlog
+    import torch  # noqa: F401
+
+    from bench.common import RssSampler, dataset_rows, peak_rss_bytes, release_memory, rss_bytes
+    from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
+    from finetune_server.training.engine.loop import run_training
+    from finetune_server.training.memory import CPU_RUNTIME_BYTES, estimate_memory
+    from finetune_server.training.model_info import ModelSummary, count_parameters
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    model_config = json.loads((args.model_dir / "config.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        # Rows long enough that every one is truncated to exactly `seq` tokens.
+        rows = [
+            {
+                "instruction": r["instruction"],
+                "output": (r["output"] + " ") * (4 * args.seq // max(1, len(r["output"])) + 2),
+            }
+            for r in dataset_rows(args.batch * args.steps, args.seq, seed=1)
+        ]
+        dataset = Path(tmp) / "long.jsonl"
+        dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config, _ = resolve(
+            TrainingConfig(
+                model_name=str(args.model_dir),
+                dataset=str(dataset),
+                max_length=args.seq,
+                max_steps=args.steps,
+                per_device_train_batch_size=args.batch,
+                gradient_checkpointing=args.checkpointing,
+                save_steps=0,
+                lora=LoraSettings(r=8, alpha=16, dropout=args.dropout),
+            )
+        )
+        summary = ModelSummary(num_parameters=count_parameters(args.model_dir, model_config))
+        estimate = estimate_memory(config, summary, model_config, sequence_length=args.seq, devices=[("cpu", 0)])
+        release_memory()
+        baseline = rss_bytes()
+        with RssSampler(0.002) as sampler:
+            outcome = run_training(
+                config,
+                model_ref=args.model_dir,
+                dataset_path=dataset,
+                output_dir=Path(tmp) / "out",
+                on_event=lambda _event: None,
+            )
+    measured_delta = sampler.peak_bytes - baseline
+    estimated_delta = estimate.total_bytes - CPU_RUNTIME_BYTES
+    args.out.write_text(
+        json.dumps(
+            {
+                "batch": args.batch,
+                "seq": args.seq,
+                "checkpointing": args.checkpointing,
+                "steps": outcome.steps,
+                "tokens": outcome.trained_tokens,
+                "baseline_rss_bytes": baseline,
+                "peak_rss_bytes": sampler.peak_bytes,
+                "ru_maxrss_bytes": peak_rss_bytes(),
+                "measured_delta_bytes": measured_delta,
+                "estimated_delta_bytes": estimated_delta,
+                "estimated_total_bytes": estimate.total_bytes,
+                "estimate": {
+                    k: getattr(estimate, k)
+                    for k in (
+                        "weights_bytes",
+                        "adapter_bytes",
+                        "gradients_bytes",
+                        "optimizer_bytes",
+                        "activations_bytes",
+                        "overhead_bytes",
+                        "total_bytes",
+                        "trainable_parameters",
+                        "base_parameters",
+                    )
+                },
+                "measured_over_estimated": measured_delta / estimated_delta if estimated_delta else None,
+                "peak_over_total_estimate": sampler.peak_bytes / estimate.total_bytes if estimate.total_bytes else None,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The markdown table of a results.json: one section per benchmark, targets first."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+MIB = 1 << 20
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "n/a"
+        return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+    return str(value)
+
+
+def _mib(value: Any) -> str:
+    return "-" if value is None else f"{float(value) / MIB:,.0f}"
+
+
+def _met(met: bool | None) -> str:
+    return {True: "met", False: "NOT met", None: "not measured"}[met]
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = [
+        "# sage-finetune benchmarks",
+        "",
+        f"Run {results['started_at']} on {results['machine']['processor']} ({results['machine']['cpu_count']} cores, "
+        f"load average at start {', '.join(f'{x:.1f}' for x in results['machine']['load_average_at_start'])}); "
+        f"{'quick (smoke) sizes' if results['quick'] else 'default sizes'}; total {results['wall_s']:.0f} s.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
+        "Times on a shared machine are noisy: compare the ratios (medians of per-repetition ratios), not the seconds.",
+        "",
+        "## Targets",
+        "",
+        "| claim | measured | target | result |",
+        "|---|---|---|---|",
+    ]
+    for section in results["sections"].values():
+        for t in section.get("targets", []):
+            value, unit = t["value"], t.get("unit", "x")
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                shown = "n/a"
+            elif unit == "%":
+                shown = f"{value * 100:.1f}%"
+            else:
+                shown = _f(value) + (f" {unit}" if unit == "ms" else unit)
+            lines.append(f"| {t['name']} | {shown} | {t['target']} | {_met(t['met'])} |")
+    for name, section in results["sections"].items():
+        if section.get("error"):
+            lines += ["", f"## {name}: FAILED", "", "```", section["error"][-2000:], "```"]
+            continue
+        renderer = {"engine": _engine, "service": _service, "rpc": _rpc, "memory": _memory}.get(name)
+        if renderer is not None:
+            lines += ["", *renderer(section["data"]), "", f"({name}: {section['wall_s']:.0f} s)"]
+    return "\n".join(lines) + "\n"
+
+
+def _engine(data: dict[str, Any]) -> list[str]:
+    out = ["## Engine throughput", ""]
+    out += [f"- `{m}`: {d}" for m, d in data["descriptions"].items()]
+    out += [f"- {k}: {v}" for k, v in data["settings"].items()]
+    for size, s in data["sizes"].items():
+        lengths = s["lengths"]
+        out += [
+            "",
+            f"### {size}: {s['parameters']:,} parameters; {s['examples']} examples, {lengths['tokens']:,} tokens "
+            f"(length {lengths['min']}-{lengths['max']}, median {lengths['median']}, "
+            f"{lengths['padding_fraction_at_max_length']:.0%} padding at max_length {s['max_length']}); "
+            f"batch {s['batch_size']}; {s['torch_threads']} torch threads",
+            "",
+            "| method | tokens/s | tokens/CPU-s | train s | wall s | steps | peak RSS MiB | RSS delta MiB "
+            "| final loss |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for method, m in s["methods"].items():
+            out.append(
+                f"| {method} | {_f(m['tokens_per_s'], 0)} | {_f(m.get('tokens_per_cpu_s'), 0)} | {_f(m['train_s'])} "
+                f"| {_f(m['wall_s'])} | {m['steps']} "
+                f"| {_mib(m['peak_rss_bytes'])} | {_mib(m['rss_delta_bytes'])} | {_f(m['final_loss'], 3)} |"
+            )
+        cpu = s.get("cpu_ratios", {})
+        out += [
+            "",
+            "| ours / baseline (median of per-repetition ratios) | tokens/s | tokens/CPU-s |",
+            "|---|---|---|",
+        ]
+        out += [f"| {label} | {_f(value)}x | {_f(cpu.get(label))}x |" for label, value in s["ratios"].items()]
+    return out
+
+
+def _service(data: dict[str, Any]) -> list[str]:
+    out = [
+        "## Service overhead",
+        "",
+        f"Model {data['model']}, {data['samples']} examples, batch {data['batch_size']}, max_length "
+        f"{data['max_length']}, {data['repetitions']} repetitions; the worker's import of torch + transformers + peft "
+        f"+ the engine: {data['worker_import_s']:.1f} s (median, fresh process).",
+        "",
+        "| mode | wall s | training loop s | events |",
+        "|---|---|---|---|",
+    ]
+    for mode, m in data["medians"].items():
+        out.append(f"| {mode} | {_f(m.get('wall_s'))} | {_f(m.get('train_runtime_s'))} | {_f(m.get('events'), 0)} |")
+    out += ["", "| ratio (median of per-repetition ratios) | value |", "|---|---|"]
+    out += [f"| {label} | {_f(value, 3)} |" for label, value in data["ratios"].items()]
+    return out
+
+
+def _rpc(data: dict[str, Any]) -> list[str]:
+    out = [
+        "## RPC latency",
+        "",
+        f"Model {data['model']} (local), dataset of {data['dataset_rows']} rows checked on every ValidateConfig; each "
+        f"level stops at {data['max_requests_per_level']} answers or {data['max_seconds_per_level']} s. Client and "
+        "server share the machine's cores.",
+        "",
+        "| rpc | clients | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rpc_name, rows in data["table"].items():
+        for r in rows:
+            out.append(
+                f"| {rpc_name} | {r['clients']} | {_f(r['requests'], 0)} | {_f(r['errors'], 0)} "
+                f"| {_f(r['requests_per_s'], 0)} | {_f(r['p50_ms'])} | {_f(r['p90_ms'])} | {_f(r['p99_ms'])} "
+                f"| {_f(r['max_ms'])} |"
+            )
+    return out
+
+
+def _memory(data: dict[str, Any]) -> list[str]:
+    out = [
+        "## Memory estimate accuracy",
+        "",
+        data["comparison"] + ".",
+        "",
+        "| config | steps | measured delta MiB | estimated MiB | measured / estimated | peak RSS MiB "
+        "| estimate incl. imports MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["cases"]:
+        out.append(
+            f"| {r['case']} | {r['steps']} | {_mib(r['measured_delta_bytes'])} | {_mib(r['estimated_delta_bytes'])} "
+            f"| {_f(r['measured_over_estimated'])} | {_mib(r['peak_rss_bytes'])} | {_mib(r['estimated_total_bytes'])} |"
+        )
+    return out
