@@ -179,3 +179,33 @@ def test_a_full_queue_is_resource_exhausted(
     finally:
         channel.close()
         stop_server(server)
+
+
+def test_disk_space_is_checked_before_jobs_and_exports(
+    tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
+) -> None:
+    server = start_server(tmp_path, *server_roots)
+    channel, stub = server.stub()
+    try:
+        stream = stub.Train(pb.TrainRequest(config=job_config(tiny_model_dir.name, max_steps=2)))
+        job = next(stream).job
+        assert [m.event for m in stream][-1].state_change.current == pb.JOB_STATE_SUCCEEDED
+    finally:
+        channel.close()
+        stop_server(server)
+
+    # The same data dir, now with more space asked to be kept free than any disk has.
+    hungry = start_server(tmp_path, *server_roots, "--disk-reserve-bytes", str(10**18))
+    channel, stub = hungry.stub()
+    try:
+        for call in (
+            lambda: next(stub.Train(pb.TrainRequest(config=job_config(tiny_model_dir.name)))),
+            lambda: list(stub.Export(pb.ExportRequest(job_id=job.id, format=pb.EXPORT_FORMAT_MERGED))),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "GiB" in (caught.value.details() or ""), "the refusal says how much is needed"
+    finally:
+        channel.close()
+        stop_server(hungry)
