@@ -30,6 +30,7 @@ from finetune_server.jobs.worker import WorkerSpec
 from finetune_server.metrics import ServiceMetrics
 from finetune_server.settings import ServerSettings
 from finetune_server.training.config import TrainingConfig
+from finetune_server.training.engine.errors import out_of_memory_hint
 from finetune_server.training.model_info import resolve_model
 from finetune_server.training.validation import resolve_dataset_path, validate
 
@@ -349,8 +350,7 @@ class JobService:
                 {
                     "reason": "OUT_OF_MEMORY",
                     "message": f"the worker was killed for using too much memory ({how})",
-                    "hint": "Use a smaller per_device_train_batch_size or max_length, gradient_checkpointing, "
-                    "or load_in_8bit / load_in_4bit.",
+                    "hint": out_of_memory_hint(TrainingConfig.from_dict(job.config)),
                 },
             )
             return True

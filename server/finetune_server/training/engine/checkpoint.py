@@ -29,6 +29,8 @@ import numpy as np
 import structlog
 import torch
 
+from finetune_server import faults
+
 log = structlog.get_logger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -119,6 +121,13 @@ def publish_dir(staging: Path, target: Path) -> None:
     _fsync_dir(target.parent)
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file: a full disk then shows as OSError(ENOSPC) in the exception chain (with a
+    path, torch raises only an opaque "unexpected pos" RuntimeError)."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
@@ -137,9 +146,10 @@ def save_checkpoint(
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_TEMP_PREFIX}{target.name}-"))
     try:
         model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save({"torch": rng_states["torch"], "cuda": rng_states.get("cuda") or []}, staging / "rng.pt")
+        faults.on_checkpoint_write(staging)  # FINETUNE_FAULTS=disk_full_at_checkpoint=N (tests, chaos drills)
+        _torch_save(optimizer.state_dict(), staging / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), staging / "scheduler.pt")
+        _torch_save({"torch": rng_states["torch"], "cuda": rng_states.get("cuda") or []}, staging / "rng.pt")
         state = {
             "step": step,
             "data_position": {"epoch": data_position.epoch, "batch_index": data_position.batch_index},
@@ -150,6 +160,7 @@ def save_checkpoint(
         (staging / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
         publish_dir(staging, target)
     except BaseException:
+        # Also on a full disk (ENOSPC): the half-written staging folder goes, the previous checkpoint stays newest.
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target

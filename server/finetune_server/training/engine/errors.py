@@ -6,7 +6,13 @@ error: the job was asked to stop and stopped cleanly.
 
 from __future__ import annotations
 
+import errno
+from typing import TYPE_CHECKING
+
 from finetune_server.errors import ErrorKind, FinetuneError, Violation
+
+if TYPE_CHECKING:
+    from finetune_server.training.config import TrainingConfig
 
 
 class TrainingError(FinetuneError):
@@ -38,17 +44,101 @@ class NanLossError(TrainingError):
 
 
 class OutOfMemoryError(TrainingError):
-    def __init__(self, step: int, device: str, detail: str) -> None:
+    def __init__(self, step: int, device: str, detail: str, config: TrainingConfig | None = None) -> None:
         super().__init__(
             ErrorKind.RESOURCE_EXHAUSTED,
             "OUT_OF_MEMORY",
             f"{device} ran out of memory at step {step}: {detail}",
             step=step,
+            hint=out_of_memory_hint(config),
+        )
+
+
+def out_of_memory_hint(config: TrainingConfig | None) -> str:
+    """Settings to try next, computed from the run's own values (halve the micro-batch, keep the effective batch)."""
+    if config is None:
+        return (
+            "Use a smaller per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective "
+            "batch), a smaller max_length, gradient_checkpointing, or load_in_8bit / load_in_4bit."
+        )
+    batch = int(config.per_device_train_batch_size or 1)
+    accum = int(config.gradient_accumulation_steps or 1)
+    max_length = int(config.max_length or 2048)
+    tries = []
+    if batch > 1:
+        smaller = max(d for d in range(1, batch // 2 + 1) if batch % d == 0)  # a divisor keeps the batch exact
+        tries.append(
+            f"per_device_train_batch_size={smaller} with gradient_accumulation_steps={accum * batch // smaller} "
+            f"(the same effective batch of {batch * accum})"
+        )
+    if not config.gradient_checkpointing:
+        tries.append("gradient_checkpointing=true")
+    if max_length > 64:
+        tries.append(f"max_length={max_length // 2} (longer examples are truncated)")
+    if not config.load_in_4bit:
+        tries.append("load_in_4bit=true (QLoRA, CUDA only)")
+    if not tries:
+        return "Every memory saving is already on: choose a smaller model, or a device with more memory."
+    return "Try, one at a time: " + "; ".join(tries) + "."
+
+
+class DiskFullError(TrainingError):
+    """The disk filled up while writing; the write was undone, so the newest complete checkpoint is still usable."""
+
+    def __init__(
+        self,
+        step: int,
+        what: str,
+        folder: str,
+        detail: str,
+        *,
+        needed_bytes: int,
+        free_bytes: int,
+        newest_checkpoint_step: int | None,
+        save_total_limit: int,
+    ) -> None:
+        kept = (
+            f"the checkpoint of step {newest_checkpoint_step} is the newest complete one"
+            if newest_checkpoint_step is not None
+            else "no checkpoint was completed"
+        )
+        super().__init__(
+            ErrorKind.RESOURCE_EXHAUSTED,
+            "DISK_FULL",
+            f"the disk is full: writing {what} at step {step} under {folder} failed ({detail}); nothing half-written "
+            f"was left and {kept}",
+            step=step,
             hint=(
-                "Use a smaller per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective "
-                "batch), a smaller max_length, gradient_checkpointing, or load_in_8bit / load_in_4bit."
+                f"Free at least {_mib(needed_bytes)} (about one checkpoint) on the disk of {folder} "
+                f"({_mib(free_bytes)} free now): delete old jobs' checkpoints and artifacts under the data dir, or "
+                f"keep fewer checkpoints (save_total_limit is {save_total_limit or 'unlimited'}) and save less often "
+                "(a larger save_steps)."
             ),
         )
+
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "os error 28")
+
+
+def disk_full_detail(exc: BaseException) -> str | None:
+    """What says that a write failed for want of space, or None when it failed otherwise. Writers wrap the OSError:
+    torch in an opaque RuntimeError (the OSError is its context), safetensors in an error that says so in words."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return current.strerror or str(current)
+        text = str(current)
+        if any(words in text for words in _DISK_FULL_WORDS):
+            return text.splitlines()[0]
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _mib(size: int) -> str:
+    return f"{max(size, 0) / (1 << 20):.1f} MiB"
 
 
 class NoUsableExamplesError(TrainingError):

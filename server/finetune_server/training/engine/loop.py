@@ -38,6 +38,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn import functional
 
+from finetune_server import faults
 from finetune_server.errors import ErrorKind, FinetuneError, Violation
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.data import (
@@ -51,14 +52,16 @@ from finetune_server.training.data import (
     iter_examples,
     load_tokenizer,
 )
-from finetune_server.training.data.template import SOURCE_FALLBACK
+from finetune_server.training.data.template import SOURCE_FALLBACK, save_tokenizer_files
 from finetune_server.training.engine import checkpoint as ckpt
 from finetune_server.training.engine.batching import Batch, collate, plan_batches
 from finetune_server.training.engine.errors import (
+    DiskFullError,
     NanLossError,
     NoUsableExamplesError,
     OutOfMemoryError,
     TrainingCancelled,
+    disk_full_detail,
 )
 from finetune_server.training.engine.events import (
     CheckpointEvent,
@@ -74,16 +77,6 @@ from finetune_server.training.engine.model_loading import compute_dtype, load_fo
 from finetune_server.training.engine.report import write_report
 
 ADAPTER_DIR = "adapter"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
 
 
 @dataclass(frozen=True)
@@ -413,16 +406,17 @@ def _run(
     def save() -> None:
         flush()  # never save weights that a NaN already spoiled
         if dist.is_main:
-            path = ckpt.save_checkpoint(
-                output_dir,
-                state.step,
-                model=peft_model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                rng_states=ckpt.capture_rng_states(),
-                data_position=state.position,
-                extra={**state.to_extra(), "elapsed_before_s": state.elapsed_before_s + _since(started)},
-            )
+            with _disk_full_as_error(state.step, "the checkpoint", output_dir, config, trainable_params):
+                path = ckpt.save_checkpoint(
+                    output_dir,
+                    state.step,
+                    model=peft_model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    rng_states=ckpt.capture_rng_states(),
+                    data_position=state.position,
+                    extra={**state.to_extra(), "elapsed_before_s": state.elapsed_before_s + _since(started)},
+                )
             ckpt.prune(output_dir, int(config.save_total_limit or 0))
             emit(CheckpointEvent(state.step, str(path.relative_to(output_dir)), ckpt.folder_size(path)))
         state.last_saved_step = state.step
@@ -480,6 +474,7 @@ def _run(
                 sync = ddp.no_sync() if ddp is not None and k < len(mine) - 1 else contextlib.nullcontext()
                 with sync:
                     with autocast:
+                        faults.before_forward(state.step + 1)  # FINETUNE_FAULTS=oom_at_step=N (tests, chaos drills)
                         logits = model(**gpu_batch.model_inputs(include_labels=False)).logits
                     loss_sum = _token_loss_sum(logits, gpu_batch.labels)
                     loss = loss_sum * (dist.world_size / window_tokens)
@@ -529,12 +524,12 @@ def _run(
         say(LogLevel.INFO, f"cancelled at step {state.step}")
         raise
     except torch.OutOfMemoryError as exc:
-        raise OutOfMemoryError(state.step + 1, str(dev), str(exc).splitlines()[0]) from exc
+        raise OutOfMemoryError(state.step + 1, str(dev), str(exc).splitlines()[0], config) from exc
     except MemoryError as exc:
-        raise OutOfMemoryError(state.step + 1, str(dev), "the process could not allocate host memory") from exc
+        raise OutOfMemoryError(state.step + 1, str(dev), "the process could not allocate host memory", config) from exc
     except RuntimeError as exc:
         if "out of memory" in str(exc) or "can't allocate memory" in str(exc):
-            raise OutOfMemoryError(state.step + 1, str(dev), str(exc).splitlines()[0]) from exc
+            raise OutOfMemoryError(state.step + 1, str(dev), str(exc).splitlines()[0], config) from exc
         raise
 
     # 10. Final adapter, with the tokenizer files and the exact chat template trained with; then the report.
@@ -564,8 +559,9 @@ def _run(
     if state.best_eval_loss is not None:
         metrics["best_eval_loss"] = state.best_eval_loss
     if dist.is_main:
-        _save_adapter(peft_model, adapter_dir, model_dir, template)
-        write_report(output_dir, metrics=metrics, history=state.history)
+        with _disk_full_as_error(state.step, "the final adapter", output_dir, config, trainable_params):
+            _save_adapter(peft_model, adapter_dir, model_dir, template)
+            write_report(output_dir, metrics=metrics, history=state.history)
     _barrier(dist)
     log.info("training finished", steps=state.step, final_train_loss=final_train_loss, runtime_s=runtime)
     return TrainingOutcome(
@@ -581,6 +577,39 @@ def _run(
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _disk_full_as_error(
+    step: int, what: str, output_dir: Path, config: TrainingConfig, trainable: Sequence[torch.nn.Parameter]
+) -> Iterator[None]:
+    """A full disk (or quota) while writing becomes DISK_FULL, saying what to free; other errors pass through.
+
+    The writers undo their staging folders first, so the newest complete checkpoint is still the one to resume from.
+    """
+    try:
+        yield
+    except Exception as exc:
+        detail = disk_full_detail(exc)
+        if detail is None:
+            raise
+        newest = ckpt.list_checkpoints(output_dir)
+        # One checkpoint's size: the last one written, else adapter + AdamW's two moments in fp32.
+        needed = ckpt.folder_size(newest[-1][1]) if newest else 12 * sum(p.numel() for p in trainable)
+        try:
+            free = shutil.disk_usage(output_dir).free
+        except OSError:
+            free = 0
+        raise DiskFullError(
+            step,
+            what,
+            str(output_dir),
+            detail,
+            needed_bytes=needed,
+            free_bytes=free,
+            newest_checkpoint_step=newest[-1][0] if newest else None,
+            save_total_limit=int(config.save_total_limit or 0),
+        ) from exc
 
 
 @dataclass
@@ -708,21 +737,10 @@ def _build_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer, t
 
 def _save_adapter(peft_model: Any, adapter_dir: Path, model_dir: Path, template: str) -> None:
     """Write the adapter folder atomically: weights, tokenizer files and the chat template trained with."""
-    import json
-
     staging = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".tmp-{adapter_dir.name}-"))
     try:
         peft_model.save_pretrained(staging, safe_serialization=True)
-        for name in _TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, staging / name)
-        config_file = staging / "tokenizer_config.json"
-        if config_file.is_file():
-            # One template everywhere: readers that look only at tokenizer_config.json get the same one.
-            tokenizer_config = json.loads(config_file.read_text(encoding="utf-8"))
-            tokenizer_config["chat_template"] = template
-            config_file.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False), encoding="utf-8")
-        (staging / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        save_tokenizer_files(model_dir, staging, template)
         ckpt.publish_dir(staging, adapter_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

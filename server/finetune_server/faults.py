@@ -1,0 +1,96 @@
+"""Fault injection for tests and chaos drills: make the failures we must survive happen on purpose, on a real server.
+
+Set `FINETUNE_FAULTS` in the server's environment (workers inherit it), as comma-separated `name=N` pairs:
+
+    FINETUNE_FAULTS="disk_full_at_checkpoint=2,oom_at_step=3" finetune serve ...
+
+- `disk_full_at_checkpoint=N`: the Nth checkpoint a worker process saves fails with OSError(ENOSPC) after part of
+  its files are written into the staging folder, as a full disk would fail it (so the atomic save is exercised).
+- `oom_at_step=N`: the forward pass of optimizer step N raises torch.OutOfMemoryError, as a failed allocation would.
+
+Counts are per worker process: an attempt that resumes from a checkpoint counts its own saves from 1 again.
+Unset or empty, nothing is injected and each hook costs one attribute test. The variable is read once per process;
+an unknown name or a bad number raises ValueError, so a misspelt drill fails loudly instead of testing nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import structlog
+
+ENV_VAR = "FINETUNE_FAULTS"
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Faults:
+    disk_full_at_checkpoint: int = 0  # 0: never
+    oom_at_step: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.disk_full_at_checkpoint or self.oom_at_step)
+
+
+def parse(text: str) -> Faults:
+    """`name=N` pairs separated by commas; whitespace and empty entries are ignored."""
+    known = {f.name for f in fields(Faults)}
+    values: dict[str, int] = {}
+    for raw in text.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        name, sep, number = (part.strip() for part in entry.partition("="))
+        if name not in known or not sep:
+            raise ValueError(f"{ENV_VAR}: unknown fault {entry!r}; known: {', '.join(sorted(known))} (as name=N)")
+        try:
+            value = int(number)
+        except ValueError:
+            raise ValueError(f"{ENV_VAR}: {name} needs a whole number, got {number!r}") from None
+        if value < 1:
+            raise ValueError(f"{ENV_VAR}: {name} counts from 1, got {value}")
+        values[name] = value
+    return Faults(**values)
+
+
+@functools.cache
+def active() -> Faults:
+    """The faults of this process, from the environment, read once."""
+    faults = parse(os.environ.get(ENV_VAR, ""))
+    if faults.any:
+        log.warning("fault injection is on", **{f.name: getattr(faults, f.name) for f in fields(Faults)})
+    return faults
+
+
+_checkpoints_started = 0
+
+
+def on_checkpoint_write(staging: Path) -> None:
+    """Called by the checkpoint writer once per checkpoint, with part of its files already in `staging`."""
+    global _checkpoints_started  # noqa: PLW0603 - a per-process counter is exactly what the fault counts
+    target = active().disk_full_at_checkpoint
+    if not target:
+        return
+    _checkpoints_started += 1
+    if _checkpoints_started != target:
+        return
+    # Leave a truncated file behind, as a real full disk does, so cleanup of the staging folder is tested too.
+    (staging / "optimizer.pt").write_bytes(b"\x80\x02truncated")
+    log.warning("injecting a full disk", checkpoint=target, staging=str(staging))
+    raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV_VAR})", str(staging / "optimizer.pt"))
+
+
+def before_forward(step: int) -> None:
+    """Called before each forward pass of optimizer step `step` (1-based)."""
+    target = active().oom_at_step
+    if target and step == target:
+        import torch
+
+        log.warning("injecting an out-of-memory error", step=step)
+        raise torch.OutOfMemoryError(f"injected out of memory at step {step} ({ENV_VAR}); tried to allocate 2.00 GiB")
