@@ -10,7 +10,7 @@ DATA_DIR ?= ./data
 NODE_DIR := tests/xlang/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed-stamp
 
-.PHONY: setup node-deps proto proto-check lint breaking test test-fast test-soak serve demo bench bench-gpu clean
+.PHONY: setup node-deps proto proto-check lint breaking test test-fast test-soak test-slow serve demo bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -58,6 +58,8 @@ test: $(STAMP) node-deps proto-check lint breaking
 test-soak: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m soak tests/soak
 	FUZZ_EXAMPLES=1000 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_fuzz_rpcs.py
+
+test-slow: test-soak
 
 # The tests without the slow marker, for a quick loop while developing.
 test-fast: $(STAMP) node-deps
