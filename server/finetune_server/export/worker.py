@@ -39,7 +39,13 @@ import structlog
 
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.export.package import FORMATS, remove_staging
-from finetune_server.jobs.supervisor import MAX_MESSAGE_BYTES, kill_process_group, read_log_tail
+from finetune_server.jobs.supervisor import (
+    kill_process_group,
+    read_log_tail,
+    read_messages,
+    spawn_with_pipe,
+    wait_for_exit,
+)
 from finetune_server.jobs.worker import Channel
 
 log = structlog.get_logger(__name__)
@@ -48,7 +54,6 @@ WORKER_MODULE = "finetune_server.export.worker"
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CRASH = 2
-DRAIN_AFTER_EXIT_S = 5.0  # a grandchild that inherited the pipe must not keep us waiting for EOF
 CRASH_TAIL_LINES = 20
 
 OnProgress = Callable[[dict[str, Any]], Awaitable[None]]
@@ -210,45 +215,15 @@ async def _run_worker(
     on_progress: OnProgress,
     bound: Any,
 ) -> tuple[int, dict[str, Any] | None]:
-    read_fd, write_fd = os.pipe()
-    child_env = dict(os.environ if env is None else env)
-    child_env["PYTHONUNBUFFERED"] = "1"
-    command = [sys.executable, "-m", WORKER_MODULE, "--spec", str(spec_path), "--events-fd", str(write_fd)]
-    try:
-        with log_path.open("ab") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                pass_fds=(write_fd,),
-                start_new_session=True,
-                env=child_env,
-            )
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)  # the worker holds the only write end now: its death is our EOF
-    pid = process.pid
-    bound.info("export worker spawned", pid=pid, log=str(log_path))
-
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=MAX_MESSAGE_BYTES)
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+    child_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
+    pipe = await spawn_with_pipe(
+        WORKER_MODULE, spec_path, log_path=log_path, env=child_env, stdin=asyncio.subprocess.DEVNULL
     )
+    bound.info("export worker spawned", pid=pipe.pid, log=str(log_path))
     final: list[dict[str, Any]] = []
 
     async def relay() -> None:
-        while line := await reader.readline():
-            try:
-                message = json.loads(line)
-            except ValueError:
-                bound.warning("bad export worker message", line=line[:200].decode(errors="replace"))
-                continue
-            if not isinstance(message, dict):
-                continue
+        async for message in read_messages(pipe.reader, bound):
             kind = message.get("type")
             if kind == "progress":
                 await on_progress(message)
@@ -257,22 +232,17 @@ async def _run_worker(
 
     relay_task = asyncio.create_task(relay())
     try:
-        returncode = await process.wait()
-        done, _ = await asyncio.wait({relay_task}, timeout=DRAIN_AFTER_EXIT_S)
-        if not done:
-            bound.warning("events pipe still open after the export worker exited: closing it")
-            transport.close()
-        await relay_task
+        returncode = await wait_for_exit(pipe, relay_task, bound)
     except BaseException:
         relay_task.cancel()
-        kill_process_group(pid)
+        kill_process_group(pipe.pid)
         with contextlib.suppress(ProcessLookupError, asyncio.CancelledError):
-            await asyncio.shield(process.wait())
+            await asyncio.shield(pipe.process.wait())
         raise
     finally:
-        transport.close()
-    kill_process_group(pid)  # leftovers it started must not hold the GPU after it
-    bound.info("export worker exited", pid=pid, returncode=returncode, final=final[0]["type"] if final else None)
+        pipe.transport.close()
+    kill_process_group(pipe.pid)  # leftovers it started must not hold the GPU after it
+    bound.info("export worker exited", pid=pipe.pid, returncode=returncode, final=final[0]["type"] if final else None)
     return returncode, final[0] if final else None
 
 

@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,13 @@ class WorkerExit:
         return self.final is None
 
 
+def module_command(module: str, spec_path: Path, events_fd: int) -> list[str]:
+    """How every worker module is started: its spec file and the inherited fd its messages go to."""
+    return [sys.executable, "-m", module, "--spec", str(spec_path), "--events-fd", str(events_fd)]
+
+
 def worker_command(spec_path: Path, events_fd: int) -> list[str]:
-    return [sys.executable, "-m", WORKER_MODULE, "--spec", str(spec_path), "--events-fd", str(events_fd)]
+    return module_command(WORKER_MODULE, spec_path, events_fd)
 
 
 def spec_path_for(spec: WorkerSpec) -> Path:
@@ -121,6 +126,78 @@ def cgroup_oom_kills() -> int | None:
     return None
 
 
+@dataclass
+class MessagePipe:
+    """A spawned worker (own process group, output to its log) and the pipe its JSON-line messages arrive on."""
+
+    process: asyncio.subprocess.Process
+    reader: asyncio.StreamReader
+    transport: asyncio.ReadTransport
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+async def spawn_with_pipe(
+    module: str, spec_path: Path, *, log_path: Path, env: Mapping[str, str], stdin: int
+) -> MessagePipe:
+    """Start `python -m module --spec SPEC --events-fd N`; the child holds the only write end, so its death is EOF."""
+    read_fd, write_fd = os.pipe()
+    command = module_command(module, spec_path, write_fd)
+    try:
+        with log_path.open("ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=stdin,
+                stdout=log_file,
+                stderr=log_file,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                env=dict(env),
+            )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    reader = asyncio.StreamReader(limit=MAX_MESSAGE_BYTES)
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+    )
+    return MessagePipe(process, reader, transport)
+
+
+async def read_messages(reader: asyncio.StreamReader, bound: Any) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects a worker sends, in order, until EOF; malformed or oversized lines are dropped with a warning."""
+    while True:
+        try:
+            line = await reader.readline()
+        except ValueError:  # a line over the limit: a protocol breach, treated as noise
+            bound.warning("oversized worker message dropped")
+            continue
+        if not line:
+            return
+        try:
+            message = _parse(line)
+        except ValueError as exc:
+            bound.warning("bad worker message", error=str(exc), line=line[:200].decode(errors="replace"))
+            continue
+        yield message
+
+
+async def wait_for_exit(pipe: MessagePipe, relay_task: asyncio.Task[None], bound: Any) -> int:
+    """The worker's exit code, once every message it sent has been relayed."""
+    returncode = await pipe.process.wait()
+    # The pipe normally hits EOF with the exit; only a grandchild holding it could delay that.
+    done, _ = await asyncio.wait({relay_task}, timeout=DRAIN_AFTER_EXIT_S)
+    if not done:
+        bound.warning("events pipe still open after the worker exited: closing it")
+        pipe.transport.close()
+    await relay_task
+    return returncode
+
+
 async def run_worker(
     spec: WorkerSpec,
     *,
@@ -141,47 +218,15 @@ async def run_worker(
     spec_path = spec.write(spec_path_for(spec))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     oom_before = cgroup_oom_kills()
-    read_fd, write_fd = os.pipe()
-    try:
-        with log_path.open("ab") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                *worker_command(spec_path, write_fd),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=log_file,
-                stderr=log_file,
-                pass_fds=(write_fd,),
-                start_new_session=True,
-                env=worker_env(spec, env),
-            )
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)  # the worker holds the only write end now: its death is our EOF
-    pid = process.pid
-    bound.info("worker spawned", pid=pid, gpu_slot=spec.gpu_slot, log=str(log_path))
-
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=MAX_MESSAGE_BYTES)
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
+    pipe = await spawn_with_pipe(
+        WORKER_MODULE, spec_path, log_path=log_path, env=worker_env(spec, env), stdin=asyncio.subprocess.PIPE
     )
+    process, pid = pipe.process, pipe.pid
+    bound.info("worker spawned", pid=pid, gpu_slot=spec.gpu_slot, log=str(log_path))
     messages: dict[str, dict[str, Any] | None] = {"started": None, "final": None}
 
     async def relay() -> None:
-        while True:
-            try:
-                line = await reader.readline()
-            except ValueError:  # a line over the limit: a protocol breach, treated as noise
-                bound.warning("oversized worker message dropped")
-                continue
-            if not line:
-                return
-            try:
-                message = _parse(line)
-            except ValueError as exc:
-                bound.warning("bad worker message", error=str(exc), line=line[:200].decode(errors="replace"))
-                continue
+        async for message in read_messages(pipe.reader, bound):
             kind = message.get("type")
             if kind == "started":
                 messages["started"] = message
@@ -201,13 +246,7 @@ async def run_worker(
     relay_task = asyncio.create_task(relay())
     cancel_task = asyncio.create_task(stop_on_cancel())
     try:
-        returncode = await process.wait()
-        # The pipe normally hits EOF with the exit; only a grandchild holding it could delay that.
-        done, _ = await asyncio.wait({relay_task}, timeout=DRAIN_AFTER_EXIT_S)
-        if not done:
-            bound.warning("events pipe still open after the worker exited: closing it")
-            transport.close()
-        await relay_task
+        returncode = await wait_for_exit(pipe, relay_task, bound)
     except BaseException:
         relay_task.cancel()
         if process.returncode is None:
@@ -217,7 +256,7 @@ async def run_worker(
         cancel_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await cancel_task
-        transport.close()
+        pipe.transport.close()
         if process.stdin is not None:
             process.stdin.close()
     kill_process_group(pid)  # leftovers the worker started must not hold the GPU after it
