@@ -7,6 +7,7 @@ watchers when new ones are stored, so watchers neither poll SQLite in a loop nor
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -53,7 +54,10 @@ class EventHub:
         channel = self._channels.get(job_id)
         if channel is None or not channel.recent or channel.recent[0].sequence > after_sequence + 1:
             return None
-        return [e for e in channel.recent if e.sequence > after_sequence]
+        # Sequences in the buffer are consecutive, so the first wanted event is found by arithmetic, not a scan:
+        # with many watchers each new event costs each of them O(new events), not O(buffer).
+        start = max(0, after_sequence + 1 - channel.recent[0].sequence)
+        return list(itertools.islice(channel.recent, start, None))
 
     async def wait_beyond(self, job_id: str, sequence: int) -> None:
         """Return once an event with a sequence greater than `sequence` has been published."""

@@ -1,0 +1,41 @@
+"""The event hub hands each watcher exactly the events after its position, from memory."""
+
+from __future__ import annotations
+
+import asyncio
+
+from finetune_server.jobs.hub import RECENT_EVENTS_PER_JOB, EventHub
+from finetune_server.jobs.models import EventKind, JobEventRecord
+
+
+def events(job_id: str, first: int, last: int) -> list[JobEventRecord]:
+    return [JobEventRecord(job_id, n, float(n), EventKind.LOG, {"message": str(n)}) for n in range(first, last + 1)]
+
+
+def test_recent_after_returns_exactly_the_newer_events() -> None:
+    hub = EventHub()
+    hub.publish(events("job-a", 1, 10))
+    hub.publish(events("job-a", 5, 12))  # already-seen sequences are ignored
+    assert [e.sequence for e in hub.recent_after("job-a", 0) or []] == list(range(1, 13))
+    assert [e.sequence for e in hub.recent_after("job-a", 7) or []] == [8, 9, 10, 11, 12]
+    assert hub.recent_after("job-a", 12) == []
+    assert hub.recent_after("job-b", 0) is None
+
+
+def test_memory_that_no_longer_reaches_back_defers_to_the_store() -> None:
+    hub = EventHub()
+    hub.publish(events("job-a", 1, RECENT_EVENTS_PER_JOB + 10))
+    assert hub.recent_after("job-a", 3) is None, "events 4..10 fell out of the buffer"
+    tail = hub.recent_after("job-a", RECENT_EVENTS_PER_JOB + 5) or []
+    assert [e.sequence for e in tail] == list(range(RECENT_EVENTS_PER_JOB + 6, RECENT_EVENTS_PER_JOB + 11))
+
+
+async def test_waiters_wake_on_publication() -> None:
+    hub = EventHub()
+    hub.publish(events("job-a", 1, 2))
+
+    async def publish_next() -> None:  # runs after the waiter is parked on the hub (gather starts them in order)
+        hub.publish(events("job-a", 3, 3))
+
+    await asyncio.wait_for(asyncio.gather(hub.wait_beyond("job-a", 2), publish_next()), timeout=5)
+    assert hub.latest("job-a") == 3
