@@ -7,6 +7,7 @@ Clients, server and worker share this machine's CPUs, so the latencies include c
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import threading
@@ -31,7 +32,7 @@ CLIENTS = int(os.environ.get("LOAD_CLIENTS", "50"))
 DURATION_S = float(os.environ.get("LOAD_SECONDS", "60"))
 MAX_CALLS_PER_CLIENT = 20_000  # a bound besides time, so a broken clock cannot make it run away
 CALL_TIMEOUT_S = 30
-STEPS = 220  # about 60 s of training here without load, so the job trains through the whole load window
+STEPS = 2000  # ~20 s alone on an idle 2-core machine; under the load it trains through the whole 60-s window
 SEED = 7
 
 WATCH_REPLAY = "WatchJob (finished job, whole replay)"
@@ -141,9 +142,13 @@ def cpu_seconds() -> float:
 
 
 def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a live process; NaN once it has exited (a fast machine can finish the job inside the window)."""
     import psutil
 
-    times = psutil.Process(pid).cpu_times()
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return math.nan
     return times.user + times.system
 
 
