@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,7 +159,7 @@ def run_demo(data_dir: Path, *, server: str | None, model: str | None, steps: in
     console.print("[bold]2.[/] Answers before training...")
     before = answer_all(model_ref, questions)
 
-    with local_server(data_dir, model_root) if server is None else _given(server) as address:
+    with local_server(data_dir, model_root) if server is None else nullcontext(server) as address:
         console.print(f"[bold]3.[/] Server at {address}; uploading {len(facts)} made-up facts...")
         with GrpcFineTuneService(address, timeout=60) as service:
             uploaded = service.upload_dataset(dataset_file)
@@ -181,11 +181,6 @@ def run_demo(data_dir: Path, *, server: str | None, model: str | None, steps: in
         console.print(f"worker log: {job_dir / 'worker.log'}")
     right = sum(a == f.answer for a, f in zip(after, facts, strict=True))
     return 0 if right > sum(b == f.answer for b, f in zip(before, facts, strict=True)) else 1
-
-
-@contextmanager
-def _given(address: str) -> Iterator[str]:
-    yield address
 
 
 def _train_with_bar(service: GrpcFineTuneService, config: dict[str, Any], console: Console) -> Any:

@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 
 from finetune_client import FinetuneServiceError, GrpcFineTuneService, ServerUnavailableError
+from finetune_server.json_values import finite
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -124,18 +125,8 @@ def console(*, stderr: bool = False) -> Console:
 
 def print_json(data: Any) -> None:
     """Machine-readable output: plain JSON on stdout (non-finite floats become null, so any parser accepts it)."""
-    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(finite(data), indent=2, default=str) + "\n")
     sys.stdout.flush()
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)

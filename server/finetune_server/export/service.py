@@ -20,6 +20,7 @@ from finetune_server.diskspace import ensure_free_space, export_disk_bytes
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.export.worker import run_export
 from finetune_server.jobs.models import ArtifactRecord, JobState
+from finetune_server.jobs.service import job_not_found
 from finetune_server.jobs.store import JobStore
 from finetune_server.settings import ServerSettings
 from finetune_server.training.config import TrainingConfig
@@ -64,7 +65,7 @@ class ExportService:
         try:
             job = await asyncio.to_thread(self._store.get_job, job_id)
         except KeyError:
-            raise FinetuneError(ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"no job has the id {job_id!r}") from None
+            raise job_not_found(job_id) from None
         if job.state is not JobState.SUCCEEDED:
             raise FinetuneError(
                 ErrorKind.FAILED_PRECONDITION,

@@ -21,7 +21,6 @@ The worker writes one JSON object per line to fd N, flushed after each (never st
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -46,7 +45,7 @@ from finetune_server.jobs.supervisor import (
     spawn_with_pipe,
     wait_for_exit,
 )
-from finetune_server.jobs.worker import Channel
+from finetune_server.jobs.worker import Channel, parse_worker_args
 
 log = structlog.get_logger(__name__)
 
@@ -136,15 +135,7 @@ def run(spec: ExportSpec, channel: Channel) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=WORKER_MODULE, description="Export one artifact.")
-    parser.add_argument("--spec", required=True, type=Path, help="the export's SPEC.json")
-    parser.add_argument("--events-fd", required=True, type=int, help="inherited fd for protocol messages")
-    parser.add_argument("--log-level", default=os.environ.get("FINETUNE_LOG_LEVEL", "info"))
-    args = parser.parse_args(argv)
-
-    from finetune_server.logging import configure_logging
-
-    configure_logging(args.log_level, json=True)
+    args = parse_worker_args(WORKER_MODULE, "Export one artifact.", argv)
     channel = Channel(os.fdopen(args.events_fd, "w", encoding="utf-8"), threading.Event())
     try:
         spec = ExportSpec.from_dict(json.loads(args.spec.read_text(encoding="utf-8")))

@@ -41,7 +41,7 @@ MAX_ATTEMPTS = 3
 WORKER_PID_FILE = "worker.pid"
 
 
-def not_found(job_id: str) -> FinetuneError:
+def job_not_found(job_id: str) -> FinetuneError:
     return FinetuneError(ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", f"no job has the id {job_id!r}")
 
 
@@ -176,7 +176,7 @@ class JobService:
         try:
             return await self._db(self._store.get_job, job_id)
         except KeyError:
-            raise not_found(job_id) from None
+            raise job_not_found(job_id) from None
 
     async def list(
         self, *, states: list[JobState], page_size: int, page_token: str, owner: str | None = None

@@ -258,9 +258,10 @@ def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> 
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=WORKER_MODULE, description="Run one fine-tuning job attempt.")
-    parser.add_argument("--spec", required=True, type=Path, help="the job's SPEC.json")
+def parse_worker_args(module: str, description: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line every worker module takes (see supervisor.module_command); also sets up JSON logs."""
+    parser = argparse.ArgumentParser(prog=module, description=description)
+    parser.add_argument("--spec", required=True, type=Path, help="the SPEC.json written by the server")
     parser.add_argument("--events-fd", required=True, type=int, help="inherited fd for protocol messages")
     parser.add_argument("--log-level", default=os.environ.get("FINETUNE_LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
@@ -268,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from finetune_server.logging import configure_logging
 
     configure_logging(args.log_level, json=True)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_worker_args(WORKER_MODULE, "Run one fine-tuning job attempt.", argv)
     spec = WorkerSpec.read(args.spec)
     log = structlog.get_logger(__name__).bind(job_id=spec.job_id)
     stop = threading.Event()

@@ -20,6 +20,8 @@ from typing import Any
 
 import structlog
 
+from finetune_server.json_values import finite
+
 log = structlog.get_logger(__name__)
 
 METRICS_FILE = "metrics.json"
@@ -42,7 +44,7 @@ def write_report(output_dir: Path, *, metrics: dict[str, Any], history: list[dic
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / METRICS_FILE
-    text = json.dumps(_finite(metrics), indent=2, sort_keys=True, allow_nan=False, default=str) + "\n"
+    text = json.dumps(finite(metrics), indent=2, sort_keys=True, allow_nan=False, default=str) + "\n"
     _atomic_write(metrics_path, text.encode())
     train = _series(history, "loss")
     evals = _series(history, "eval_loss")
@@ -50,16 +52,6 @@ def write_report(output_dir: Path, *, metrics: dict[str, Any], history: list[dic
     _atomic_write(png_path, render_loss_curve(train, evals))
     log.info("training report written", dir=str(output_dir), train_points=len(train), eval_points=len(evals))
     return metrics_path, png_path
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _series(history: Iterable[dict[str, Any]], key: str) -> list[tuple[float, float]]:
