@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=f"engine model sizes, of {list(SIZES)}")
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions (engine, service)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in the engine runs")
+    parser.add_argument(
+        "--service-threads", type=int, default=0, help="torch threads in the service runs (0: the server's default)"
+    )
     parser.add_argument("--watchers", type=int, default=100, help="concurrent WatchJob streams in the service run")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="models, datasets, job folders")
@@ -73,6 +76,7 @@ def plan(args: argparse.Namespace) -> dict[str, Callable[[], Section]]:
             reps=reps,
             watchers=3 if quick else args.watchers,
             warm_up=not quick,
+            threads=args.service_threads,
         ),
         "rpc": lambda: rpc.run(
             size=QUICK_SIZE if quick else SIZES["0.1M"],

@@ -102,7 +102,8 @@ def _service(data: dict[str, Any]) -> list[str]:
         "",
         f"Model {data['model']}, {data['samples']} examples, batch {data['batch_size']}, max_length "
         f"{data['max_length']}, {data['repetitions']} repetitions; the worker's import of torch + transformers + peft "
-        f"+ the engine: {data['worker_import_s']:.1f} s (median, fresh process).",
+        f"+ the engine: {data['worker_import_s']:.1f} s (median, fresh process). {data.get('threads', '?')} torch "
+        "thread(s) in the worker and in-process alike (the server's default for a worker on this machine).",
         "",
         "| mode | wall s | training loop s | events |",
         "|---|---|---|---|",

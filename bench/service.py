@@ -37,6 +37,7 @@ from bench.common import (
 from bench.server_proc import start_server
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_server.cpu_policy import worker_threads
 
 MODES = ("grpc_1", "grpc_100", "fresh", "warm")
 
@@ -113,7 +114,7 @@ async def train_grpc(address: str, config: pb.TrainingConfig, watchers: int) -> 
 class WarmEngine:
     """A child process with the engine imported; each `run()` trains once in it."""
 
-    def __init__(self, spec_path: Path, out: Path) -> None:
+    def __init__(self, spec_path: Path, out: Path, threads: int) -> None:
         self._proc = subprocess.Popen(
             [
                 sys.executable,
@@ -127,7 +128,7 @@ class WarmEngine:
                 str(out),
             ],
             cwd=REPO,
-            env=child_env(),
+            env=child_env(threads),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=out.with_suffix(".log").open("w"),
@@ -154,13 +155,13 @@ class WarmEngine:
         self._proc.wait(timeout=60)
 
 
-def run_fresh(spec_path: Path, out: Path) -> dict[str, Any]:
+def run_fresh(spec_path: Path, out: Path, threads: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     with out.with_suffix(".log").open("w") as log:
         proc = subprocess.run(
             [sys.executable, "-m", "bench.service_runs", "--spec", str(spec_path), "--mode", "once", "--out", str(out)],
             cwd=REPO,
-            env=child_env(),
+            env=child_env(threads),
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=1800,
@@ -175,8 +176,13 @@ def run_fresh(spec_path: Path, out: Path) -> dict[str, Any]:
     return result
 
 
-def run(*, size: ModelSize, work_dir: Path, reps: int, watchers: int = 100, warm_up: bool = True) -> Section:
+def run(
+    *, size: ModelSize, work_dir: Path, reps: int, watchers: int = 100, warm_up: bool = True, threads: int = 0
+) -> Section:
+    """`threads` torch threads in the worker and in the in-process runs alike (0: the server's default for a
+    worker), so the ratios are what the service adds, not a difference in thread count."""
     section = Section("service")
+    threads = worker_threads(threads, [], slots=1)
     t0 = time.perf_counter()
     model_dir = build_model(size, work_dir)
     dataset_root = work_dir / "datasets"
@@ -190,8 +196,14 @@ def run(*, size: ModelSize, work_dir: Path, reps: int, watchers: int = 100, warm
         "work_dir": str(work_dir / "runs"),
     }
     write_json(spec_path, spec)
-    server = start_server(work_dir / "service" / f"server-{time.time_ns()}", model_dir.parent, dataset_root)
-    warm = WarmEngine(spec_path, work_dir / "service" / "warm.json")
+    server = start_server(
+        work_dir / "service" / f"server-{time.time_ns()}",
+        model_dir.parent,
+        dataset_root,
+        "--worker-threads",
+        str(threads),
+    )
+    warm = WarmEngine(spec_path, work_dir / "service" / "warm.json", threads)
     runs: list[dict[str, Any]] = []
     try:
         config = proto_config(fields)
@@ -206,7 +218,7 @@ def run(*, size: ModelSize, work_dir: Path, reps: int, watchers: int = 100, warm
                 elif mode == "grpc_100":
                     result = run_async(train_grpc(server.address, config, watchers))
                 elif mode == "fresh":
-                    result = run_fresh(spec_path, work_dir / "service" / f"fresh-{rep}.json")
+                    result = run_fresh(spec_path, work_dir / "service" / f"fresh-{rep}.json", threads)
                 else:
                     result = warm.run()
                 result.update(mode=mode, rep=rep)
@@ -263,6 +275,7 @@ def run(*, size: ModelSize, work_dir: Path, reps: int, watchers: int = 100, warm
         "max_length": size.max_length,
         "repetitions": reps,
         "watchers": watchers,
+        "threads": threads,
         "worker_import_s": import_s,
         "warm_process_import_s": warm.import_s,
         "medians": {

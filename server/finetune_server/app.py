@@ -29,7 +29,6 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FineTuneService"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-MAX_CONCURRENT_STREAMS = 256  # per connection: one client cannot hold unbounded server resources
 
 
 class FinetuneServer:
@@ -71,7 +70,7 @@ class FinetuneServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+                ("grpc.max_concurrent_streams", self.settings.max_streams_per_connection),
             ],
         )
         exports = ExportService(self.settings, self.store)

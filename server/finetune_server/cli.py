@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from finetune_server.cpu_policy import check_cpus, parse_cpu_list
 from finetune_server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
 
 if TYPE_CHECKING:
@@ -115,6 +116,9 @@ def serve(
     slots: Annotated[int, typer.Option(min=1, help="Jobs that may train at once.")] = 1,
     max_upload_bytes: Annotated[int, typer.Option(min=1, help="Largest dataset upload.")] = DEFAULT_MAX_UPLOAD_BYTES,
     max_queued_jobs: Annotated[int, typer.Option(min=1, help="Queued jobs beyond which Train is refused.")] = 1000,
+    max_streams_per_connection: Annotated[
+        int, typer.Option(min=1, help="Concurrent calls one connection may have open; more wait for a free one.")
+    ] = 256,
     disk_reserve_bytes: Annotated[
         int, typer.Option(min=0, help="Disk space kept free beyond what a job or an export needs.")
     ] = 512 << 20,
@@ -129,6 +133,16 @@ def serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port (0: any free one).")
     ] = None,
+    worker_threads: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="CPU threads per training or export worker (0: the cores left after one for the server, per slot).",
+        ),
+    ] = 0,
+    worker_cpus: Annotated[
+        str | None, typer.Option(help="Pin workers to these CPUs, e.g. 2-7 (default: the server's CPUs).")
+    ] = None,
     grace: Annotated[float, typer.Option(help="Seconds in-flight calls get on SIGTERM/SIGINT.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -142,6 +156,11 @@ def serve(
     from finetune_server.logging import configure_logging
 
     configure_logging(log_level)
+    try:
+        pinned = parse_cpu_list(worker_cpus) if worker_cpus else []
+        check_cpus(pinned)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from None
     settings = ServerSettings(
         data_dir=data_dir,
         model_roots=list(model_dir or []),
@@ -151,12 +170,15 @@ def serve(
         slots=slots,
         max_upload_bytes=max_upload_bytes,
         max_queued_jobs=max_queued_jobs,
+        max_streams_per_connection=max_streams_per_connection,
         disk_reserve_bytes=disk_reserve_bytes,
         auth_token_file=auth_token_file,
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         metrics_port=metrics_port,
+        worker_threads=worker_threads,
+        worker_cpus=pinned,
     )
 
     def announce(bound_host: str, bound_port: int) -> None:

@@ -6,6 +6,9 @@ Set `FINETUNE_FAULTS` in the server's environment (workers inherit it), as comma
 
 - `disk_full_at_checkpoint=N`: the Nth checkpoint a worker process saves fails with OSError(ENOSPC) after part of
   its files are written into the staging folder, as a full disk would fail it (so the atomic save is exercised).
+- `kill_at_checkpoint=N`: the worker SIGKILLs itself in the middle of its Nth checkpoint write (a truncated file in
+  the staging folder), as a power cut or the OOM killer would stop it. Once per job: a marker in the job's folder
+  keeps the resumed attempt from dying the same way, so the drill shows the recovery.
 - `oom_at_step=N`: the forward pass of optimizer step N raises torch.OutOfMemoryError, as a failed allocation would.
 
 Counts are per worker process: an attempt that resumes from a checkpoint counts its own saves from 1 again.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import signal
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -31,11 +35,12 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True)
 class Faults:
     disk_full_at_checkpoint: int = 0  # 0: never
+    kill_at_checkpoint: int = 0
     oom_at_step: int = 0
 
     @property
     def any(self) -> bool:
-        return bool(self.disk_full_at_checkpoint or self.oom_at_step)
+        return bool(self.disk_full_at_checkpoint or self.kill_at_checkpoint or self.oom_at_step)
 
 
 def parse(text: str) -> Faults:
@@ -69,21 +74,37 @@ def active() -> Faults:
 
 
 _checkpoints_started = 0
+KILL_FIRED_MARKER = ".fault-kill-at-checkpoint"  # in the job's folder: the kill drill fires once per job
 
 
 def on_checkpoint_write(staging: Path) -> None:
     """Called by the checkpoint writer once per checkpoint, with part of its files already in `staging`."""
-    global _checkpoints_started  # noqa: PLW0603 - a per-process counter is exactly what the fault counts
-    target = active().disk_full_at_checkpoint
-    if not target:
+    global _checkpoints_started  # noqa: PLW0603 - a per-process counter is exactly what the faults count
+    faults = active()
+    if not (faults.disk_full_at_checkpoint or faults.kill_at_checkpoint):
         return
     _checkpoints_started += 1
-    if _checkpoints_started != target:
+    if _checkpoints_started == faults.kill_at_checkpoint:
+        _kill_mid_write(staging)
+    if _checkpoints_started != faults.disk_full_at_checkpoint:
         return
     # Leave a truncated file behind, as a real full disk does, so cleanup of the staging folder is tested too.
     (staging / "optimizer.pt").write_bytes(b"\x80\x02truncated")
-    log.warning("injecting a full disk", checkpoint=target, staging=str(staging))
+    log.warning("injecting a full disk", checkpoint=_checkpoints_started, staging=str(staging))
     raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV_VAR})", str(staging / "optimizer.pt"))
+
+
+def _kill_mid_write(staging: Path) -> None:
+    marker = staging.parent.parent / KILL_FIRED_MARKER  # checkpoints/<staging> -> the job's folder
+    if marker.exists():
+        return
+    marker.write_text(f"{staging.name}\n")
+    with (staging / "optimizer.pt").open("wb") as half:  # half a file on disk, no complete marker, no rename
+        half.write(b"\x80\x02truncated")
+        half.flush()
+        os.fsync(half.fileno())
+    log.warning("injecting a kill in the middle of a checkpoint write", staging=str(staging))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def before_forward(step: int) -> None:

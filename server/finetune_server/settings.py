@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune_server.cpu_policy import check_cpus, worker_threads
+
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 30  # 1 GiB
 
 
@@ -24,12 +26,15 @@ class ServerSettings:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     slots: int = 1
     max_queued_jobs: int = 1000  # beyond: RESOURCE_EXHAUSTED
+    max_streams_per_connection: int = 256  # HTTP/2 concurrent streams: one client cannot hold unbounded resources
     disk_reserve_bytes: int = 512 << 20  # kept free on the data dir's disk beyond what a job or export needs
     auth_token_file: Path | None = None  # None: no authentication
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate signed by it (mutual TLS)
     metrics_port: int | None = None  # None: no Prometheus endpoint
+    worker_threads: int = 0  # torch/OpenMP threads per worker; 0: see cpu_policy.worker_threads
+    worker_cpus: list[int] = field(default_factory=list)  # CPUs workers are pinned to; empty: the server's own
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -37,6 +42,12 @@ class ServerSettings:
         self.dataset_roots = [Path(p).expanduser().resolve() for p in self.dataset_roots]
         self.offline = self.offline or _env_flag("HF_HUB_OFFLINE")
         self.hf_endpoint = self.hf_endpoint or os.environ.get("HF_ENDPOINT", "")
+        self.worker_cpus = sorted(set(self.worker_cpus))
+        check_cpus(self.worker_cpus)
+
+    @property
+    def threads_per_worker(self) -> int:
+        return worker_threads(self.worker_threads, self.worker_cpus, self.slots)
 
     @property
     def uploads_dir(self) -> Path:

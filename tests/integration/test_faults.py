@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
-from finetune_server.faults import ENV_VAR, Faults, parse
+from finetune_server.faults import ENV_VAR, KILL_FIRED_MARKER, Faults, parse
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.engine.checkpoint import COMPLETE_MARKER
 from finetune_server.training.engine.errors import disk_full_detail, out_of_memory_hint
@@ -143,3 +143,33 @@ def test_disk_full_at_a_checkpoint_fails_the_job_and_keeps_the_previous_checkpoi
 
     assert_serving(channel)
     assert_database_intact(faulty_server)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_in_the_middle_of_a_checkpoint_write_resumes_from_the_previous_one(
+    tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
+) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_VAR, "kill_at_checkpoint=2")  # SIGKILL halfway through the save of step 4
+        server = start_server(tmp_path, *server_roots)
+    channel, stub = server.stub()
+    try:
+        config = job_config(tiny_model_dir.name, max_steps=6, save_steps=2, save_total_limit=5)  # keeps all three
+        job, events = train_to_end(stub, config)
+        done = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10).job
+    finally:
+        channel.close()
+        stop_server(server)
+    assert_gap_free(events)
+    assert done.state == pb.JOB_STATE_SUCCEEDED and done.result.steps == 6 and done.resume_count == 1
+    logs = [e.log.message for e in events if e.WhichOneof("kind") == "log"]
+    assert any("SIGKILL" in line for line in logs), logs
+    assert "resumed from the checkpoint at step 2" in logs
+    # The killed save left no event and no folder: step 4 was written again, whole, by the resumed attempt.
+    assert [e.checkpoint.step for e in events if e.WhichOneof("kind") == "checkpoint"] == [2, 4, 6]
+    checkpoints = server.data_dir / "jobs" / job.id / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004", "step-00000006"]
+    for step in (2, 4, 6):
+        assert (checkpoints / f"step-{step:08d}" / COMPLETE_MARKER).read_text().strip() == str(step)
+    assert (server.data_dir / "jobs" / job.id / KILL_FIRED_MARKER).is_file(), "the fault really fired"
+    assert_database_intact(server)

@@ -209,3 +209,35 @@ def test_disk_space_is_checked_before_jobs_and_exports(
     finally:
         channel.close()
         stop_server(hungry)
+
+
+def test_one_connection_gets_at_most_its_streams_and_others_are_unaffected(
+    tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
+) -> None:
+    server = start_server(tmp_path, *server_roots, "--max-streams-per-connection", "4")
+    # Channels to one address share a TCP connection unless each has its own subchannel pool.
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    greedy = grpc.insecure_channel(server.address, options=own_connection)
+    other = grpc.insecure_channel(server.address, options=own_connection)
+    greedy_stub, other_stub = pb_grpc.FineTuneServiceStub(greedy), pb_grpc.FineTuneServiceStub(other)
+    try:
+        training = other_stub.Train(pb.TrainRequest(config=job_config(tiny_model_dir.name, max_steps=100000)))
+        job = next(training).job
+        watches = [greedy_stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=120) for _ in range(4)]
+        for watch in watches:
+            assert next(watch).event.sequence == 1  # each of the 4 streams is open on the server
+        fifth = pb.GetJobRequest(job_id=job.id)
+        with pytest.raises(grpc.RpcError) as caught:
+            greedy_stub.GetJob(fifth, timeout=2)  # waits for a free stream of this connection until its deadline
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert other_stub.GetJob(fifth, timeout=30).job.id == job.id  # another connection is not held up
+        watches[0].cancel()
+        assert greedy_stub.GetJob(fifth, timeout=30).job.id == job.id  # a freed stream serves the waiting call
+        other_stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=10)
+        training.cancel()
+        for watch in watches[1:]:
+            watch.cancel()
+    finally:
+        greedy.close()
+        other.close()
+        stop_server(server)

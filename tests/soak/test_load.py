@@ -1,7 +1,9 @@
 """Load: 50 concurrent grpc.aio clients for 60 s call ValidateConfig, GetJob, ListJobs and WatchJob while a job
-trains. No call may fail; p50/p99 latency per method; the job's training time against the same job without load.
+trains. No call may fail; p50/p99 latency per method; the job's steps/s under the load against the same job alone.
 
-Clients, server and worker share this machine's CPUs, so the latencies include client-side scheduling.
+Twice: with everything sharing the CPUs (clients on the training host: what the load costs in CPU share), and with
+the worker pinned to a core of its own (what the service's own work costs training, as on a host where the RPC plane
+has its cores). The clients run on this machine, so the latencies include client-side scheduling.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_server.cpu_policy import available_cpus, format_cpu_list
 
 from ..integration.test_jobs import job_config
 from .conftest import machine, start_server, stop_server, write_report_section
@@ -32,7 +35,10 @@ CLIENTS = int(os.environ.get("LOAD_CLIENTS", "50"))
 DURATION_S = float(os.environ.get("LOAD_SECONDS", "60"))
 MAX_CALLS_PER_CLIENT = 20_000  # a bound besides time, so a broken clock cannot make it run away
 CALL_TIMEOUT_S = 30
-STEPS = 2000  # ~20 s alone on an idle 2-core machine; under the load it trains through the whole 60-s window
+BASE_STEPS = 1000  # the job alone, for its speed; the job under load is sized from that to outlast the window
+ALLOWED_SLOWDOWN = 1.05  # the benchmarks issue's service overhead
+AFTER_S = 40  # the loaded job trains on about this long after the window: its own speed without load
+SETTLE_S = 2.0  # the clients' channels close and the server drains their calls
 SEED = 7
 
 WATCH_REPLAY = "WatchJob (finished job, whole replay)"
@@ -164,17 +170,53 @@ def steps_per_second(progress: list[tuple[float, int]], start: float, end: float
     return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the worker trains and where the server and the clients run."""
+
+    name: str
+    worker_cpus: list[int]  # empty: the server's default (it leaves one core to itself) on the shared CPUs
+    rpc_cpus: list[int]  # the server and the clients (this process); empty: all
+
+    def server_args(self) -> list[str]:
+        return ["--worker-cpus", format_cpu_list(self.worker_cpus)] if self.worker_cpus else []
+
+    def describe(self) -> str:
+        if not self.worker_cpus:
+            return "worker, server and clients share every CPU (the worker has the default threads)"
+        return (
+            f"the worker is pinned to CPU {format_cpu_list(self.worker_cpus)} (`--worker-cpus`), the server and the "
+            f"clients to CPU {format_cpu_list(self.rpc_cpus)}, as on a host that keeps cores for the RPC plane"
+        )
+
+
+def placements() -> list[Placement]:
+    cpus = available_cpus()
+    found = [Placement("shared", [], [])]
+    if len(cpus) >= 2:
+        found.append(Placement("isolated", cpus[-1:], cpus[:-1]))
+    return found
+
+
+@pytest.mark.parametrize("placement", placements(), ids=lambda p: p.name)
 def test_fifty_clients_for_a_minute_while_a_job_trains(
-    tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
+    tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path, placement: Placement
 ) -> None:
     load_at_start = os.getloadavg()[0]
-    server = start_server(tmp_path, *server_roots)
+    own_cpus = available_cpus()
+    if placement.rpc_cpus:  # before the server starts: it inherits this mask, its workers pin themselves
+        os.sched_setaffinity(0, placement.rpc_cpus)
+    server = start_server(tmp_path, *server_roots, *placement.server_args())
     channel, stub = server.stub()
-    config = job_config(tiny_model_dir.name, max_steps=STEPS, save_steps=50, logging_steps=5)
     try:
         baseline = Followed()
-        baseline.follow(stub, config).join(timeout=900)
+        base_config = job_config(tiny_model_dir.name, max_steps=BASE_STEPS, save_steps=50, logging_steps=5)
+        baseline.follow(stub, base_config).join(timeout=900)
         assert baseline.error is None and baseline.job is not None
+        base_rate = steps_per_second(baseline.progress(), 0.0, float("inf"))
+        # Long enough to train through the window even at the baseline's speed, then on for a while without load.
+        steps = math.ceil(base_rate * (DURATION_S + AFTER_S))
+        config = job_config(tiny_model_dir.name, max_steps=steps, save_steps=50, logging_steps=5)
         loaded = Followed()
         thread = loaded.follow(stub, config)
         assert loaded.training.wait(timeout=300) and loaded.error is None and loaded.job is not None
@@ -189,41 +231,44 @@ def test_fifty_clients_for_a_minute_while_a_job_trains(
     finally:
         channel.close()
         stop_server(server)
+        os.sched_setaffinity(0, own_cpus)
 
     assert load.errors == [], load.errors[:10]
-    assert all(job.state == pb.JOB_STATE_SUCCEEDED and job.result.steps == STEPS for job in jobs)
+    assert [(job.state, job.result.steps) for job in jobs] == [(pb.JOB_STATE_SUCCEEDED, n) for n in (BASE_STEPS, steps)]
     calls = sum(len(v) for v in load.latencies.values())
     assert set(load.latencies) == {"ValidateConfig", "GetJob", "ListJobs", WATCH_REPLAY, WATCH_LIVE}
 
-    def wall(followed: Followed) -> float:
-        return followed.state_time(pb.JOB_STATE_SUCCEEDED) - followed.state_time(pb.JOB_STATE_RUNNING)
-
-    base_wall, load_wall = wall(baseline), wall(loaded)
     window_s = load.window[1] - load.window[0]
-    base_rate = steps_per_second(baseline.progress(), 0.0, float("inf"))
     load_rate = steps_per_second(loaded.progress(), *load.window)
+    after_rate = steps_per_second(loaded.progress(), load.window[1] + SETTLE_S, float("inf"))
+    slowdown = base_rate / max(load_rate, 1e-9)
+    same_job = f"{after_rate / max(load_rate, 1e-9):.3f}x" if after_rate else "-"
+    verdict = "met" if slowdown <= ALLOWED_SLOWDOWN else "NOT met"
     trained_through = loaded.state_time(pb.JOB_STATE_SUCCEEDED) >= load.window[1]
-    wall_ratio = f"x{load_wall / base_wall:.2f}"
-    rate_ratio = f"x{base_rate / max(load_rate, 1e-9):.2f} slower"
     rows = "\n".join(
         f"| {name} | {len(values)} | {percentile(values, 50) * 1000:.1f} | {percentile(values, 99) * 1000:.1f} "
         f"| {max(values) * 1000:.1f} |"
         for name, values in sorted(load.latencies.items())
     )
     write_report_section(
-        "load",
-        f"""## Load: {CLIENTS} grpc.aio clients for {DURATION_S:.0f} s while a job trains (tests/soak/test_load.py)
+        f"load-{placement.name}",
+        f"""## Load, {placement.name} CPUs: {CLIENTS} grpc.aio clients for {DURATION_S:.0f} s while a job trains \
+(tests/soak/test_load.py)
 
-{machine(load_at_start)}. Loopback; clients, server and worker share the CPUs. Each client has its own
-channel and calls a seeded random method in a loop until the window ends (at most {MAX_CALLS_PER_CLIENT} calls).
+{machine(load_at_start)}. Loopback; {placement.describe()}. Each client has its own channel and calls a seeded random
+method in a loop until the window ends (at most {MAX_CALLS_PER_CLIENT} calls).
 
 | figure | value |
 |---|---|
 | calls (cases) | {calls} in {window_s:.1f} s ({calls / window_s:.0f}/s) |
 | errors | {len(load.errors)} |
-| training job | {STEPS} steps of the tiny model, batch 4, max_length 128, checkpoint every 50 |
-| job wall time RUNNING -> SUCCEEDED, no load / under load | {base_wall:.1f} s / {load_wall:.1f} s ({wall_ratio}) |
-| steps/s, no load / during the load window | {base_rate:.2f} / {load_rate:.2f} ({rate_ratio}) |
+| training job | tiny model, batch 4, max_length 128, checkpoint every 50 steps; {BASE_STEPS} steps alone, \
+then {steps} under the load |
+| steps/s: the job alone / the loaded job in the window / the same job after it | {base_rate:.2f} / \
+{load_rate:.2f} / {after_rate:.2f} |
+| training slowdown under load against the job alone (allowed: {ALLOWED_SLOWDOWN:.2f}x, the benchmarks issue's \
+service overhead) | {slowdown:.3f}x ({verdict}) |
+| ... against the same job once the load stopped | {same_job} |
 | CPU seconds in the window: clients / server / worker | {load.cpu_s:.1f} / {server_cpu:.1f} / {worker_cpu:.1f} |
 | job still training when the load ended | {"yes" if trained_through else "no"} |
 

@@ -33,13 +33,18 @@ COMMON: dict[str, Any] = {
 
 
 def _run(model_dir: str, dataset: str, output_dir: str, overrides: dict[str, Any], events_file: str) -> None:
+    from finetune_server.errors import FinetuneError
     from finetune_server.training.config import TrainingConfig, resolve
     from finetune_server.training.engine.events import EvalEvent, Event, ProgressEvent
     from finetune_server.training.engine.loop import run_training
 
     config, _ = resolve(TrainingConfig.from_dict({"model_name": model_dir, "dataset": dataset, **overrides}))
     events: list[Event] = []
-    run_training(config, model_ref=model_dir, dataset_path=dataset, output_dir=output_dir, on_event=events.append)
+    try:
+        run_training(config, model_ref=model_dir, dataset_path=dataset, output_dir=output_dir, on_event=events.append)
+    except FinetuneError as exc:  # each rank says how it ended, for the test to read
+        Path(f"{events_file}.rank{os.environ.get('RANK', '0')}").write_text(exc.reason)
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
         rows = [
             {"step": e.step, "loss": e.loss, "tokens_seen": e.tokens_seen}
@@ -81,13 +86,8 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path: Path, tiny_m
         check=True,
         timeout=300,
     )
-    subprocess.run(
+    two_ranks = _torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
             script,
             str(tiny_model_dir),
             str(dataset),
@@ -95,10 +95,9 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path: Path, tiny_m
             json.dumps(double),
             str(tmp_path / "two.json"),
         ],
-        env=env,
-        check=True,
-        timeout=300,
+        env,
     )
+    assert two_ranks.returncode == 0, two_ranks.stderr[-3000:]
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert [r["step"] for r in two["progress"]] == [1, 2, 3, 4]
@@ -114,6 +113,32 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path: Path, tiny_m
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-6)
     # Only rank 0 wrote checkpoints, and they are complete.
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+
+def _torchrun(script_args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *script_args]
+    return subprocess.run(command, check=False, env=env, timeout=300, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_rank_0_stops_every_rank_instead_of_leaving_them_at_a_barrier(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    dataset = _facts(tmp_path / "facts.jsonl")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "FINETUNE_FAULTS": "disk_full_at_checkpoint=1",
+    }
+    outcome = tmp_path / "two.json"
+    args = [str(Path(__file__).resolve()), str(tiny_model_dir), str(dataset), str(tmp_path / "two")]
+    # A hang would end in TimeoutExpired: the other rank would wait for rank 0 until gloo's 30-minute timeout.
+    finished = _torchrun([*args, json.dumps({**COMMON, "gradient_accumulation_steps": 1}), str(outcome)], env)
+    assert finished.returncode != 0
+    assert Path(f"{outcome}.rank0").read_text() == "DISK_FULL"
+    assert Path(f"{outcome}.rank1").read_text() == "PEER_FAILED"
+    assert not (tmp_path / "two" / "checkpoints").exists() or not any((tmp_path / "two" / "checkpoints").iterdir())
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ class ExportService:
                 "target_dir": str(target),
                 "hub_cache_dir": str(self._settings.hf_cache_dir) if self._settings.hf_cache_dir else None,
                 "hub_offline": self._settings.offline,
+                "cpu_threads": self._settings.threads_per_worker,
+                "cpus": self._settings.worker_cpus or None,
             }
             progress: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
             self._settings.artifacts_dir.mkdir(parents=True, exist_ok=True)

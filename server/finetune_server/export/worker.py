@@ -36,6 +36,7 @@ from typing import Any
 
 import structlog
 
+from finetune_server.cpu_policy import apply_in_worker
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.export.package import FORMATS, remove_staging
 from finetune_server.jobs.supervisor import (
@@ -74,6 +75,8 @@ class ExportSpec:
     artifact_name: str | None = None
     serve_path: str | None = None
     base_model: str | None = None  # the base's name as people know it (a hub id), for the manifest and vllm serve
+    cpu_threads: int | None = None  # torch/OpenMP threads; None: torch's default
+    cpus: list[int] | None = None  # CPUs to run on; None: the server's
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     channel = Channel(os.fdopen(args.events_fd, "w", encoding="utf-8"), threading.Event())
     try:
         spec = ExportSpec.from_dict(json.loads(args.spec.read_text(encoding="utf-8")))
+        apply_in_worker(spec.cpu_threads, spec.cpus)  # before run() imports torch
         code = run(spec, channel)
     except FinetuneError as exc:  # a bad spec
         channel.send(error_message(exc))

@@ -284,6 +284,8 @@ class JobService:
             hub_offline=self._settings.offline,
             gpu_slot=slot,
             data_dir=str(self._settings.data_dir),
+            cpu_threads=self._settings.threads_per_worker,
+            cpus=self._settings.worker_cpus or None,
         )
 
     async def _run(self, job: JobRecord, slot: int, cancel: asyncio.Event) -> None:

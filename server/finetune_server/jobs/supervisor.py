@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from finetune_server.cgroups import cgroup_files
 from finetune_server.jobs.worker import SPEC_FILE, WORKER_MODULE, WorkerSpec
 
 log = structlog.get_logger(__name__)
@@ -105,19 +106,7 @@ def read_log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 <
 
 def cgroup_oom_kills() -> int | None:
     """The kernel's OOM-kill counter of our memory cgroup (v2 memory.events, v1 memory.oom_control), if readable."""
-    try:
-        entries = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    candidates = []
-    for entry in entries:
-        _, controllers, path = entry.split(":", 2)
-        rel = path.lstrip("/")
-        if controllers == "":
-            candidates.append(Path("/sys/fs/cgroup", rel, "memory.events"))
-        elif "memory" in controllers.split(","):
-            candidates.append(Path("/sys/fs/cgroup/memory", rel, "memory.oom_control"))
-    for candidate in candidates:
+    for candidate in cgroup_files("memory.events", "memory", "memory.oom_control"):
         with contextlib.suppress(OSError, ValueError):
             for line in candidate.read_text().splitlines():
                 key, _, value = line.partition(" ")

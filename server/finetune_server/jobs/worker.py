@@ -9,8 +9,8 @@ Started as ``python -m finetune_server.jobs.worker --spec SPEC.json --events-fd 
 
 SPEC.json (written by the supervisor into the job's output folder) is `WorkerSpec` as JSON: job_id, config (the
 RESOLVED TrainingConfig as a dict), model_ref, dataset_path, eval_dataset_path, output_dir, hub_cache_dir,
-hub_offline, device, gpu_slot (already applied as CUDA_VISIBLE_DEVICES by the supervisor) and data_dir (the result's
-adapter_location is relative to it when set).
+hub_offline, device, gpu_slot (already applied as CUDA_VISIBLE_DEVICES by the supervisor), data_dir (the result's
+adapter_location is relative to it when set), cpu_threads and cpus (applied by the worker before it imports torch).
 
 The worker writes one JSON object per line to fd N, flushed after every line. Never stdout: libraries print there.
 
@@ -54,6 +54,8 @@ from typing import IO, Any
 
 import structlog
 
+from finetune_server.cpu_policy import apply_in_worker
+
 WORKER_MODULE = "finetune_server.jobs.worker"
 SPEC_FILE = "worker_spec.json"
 EXIT_OK = 0  # result or cancelled
@@ -76,6 +78,8 @@ class WorkerSpec:
     device: str | None = None  # e.g. "cpu", "cuda:0"; None: the engine picks
     gpu_slot: int | None = None  # host GPU index -> CUDA_VISIBLE_DEVICES (set by the supervisor, not the worker)
     data_dir: str | None = None  # adapter_location is reported relative to it when set
+    cpu_threads: int | None = None  # torch/OpenMP threads; None: torch's default
+    cpus: list[int] | None = None  # CPUs to run on; None: the server's
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,6 +279,7 @@ def parse_worker_args(module: str, description: str, argv: Sequence[str] | None)
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_worker_args(WORKER_MODULE, "Run one fine-tuning job attempt.", argv)
     spec = WorkerSpec.read(args.spec)
+    apply_in_worker(spec.cpu_threads, spec.cpus)  # before torch is imported
     log = structlog.get_logger(__name__).bind(job_id=spec.job_id)
     stop = threading.Event()
     channel = Channel(os.fdopen(args.events_fd, "w", encoding="utf-8"), stop)

@@ -39,6 +39,7 @@ import torch.distributed as torch_dist
 from torch.nn import functional
 
 from finetune_server import faults
+from finetune_server.cpu_policy import cpu_set_note
 from finetune_server.errors import ErrorKind, FinetuneError, Violation
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.data import (
@@ -61,6 +62,7 @@ from finetune_server.training.engine.errors import (
     NoUsableExamplesError,
     OutOfMemoryError,
     TrainingCancelled,
+    TrainingError,
     disk_full_detail,
 )
 from finetune_server.training.engine.events import (
@@ -338,10 +340,12 @@ def _run(
     log_every = max(1, int(config.logging_steps or 1))
     patience = int(config.early_stopping_patience or 0)
     max_grad_norm = float(config.max_grad_norm or 0.0)
+    threads = torch.get_num_threads()
     say(
         LogLevel.INFO,
         f"training {len(train_examples)} examples ({batches_per_epoch} micro-batches per epoch) for {total_steps} "
-        f"steps; eval on {len(eval_examples)} examples",
+        f"steps; eval on {len(eval_examples)} examples; on {dev} with {threads} CPU thread{'' if threads == 1 else 's'}"
+        f"{cpu_set_note()}",
     )
 
     # Losses and grad norms of steps not yet read back to the host: (step, loss, lr, grad norm, epoch).
@@ -405,7 +409,8 @@ def _run(
 
     def save() -> None:
         flush()  # never save weights that a NaN already spoiled
-        if dist.is_main:
+
+        def write() -> None:
             with _disk_full_as_error(state.step, "the checkpoint", output_dir, config, trainable_params):
                 path = ckpt.save_checkpoint(
                     output_dir,
@@ -419,8 +424,9 @@ def _run(
                 )
             ckpt.prune(output_dir, int(config.save_total_limit or 0))
             emit(CheckpointEvent(state.step, str(path.relative_to(output_dir)), ckpt.folder_size(path)))
+
+        _on_main_rank(dist, dev, state.step, "the checkpoint", write)
         state.last_saved_step = state.step
-        _barrier(dist)
 
     def report_progress() -> None:
         nonlocal progress_tokens, last_progress_time
@@ -558,11 +564,13 @@ def _run(
         metrics["eval_perplexity"] = _perplexity(final_eval_loss)
     if state.best_eval_loss is not None:
         metrics["best_eval_loss"] = state.best_eval_loss
-    if dist.is_main:
+
+    def write_adapter() -> None:
         with _disk_full_as_error(state.step, "the final adapter", output_dir, config, trainable_params):
             _save_adapter(peft_model, adapter_dir, model_dir, template)
             write_report(output_dir, metrics=metrics, history=state.history)
-    _barrier(dist)
+
+    _on_main_rank(dist, dev, state.step, "the final adapter", write_adapter)
     log.info("training finished", steps=state.step, final_train_loss=final_train_loss, runtime_s=runtime)
     return TrainingOutcome(
         final_train_loss=final_train_loss,
@@ -777,6 +785,29 @@ def _pick_device(device: torch.device | str | None, dist: DistInfo) -> torch.dev
     if torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
+
+
+def _on_main_rank(dist: DistInfo, device: torch.device, step: int, what: str, write: Callable[[], None]) -> None:
+    """Run `write` on rank 0 only, then let every rank know whether it failed.
+
+    A plain barrier after a failed save would leave the other ranks waiting for a rank that is gone (until the
+    process group's timeout, 30 minutes by default); this way they all stop at once, rank 0 with its own error.
+    """
+    error: Exception | None = None
+    if dist.is_main:
+        try:
+            write()
+        except Exception as exc:  # re-raised below, once the others know
+            error = exc
+    if dist.world_size > 1 and _any_rank(error is not None, device) and error is None:
+        raise TrainingError(
+            ErrorKind.UNAVAILABLE,
+            "PEER_FAILED",
+            f"rank 0 failed while writing {what} at step {step}; its error says why",
+            step=step,
+        )
+    if error is not None:
+        raise error
 
 
 def _barrier(dist: DistInfo) -> None:
