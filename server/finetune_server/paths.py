@@ -1,7 +1,8 @@
 """Confinement of caller-named paths to configured roots.
 
 A caller may name a local model folder or a server-side dataset, but only under the roots the operator configured.
-`..`, absolute paths outside the roots and symlinks that lead out are refused with PERMISSION_DENIED.
+`..`, absolute paths outside the roots and symlinks that lead out are refused with PERMISSION_DENIED; `~` is a
+plain character (never expanded), so `~/x` and `~user` name folders under a root like any other relative name.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def confine(name: str, roots: Sequence[Path], field_path: str) -> Path:
             hint="Start the server with --model-dir / --dataset-dir, or use a hub id / an uploaded dataset.",
         )
     resolved_roots = [Path(r).expanduser().resolve() for r in roots]
-    raw = Path(name).expanduser()
+    # Never expanded: a caller's "~" is not the server's home, and "~user" would look up accounts on this host.
+    raw = Path(name)
     candidates = [raw.resolve()] if raw.is_absolute() else [(root / raw).resolve() for root in resolved_roots]
     inside = [c for c in candidates if any(c == r or c.is_relative_to(r) for r in resolved_roots)]
     if not inside:

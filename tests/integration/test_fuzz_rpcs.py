@@ -1,11 +1,14 @@
 """Hypothesis-generated requests for every RPC, sent to a real server: never UNKNOWN or INTERNAL, server healthy.
 
-The default run sends a few hundred cases; `make test-soak` (marker `soak`) sends 10,000 and more per RPC.
+The default run sends a few hundred cases (FUZZ_EXAMPLES=40 per RPC); `make test-soak` sends 1,000 per RPC (11,000 in
+all) with FUZZ_REPORT=1, which writes the cases and the status codes they got to bench/results/reliability.md.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +23,7 @@ from hypothesis import strategies as st
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 
+from ..reliability_report import machine, write_report_section
 from .conftest import RunningServer
 
 CALLER_ERRORS = {
@@ -37,7 +41,23 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 STRINGS = st.one_of(
     st.text(max_size=64),
     st.text(max_size=5000),
-    st.sampled_from(["", "tiny-qwen2", "facts.jsonl", "../../etc/passwd", "/etc", "ds-0", "job-", "art-", ".", "\x00"]),
+    st.sampled_from(
+        [
+            "",
+            "tiny-qwen2",
+            "facts.jsonl",
+            "../../etc/passwd",
+            "/etc",
+            "~",
+            "~0",
+            "~root/x",
+            "ds-0",
+            "job-",
+            "art-",
+            ".",
+            "\x00",
+        ]
+    ),
 )
 
 
@@ -97,6 +117,49 @@ def channel(server: RunningServer) -> Iterator[grpc.Channel]:
         yield channel
 
 
+Tally = defaultdict[str, Counter[str]]
+
+
+@pytest.fixture(scope="module")
+def tally(channel: grpc.Channel) -> Iterator[Tally]:
+    """Status codes per RPC over the module; written to the reliability report when FUZZ_REPORT=1."""
+    counts: Tally = defaultdict(Counter)
+    load_at_start, started = os.getloadavg()[0], time.perf_counter()
+    yield counts
+    if os.environ.get("FUZZ_REPORT") == "1":
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        write_fuzz_report(counts, time.perf_counter() - started, load_at_start, health.status)
+
+
+def write_fuzz_report(counts: Tally, wall_s: float, load_at_start: float, health: int) -> None:
+    codes = sorted({code for per_method in counts.values() for code in per_method})
+    total = sum(sum(c.values()) for c in counts.values())
+    forbidden = sum(c[name] for c in counts.values() for name in ("UNKNOWN", "INTERNAL"))
+    rows = "\n".join(
+        f"| {method} | {sum(c.values())} | " + " | ".join(str(c.get(code, 0)) for code in codes) + " |"
+        for method, c in sorted(counts.items())
+    )
+    write_report_section(
+        "fuzz",
+        f"""## Fuzz: hypothesis requests to every RPC of a running server (tests/integration/test_fuzz_rpcs.py)
+
+{machine(load_at_start)}. {EXAMPLES} examples asked per RPC (hypothesis stops early when a strategy has fewer
+distinct cases); random and boundary values, strings up to 5,000 characters, nested messages, lists, invalid UTF-8 in
+bytes fields, path tricks; uploads as random chunk sequences.
+
+| figure | value |
+|---|---|
+| cases sent | {total} in {wall_s:.0f} s |
+| UNKNOWN or INTERNAL statuses | {forbidden} |
+| server health afterwards | {health_pb2.HealthCheckResponse.ServingStatus.Name(health)} |
+
+| RPC | cases | {" | ".join(codes)} |
+|---|---|{"---|" * len(codes)}
+{rows}
+""",
+    )
+
+
 def _code(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
     try:
         result = call()
@@ -115,7 +178,7 @@ def _unary_and_server_streaming() -> list[tuple[str, type[Message]]]:
 
 @pytest.mark.parametrize(("method", "request_type"), _unary_and_server_streaming())
 def test_random_requests_get_caller_errors_only(
-    channel: grpc.Channel, method: str, request_type: type[Message]
+    channel: grpc.Channel, tally: Tally, method: str, request_type: type[Message]
 ) -> None:
     stub = pb_grpc.FineTuneServiceStub(channel)
 
@@ -125,6 +188,7 @@ def test_random_requests_get_caller_errors_only(
         if method == "Train":  # a random config that happens to be valid must not occupy the slot for long
             request.config.max_steps = 1  # type: ignore[attr-defined]
         code, details = _code(lambda: getattr(stub, method)(request, timeout=20))
+        tally[method][code.name] += 1
         assert code in CALLER_ERRORS, (method, code, details, request)
         if code != grpc.StatusCode.OK and code != grpc.StatusCode.DEADLINE_EXCEEDED:
             assert details, "every rejection says why"
@@ -134,7 +198,7 @@ def test_random_requests_get_caller_errors_only(
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_random_uploads_get_caller_errors_only(channel: grpc.Channel) -> None:
+def test_random_uploads_get_caller_errors_only(channel: grpc.Channel, tally: Tally) -> None:
     stub = pb_grpc.FineTuneServiceStub(channel)
     uploads = st.lists(message_strategy(pb.UploadDatasetRequest.DESCRIPTOR), max_size=6)
 
@@ -142,6 +206,7 @@ def test_random_uploads_get_caller_errors_only(channel: grpc.Channel) -> None:
     @given(messages=uploads)
     def check(messages: list[pb.UploadDatasetRequest]) -> None:
         code, details = _code(lambda: stub.UploadDataset(iter(messages), timeout=20))
+        tally["UploadDataset"][code.name] += 1
         assert code in CALLER_ERRORS, (code, details, messages)
 
     check()

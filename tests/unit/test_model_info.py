@@ -19,6 +19,7 @@ from typing import ClassVar
 import pytest
 
 from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.paths import confine
 from finetune_server.settings import ServerSettings
 from finetune_server.training.model_info import (
     LinearShape,
@@ -142,6 +143,16 @@ def test_local_folder_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
     _raises(ErrorKind.INVALID_ARGUMENT, "NOT_A_MODEL_FOLDER", resolve_model, "./empty", settings)
     _raises(ErrorKind.PERMISSION_DENIED, "PATH_OUTSIDE_ROOTS", resolve_model, str(tiny_model_dir), settings)
     _raises(ErrorKind.PERMISSION_DENIED, "PATH_OUTSIDE_ROOTS", resolve_model, "../elsewhere", settings)
+
+
+def test_a_tilde_is_never_expanded_to_a_home_on_the_server(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    root.mkdir()
+    settings = _settings(tmp_path, model_roots=[root])
+    # "~0" once asked pathlib for user 0's home: RuntimeError, an INTERNAL status. Now it is a name under the root.
+    for name in ("~0", "~/models/x", "~root/x", "~"):
+        _raises(ErrorKind.NOT_FOUND, "MODEL_NOT_FOUND", resolve_model, name, settings)
+    assert confine("~0", [root], "dataset") == (root / "~0").resolve()
 
 
 def test_invalid_hub_id(tmp_path: Path) -> None:
