@@ -57,7 +57,7 @@ test: $(STAMP) node-deps proto-check lint breaking
 # Chaos and load soaks (they write bench/results/reliability.md) and >= 10,000 fuzz cases; not part of `make test`.
 test-soak: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m soak tests/soak
-	FUZZ_EXAMPLES=1000 FUZZ_REPORT=1 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_fuzz_rpcs.py
+	FUZZ_EXAMPLES=1200 FUZZ_REPORT=1 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_fuzz_rpcs.py
 
 test-slow: test-soak
 

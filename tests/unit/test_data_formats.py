@@ -60,6 +60,17 @@ def test_unreadable_json_file_is_one_line_zero_record(tmp_path: Path, content: s
         assert [(r.line, r.reason) for r in records] == [(0, reason)]
 
 
+def test_absurdly_deep_json_is_an_unusable_line_not_a_crash(tmp_path: Path) -> None:
+    # 5,000 levels made json.loads raise RecursionError (an INTERNAL status, found by the fuzz run); 100 levels parse
+    # but would break whatever walks the value next.
+    lines = tmp_path / "d.jsonl"
+    lines.write_text("[" * 5000 + "]" * 5000 + "\n" + '{"text": ' * 100 + '"x"' + "}" * 100 + '\n{"text": "ok"}\n')
+    assert [(r.line, r.reason) for r in iter_records(lines)] == [(1, "TOO_DEEP"), (2, "TOO_DEEP"), (3, None)]
+    array = tmp_path / "d.json"
+    array.write_text("[" * 5000 + "]" * 5000)
+    assert [(r.line, r.reason) for r in iter_records(array)] == [(0, "TOO_DEEP")]
+
+
 def test_file_format_by_extension_or_sniffing(tmp_path: Path) -> None:
     lines = tmp_path / "lines.json"
     lines.write_text('{"text": "a"}\n{"text": "b"}\n')

@@ -9,7 +9,7 @@ parsed whole (the standard library has no streaming parser); its element numbers
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,45 @@ def _decode_line(raw: bytes) -> tuple[str | None, str | None]:
         return None, f"invalid UTF-8 at byte {exc.start + 1} of the line"
 
 
+MAX_NESTING = 64  # no dataset row needs more; deeper JSON would exhaust the recursion of whatever walks it next
+
+
+class _UnusableJsonError(Exception):
+    """Why a JSON text cannot become records: the message and the violation reason."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.message, self.reason = message, reason
+
+
+def _parse_json(text: str, position: Callable[[json.JSONDecodeError], str]) -> Any:
+    """The parsed value; _UnusableJsonError for bad JSON, or for nesting deep enough to break what walks it next."""
+    too_deep = _UnusableJsonError(f"JSON nested deeper than {MAX_NESTING} levels", "TOO_DEEP")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _UnusableJsonError(f"invalid JSON: {exc.msg} at {position(exc)}", "INVALID_JSON") from None
+    except RecursionError:  # the parser itself gave up
+        raise too_deep from None
+    if _nested_deeper_than(value, MAX_NESTING):
+        raise too_deep
+    return value
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Without recursion: the value may be as deep as the parser allowed."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
@@ -86,9 +125,9 @@ def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
                 yield RawRecord(number, None, error, "INVALID_UTF8")
                 continue
             try:
-                value = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield RawRecord(number, None, f"invalid JSON: {exc.msg} at column {exc.colno}", "INVALID_JSON")
+                value = _parse_json(text, lambda exc: f"column {exc.colno}")
+            except _UnusableJsonError as unusable:
+                yield RawRecord(number, None, unusable.message, unusable.reason)
                 continue
             yield _as_record(number, value)
 
@@ -103,9 +142,9 @@ def _iter_json_array(path: Path) -> Iterator[RawRecord]:
     if not text.strip():
         return
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        yield RawRecord(0, None, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "INVALID_JSON")
+        value = _parse_json(text, lambda exc: f"line {exc.lineno} column {exc.colno}")
+    except _UnusableJsonError as unusable:
+        yield RawRecord(0, None, unusable.message, unusable.reason)
         return
     if not isinstance(value, list):
         yield RawRecord(
