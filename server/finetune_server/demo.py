@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from finetune_client import GrpcFineTuneService, ProgressUpdate
+from finetune_server.cpu_policy import available_cpus
 from finetune_server.embedded.tiny_model import TinyModelSpec, build_tiny_model
 
 # hidden 128 / 2 layers with LoRA r16 memorises a dozen facts in ~150 steps at lr 3e-3 (see DESIGN.md).
@@ -109,9 +110,10 @@ def answer_all(model_ref: str | Path, questions: list[str], adapter: Path | None
 
 @contextmanager
 def local_server(data_dir: Path, model_root: Path) -> Iterator[str]:
+    # The demo's server has one client, this process: its worker may use every core rather than leave one for RPCs.
     command = [
         sys.executable, "-m", "finetune_server.cli", "serve", "--port", "0", "--data-dir", str(data_dir),
-        "--model-dir", str(model_root), "--log-level", "warning",
+        "--model-dir", str(model_root), "--log-level", "warning", "--worker-threads", str(len(available_cpus())),
     ]  # fmt: skip
     log = (data_dir / "demo-server.log").open("w")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
