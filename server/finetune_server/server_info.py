@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import structlog
 
+from finetune_server.cpu_policy import format_cpu_list
 from finetune_server.devices import detect_devices, library_versions, probe_bitsandbytes_async
 from finetune_server.settings import ServerSettings
 
@@ -70,4 +71,6 @@ class ServerInfoProvider:
             "max_upload_bytes": self._settings.max_upload_bytes,
             "host_memory_bytes": psutil.virtual_memory().total,
             "cpu_count": os.cpu_count() or 1,
+            "worker_threads": self._settings.threads_per_worker,
+            "worker_cpus": format_cpu_list(self._settings.worker_cpus),
         }

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_server.cpu_policy import available_cpus
 
 from .conftest import RunningServer, start_server, stop_server
 
@@ -76,6 +77,7 @@ def test_server_info_describes_devices_and_versions(channel: grpc.Channel) -> No
     assert {"torch", "transformers", "peft", "grpcio"} <= set(info.library_versions)
     assert info.offline, "the fixture starts the server with HF_HUB_OFFLINE=1"
     assert info.slots == 1 and info.max_upload_bytes > 0 and info.cpu_count >= 1
+    assert info.worker_threads == max(1, len(available_cpus()) - 1) and info.worker_cpus == ""  # the defaults
 
 
 def test_the_rpc_path_does_not_import_torch(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -34,12 +34,14 @@ def test_workers_are_pinned_to_the_cpus_they_are_given(
     server = start_server(tmp_path, *server_roots, "--worker-threads", "1", "--worker-cpus", str(cpu))
     channel, stub = server.stub()
     try:
+        info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
         _, events = train_to_end(stub, job_config(tiny_model_dir.name, max_steps=1))
     finally:
         channel.close()
         stop_server(server)
+    assert (info.worker_threads, info.worker_cpus) == (1, str(cpu))  # what the server says it does...
     assert events[-1].state_change.current == pb.JOB_STATE_SUCCEEDED
-    line = start_line(events)
+    line = start_line(events)  # ...and what the worker did
     assert "with 1 CPU thread" in line
     if (os.cpu_count() or 1) > 1:
         assert line.endswith(f", CPUs {cpu}")

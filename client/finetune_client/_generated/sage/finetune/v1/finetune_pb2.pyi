@@ -2342,6 +2342,8 @@ class GetServerInfoResponse(_message.Message):
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
     HOST_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     CPU_COUNT_FIELD_NUMBER: _builtins.int
+    WORKER_THREADS_FIELD_NUMBER: _builtins.int
+    WORKER_CPUS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """sage-finetune version."""
     bitsandbytes_available: _builtins.bool
@@ -2360,6 +2362,10 @@ class GetServerInfoResponse(_message.Message):
     """Total memory of the host, in bytes."""
     cpu_count: _builtins.int
     """Number of CPU cores of the host."""
+    worker_threads: _builtins.int
+    """CPU threads each training or export worker uses (torch and OpenMP pools)."""
+    worker_cpus: _builtins.str
+    """The CPUs workers are pinned to, as a list like `2-7,9`; empty when they run wherever the server may."""
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Device]:
         """Training devices."""
@@ -2384,10 +2390,12 @@ class GetServerInfoResponse(_message.Message):
         max_upload_bytes: _builtins.int = ...,
         host_memory_bytes: _builtins.int = ...,
         cpu_count: _builtins.int = ...,
+        worker_threads: _builtins.int = ...,
+        worker_cpus: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bitsandbytes_available", b"bitsandbytes_available", "bitsandbytes_error", b"bitsandbytes_error", "cpu_count", b"cpu_count", "devices", b"devices", "hf_endpoint", b"hf_endpoint", "host_memory_bytes", b"host_memory_bytes", "library_versions", b"library_versions", "max_upload_bytes", b"max_upload_bytes", "offline", b"offline", "slots", b"slots", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bitsandbytes_available", b"bitsandbytes_available", "bitsandbytes_error", b"bitsandbytes_error", "cpu_count", b"cpu_count", "devices", b"devices", "hf_endpoint", b"hf_endpoint", "host_memory_bytes", b"host_memory_bytes", "library_versions", b"library_versions", "max_upload_bytes", b"max_upload_bytes", "offline", b"offline", "slots", b"slots", "version", b"version", "worker_cpus", b"worker_cpus", "worker_threads", b"worker_threads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
