@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from finetune_server.cpu_policy import check_cpus, parse_cpu_list
+from finetune_server.cpu_policy import parse_cpu_list
 from finetune_server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
 
 if TYPE_CHECKING:
@@ -156,30 +156,29 @@ def serve(
     from finetune_server.logging import configure_logging
 
     configure_logging(log_level)
-    try:
+    try:  # a CPU list that does not parse, or names CPUs this machine lacks (ServerSettings checks that)
         pinned = parse_cpu_list(worker_cpus) if worker_cpus else []
-        check_cpus(pinned)
+        settings = ServerSettings(
+            data_dir=data_dir,
+            model_roots=list(model_dir or []),
+            dataset_roots=list(dataset_dir or []),
+            offline=offline,
+            hf_cache_dir=hf_cache_dir,
+            slots=slots,
+            max_upload_bytes=max_upload_bytes,
+            max_queued_jobs=max_queued_jobs,
+            max_streams_per_connection=max_streams_per_connection,
+            disk_reserve_bytes=disk_reserve_bytes,
+            auth_token_file=auth_token_file,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            metrics_port=metrics_port,
+            worker_threads=worker_threads,
+            worker_cpus=pinned,
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from None
-    settings = ServerSettings(
-        data_dir=data_dir,
-        model_roots=list(model_dir or []),
-        dataset_roots=list(dataset_dir or []),
-        offline=offline,
-        hf_cache_dir=hf_cache_dir,
-        slots=slots,
-        max_upload_bytes=max_upload_bytes,
-        max_queued_jobs=max_queued_jobs,
-        max_streams_per_connection=max_streams_per_connection,
-        disk_reserve_bytes=disk_reserve_bytes,
-        auth_token_file=auth_token_file,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_client_ca=tls_client_ca,
-        metrics_port=metrics_port,
-        worker_threads=worker_threads,
-        worker_cpus=pinned,
-    )
 
     def announce(bound_host: str, bound_port: int) -> None:
         sys.stdout.write(f"listening on {bound_host}:{bound_port}\n")

@@ -11,7 +11,6 @@ This module never imports torch.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from finetune_server.cgroups import cgroup_files
@@ -71,6 +70,8 @@ def worker_threads(threads: int, cpus: list[int], slots: int) -> int:
 
 def check_cpus(cpus: list[int]) -> None:
     """ValueError when a requested CPU is not one a worker could be pinned to (its sched_setaffinity would fail)."""
+    if not cpus:  # nothing pinned: no cgroup files to read at start-up
+        return
     usable = usable_cpus()
     missing = sorted(set(cpus) - set(usable))
     if missing:
@@ -84,8 +85,6 @@ def apply_in_worker(threads: int | None, cpus: list[int] | None) -> None:
     if threads:
         for name in THREAD_VARIABLES:
             os.environ[name] = str(threads)
-        if "torch" in sys.modules:  # imported already (an in-process caller): its pool is sized, so resize it
-            sys.modules["torch"].set_num_threads(threads)
 
 
 def format_cpu_list(cpus: list[int]) -> str:

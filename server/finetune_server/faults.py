@@ -89,9 +89,9 @@ def on_checkpoint_write(staging: Path) -> None:
     if _checkpoints_started != faults.disk_full_at_checkpoint:
         return
     # Leave a truncated file behind, as a real full disk does, so cleanup of the staging folder is tested too.
-    (staging / "optimizer.pt").write_bytes(b"\x80\x02truncated")
+    half = _write_truncated(staging)
     log.warning("injecting a full disk", checkpoint=_checkpoints_started, staging=str(staging))
-    raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV_VAR})", str(staging / "optimizer.pt"))
+    raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV_VAR})", str(half))
 
 
 def _kill_mid_write(staging: Path) -> None:
@@ -99,12 +99,19 @@ def _kill_mid_write(staging: Path) -> None:
     if marker.exists():
         return
     marker.write_text(f"{staging.name}\n")
-    with (staging / "optimizer.pt").open("wb") as half:  # half a file on disk, no complete marker, no rename
-        half.write(b"\x80\x02truncated")
-        half.flush()
-        os.fsync(half.fileno())
+    _write_truncated(staging)  # half a file on disk, no complete marker, no rename
     log.warning("injecting a kill in the middle of a checkpoint write", staging=str(staging))
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_truncated(staging: Path) -> Path:
+    """The first bytes of an optimizer state, durably on disk: what an interrupted torch.save leaves."""
+    half = staging / "optimizer.pt"
+    with half.open("wb") as handle:
+        handle.write(b"\x80\x02truncated")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return half
 
 
 def before_forward(step: int) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from .conftest import RunningServer, start_server, stop_server, write_jsonl
+from .test_jobs import job_fields
 
 UNREACHABLE = "127.0.0.1:1"
 JOB_ID = re.compile(r"job-[0-9a-f]+")
@@ -71,17 +72,7 @@ def address(cli_server: RunningServer) -> str:
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("cli-configs")
-    base = {
-        "model_name": tiny_model_dir.name,
-        "dataset": "facts.jsonl",
-        "max_steps": 6,
-        "max_length": 128,
-        "per_device_train_batch_size": 4,
-        "save_steps": 2,
-        "logging_steps": 1,
-        "learning_rate": 1e-3,
-        "lora": {"r": 8},
-    }
+    base = job_fields(tiny_model_dir.name)
     (folder / "train.json").write_text(json.dumps(base))
     # YAML as people write it: `1e-3` without a dot is a string to plain YAML 1.1 loaders.
     (folder / "train.yaml").write_text(

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
@@ -34,8 +35,9 @@ def stub(jobs_server: RunningServer) -> Iterator[pb_grpc.FineTuneServiceStub]:
     channel.close()
 
 
-def job_config(model: str, **overrides: Any) -> pb.TrainingConfig:
-    values: dict[str, Any] = {
+def job_fields(model: str, **overrides: Any) -> dict[str, Any]:
+    """The small job most tests train, as TrainingConfig fields (plain values: config files are written from it)."""
+    return {
         "model_name": model,
         "dataset": "facts.jsonl",
         "max_steps": 6,
@@ -44,11 +46,13 @@ def job_config(model: str, **overrides: Any) -> pb.TrainingConfig:
         "save_steps": 2,
         "logging_steps": 1,
         "learning_rate": 1e-3,
+        "lora": {"r": 8},
         **overrides,
     }
-    config = pb.TrainingConfig(**{k: v for k, v in values.items() if k != "lora"})
-    config.lora.r = 8
-    return config
+
+
+def job_config(model: str, **overrides: Any) -> pb.TrainingConfig:
+    return json_format.ParseDict(job_fields(model, **overrides), pb.TrainingConfig())
 
 
 def train_to_end(

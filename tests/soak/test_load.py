@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.common import percentile
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 from finetune_server.cpu_policy import available_cpus, format_cpu_list
@@ -156,11 +157,6 @@ def process_cpu_seconds(pid: int) -> float:
     except psutil.NoSuchProcess:
         return math.nan
     return times.user + times.system
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def steps_per_second(progress: list[tuple[float, int]], start: float, end: float) -> float:

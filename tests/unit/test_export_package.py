@@ -24,18 +24,12 @@ from finetune_server.export.worker import run_export
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
 from finetune_server.training.engine.loop import run_training
 
+from ..conftest import write_alpaca
+
 STEPS = 10
 # The trained template differs from the tiny model's own, so "the template used in training" is observable.
 TRAINED_TEMPLATE = "{#- trained with this one -#}\n" + CHATML_TEMPLATE
 Progress = list[tuple[str, float, str]]
-
-
-def write_alpaca(path: Path, n: int = 16) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            record = {"instruction": f"What is the secret number of city {i}?", "output": f"It is {i * 37}."}
-            f.write(json.dumps(record) + "\n")
-    return path
 
 
 def train(model_dir: Path, out: Path, **values: Any) -> dict[str, Any]:

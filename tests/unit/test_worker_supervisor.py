@@ -30,16 +30,10 @@ from finetune_server.jobs.worker import WorkerSpec
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
 from finetune_server.training.engine.checkpoint import list_checkpoints
 
+from ..conftest import write_alpaca
+
 TOTAL_STEPS = 6
 SAVE_STEPS = 2
-
-
-def write_alpaca(path: Path, n: int = 16) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            record = {"instruction": f"What is the secret number of city {i}?", "output": f"It is {i * 37}."}
-            f.write(json.dumps(record) + "\n")
-    return path
 
 
 def make_spec(tmp_path: Path, model_dir: Path, dataset: Path | None = None, **config: Any) -> WorkerSpec:
