@@ -76,7 +76,7 @@ def size_by_name(name: str) -> ModelSize:
 
 def build_model(size: ModelSize, work_dir: Path) -> Path:
     """The model folder for `size` (built once, reused while its spec is unchanged)."""
-    from finetune_server.embedded.tiny_model import TinyModelSpec, build_tiny_model
+    from finetune_server.demo.tiny_model import TinyModelSpec, build_tiny_model
 
     return build_tiny_model(work_dir / "models" / f"qwen2-{size.name}", TinyModelSpec(**size.spec_kwargs()))
 

@@ -119,7 +119,7 @@ def lora_model(model_dir: Path, bf16: bool = False) -> Any:
 
 def run_ours(w: Workload, out_dir: Path, *, packing: bool = False, quant: str = "") -> dict[str, Any]:
     from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
-    from finetune_server.training.engine.loop import run_training
+    from finetune_server.training.engine.recipe import run_training
 
     config, _ = resolve(
         TrainingConfig(

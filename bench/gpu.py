@@ -98,7 +98,7 @@ def build_shaped_model(name: str, work_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from finetune_server.embedded.tiny_model import build_tiny_model
+    from finetune_server.demo.tiny_model import build_tiny_model
 
     target = work_dir / "models" / f"random-{name}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):

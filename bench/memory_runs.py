@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from bench.common import RssSampler, dataset_rows, peak_rss_bytes, release_memory, rss_bytes
     from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
-    from finetune_server.training.engine.loop import run_training
+    from finetune_server.training.engine.recipe import run_training
     from finetune_server.training.memory import CPU_RUNTIME_BYTES, estimate_memory
     from finetune_server.training.model_info import ModelSummary, count_parameters
 

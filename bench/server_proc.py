@@ -32,7 +32,7 @@ def start_server(tmp: Path, model_root: Path, dataset_root: Path, *extra: str) -
     tmp.mkdir(parents=True, exist_ok=True)
     data_dir, log_path = tmp / "data", tmp / "server.log"
     command = [
-        sys.executable, "-m", "finetune_server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, "-m", "finetune_server.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
         "--data-dir", str(data_dir), "--model-dir", str(model_root), "--dataset-dir", str(dataset_root),
         "--grace", "5", "--log-level", "warning", *extra,
     ]  # fmt: skip

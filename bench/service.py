@@ -37,7 +37,7 @@ from bench.common import (
 from bench.server_proc import start_server
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
-from finetune_server.cpu_policy import worker_threads
+from finetune_server.host.cpu_policy import worker_threads
 
 MODES = ("grpc_1", "grpc_100", "fresh", "warm")
 

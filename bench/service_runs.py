@@ -28,14 +28,14 @@ def _import_engine() -> float:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import finetune_server.training.engine.loop  # noqa: F401
+    import finetune_server.training.engine.recipe  # noqa: F401
 
     return time.perf_counter() - _T0
 
 
 def train_once(spec: dict[str, Any]) -> dict[str, Any]:
     from finetune_server.training.config import TrainingConfig, resolve
-    from finetune_server.training.engine.loop import run_training
+    from finetune_server.training.engine.recipe import run_training
 
     config, _ = resolve(TrainingConfig.from_dict(spec["config"]))
     events: list[Any] = []

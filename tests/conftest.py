@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random Qwen2-style model (~0.5 MB) with a BPE tokenizer trained on the fly and a ChatML template."""
-    from finetune_server.embedded.tiny_model import build_tiny_model
+    from finetune_server.demo.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2")
 

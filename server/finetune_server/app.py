@@ -13,17 +13,17 @@ from grpc_reflection.v1alpha import reflection
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_server.api.auth import TokenTable
 from finetune_server.api.interceptors import AccessLogInterceptor, AuthInterceptor
 from finetune_server.api.servicer import FineTuneServicer
-from finetune_server.auth import TokenTable
-from finetune_server.export.service import ExportService
-from finetune_server.jobs.executor import Executor, LocalSubprocessExecutor
+from finetune_server.host.server_info import ServerInfoProvider
+from finetune_server.jobs.exports import ExportService
 from finetune_server.jobs.service import JobService
-from finetune_server.jobs.store import SqliteJobStore
-from finetune_server.jobs.uploads import remove_stale_uploads
-from finetune_server.metrics import ServiceMetrics, store_state_counts
-from finetune_server.server_info import ServerInfoProvider
+from finetune_server.observability.metrics import ServiceMetrics, store_state_counts
 from finetune_server.settings import ServerSettings
+from finetune_server.storage.dataset_uploads import remove_stale_uploads
+from finetune_server.storage.job_store import SqliteJobStore
+from finetune_server.workers.executor import Executor, LocalSubprocessExecutor
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +59,7 @@ class FinetuneServer:
     async def start(self) -> int:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_uploads(self.settings)
-        self.store = SqliteJobStore(self.settings.data_dir / "finetune.db")
+        self.store = SqliteJobStore(self.settings.layout.store)
         self.metrics = ServiceMetrics(store_state_counts(self.store))
         self.jobs = JobService(self.settings, self.store, self._executor, metrics=self.metrics)
         interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor(observe=self.metrics.observe_rpc)]

@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune_server.cpu_policy import check_cpus, worker_threads
+from finetune_server.host.cpu_policy import check_cpus, worker_threads
+from finetune_server.storage.layout import DataDir
 
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 30  # 1 GiB
 
@@ -50,13 +51,17 @@ class ServerSettings:
         return worker_threads(self.worker_threads, self.worker_cpus, self.slots)
 
     @property
+    def layout(self) -> DataDir:
+        return DataDir(self.data_dir)
+
+    @property
     def uploads_dir(self) -> Path:
-        return self.data_dir / "datasets"
+        return self.layout.datasets
 
     @property
     def jobs_dir(self) -> Path:
-        return self.data_dir / "jobs"
+        return self.layout.jobs
 
     @property
     def artifacts_dir(self) -> Path:
-        return self.data_dir / "artifacts"
+        return self.layout.artifacts

@@ -36,7 +36,7 @@ def start_server(tmp: Path, model_root: Path, dataset_root: Path, *extra: str) -
     log_path = tmp / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home")}
     command = [
-        sys.executable, "-m", "finetune_server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        sys.executable, "-m", "finetune_server.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
         "--data-dir", str(data_dir), "--model-dir", str(model_root), "--dataset-dir", str(dataset_root),
         "--grace", "5", *extra,
     ]  # fmt: skip

@@ -1,6 +1,6 @@
 """The `finetune` command line against a real server: every command, its output and its exit code.
 
-Each command runs as `python -m finetune_server.cli` in a subprocess (as a user would run it), with COLUMNS=100 and
+Each command runs as `python -m finetune_server.cli.main` in a subprocess (as a user would run it), with COLUMNS=100 and
 FINETUNE_SERVER pointing at a server on 127.0.0.1 port 0 that trains the tiny model with real workers.
 """
 
@@ -32,12 +32,12 @@ def cli_env(address: str) -> dict[str, str]:
 
 
 def cli(address: str, *args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "finetune_server.cli", *map(str, args)]
+    command = [sys.executable, "-m", "finetune_server.cli.main", *map(str, args)]
     return subprocess.run(command, check=False, capture_output=True, text=True, env=cli_env(address), timeout=timeout)
 
 
 def popen_cli(address: str, *args: str | Path) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "finetune_server.cli", *map(str, args)]
+    command = [sys.executable, "-m", "finetune_server.cli.main", *map(str, args)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(address))
 
 
@@ -105,7 +105,9 @@ def test_help_lists_every_command_and_the_cli_imports_stay_light() -> None:
     for command in ("serve", "demo", "validate", "train", "watch", "jobs", "cancel", "export", "upload", "presets"):
         assert command in result.stdout
     assert "recommend" in result.stdout
-    probe = "import sys, finetune_server.cli; print(sorted({'torch', 'grpc', 'finetune_client'} & set(sys.modules)))"
+    probe = (
+        "import sys, finetune_server.cli.main; print(sorted({'torch', 'grpc', 'finetune_client'} & set(sys.modules)))"
+    )
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "[]", "`finetune --help` must not load torch, grpc or the client"
 

@@ -17,8 +17,8 @@ import pytest
 
 from finetune_client import FinetuneServiceError, GrpcFineTuneService
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
-from finetune_server.demo import DEMO_MODEL_SPEC, demo_config, demo_facts, write_dataset
-from finetune_server.embedded.tiny_model import build_tiny_model
+from finetune_server.demo.run import DEMO_MODEL_SPEC, demo_config, demo_facts, write_dataset
+from finetune_server.demo.tiny_model import build_tiny_model
 
 from .conftest import RunningServer, start_server, stop_server
 

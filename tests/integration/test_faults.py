@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 from finetune_server.faults import ENV_VAR, KILL_FIRED_MARKER, Faults, parse
+from finetune_server.storage.layout import CHECKPOINT_COMPLETE_MARKER as COMPLETE_MARKER
 from finetune_server.training.config import TrainingConfig
-from finetune_server.training.engine.checkpoint import COMPLETE_MARKER
 from finetune_server.training.engine.errors import disk_full_detail, out_of_memory_hint
 
 from .conftest import RunningServer, start_server, stop_server

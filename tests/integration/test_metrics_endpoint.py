@@ -13,9 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
-from finetune_server.jobs.models import JobState
-from finetune_server.jobs.store import SqliteJobStore
-from finetune_server.metrics import ServiceMetrics, store_state_counts
+from finetune_server.observability.metrics import ServiceMetrics, store_state_counts
+from finetune_server.storage.job_store import SqliteJobStore
+from finetune_server.storage.records import JobState
 
 from .conftest import start_server, stop_server
 from .test_jobs import job_config

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
-from finetune_server.cpu_policy import available_cpus
+from finetune_server.host.cpu_policy import available_cpus
 
 from .conftest import RunningServer, start_server, stop_server
 
@@ -89,7 +89,7 @@ def test_the_rpc_path_does_not_import_torch(tmp_path: Path, tiny_model_dir: Path
     dataset.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
     code = f"""
 import sys
-import finetune_server.app, finetune_server.cli
+import finetune_server.app, finetune_server.cli.main
 from finetune_server.settings import ServerSettings
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.validation import validate

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from finetune_client import FinetuneManager, GrpcFineTuneService, IFineTuneService, ProgressUpdate, TaskStatus
-from finetune_server.training.trainer import LoRATrainer
+from finetune_server.inprocess.trainer import LoRATrainer
 
 from .conftest import RunningServer
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
-from finetune_server.cpu_policy import available_cpus
+from finetune_server.host.cpu_policy import available_cpus
 
 from .conftest import RunningServer, start_server, stop_server
 from .test_jobs import job_config, train_to_end

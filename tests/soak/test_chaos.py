@@ -19,7 +19,8 @@ import pytest
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
-from finetune_server.training.engine.checkpoint import CHECKPOINTS_DIR, COMPLETE_MARKER
+from finetune_server.storage.layout import CHECKPOINT_COMPLETE_MARKER as COMPLETE_MARKER
+from finetune_server.storage.layout import CHECKPOINTS_DIR
 
 from ..integration.test_jobs import job_config, states_of
 from .conftest import RunningServer, integrity_check, machine, start_server, stop_server, write_report_section

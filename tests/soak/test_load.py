@@ -25,7 +25,7 @@ import pytest
 from bench.common import percentile
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
-from finetune_server.cpu_policy import available_cpus, format_cpu_list
+from finetune_server.host.cpu_policy import available_cpus, format_cpu_list
 
 from ..integration.test_jobs import job_config
 from .conftest import machine, start_server, stop_server, write_report_section

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from finetune_server.storage import layout
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
 from finetune_server.training.engine import checkpoint as ckpt
 from finetune_server.training.engine.model_loading import load_for_training
 
 
 def _complete(root: Path, name: str) -> Path:
-    folder = root / ckpt.CHECKPOINTS_DIR / name
+    folder = root / layout.CHECKPOINTS_DIR / name
     folder.mkdir(parents=True)
-    (folder / ckpt.COMPLETE_MARKER).write_text("x")
+    (folder / layout.CHECKPOINT_COMPLETE_MARKER).write_text("x")
     return folder
 
 
@@ -29,12 +30,12 @@ def test_latest_is_by_integer_step_not_string_order(tmp_path: Path) -> None:
 
 
 def test_temp_and_incomplete_folders_are_ignored(tmp_path: Path) -> None:
-    _complete(tmp_path, ckpt.checkpoint_name(20))
+    _complete(tmp_path, layout.checkpoint_name(20))
     half = tmp_path / "checkpoints" / ".tmp-step-00000040-abc"  # a save that crashed before its rename
     (half / "adapter").mkdir(parents=True)
     (half / "optimizer.pt").write_bytes(b"partial")
-    (tmp_path / "checkpoints" / ckpt.checkpoint_name(30)).mkdir()  # no `complete` marker
-    (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / layout.CHECKPOINTS_DIR / layout.checkpoint_name(30)).mkdir()  # no `complete` marker
+    (tmp_path / layout.CHECKPOINTS_DIR / "notes.txt").write_text("not a checkpoint")
 
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-00000020"
     assert ckpt.remove_stale_temp(tmp_path) == [half]
@@ -48,7 +49,7 @@ def test_no_checkpoint(tmp_path: Path) -> None:
 
 def test_prune_keeps_the_newest_by_step(tmp_path: Path) -> None:
     for step in (5, 100, 20, 1000, 300):
-        _complete(tmp_path, ckpt.checkpoint_name(step))
+        _complete(tmp_path, layout.checkpoint_name(step))
     removed = ckpt.prune(tmp_path, 2)
     assert sorted(p.name for p in removed) == ["step-00000005", "step-00000020", "step-00000100"]
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [300, 1000]
@@ -93,7 +94,7 @@ def test_save_and_load_restore_everything(tmp_path: Path, lora_model) -> None:
     )
     assert path == tmp_path / "checkpoints" / "step-00000007"
     assert (path / "adapter" / "adapter_model.safetensors").is_file()
-    assert (path / ckpt.COMPLETE_MARKER).is_file()
+    assert (path / layout.CHECKPOINT_COMPLETE_MARKER).is_file()
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
 
     # Move on: weights, optimizer moments, schedule and RNG all change.
@@ -131,7 +132,7 @@ class _BrokenAdapter:
 
 
 def test_a_failed_save_leaves_no_checkpoint_and_keeps_the_previous(tmp_path: Path) -> None:
-    previous = _complete(tmp_path, ckpt.checkpoint_name(10))
+    previous = _complete(tmp_path, layout.checkpoint_name(10))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     with pytest.raises(OSError, match="No space"):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from finetune_server.cpu_policy import (
+from finetune_server.host.cpu_policy import (
     available_cpus,
     check_cpus,
     format_cpu_list,
@@ -52,7 +52,7 @@ def test_settings_refuse_cpus_this_machine_does_not_have(tmp_path: os.PathLike[s
 def test_a_server_pinned_to_one_cpu_may_still_pin_its_workers_to_the_others() -> None:
     cpus = usable_cpus()
     probe = (
-        "import os; from finetune_server.cpu_policy import check_cpus, usable_cpus; "
+        "import os; from finetune_server.host.cpu_policy import check_cpus, usable_cpus; "
         f"os.sched_setaffinity(0, [{cpus[0]}]); check_cpus({cpus}); print(usable_cpus())"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
@@ -62,7 +62,7 @@ def test_a_server_pinned_to_one_cpu_may_still_pin_its_workers_to_the_others() ->
 def test_a_worker_pins_itself_and_sizes_torchs_pool_before_importing_it() -> None:
     cpu = available_cpus()[-1]
     probe = (
-        "import os; from finetune_server.cpu_policy import apply_in_worker; "
+        "import os; from finetune_server.host.cpu_policy import apply_in_worker; "
         f"apply_in_worker(1, [{cpu}]); import torch; "
         "print(torch.get_num_threads(), sorted(os.sched_getaffinity(0)))"
     )

@@ -36,7 +36,7 @@ def _run(model_dir: str, dataset: str, output_dir: str, overrides: dict[str, Any
     from finetune_server.errors import FinetuneError
     from finetune_server.training.config import TrainingConfig, resolve
     from finetune_server.training.engine.events import EvalEvent, Event, ProgressEvent
-    from finetune_server.training.engine.loop import run_training
+    from finetune_server.training.engine.recipe import run_training
 
     config, _ = resolve(TrainingConfig.from_dict({"model_name": model_dir, "dataset": dataset, **overrides}))
     events: list[Event] = []

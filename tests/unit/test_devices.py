@@ -8,7 +8,7 @@ import sys
 
 import psutil
 
-from finetune_server.devices import (
+from finetune_server.host.devices import (
     detect_devices,
     library_versions,
     parse_nvidia_smi,
@@ -61,7 +61,7 @@ def test_detection_is_cached_and_returns_copies() -> None:
 
 def test_detection_does_not_import_torch() -> None:
     code = (
-        "import sys; from finetune_server.devices import detect_devices, library_versions; "
+        "import sys; from finetune_server.host.devices import detect_devices, library_versions; "
         "detect_devices(); library_versions(); "
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'datasets') if m in sys.modules]; "
         "print(heavy)"

@@ -22,7 +22,7 @@ from finetune_server.training.engine.errors import (
     TrainingCancelled,
 )
 from finetune_server.training.engine.events import CheckpointEvent, EvalEvent, Event, LogEvent, LogLevel, ProgressEvent
-from finetune_server.training.engine.loop import TrainingOutcome, run_training
+from finetune_server.training.engine.recipe import TrainingOutcome, run_training
 
 COLOURS = "blue red green yellow purple orange black white".split()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from finetune_server.jobs.hub import RECENT_EVENTS_PER_JOB, EventHub
-from finetune_server.jobs.models import EventKind, JobEventRecord
+from finetune_server.jobs.event_hub import RECENT_EVENTS_PER_JOB, EventHub
+from finetune_server.storage.records import EventKind, JobEventRecord
 
 
 def events(job_id: str, first: int, last: int) -> list[JobEventRecord]:

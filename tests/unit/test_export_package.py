@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_server.embedded.tiny_model import CHATML_TEMPLATE
+from finetune_server.demo.tiny_model import CHATML_TEMPLATE
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.export.package import ArtifactManifest, export_artifact, generation_settings
-from finetune_server.export.worker import run_export
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
-from finetune_server.training.engine.loop import run_training
+from finetune_server.training.engine.recipe import run_training
+from finetune_server.workers.export import run_export
 
 from ..conftest import write_alpaca
 
@@ -337,7 +337,7 @@ def test_modules_to_save_lm_head_on_a_tied_model_is_saved_untied(tiny_model_dir:
 
 
 def test_export_worker_module_does_not_import_torch() -> None:
-    code = "import sys, finetune_server.export.worker; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, finetune_server.workers.export; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

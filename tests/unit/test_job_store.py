@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_server.jobs.models import ArtifactRecord, DatasetRecord, EventKind, JobState
-from finetune_server.jobs.store import (
+from finetune_server.storage.job_store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     InvalidTransition,
@@ -25,6 +24,7 @@ from finetune_server.jobs.store import (
     SqliteJobStore,
     apply_migrations,
 )
+from finetune_server.storage.records import ArtifactRecord, DatasetRecord, EventKind, JobState
 
 CONFIG = {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "data.jsonl", "lora": {"r": 8}}
 
@@ -430,8 +430,8 @@ def test_reopen_after_close_keeps_everything(db_path: Path) -> None:
 _CHILD = """
 import os, sys
 from pathlib import Path
-from finetune_server.jobs.models import EventKind
-from finetune_server.jobs.store import SqliteJobStore
+from finetune_server.storage.records import EventKind
+from finetune_server.storage.job_store import SqliteJobStore
 
 store = SqliteJobStore(Path(sys.argv[1]))
 acks = os.fdopen(int(sys.argv[2]), "w", buffering=1)

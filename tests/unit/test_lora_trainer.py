@@ -11,7 +11,7 @@ import pytest
 
 from finetune_client.interface import IFineTuneService, ProgressUpdate
 from finetune_server.errors import ErrorKind, FinetuneError
-from finetune_server.training.trainer import LoRATrainer
+from finetune_server.inprocess.trainer import LoRATrainer
 
 
 def _dataset(path: Path, n: int = 8) -> Path:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from finetune_server.jobs.tensorboard import TensorBoardSink, tensorboard_sink
-from finetune_server.metrics import ServiceMetrics, store_state_counts
+from finetune_server.observability.metrics import ServiceMetrics, store_state_counts
+from finetune_server.observability.tensorboard import TensorBoardSink, tensorboard_sink
 from finetune_server.training.engine.events import (
     CheckpointEvent,
     DeviceMemoryReading,
@@ -110,8 +110,8 @@ def test_a_failing_count_drops_only_the_job_series() -> None:
 
 
 def test_store_state_counts_reads_a_real_store(tmp_path: Path) -> None:
-    from finetune_server.jobs.models import JobState
-    from finetune_server.jobs.store import SqliteJobStore
+    from finetune_server.storage.job_store import SqliteJobStore
+    from finetune_server.storage.records import JobState
 
     with SqliteJobStore(tmp_path / "jobs.db") as store:
         for i in range(3):

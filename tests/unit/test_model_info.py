@@ -19,7 +19,6 @@ from typing import ClassVar
 import pytest
 
 from finetune_server.errors import ErrorKind, FinetuneError
-from finetune_server.paths import confine
 from finetune_server.settings import ServerSettings
 from finetune_server.training.model_info import (
     LinearShape,
@@ -29,6 +28,7 @@ from finetune_server.training.model_info import (
     summarize_model,
     targeted_shapes,
 )
+from finetune_server.util.paths import confine
 
 COMMIT = "a" * 40
 

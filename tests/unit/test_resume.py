@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
 from finetune_server.training.engine.errors import TrainingCancelled
 from finetune_server.training.engine.events import CheckpointEvent, Event, LogEvent, ProgressEvent
-from finetune_server.training.engine.loop import TrainingOutcome, run_training
+from finetune_server.training.engine.recipe import TrainingOutcome, run_training
 
 
 def write_facts(path: Path, n: int) -> Path:

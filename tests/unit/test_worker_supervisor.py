@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
-from finetune_server.jobs import executor as executor_module
-from finetune_server.jobs.executor import LocalSubprocessExecutor
-from finetune_server.jobs.supervisor import (
+from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
+from finetune_server.training.engine.checkpoint import list_checkpoints
+from finetune_server.workers import executor as executor_module
+from finetune_server.workers.executor import LocalSubprocessExecutor
+from finetune_server.workers.supervisor import (
     WorkerExit,
     kill_process_group,
     run_worker,
@@ -26,9 +28,7 @@ from finetune_server.jobs.supervisor import (
     worker_command,
     worker_env,
 )
-from finetune_server.jobs.worker import WorkerSpec
-from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
-from finetune_server.training.engine.checkpoint import list_checkpoints
+from finetune_server.workers.train import WorkerSpec
 
 from ..conftest import write_alpaca
 
@@ -290,7 +290,7 @@ async def test_executor_drops_the_gpu_slot_without_gpus(monkeypatch: pytest.Monk
     await executor.run(spec, on_message=noop, cancel=asyncio.Event(), log_path=tmp_path / "l")
     assert seen[-1].gpu_slot is None
 
-    from finetune_server.devices import Device
+    from finetune_server.host.devices import Device
 
     monkeypatch.setattr(executor_module, "detect_devices", lambda: [Device(name="cuda:0"), Device(name="cuda:1")])
     await executor.run(spec, on_message=noop, cancel=asyncio.Event(), log_path=tmp_path / "l")
@@ -301,7 +301,7 @@ async def test_executor_drops_the_gpu_slot_without_gpus(monkeypatch: pytest.Monk
 def test_oom_heuristic(tmp_path: Path) -> None:
     import structlog
 
-    from finetune_server.jobs.supervisor import _exit_report
+    from finetune_server.workers.supervisor import _exit_report
 
     log_path = tmp_path / "w.log"
     log_path.write_text('{"event": "loading model"}\nKilled\n')
@@ -317,7 +317,7 @@ def test_oom_heuristic(tmp_path: Path) -> None:
 
 async def test_cancelled_caller_does_not_orphan_the_worker(tmp_path: Path, tiny_model_dir: Path) -> None:
     """If the coroutine running the worker is cancelled (server shutdown), the worker still stops and is reaped."""
-    from finetune_server.jobs import supervisor
+    from finetune_server.workers import supervisor
 
     spec = make_spec(tmp_path, tiny_model_dir, max_steps=200)
     started = asyncio.Event()

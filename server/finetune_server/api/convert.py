@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
-from finetune_server.jobs.models import JobEventRecord, JobRecord
+from finetune_server.storage.records import JobEventRecord, JobRecord
 from finetune_server.training.config import LoraSettings, TrainingConfig
 
 M = TypeVar("M", bound=Message)

@@ -12,8 +12,8 @@ from typing import Any, Protocol
 import grpc
 import structlog
 
+from finetune_server.api.auth import TokenTable, current_principal
 from finetune_server.api.errors import abort
-from finetune_server.auth import TokenTable, current_principal
 from finetune_server.errors import FinetuneError
 
 log = structlog.get_logger("finetune_server.rpc")
@@ -140,7 +140,7 @@ class _Authenticate:
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Every call but health checking needs a valid bearer token; the caller is known to the servicer through
-    `finetune_server.auth.current_principal` for the duration of the call."""
+    `finetune_server.api.auth.current_principal` for the duration of the call."""
 
     EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 

@@ -9,6 +9,7 @@ import grpc
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_server.api.auth import caller_name, check_access, visible_owner
 from finetune_server.api.convert import (
     config_from_proto,
     config_to_proto,
@@ -18,15 +19,14 @@ from finetune_server.api.convert import (
     preset_config_to_proto,
 )
 from finetune_server.api.errors import map_errors
-from finetune_server.auth import caller_name, check_access, visible_owner
 from finetune_server.errors import ErrorKind, FinetuneError
-from finetune_server.export.service import ExportService
-from finetune_server.jobs.models import ArtifactRecord, JobRecord, JobState
+from finetune_server.host.server_info import ServerInfoProvider
+from finetune_server.jobs.exports import ExportService
 from finetune_server.jobs.service import JobService
-from finetune_server.jobs.store import JobStore
-from finetune_server.jobs.uploads import store_upload
-from finetune_server.server_info import ServerInfoProvider
 from finetune_server.settings import ServerSettings
+from finetune_server.storage.dataset_uploads import store_upload
+from finetune_server.storage.job_store import JobStore
+from finetune_server.storage.records import ArtifactRecord, JobRecord, JobState
 from finetune_server.training import presets
 from finetune_server.training.validation import ValidationReport, validate
 

@@ -32,6 +32,7 @@ import structlog
 
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.export.vllm import ADAPTER, MERGED, VllmReport, vllm_compatibility
+from finetune_server.storage import layout
 from finetune_server.training.data.template import (
     CHAT_TEMPLATE_FILE,
     TemplateError,
@@ -43,10 +44,6 @@ from finetune_server.training.data.template import (
 log = structlog.get_logger(__name__)
 
 FORMATS = (ADAPTER, MERGED)
-ADAPTER_DIR = "adapter"
-METRICS_FILE = "metrics.json"
-GENERATION_CONFIG_FILE = "generation_config.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 _CHUNK = 1 << 20
 
@@ -140,7 +137,7 @@ def export_artifact(
     job_dir, target_dir = Path(job_dir), Path(target_dir)
     bound = log.bind(job_dir=str(job_dir), format=fmt, checkpoint_step=checkpoint_step)
     adapter_dir, step = find_adapter(job_dir, checkpoint_step)
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    adapter_config = json.loads((adapter_dir / layout.ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
 
     def base_dir() -> Path:
         from finetune_server.training.engine.model_loading import resolve_model_dir
@@ -154,13 +151,13 @@ def export_artifact(
         if fmt == MERGED:
             model_dir = base_dir()
             _merge(model_dir, adapter_dir, staging, on_progress, device=device, max_shard_size=max_shard_size)
-            generation_base = _read_json(staging / GENERATION_CONFIG_FILE)
+            generation_base = _read_json(staging / layout.GENERATION_CONFIG_FILE)
         else:
             on_progress("saving", 0.0, "copying the adapter")
-            for name in ADAPTER_FILES:
+            for name in layout.ADAPTER_FILES:
                 shutil.copy2(adapter_dir / name, staging / name)
             local_base = _local_base_dir(model_ref, hub_cache_dir)
-            generation_base = _read_json(local_base / GENERATION_CONFIG_FILE) if local_base else {}
+            generation_base = _read_json(local_base / layout.GENERATION_CONFIG_FILE) if local_base else {}
         save_tokenizer_files(tokenizer_dir, staging, template)
         _write_generation_config(staging, generation_base, tokenizer_dir, template)
         on_progress("saving", 0.8, "artifact written")
@@ -199,8 +196,8 @@ def export_artifact(
 def find_adapter(job_dir: Path, checkpoint_step: int | None) -> tuple[Path, int]:
     """The adapter folder to export and its optimizer step: the final adapter, or the checkpoint of that step."""
     if checkpoint_step is None:
-        adapter = job_dir / ADAPTER_DIR
-        if not (adapter / "adapter_config.json").is_file():
+        adapter = layout.JobDir(job_dir).adapter
+        if not layout.has_adapter(adapter):
             raise FinetuneError(
                 ErrorKind.NOT_FOUND,
                 "ADAPTER_NOT_FOUND",
@@ -212,8 +209,8 @@ def find_adapter(job_dir: Path, checkpoint_step: int | None) -> tuple[Path, int]
 
     checkpoints = list_checkpoints(job_dir)  # integer steps, oldest first
     for step, path in checkpoints:
-        if step == checkpoint_step and (path / ADAPTER_DIR / "adapter_config.json").is_file():
-            return path / ADAPTER_DIR, step
+        if step == checkpoint_step and layout.has_adapter(path / layout.ADAPTER_DIR):
+            return path / layout.ADAPTER_DIR, step
     available = [step for step, _ in checkpoints]
     listed = ", ".join(map(str, available)) or "none"
     raise FinetuneError(
@@ -227,7 +224,7 @@ def find_adapter(job_dir: Path, checkpoint_step: int | None) -> tuple[Path, int]
 
 def _final_step(job_dir: Path) -> int:
     """The final adapter's step: the training report's, else the newest checkpoint's."""
-    steps = _read_json(job_dir / METRICS_FILE).get("steps")
+    steps = _read_json(layout.JobDir(job_dir).metrics).get("steps")
     if isinstance(steps, int | float) and not isinstance(steps, bool):
         return int(steps)
     from finetune_server.training.engine.checkpoint import list_checkpoints
@@ -242,7 +239,7 @@ def _tokenizer_source(job_dir: Path, config: Mapping[str, Any], base_dir: Callab
     The final adapter folder holds both (written by training). Without it (a checkpoint of an unfinished job) the
     template is chosen again from the base model and the config, the same deterministic choice training made.
     """
-    adapter = job_dir / ADAPTER_DIR
+    adapter = layout.JobDir(job_dir).adapter
     if (adapter / CHAT_TEMPLATE_FILE).is_file() and (adapter / "tokenizer.json").is_file():
         return adapter, (adapter / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     model_dir = base_dir()
@@ -327,7 +324,9 @@ def generation_settings(base: Mapping[str, Any], tokenizer_dir: Path, template: 
 
 def _write_generation_config(dest: Path, base: Mapping[str, Any], tokenizer_dir: Path, template: str) -> None:
     settings = generation_settings(base, tokenizer_dir, template)
-    (dest / GENERATION_CONFIG_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (dest / layout.GENERATION_CONFIG_FILE).write_text(
+        json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
 
 
 # --- merging ---------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from finetune_server.training.data.template import CHAT_TEMPLATE_FILE
+from finetune_server.storage.layout import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE
 
 # --max-lora-rank must be one of these (vllm/config/lora.py, `possible_max_ranks`, 0.6 onwards).
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -59,7 +59,6 @@ VLLM_LORA_MODULES = frozenset(
 
 ADAPTER = "adapter"
 MERGED = "merged"
-GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 @dataclass(frozen=True)

@@ -19,26 +19,26 @@ from typing import Any, TypeVar
 
 import structlog
 
-from finetune_server.diskspace import ensure_free_space, job_disk_bytes
 from finetune_server.errors import ErrorKind, FinetuneError
-from finetune_server.jobs.executor import Executor
-from finetune_server.jobs.hub import EventHub
-from finetune_server.jobs.models import EventKind, JobEventRecord, JobRecord, JobState
-from finetune_server.jobs.store import InvalidTransition, JobStore
-from finetune_server.jobs.supervisor import WorkerExit, kill_process_group
-from finetune_server.jobs.worker import WorkerSpec
-from finetune_server.metrics import ServiceMetrics
+from finetune_server.host.diskspace import ensure_free_space, job_disk_bytes
+from finetune_server.jobs.event_hub import EventHub
+from finetune_server.observability.metrics import ServiceMetrics
 from finetune_server.settings import ServerSettings
+from finetune_server.storage import layout
+from finetune_server.storage.job_store import InvalidTransition, JobStore
+from finetune_server.storage.records import EventKind, JobEventRecord, JobRecord, JobState
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.engine.errors import out_of_memory_hint
 from finetune_server.training.model_info import resolve_model
 from finetune_server.training.validation import resolve_dataset_path, validate
+from finetune_server.workers.executor import Executor
+from finetune_server.workers.supervisor import WorkerExit, kill_process_group
+from finetune_server.workers.train import WorkerSpec
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 MAX_ATTEMPTS = 3
-WORKER_PID_FILE = "worker.pid"
 
 
 def job_not_found(job_id: str) -> FinetuneError:
@@ -112,7 +112,7 @@ class JobService:
     async def _recover(self) -> None:
         """Re-queue the jobs a crashed server left RUNNING; they resume from their newest checkpoint."""
         for job in await self._db(self._store.jobs_in_state, JobState.RUNNING):
-            pid_file = self.job_dir(job.id) / WORKER_PID_FILE
+            pid_file = layout.JobDir(self.job_dir(job.id)).worker_pid
             if pid_file.is_file():  # an orphan worker stops by itself when its stdin closes; make sure
                 kill_process_group(int(pid_file.read_text().strip() or 0))
             await self._transition(
@@ -317,9 +317,9 @@ class JobService:
                 spec,
                 on_message=partial(self._on_worker_message, job.id),
                 cancel=cancel,
-                log_path=job_dir / "worker.log",
+                log_path=layout.JobDir(job_dir).worker_log,
             )
-            (job_dir / WORKER_PID_FILE).unlink(missing_ok=True)
+            layout.JobDir(job_dir).worker_pid.unlink(missing_ok=True)
             if await self._settle(job, outcome, cancel, bound):
                 return
 
@@ -364,7 +364,7 @@ class JobService:
                 {
                     "reason": "WORKER_CRASHED",
                     "message": f"the worker died ({how}) {current.attempts} times; last log lines:\n{tail}",
-                    "hint": "Check the job's worker.log; the newest checkpoint is kept.",
+                    "hint": "Check the job's {layout.WORKER_LOG_FILE}; the newest checkpoint is kept.",
                 },
             )
             return True
@@ -387,7 +387,7 @@ class JobService:
             await self._append(job_id, EventKind(message["kind"]), message["data"])
         elif kind == "started":
             # Its process group id, so that a restarted server can stop an orphan of this one.
-            (self.job_dir(job_id) / WORKER_PID_FILE).write_text(str(message["pid"]))
+            layout.JobDir(self.job_dir(job_id)).worker_pid.write_text(str(message["pid"]))
             step = message.get("resumed_from_step")
             if step is None:
                 return

@@ -21,8 +21,8 @@ from typing import Any
 import structlog
 
 from finetune_server.errors import ErrorKind, FinetuneError, Violation
-from finetune_server.paths import confine, looks_like_path
 from finetune_server.settings import ServerSettings
+from finetune_server.util.paths import confine, looks_like_path
 
 log = structlog.get_logger(__name__)
 

@@ -18,9 +18,8 @@ from typing import Any
 
 import structlog
 
-from finetune_server.devices import detect_devices
 from finetune_server.errors import ConfigWarning, ErrorKind, FinetuneError, Violation, ViolationList
-from finetune_server.paths import confine
+from finetune_server.host.devices import detect_devices
 from finetune_server.settings import ServerSettings
 from finetune_server.training.config import (
     DATA_FORMATS,
@@ -42,6 +41,7 @@ from finetune_server.training.data.template import SOURCE_FALLBACK
 from finetune_server.training.memory import MemoryEstimate, estimate_memory
 from finetune_server.training.model_info import ModelSummary, ResolvedModel, resolve_model, summarize_model
 from finetune_server.training.presets import NAMED_DEVICES, get_preset
+from finetune_server.util.paths import confine
 
 log = structlog.get_logger(__name__)
 

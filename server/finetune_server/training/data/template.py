@@ -26,6 +26,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from finetune_server.storage.layout import CHAT_TEMPLATE_FILE
 from finetune_server.training.data.formats import Message
 
 FALLBACK_CHAT_TEMPLATE = (
@@ -45,7 +46,6 @@ class TemplateError(ValueError):
     """A chat template that does not compile, or fails to render a conversation (e.g. `raise_exception`)."""
 
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # What a tokenizer may consist of; copied with adapters and exports so they tokenise exactly as training did.
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -30,15 +29,10 @@ import structlog
 import torch
 
 from finetune_server import faults
+from finetune_server.storage import layout
+from finetune_server.storage.layout import checkpoint_name
 
 log = structlog.get_logger(__name__)
-
-CHECKPOINTS_DIR = "checkpoints"
-COMPLETE_MARKER = "complete"
-ADAPTER_DIR = "adapter"
-_STATE_FILE = "trainer_state.json"
-_NAME = re.compile(r"^step-(\d+)$")
-_TEMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -58,10 +52,6 @@ class CheckpointState:
     data_position: DataPosition
     rng_states: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
 
 
 def capture_rng_states() -> dict[str, Any]:
@@ -112,7 +102,7 @@ def publish_dir(staging: Path, target: Path) -> None:
     _fsync_tree(staging)
     if target.exists():
         # A folder cannot be renamed over a non-empty one: move the old aside first, then drop it.
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{_TEMP_PREFIX}old-{target.name}-"))
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{layout.CHECKPOINT_TEMP_PREFIX}old-{target.name}-"))
         os.replace(target, old / target.name)
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
@@ -140,24 +130,24 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write `checkpoints/step-{step:08d}` atomically and return its path. `extra` must be JSON-serialisable."""
-    parent = Path(output_dir) / CHECKPOINTS_DIR
+    parent = layout.JobDir(Path(output_dir)).checkpoints
     parent.mkdir(parents=True, exist_ok=True)
     target = parent / checkpoint_name(step)
-    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_TEMP_PREFIX}{target.name}-"))
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f"{layout.CHECKPOINT_TEMP_PREFIX}{target.name}-"))
     try:
-        model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
+        model.save_pretrained(staging / layout.ADAPTER_DIR, safe_serialization=True)
         faults.on_checkpoint_write(staging)  # FINETUNE_FAULTS=disk_full_at_checkpoint=N (tests, chaos drills)
-        _torch_save(optimizer.state_dict(), staging / "optimizer.pt")
-        _torch_save(scheduler.state_dict(), staging / "scheduler.pt")
-        _torch_save({"torch": rng_states["torch"], "cuda": rng_states.get("cuda") or []}, staging / "rng.pt")
+        _torch_save(optimizer.state_dict(), staging / layout.OPTIMIZER_FILE)
+        _torch_save(scheduler.state_dict(), staging / layout.SCHEDULER_FILE)
+        _torch_save({"torch": rng_states["torch"], "cuda": rng_states.get("cuda") or []}, staging / layout.RNG_FILE)
         state = {
             "step": step,
             "data_position": {"epoch": data_position.epoch, "batch_index": data_position.batch_index},
             "rng": {"python": rng_states["python"], "numpy": rng_states["numpy"]},
             "extra": extra or {},
         }
-        (staging / _STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
-        (staging / COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
+        (staging / layout.TRAINER_STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        (staging / layout.CHECKPOINT_COMPLETE_MARKER).write_text(f"{step}\n", encoding="utf-8")
         publish_dir(staging, target)
     except BaseException:
         # Also on a full disk (ENOSPC): the half-written staging folder goes, the previous checkpoint stays newest.
@@ -168,14 +158,14 @@ def save_checkpoint(
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints as (step, path), oldest first by integer step. Temp and incomplete folders are skipped."""
-    parent = Path(output_dir) / CHECKPOINTS_DIR
+    parent = layout.JobDir(Path(output_dir)).checkpoints
     if not parent.is_dir():
         return []
     found = []
     for child in parent.iterdir():
-        match = _NAME.match(child.name)
-        if match and child.is_dir() and (child / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), child))
+        step = layout.checkpoint_step(child.name)
+        if step is not None and child.is_dir() and (child / layout.CHECKPOINT_COMPLETE_MARKER).is_file():
+            found.append((step, child))
     found.sort(key=lambda item: item[0])
     return found
 
@@ -198,10 +188,10 @@ def prune(output_dir: Path, keep: int) -> list[Path]:
 
 def remove_stale_temp(output_dir: Path) -> list[Path]:
     """Remove temp folders a crashed save left behind (call only when no save is in progress)."""
-    parent = Path(output_dir) / CHECKPOINTS_DIR
+    parent = layout.JobDir(Path(output_dir)).checkpoints
     if not parent.is_dir():
         return []
-    stale = [child for child in parent.iterdir() if child.name.startswith(_TEMP_PREFIX)]
+    stale = [child for child in parent.iterdir() if child.name.startswith(layout.CHECKPOINT_TEMP_PREFIX)]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
@@ -221,18 +211,18 @@ def load_checkpoint(path: Path, *, model: Any, optimizer: torch.optim.Optimizer,
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / COMPLETE_MARKER).is_file():
+    if not (path / layout.CHECKPOINT_COMPLETE_MARKER).is_file():
         raise ValueError(f"{path} is not a complete checkpoint")
     device = next(p.device for p in model.parameters())
-    weights = load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"), device=str(device))
+    weights = load_file(str(path / layout.ADAPTER_DIR / layout.ADAPTER_WEIGHTS_FILE), device=str(device))
     result = set_peft_model_state_dict(model, weights)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "modules_to_save" in k]
     if unexpected:
         raise ValueError(f"checkpoint {path.name} does not match the model: unexpected {unexpected[:5]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    torch_rng = torch.load(path / "rng.pt", weights_only=True)
-    state = json.loads((path / _STATE_FILE).read_text(encoding="utf-8"))
+    optimizer.load_state_dict(torch.load(path / layout.OPTIMIZER_FILE, map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / layout.SCHEDULER_FILE, weights_only=True))
+    torch_rng = torch.load(path / layout.RNG_FILE, weights_only=True)
+    state = json.loads((path / layout.TRAINER_STATE_FILE).read_text(encoding="utf-8"))
     position = state["data_position"]
     return CheckpointState(
         step=int(state["step"]),

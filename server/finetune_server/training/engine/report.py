@@ -20,12 +20,11 @@ from typing import Any
 
 import structlog
 
-from finetune_server.json_values import finite
+from finetune_server.storage import layout
+from finetune_server.util.json_values import finite
 
 log = structlog.get_logger(__name__)
 
-METRICS_FILE = "metrics.json"
-LOSS_CURVE_FILE = "loss_curve.png"
 
 Color = tuple[int, int, int]
 WHITE: Color = (255, 255, 255)
@@ -43,12 +42,12 @@ def write_report(output_dir: Path, *, metrics: dict[str, Any], history: list[dic
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = output_dir / METRICS_FILE
+    metrics_path = layout.JobDir(output_dir).metrics
     text = json.dumps(finite(metrics), indent=2, sort_keys=True, allow_nan=False, default=str) + "\n"
     _atomic_write(metrics_path, text.encode())
     train = _series(history, "loss")
     evals = _series(history, "eval_loss")
-    png_path = output_dir / LOSS_CURVE_FILE
+    png_path = layout.JobDir(output_dir).loss_curve
     _atomic_write(png_path, render_loss_curve(train, evals))
     log.info("training report written", dir=str(output_dir), train_points=len(train), eval_points=len(evals))
     return metrics_path, png_path

@@ -1,0 +1,552 @@
+"""The `finetune` command: `serve` runs the server, `demo` shows the whole service on an embedded default, and the
+other commands drive a server (`--server`, or FINETUNE_SERVER): validate, train, watch, jobs, cancel, export, upload,
+presets, recommend.
+
+Exit codes: 0 ok; 1 a failed or invalid result (an invalid config, a failed or cancelled job, a refused upload);
+2 a usage error or a server that cannot be reached; 130 when Ctrl-C detached from a job (which keeps running).
+Only typer is imported up front: the client, rich tables and (for serve/demo) torch load inside the commands that need
+them, so `finetune --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from finetune_server.host.cpu_policy import parse_cpu_list
+from finetune_server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
+
+if TYPE_CHECKING:
+    from finetune_server.cli.common import Remote
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune causal language models with LoRA.",
+)
+jobs_app = typer.Typer(no_args_is_help=True, help="List and inspect training jobs.")
+app.add_typer(jobs_app, name="jobs")
+
+
+class JobStateName(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class ExportFormatName(StrEnum):
+    adapter = "adapter"
+    merged = "merged"
+
+
+ServerOption = Annotated[
+    str, typer.Option("--server", envvar="FINETUNE_SERVER", help="The server's host:port.", rich_help_panel="Server")
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option("--token", envvar="FINETUNE_TOKEN", help="Bearer token sent to the server.", rich_help_panel="Server"),
+]
+TlsCaOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca",
+        envvar="FINETUNE_TLS_CA",
+        help="PEM file of the certificate authority to trust; connects with TLS.",
+        rich_help_panel="Server",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="FIELD=VALUE",
+        help="Override a config field by its dotted path, e.g. lora.r=16 (the value is read as JSON when it parses, "
+        "else as text); repeatable.",
+    ),
+]
+ConfigArgument = Annotated[Path, typer.Argument(help="A training config file (.json, .yaml or .yml).")]
+JobArgument = Annotated[str, typer.Argument(help="The job id (job-...).")]
+
+
+def _remote(server: str, token: str | None, tls_ca: Path | None) -> Remote:
+    from finetune_server.cli.common import Remote
+
+    return Remote(server, token, tls_ca)
+
+
+def _server_flag(server: str) -> str:
+    """What to add to a suggested command line so it reaches the same server."""
+    return "" if server == DEFAULT_SERVER else f" --server {server}"
+
+
+@app.callback()
+def _root() -> None:
+    """sage-finetune: a gRPC fine-tuning service and its command line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# serving and the demo
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port; 0 picks a free one (printed on stdout).")] = 50051,
+    data_dir: Annotated[Path, typer.Option(help="Where jobs, uploads and artifacts live.")] = Path("./data"),
+    model_dir: Annotated[
+        list[Path] | None, typer.Option(help="A folder under which local models may be named (repeatable).")
+    ] = None,
+    dataset_dir: Annotated[
+        list[Path] | None, typer.Option(help="A folder under which server-side datasets may be named (repeatable).")
+    ] = None,
+    offline: Annotated[bool, typer.Option(help="Never download from the hub (also HF_HUB_OFFLINE=1).")] = False,
+    hf_cache_dir: Annotated[Path | None, typer.Option(help="Hub cache folder (default: huggingface_hub's).")] = None,
+    slots: Annotated[int, typer.Option(min=1, help="Jobs that may train at once.")] = 1,
+    max_upload_bytes: Annotated[int, typer.Option(min=1, help="Largest dataset upload.")] = DEFAULT_MAX_UPLOAD_BYTES,
+    max_queued_jobs: Annotated[int, typer.Option(min=1, help="Queued jobs beyond which Train is refused.")] = 1000,
+    max_streams_per_connection: Annotated[
+        int, typer.Option(min=1, help="Concurrent calls one connection may have open; more wait for a free one.")
+    ] = 256,
+    disk_reserve_bytes: Annotated[
+        int, typer.Option(min=0, help="Disk space kept free beyond what a job or an export needs.")
+    ] = 512 << 20,
+    auth_token_file: Annotated[
+        Path | None, typer.Option(help="Bearer tokens, one per line: TOKEN [NAME] [admin]. Unset: no authentication.")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain; with --tls-key, serve TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA that client certificates must chain to (mutual TLS).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port (0: any free one).")
+    ] = None,
+    worker_threads: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="CPU threads per training or export worker (0: the cores left after one for the server, per slot).",
+        ),
+    ] = 0,
+    worker_cpus: Annotated[
+        str | None, typer.Option(help="Pin workers to these CPUs, e.g. 2-7 (default: the server's CPUs).")
+    ] = None,
+    grace: Annotated[float, typer.Option(help="Seconds in-flight calls get on SIGTERM/SIGINT.")] = 10.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the gRPC server until SIGTERM or SIGINT."""
+    import os
+
+    # Workers are started with fork+exec and never use gRPC in the child, so gRPC's fork handlers are not needed;
+    # they are known to interfere with the asyncio server's threads. Must be set before grpc is imported.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    from finetune_server.app import serve as run_server
+    from finetune_server.observability.logging import configure_logging
+
+    configure_logging(log_level)
+    try:  # a CPU list that does not parse, or names CPUs this machine lacks (ServerSettings checks that)
+        pinned = parse_cpu_list(worker_cpus) if worker_cpus else []
+        settings = ServerSettings(
+            data_dir=data_dir,
+            model_roots=list(model_dir or []),
+            dataset_roots=list(dataset_dir or []),
+            offline=offline,
+            hf_cache_dir=hf_cache_dir,
+            slots=slots,
+            max_upload_bytes=max_upload_bytes,
+            max_queued_jobs=max_queued_jobs,
+            max_streams_per_connection=max_streams_per_connection,
+            disk_reserve_bytes=disk_reserve_bytes,
+            auth_token_file=auth_token_file,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            metrics_port=metrics_port,
+            worker_threads=worker_threads,
+            worker_cpus=pinned,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from None
+
+    def announce(bound_host: str, bound_port: int) -> None:
+        sys.stdout.write(f"listening on {bound_host}:{bound_port}\n")
+        sys.stdout.flush()
+
+    def announce_metrics(bound_host: str, bound_port: int) -> None:
+        sys.stdout.write(f"metrics on {bound_host}:{bound_port}\n")
+        sys.stdout.flush()
+
+    asyncio.run(run_server(settings, host, port, grace, on_bound=announce, on_metrics_bound=announce_metrics))
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="Where the demo's model, data, jobs and server log go.")] = Path(
+        "./data"
+    ),
+    server: Annotated[
+        str | None, typer.Option(envvar="FINETUNE_SERVER", help="Use this server instead of starting one.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="A hub id or local folder instead of the embedded tiny model.")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 150,
+) -> None:
+    """Train the embedded tiny model on made-up facts through the service and show its answers before and after."""
+    from rich.console import Console
+
+    from finetune_server.demo.run import run_demo
+    from finetune_server.observability.logging import configure_logging
+
+    configure_logging("warning")
+    raise typer.Exit(run_demo(data_dir, server=server, model=model, steps=steps, console=Console()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# configs and training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def validate(
+    config: ConfigArgument,
+    set_: SetOption = None,
+    target_device: Annotated[
+        str,
+        typer.Option(
+            help="Also judge the memory estimate against this device: rtx_3060, rtx_4090, a100_40gb, a100_80gb, "
+            "h100_80gb or cpu."
+        ),
+    ] = "",
+    json_output: JsonOption = False,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """Check a config without training: violations (field, line, reason), warnings, memory estimate, device verdict.
+
+    Exits 1 when the config is invalid.
+    """
+    from finetune_server.cli import common, configs, render
+
+    with common.session(_remote(server, token, tls_ca)) as service:
+        data = configs.load_config(config, set_ or [])
+        result = service.validate_config(data, target_device=target_device)
+    if json_output:
+        common.print_json(result.to_dict())
+    else:
+        render.render_validation(common.console(), result, source=str(config))
+    raise typer.Exit(common.EXIT_OK if result.valid else common.EXIT_FAILED)
+
+
+@app.command()
+def train(
+    config: ConfigArgument,
+    set_: SetOption = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Print the job id and return; the job runs on.")] = False,
+    name: Annotated[str | None, typer.Option(help="A name for the job (default: the config file's name).")] = None,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """Start a training job and show its progress until it ends (Ctrl-C detaches; it never cancels the job).
+
+    Exits 0 when the job succeeds, 1 when the config is rejected or the job fails or is cancelled.
+    """
+    from finetune_client import ConfigConversionError, FinetuneServiceError, ValidationResult
+    from finetune_client.convert import state_name, validation_result_from_report
+    from finetune_server.cli import common, configs, progress, render
+
+    out = common.console()
+    with common.session(_remote(server, token, tls_ca)) as service:
+        data = configs.load_config(config, set_ or [])
+        try:
+            stream = service.iter_train(data, display_name=config.stem if name is None else name)
+            job = next(stream).job
+        except ConfigConversionError as exc:
+            rejected = ValidationResult(valid=False, errors=exc.problems, violations=exc.violations)
+            render.render_validation(out, rejected, source=str(config))
+            raise typer.Exit(common.EXIT_FAILED) from None
+        except FinetuneServiceError as exc:
+            if exc.report is None and not exc.violations:
+                raise
+            rejected = (
+                validation_result_from_report(exc.report)
+                if exc.report is not None
+                else ValidationResult(valid=False, errors=[str(v) for v in exc.violations], violations=exc.violations)
+            )
+            render.render_validation(out, rejected, source=str(config))
+            raise typer.Exit(common.EXIT_FAILED) from None
+        if detach:
+            typer.echo(job.id)
+            typer.echo(f"follow it with: finetune watch {job.id}{_server_flag(server)}", err=True)
+            return
+        intro = f"job [bold]{job.id}[/] created ({state_name(job.state)}); Ctrl-C detaches and leaves it running"
+        events = (response.event for response in stream)
+        code = progress.follow_until_end(service, job, events, out, intro=intro, server_flag=_server_flag(server))
+    raise typer.Exit(code)
+
+
+@app.command()
+def watch(
+    job_id: JobArgument,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """Show a job's progress from its first stored event until it ends (Ctrl-C stops watching, not the job).
+
+    Exits 0 when the job succeeded, 1 when it failed or was cancelled.
+    """
+    from finetune_client.convert import state_name
+    from finetune_server.cli import common, progress
+
+    out = common.console()
+    with common.session(_remote(server, token, tls_ca)) as service:
+        job = service.get_job(job_id)
+        intro = f"watching job [bold]{job.id}[/] ({state_name(job.state)}); Ctrl-C stops watching"
+        events = service.watch(job.id, 0)
+        code = progress.follow_until_end(service, job, events, out, intro=intro, server_flag=_server_flag(server))
+    raise typer.Exit(code)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# jobs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: Annotated[
+        list[JobStateName] | None, typer.Option("--state", help="Only jobs in this state (repeatable).")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Most jobs to show, newest first.")] = 20,
+    json_output: JsonOption = False,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """List jobs, newest first."""
+    from itertools import islice
+
+    from finetune_server.cli import common, render
+
+    with common.session(_remote(server, token, tls_ca)) as service:
+        states = [s.value for s in state or []]
+        jobs = list(islice(service.list_jobs(states, page_size=min(limit, 1000)), limit))
+    if json_output:
+        common.print_json(render.job_dicts(jobs))
+    else:
+        render.render_jobs(common.console(), jobs)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: JobArgument,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write the loss curve (train and eval loss by step) to this PNG file.")
+    ] = None,
+    json_output: JsonOption = False,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """Show one job: state, progress, result or error, and its resolved config."""
+    from finetune_client import message_to_dict
+    from finetune_server.cli import common, plotting, render
+
+    with common.session(_remote(server, token, tls_ca)) as service:
+        job = service.get_job(job_id)
+        if json_output:
+            common.print_json(message_to_dict(job))
+        else:
+            render.render_job(common.console(), job)
+        if plot is not None:
+            written = plotting.write_loss_curve(service, job, plot)
+            common.console(stderr=json_output).print(written, soft_wrap=True)
+
+
+@app.command()
+def cancel(
+    job_id: JobArgument,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """Cancel a job: a queued one at once, a running one as soon as its worker stops. A finished job exits 1."""
+    from finetune_server.cli import common
+
+    out = common.console()
+    with common.session(_remote(server, token, tls_ca)) as service:
+        job = service.cancel_job(job_id)
+    if job.cancel_requested and not job.end_time.seconds:
+        out.print(
+            f"cancel requested: job [bold]{job.id}[/]'s worker is stopping; "
+            f"follow it with [bold]finetune watch {job.id}{_server_flag(server)}[/]",
+            soft_wrap=True,
+        )
+    else:
+        out.print(f"[magenta]job [bold]{job.id}[/] cancelled[/]", soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# artifacts and datasets
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def export(
+    job_id: JobArgument,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the export into.")],
+    format_: Annotated[
+        ExportFormatName, typer.Option("--format", help="adapter (PEFT folder) or merged (full weights).")
+    ] = ExportFormatName.adapter,
+    force: Annotated[bool, typer.Option("--force", help="Replace the output folder when it is not empty.")] = False,
+    checkpoint: Annotated[
+        int | None, typer.Option(min=1, help="Export this checkpoint's step instead of the final adapter.")
+    ] = None,
+    json_output: JsonOption = False,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """Export a succeeded job's adapter or merged model, download it and verify every file's SHA-256."""
+    from finetune_server.cli import common, render, transfer
+
+    with common.session(_remote(server, token, tls_ca)) as service:
+        transfer.check_output(output, force)
+        result = transfer.export_with_progress(
+            service,
+            job_id,
+            output,
+            format_.value,
+            force=force,
+            checkpoint_step=checkpoint,
+            console=common.console(stderr=json_output),
+        )
+    if json_output:
+        common.print_json(result.to_dict())
+    else:
+        render.render_export(common.console(), result)
+
+
+@app.command()
+def upload(
+    file: Annotated[Path, typer.Argument(help="A JSONL or JSON dataset file.")],
+    format_: Annotated[
+        str, typer.Option("--format", help="auto, alpaca, messages, qa or text: what each example must look like.")
+    ] = "auto",
+    json_output: JsonOption = False,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """Upload a dataset; it is checked line by line, and its id (ds-...) can be a config's `dataset`."""
+    from finetune_client import FinetuneServiceError
+    from finetune_server.cli import common, render
+
+    with common.session(_remote(server, token, tls_ca)) as service:
+        if not file.is_file():
+            raise common.CliError(f"dataset file not found: {file}")
+        try:
+            dataset = service.upload_dataset(file, data_format=format_)
+        except FinetuneServiceError as exc:
+            if not exc.violations:
+                raise
+            render.render_violations(common.console(stderr=True), exc.violations, title=f"{file} was refused")
+            common.fail(exc.message, common.EXIT_FAILED, exc.hint)
+    if json_output:
+        common.print_json(dataset)
+    else:
+        render.render_upload(common.console(), dataset)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# presets and advice
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def presets(
+    json_output: JsonOption = False,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """The server's presets: named sets of values for a device class that fill only what a config leaves unset."""
+    from finetune_client.convert import config_to_dict
+    from finetune_server.cli import common, render
+
+    with common.session(_remote(server, token, tls_ca)) as service:
+        response = service.list_presets()
+    if json_output:
+        common.print_json(
+            {
+                "presets": [
+                    {
+                        "name": p.name,
+                        "description": p.description,
+                        "device_memory_bytes": p.device_memory_bytes,
+                        "config": config_to_dict(p.config),
+                    }
+                    for p in response.presets
+                ],
+                "recommendations": [render.recommendation_dict(r) for r in response.recommendations],
+            }
+        )
+    else:
+        render.render_presets(common.console(), response)
+
+
+@app.command()
+def recommend(
+    gpu_memory: Annotated[
+        str, typer.Option(help="Memory of the GPU, e.g. 12GB, 24GiB or 8192MB (GB and GiB both mean 2**30).")
+    ],
+    json_output: JsonOption = False,
+    server: ServerOption = DEFAULT_SERVER,
+    token: TokenOption = None,
+    tls_ca: TlsCaOption = None,
+) -> None:
+    """Which recommended models train in that much GPU memory, best first, with their preset and cautions.
+
+    Exits 1 when none fits.
+    """
+    from finetune_server.cli import common, render
+
+    with common.session(_remote(server, token, tls_ca)) as service:
+        memory = common.parse_size(gpu_memory)
+        recommendations = list(service.list_presets().recommendations)
+    fits = [r for r in recommendations if r.min_gpu_memory_bytes <= memory]
+    too_big = [r for r in recommendations if r.min_gpu_memory_bytes > memory]
+    if json_output:
+        common.print_json(
+            {
+                "gpu_memory_bytes": memory,
+                "fits": [render.recommendation_dict(r) for r in fits],
+                "does_not_fit": [render.recommendation_dict(r) for r in too_big],
+            }
+        )
+    else:
+        render.render_recommendations(common.console(), memory, fits, too_big)
+    raise typer.Exit(common.EXIT_OK if fits else common.EXIT_FAILED)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

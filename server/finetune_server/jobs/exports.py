@@ -1,0 +1,197 @@
+"""Exports and downloads: turn a SUCCEEDED job's adapter into an artifact once, and stream its files with checksums.
+
+The packaging itself (it needs torch) runs in a subprocess (`export/worker.py`); this side orchestrates, records the
+artifact only once its folder is complete, and never lets a caller name a server-side path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.host.diskspace import ensure_free_space, export_disk_bytes
+from finetune_server.jobs.service import job_not_found
+from finetune_server.settings import ServerSettings
+from finetune_server.storage import layout
+from finetune_server.storage.job_store import JobStore
+from finetune_server.storage.records import ArtifactRecord, JobState
+from finetune_server.training.config import TrainingConfig
+from finetune_server.training.model_info import ResolvedModel, resolve_model, summarize_model
+from finetune_server.workers.export import run_export
+
+log = structlog.get_logger(__name__)
+
+CHUNK_BYTES = 1 << 20
+FORMATS = ("ADAPTER", "MERGED")
+
+
+def unknown_artifact(art_id: str) -> FinetuneError:
+    return FinetuneError(ErrorKind.NOT_FOUND, "ARTIFACT_NOT_FOUND", f"no artifact has the id {art_id!r}")
+
+
+def artifact_id(job_id: str, fmt: str, checkpoint_step: int | None) -> str:
+    key = f"{job_id}:{fmt}:{'final' if checkpoint_step is None else checkpoint_step}"
+    return "art-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class ExportService:
+    def __init__(self, settings: ServerSettings, store: JobStore) -> None:
+        self._settings = settings
+        self._store = store
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def _stored(self, art_id: str) -> ArtifactRecord | None:
+        try:
+            record = await asyncio.to_thread(self._store.get_artifact, art_id)
+        except KeyError:
+            return None
+        folder = self._settings.data_dir / record.path
+        complete = all((folder / f["path"]).is_file() for f in record.files)
+        return record if complete else None
+
+    async def export(
+        self, job_id: str, fmt: str, checkpoint_step: int | None
+    ) -> AsyncIterator[dict[str, Any] | ArtifactRecord]:
+        """Yield progress dicts (stage, fraction, message), then the artifact record."""
+        if fmt not in FORMATS:
+            raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_FORMAT", "format must be ADAPTER or MERGED")
+        try:
+            job = await asyncio.to_thread(self._store.get_job, job_id)
+        except KeyError:
+            raise job_not_found(job_id) from None
+        if job.state is not JobState.SUCCEEDED:
+            raise FinetuneError(
+                ErrorKind.FAILED_PRECONDITION,
+                "JOB_NOT_SUCCEEDED",
+                f"job {job_id} is {job.state.value}; only a SUCCEEDED job can be exported",
+            )
+        art_id = artifact_id(job_id, fmt, checkpoint_step)
+        async with self._locks[art_id]:  # two concurrent identical exports: the second finds the first's result
+            existing = await self._stored(art_id)
+            if existing is not None:
+                yield existing
+                return
+            config = TrainingConfig.from_dict(job.config)
+            model = await asyncio.to_thread(resolve_model, config.model_name, self._settings)
+            target = self._settings.artifacts_dir / art_id
+            await asyncio.to_thread(self._check_disk, job_id, model, fmt)
+            spec = {
+                "job_dir": str(self._settings.jobs_dir / job_id),
+                "config": job.config,
+                "model_ref": model.load_ref,
+                "base_model": config.model_name,
+                "fmt": fmt.lower(),
+                "checkpoint_step": checkpoint_step,
+                "target_dir": str(target),
+                "hub_cache_dir": str(self._settings.hf_cache_dir) if self._settings.hf_cache_dir else None,
+                "hub_offline": self._settings.offline,
+                "cpu_threads": self._settings.threads_per_worker,
+                "cpus": self._settings.worker_cpus or None,
+            }
+            progress: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            self._settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+            task = asyncio.ensure_future(
+                run_export(spec, on_progress=progress.put, log_path=self._settings.layout.artifact_log(art_id))
+            )
+            while not task.done() or not progress.empty():
+                getter = asyncio.ensure_future(progress.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            manifest = task.result()  # raises the export's FinetuneError
+            record = ArtifactRecord(
+                id=art_id,
+                job_id=job_id,
+                format=fmt,
+                step=int(manifest["step"]),
+                base_model=config.model_name,
+                path=str(target.relative_to(self._settings.data_dir)),
+                files=list(manifest["files"]),
+                total_size_bytes=int(manifest["total_size_bytes"]),
+                vllm=dict(manifest["vllm"]),
+                create_time=time.time(),
+            )
+            await asyncio.to_thread(self._store.put_artifact, record)
+            log.info("export.done", job_id=job_id, artifact_id=art_id, format=fmt, bytes=record.total_size_bytes)
+            yield record
+
+    def _check_disk(self, job_id: str, model: ResolvedModel, fmt: str) -> None:
+        adapter = self._settings.layout.job(job_id).adapter / layout.ADAPTER_WEIGHTS_FILE
+        adapter_bytes = adapter.stat().st_size if adapter.is_file() else 0
+        merged = fmt == "MERGED"
+        base = summarize_model(model).num_parameters if merged else 0
+        needed = export_disk_bytes(base, adapter_bytes // 4, merged)
+        ensure_free_space(self._settings.artifacts_dir, needed, self._settings.disk_reserve_bytes, "this export")
+
+    async def owner_of(self, art_id: str) -> str:
+        """The owner of the job an artifact came from (NOT_FOUND for an unknown artifact)."""
+        try:
+            record = await asyncio.to_thread(self._store.get_artifact, art_id)
+            return (await asyncio.to_thread(self._store.get_job, record.job_id)).owner
+        except KeyError:
+            raise unknown_artifact(art_id) from None
+
+    async def download(self, art_id: str, path: str, offset: int) -> AsyncIterator[dict[str, Any]]:
+        """Chunks of one file (from `offset`) or of every file; DATA_LOSS when a file no longer matches its sha256."""
+        try:
+            record = await asyncio.to_thread(self._store.get_artifact, art_id)
+        except KeyError:
+            raise unknown_artifact(art_id) from None
+        files = {f["path"]: f for f in record.files}
+        if path and path not in files:
+            raise FinetuneError(ErrorKind.NOT_FOUND, "FILE_NOT_FOUND", f"artifact {art_id} has no file {path!r}")
+        if offset and not path:
+            raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "OFFSET_NEEDS_PATH", "an offset needs a path")
+        if offset < 0 or (path and offset > files[path]["size_bytes"]):
+            raise FinetuneError(ErrorKind.OUT_OF_RANGE, "OFFSET_OUT_OF_RANGE", f"offset {offset} is outside {path!r}")
+        root = (self._settings.data_dir / record.path).resolve()
+        for entry in [files[path]] if path else record.files:
+            async for chunk in self._file_chunks(root, entry, offset if path else 0):
+                yield chunk
+
+    async def _file_chunks(self, root: Path, entry: dict[str, Any], offset: int) -> AsyncIterator[dict[str, Any]]:
+        file = (root / entry["path"]).resolve()
+        if not file.is_relative_to(root) or not file.is_file():
+            raise FinetuneError(ErrorKind.DATA_LOSS, "FILE_MISSING", f"{entry['path']} is missing on the server")
+        digest = hashlib.sha256()
+        with file.open("rb") as handle:
+            if offset:  # the checksum covers the whole file, so read what the caller already has
+                remaining = offset
+                while remaining:
+                    block = handle.read(min(CHUNK_BYTES, remaining))
+                    if not block:
+                        break
+                    digest.update(block)
+                    remaining -= len(block)
+            position, sent = offset, False
+            while True:
+                data = await asyncio.to_thread(handle.read, CHUNK_BYTES)
+                digest.update(data)
+                if data or not sent:  # an empty file (or a resume at its end) still gets one chunk
+                    yield {
+                        "path": entry["path"],
+                        "offset": position,
+                        "data": data,
+                        "file_size": entry["size_bytes"],
+                        "sha256": entry["sha256"],
+                    }
+                    sent = True
+                    position += len(data)
+                if not data:
+                    break
+        if digest.hexdigest() != entry["sha256"]:
+            raise FinetuneError(
+                ErrorKind.DATA_LOSS,
+                "CHECKSUM_MISMATCH",
+                f"{entry['path']} on the server no longer matches its recorded sha256; discard what was received",
+            )

@@ -1,0 +1,150 @@
+"""Every file and folder the service keeps under its data dir, named in one place.
+
+```
+<data dir>/
+    finetune.db                         the embedded job store (SQLite)
+    datasets/<dataset id>.jsonl|.json   uploaded datasets; `.upload-*` are uploads still arriving
+    jobs/<job id>/                      one job (the worker's output folder)
+        worker_spec.json                what the current attempt's worker was told
+        worker.pid                      the running worker's pid, for recovery after a server crash
+        worker.log                      every attempt's stdout and stderr
+        checkpoints/step-<8 digits>/    adapter/, optimizer.pt, scheduler.pt, rng.pt, trainer_state.json, complete
+        checkpoints/.tmp-*              a checkpoint being written (renamed into place once complete)
+        adapter/                        the final adapter, with the tokenizer files and the chat template
+        metrics.json, loss_curve.png    the training report
+        tensorboard/                    TensorBoard event files, when tensorboard is installed
+    artifacts/<artifact id>/            one export: the adapter or merged model, with generation_config.json
+    artifacts/<artifact id>.log         its export worker's log
+```
+
+Other modules take paths from here and never spell these names themselves, so the layout can only change here. The
+names inside a model folder that Hugging Face defines (config.json, tokenizer.json, ...) are not ours and are not
+listed, except the adapter files and the chat template that our exports promise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+STORE_FILE = "finetune.db"
+DATASETS_DIR = "datasets"
+UPLOAD_TEMP_PREFIX = ".upload-"
+JOBS_DIR = "jobs"
+ARTIFACTS_DIR = "artifacts"
+
+WORKER_SPEC_FILE = "worker_spec.json"
+WORKER_PID_FILE = "worker.pid"
+WORKER_LOG_FILE = "worker.log"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+CHECKPOINT_TEMP_PREFIX = ".tmp-"
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
+LOSS_CURVE_FILE = "loss_curve.png"
+TENSORBOARD_DIR = "tensorboard"
+
+# Inside a checkpoint folder.
+TRAINER_STATE_FILE = "trainer_state.json"
+CHECKPOINT_COMPLETE_MARKER = "complete"  # written last: a folder without it is not a checkpoint
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+
+# Inside an adapter folder (peft's names, which vLLM and PeftModel read) and an artifact.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG_FILE = "generation_config.json"
+RESOLVED_CONFIG_FILE = "config.json"  # the in-process trainer's record of a job's resolved TrainingConfig
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """The data dir's top level."""
+
+    root: Path
+
+    @property
+    def store(self) -> Path:
+        return self.root / STORE_FILE
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / DATASETS_DIR
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / JOBS_DIR
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / ARTIFACTS_DIR
+
+    def job(self, job_id: str) -> JobDir:
+        return JobDir(self.jobs / job_id)
+
+    def artifact(self, artifact_id: str) -> Path:
+        return self.artifacts / artifact_id
+
+    def artifact_log(self, artifact_id: str) -> Path:
+        return self.artifacts / f"{artifact_id}.log"
+
+
+@dataclass(frozen=True)
+class JobDir:
+    """One job's folder: what its workers write and what its exports read."""
+
+    root: Path
+
+    @property
+    def worker_spec(self) -> Path:
+        return self.root / WORKER_SPEC_FILE
+
+    @property
+    def worker_pid(self) -> Path:
+        return self.root / WORKER_PID_FILE
+
+    @property
+    def worker_log(self) -> Path:
+        return self.root / WORKER_LOG_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS_DIR
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / checkpoint_name(step)
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / ADAPTER_DIR
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.root / LOSS_CURVE_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD_DIR
+
+
+def checkpoint_name(step: int) -> str:
+    """Zero-padded, so the folders also sort by step as strings (a listing still sorts by the integer)."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a `step-<digits>` folder name; None for anything else (temp folders, strays)."""
+    digits = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() and digits.isascii() else None
+
+
+def has_adapter(folder: Path) -> bool:
+    """True when `folder` holds a saved adapter (its config is written with the weights)."""
+    return (folder / ADAPTER_CONFIG_FILE).is_file()

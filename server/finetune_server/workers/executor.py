@@ -1,0 +1,62 @@
+"""The seam between the scheduler and whatever runs a job (DESIGN: "the executor").
+
+`LocalSubprocessExecutor` runs each job attempt in a worker subprocess on this host. A later executor can hand jobs to
+a cluster engine (Ray: one task per job with its GPU resources) behind the same `Executor` protocol; the scheduler
+only sees `run(...) -> WorkerExit` and the worker protocol's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from finetune_server.host.devices import detect_devices
+from finetune_server.workers.supervisor import OnMessage, WorkerExit, run_worker
+from finetune_server.workers.train import WorkerSpec
+
+
+class Executor(Protocol):
+    async def run(
+        self, spec: WorkerSpec, *, on_message: OnMessage, cancel: asyncio.Event, log_path: Path
+    ) -> WorkerExit: ...
+
+
+class LocalSubprocessExecutor:
+    """One worker subprocess per attempt, pinned to its GPU slot via CUDA_VISIBLE_DEVICES when the host has GPUs."""
+
+    def __init__(
+        self, *, env: Mapping[str, str] | None = None, cancel_grace_s: float = 15, term_grace_s: float = 5
+    ) -> None:
+        self._env = env
+        self._cancel_grace_s = cancel_grace_s
+        self._term_grace_s = term_grace_s
+
+    async def run(
+        self, spec: WorkerSpec, *, on_message: OnMessage, cancel: asyncio.Event, log_path: Path
+    ) -> WorkerExit:
+        return await run_worker(
+            await self._place(spec),
+            on_message=on_message,
+            cancel=cancel,
+            log_path=log_path,
+            env=self._env,
+            cancel_grace_s=self._cancel_grace_s,
+            term_grace_s=self._term_grace_s,
+        )
+
+    @staticmethod
+    async def _place(spec: WorkerSpec) -> WorkerSpec:
+        """Without GPUs a slot means nothing (the CPU is shared): drop it rather than hide devices that do not exist.
+
+        With one, the worker sees only its GPU, as cuda:0.
+        """
+        if spec.gpu_slot is None:
+            return spec
+        devices = await asyncio.to_thread(detect_devices)  # nvidia-smi: keep it off the event loop
+        if not any(d.name.startswith("cuda") for d in devices):
+            return dataclasses.replace(spec, gpu_slot=None)
+        device = spec.device if spec.device in (None, "cpu") else "cuda:0"
+        return dataclasses.replace(spec, device=device)
