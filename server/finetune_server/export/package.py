@@ -19,7 +19,6 @@ imports this module for its types and must stay light.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -40,6 +39,7 @@ from finetune_server.training.data.template import (
     render,
     save_tokenizer_files,
 )
+from finetune_server.util.hashing import sha256_file
 
 log = structlog.get_logger(__name__)
 
@@ -413,14 +413,11 @@ def checksum_files(
     done = 0
     files = []
     for path in paths:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
+        digest = sha256_file(path)
         size = path.stat().st_size
         done += size
         relative = path.relative_to(root).as_posix()
-        files.append(ArtifactFile(relative, size, digest.hexdigest()))
+        files.append(ArtifactFile(relative, size, digest))
         if on_progress is not None:
             on_progress("checksumming", start + (end - start) * done / total, relative)
     return files
