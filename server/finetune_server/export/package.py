@@ -45,7 +45,6 @@ log = structlog.get_logger(__name__)
 
 FORMATS = (ADAPTER, MERGED)
 DEFAULT_MAX_SHARD_SIZE = "2GB"
-_CHUNK = 1 << 20
 
 OnProgress = Callable[[str, float, str], None]
 
