@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_server.storage.records import JobEventRecord, JobRecord
 from finetune_server.training.config import LoraSettings, TrainingConfig
+from finetune_server.training.validation import ValidationReport
 
 M = TypeVar("M", bound=Message)
 
@@ -113,6 +114,22 @@ def config_from_proto(message: pb.TrainingConfig) -> TrainingConfig:
 
 def config_to_proto(config: TrainingConfig) -> pb.TrainingConfig:
     return fill(pb.TrainingConfig(), config)
+
+
+def report_to_proto(report: ValidationReport) -> pb.ValidateConfigResponse:
+    """ValidateConfig's answer (also attached to a rejection); the in-process trainer reads its reports through it
+    too, so both services report a config the same way."""
+    response = pb.ValidateConfigResponse(
+        valid=report.valid,
+        resolved_config=config_to_proto(report.resolved_config),
+        preset_filled_fields=report.preset_filled_fields,
+    )
+    fill(response, {"violations": report.violations, "warnings": report.warnings})
+    for name in ("model", "dataset", "eval_dataset", "memory_estimate"):
+        value = getattr(report, name)
+        if value is not None:
+            fill(getattr(response, name), value)
+    return response
 
 
 def preset_config_to_proto(values: Mapping[str, Any]) -> pb.TrainingConfig:

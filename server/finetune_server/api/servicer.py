@@ -12,11 +12,11 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_
 from finetune_server.api.auth import caller_name, check_access, visible_owner
 from finetune_server.api.convert import (
     config_from_proto,
-    config_to_proto,
     event_to_proto,
     fill,
     job_to_proto,
     preset_config_to_proto,
+    report_to_proto,
 )
 from finetune_server.api.errors import map_errors
 from finetune_server.errors import ErrorKind, FinetuneError
@@ -28,21 +28,7 @@ from finetune_server.storage.dataset_uploads import store_upload
 from finetune_server.storage.job_store import JobStore
 from finetune_server.storage.records import ArtifactRecord, JobRecord, JobState
 from finetune_server.training import presets
-from finetune_server.training.validation import ValidationReport, validate
-
-
-def report_to_proto(report: ValidationReport) -> pb.ValidateConfigResponse:
-    response = pb.ValidateConfigResponse(
-        valid=report.valid,
-        resolved_config=config_to_proto(report.resolved_config),
-        preset_filled_fields=report.preset_filled_fields,
-    )
-    fill(response, {"violations": report.violations, "warnings": report.warnings})
-    for name in ("model", "dataset", "eval_dataset", "memory_estimate"):
-        value = getattr(report, name)
-        if value is not None:
-            fill(getattr(response, name), value)
-    return response
+from finetune_server.training.validation import validate
 
 
 class FineTuneServicer(pb_grpc.FineTuneServiceServicer):

@@ -13,6 +13,7 @@
         adapter/                        the final adapter, with the tokenizer files and the chat template
         metrics.json, loss_curve.png    the training report
         tensorboard/                    TensorBoard event files, when tensorboard is installed
+        config.json                     the resolved TrainingConfig (jobs of the in-process LoRATrainer only)
     artifacts/<artifact id>/            one export: the adapter or merged model, with generation_config.json
     artifacts/<artifact id>.log         its export worker's log
 ```
@@ -132,6 +133,10 @@ class JobDir:
     @property
     def tensorboard(self) -> Path:
         return self.root / TENSORBOARD_DIR
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.root / RESOLVED_CONFIG_FILE
 
 
 def checkpoint_name(step: int) -> str:
