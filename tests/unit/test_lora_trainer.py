@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from finetune_client.convert import ConfigConversionError
 from finetune_client.interface import IFineTuneService, ProgressUpdate
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.inprocess.trainer import LoRATrainer
@@ -63,8 +64,11 @@ def test_train_reports_progress_and_exports_the_adapter(tmp_path: Path, tiny_mod
         trainer.export_model(tmp_path / "export")
     assert exists.value.kind is ErrorKind.ALREADY_EXISTS
     assert trainer.export_model(tmp_path / "export", overwrite=True).success
-    with pytest.raises(NotImplementedError, match="merged"):
-        trainer.export_model(tmp_path / "merged", format="merged")
+    merged = trainer.export_model(tmp_path / "merged", format="merged")
+    assert merged.success and merged.format == "merged" and merged.vllm["compatible"] is True
+    merged_names = {f["path"] for f in merged.files}
+    assert "model.safetensors" in merged_names and "adapter_config.json" not in merged_names
+    assert merged_names == {p.name for p in (tmp_path / "merged").iterdir()}
 
 
 def test_validate_config_and_invalid_train(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -80,9 +84,14 @@ def test_validate_config_and_invalid_train(tmp_path: Path, tiny_model_dir: Path)
     with pytest.raises(FinetuneError):
         trainer.train(bad_config)
     assert not (tmp_path / "work" / "jobs").exists() or not any((tmp_path / "work" / "jobs").iterdir())
-    with pytest.raises(FinetuneError) as unknown:
-        trainer.validate_config({**_config(tiny_model_dir, dataset), "learning_rat": 1e-3})
-    assert unknown.value.reason == "UNKNOWN_FIELD"
+    # Reported as the remote client reports it: a result, each problem at its field path.
+    unknown = trainer.validate_config({**_config(tiny_model_dir, dataset), "learning_rat": 1e-3})
+    assert not unknown.valid and [(v.field, v.reason) for v in unknown.violations] == [
+        ("learning_rat", "UNKNOWN_FIELD")
+    ]
+    with pytest.raises(ConfigConversionError) as unconvertible:
+        trainer.train({**_config(tiny_model_dir, dataset), "learning_rat": 1e-3})
+    assert unconvertible.value.violations == unknown.violations
 
 
 def test_cancel_from_the_progress_callback(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -1,42 +1,57 @@
 """LoRATrainer: the fine-tuning service in-process, for library users and notebooks (no server, no gRPC).
 
-It implements the same `IFineTuneService` as the remote client, so a Studio-like consumer can hold either. `train`
-validates the config exactly as the server does (training/validation.py), runs the training loop in this process and
-thread, and turns the loop's progress events into the client's ProgressUpdate. Each job gets a folder under
-`work_dir/jobs/<job_id>`; calling `train` again with the same `job_id` resumes it from its newest checkpoint.
+It implements the same `IFineTuneService` as the remote client, so a Studio-like consumer can hold either. Nothing
+here has rules of its own; every step is the service's own part, so the two cannot drift:
+- a config dict is read by the client's conversion (the contract's field paths in violations) and the server's
+  proto->domain conversion, then checked by `training.validation.validate`, exactly as ValidateConfig and Train do;
+- reports, progress and exports reach the caller through the same messages and client conversions as over gRPC;
+- training is `run_training` in this process and thread; exports are `export_artifact` (ADAPTER or MERGED).
+Each job gets its folder from `storage.layout` (`work_dir/jobs/<job_id>`); calling `train` again with the same
+`job_id` resumes it from its newest checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import hashlib
 import json
-import shutil
 import threading
 import uuid
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
+from finetune_client.convert import (
+    ConfigConversionError,
+    config_from_dict,
+    export_result_from_artifact,
+    progress_from_proto,
+    validation_result_from_report,
+)
 from finetune_client.interface import (
     ExportResult,
-    FieldViolation,
     IFineTuneService,
     ProgressCallback,
     ProgressUpdate,
     TrainResult,
     ValidationResult,
 )
+from finetune_server.api.convert import config_from_proto, fill, report_to_proto
 from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.export.package import FORMATS, export_artifact, find_adapter
+from finetune_server.jobs.service import job_not_found
 from finetune_server.settings import ServerSettings
-from finetune_server.storage import layout
+from finetune_server.storage.layout import JobDir
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.engine.errors import TrainingCancelled
-from finetune_server.training.engine.events import Event, LogEvent, ProgressEvent
+from finetune_server.training.model_info import resolve_model
+from finetune_server.training.validation import resolve_dataset_path, validate
+from finetune_server.workers.train import event_message
+
+if TYPE_CHECKING:  # the engine's modules import torch, which only training itself needs
+    from finetune_server.training.engine.events import Event, EventSink
 
 log = structlog.get_logger(__name__)
 
@@ -63,21 +78,13 @@ class LoRATrainer(IFineTuneService):
     # --- IFineTuneService ------------------------------------------------------------------------------------------
 
     def validate_config(self, config: Mapping[str, Any]) -> ValidationResult:
-        from finetune_server.training.validation import validate
-
-        report = validate(_parse_config(config), self.settings)
-        return ValidationResult(
-            valid=report.valid,
-            errors=[_violation_text(v.field, v.message, v.line) for v in report.violations],
-            warnings=[_violation_text(w.field, w.message) for w in report.warnings],
-            violations=[FieldViolation(v.field, v.reason, v.message, v.line) for v in report.violations],
-            resolved_config=report.resolved_config.to_dict(),
-            preset_filled_fields=list(report.preset_filled_fields),
-            memory_estimate=_plain(report.memory_estimate),
-            dataset=_plain(report.dataset),
-            model=_plain(report.model),
-            eval_dataset=_plain(report.eval_dataset),
-        )
+        """The report GrpcFineTuneService gives for the same dict: a dict that cannot be converted is reported
+        without validating, like the client does before calling."""
+        try:
+            domain = _domain_config(config)
+        except ConfigConversionError as exc:
+            return ValidationResult(valid=False, errors=list(exc.problems), violations=list(exc.violations))
+        return validation_result_from_report(report_to_proto(validate(domain, self.settings)))
 
     def train(
         self,
@@ -86,44 +93,29 @@ class LoRATrainer(IFineTuneService):
         *,
         job_id: str | None = None,
     ) -> TrainResult:
-        """Validate, then train until the job ends. An invalid config raises FinetuneError (nothing is created);
-        a job that fails or is cancelled returns `success=False` with the reason."""
-        from finetune_server.training.engine.recipe import run_training
-        from finetune_server.training.validation import resolve_dataset_path, validate
+        """Validate, then train until the job ends. A dict that cannot be converted raises ConfigConversionError
+        (as GrpcFineTuneService does) and an invalid config FinetuneError; neither creates anything. A job that fails
+        or is cancelled returns `success=False` with the reason."""
+        from finetune_server.training.engine.recipe import run_training  # torch: only when training
 
-        report = validate(_parse_config(config), self.settings)
+        report = validate(_domain_config(config), self.settings)
         if not report.valid:
             raise report.rejection()
-        resolved = report.resolved_config
-        dataset = resolve_dataset_path(resolved.dataset, self.settings, "dataset")
-        eval_dataset = (
-            resolve_dataset_path(resolved.eval_dataset, self.settings, "eval_dataset")
-            if resolved.eval_dataset.strip()
-            else None
-        )
         job_id = job_id or uuid.uuid4().hex[:12]
-        output_dir = self.settings.jobs_dir / job_id
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / layout.RESOLVED_CONFIG_FILE).write_text(
-            json.dumps(resolved.to_dict(), indent=2), encoding="utf-8"
-        )
+        job = self.settings.layout.job(job_id)
+        resolved = _record_resolved_config(job, report.resolved_config)
+        model_ref, dataset, eval_dataset = self._training_inputs(resolved)
         self.last_job_id = job_id
         self._stop.clear()
         job_log = log.bind(job_id=job_id)
-
-        def on_event(event: Event) -> None:
-            if isinstance(event, ProgressEvent) and progress_callback is not None:
-                progress_callback(_progress_update(event, job_id))
-            elif isinstance(event, LogEvent):
-                job_log.info("training log", level=event.level.value, message=event.message)
-
+        on_event = _event_sink(job_id, progress_callback, job_log)
         try:
             outcome = run_training(
                 resolved,
-                model_ref=_model_ref(resolved, self.settings),
+                model_ref=model_ref,
                 dataset_path=dataset,
                 eval_dataset_path=eval_dataset,
-                output_dir=output_dir,
+                output_dir=job.root,
                 on_event=on_event,
                 should_stop=self._stop.is_set,
                 device=self.device,
@@ -162,130 +154,92 @@ class LoRATrainer(IFineTuneService):
         job_id: str | None = None,
         overwrite: bool = False,
     ) -> ExportResult:
-        if format == "merged":
-            raise NotImplementedError(
-                "merged export is not available in LoRATrainer yet: export format='adapter' and merge with "
-                "peft's merge_and_unload onto a 16-bit copy of the base model"
-            )
-        if format != "adapter":
+        """The server's export (`export_artifact`: the same files, sha256s and vLLM report), built next to
+        `output_path` and renamed into place, so the folder there is the old one or the whole new one."""
+        fmt = format.lower()
+        if fmt not in FORMATS:
             raise FinetuneError(
                 ErrorKind.INVALID_ARGUMENT, "INVALID_FORMAT", f"format must be 'adapter' or 'merged', not {format!r}"
             )
         job_id = job_id or self.last_job_id
         if job_id is None:
             raise FinetuneError(ErrorKind.FAILED_PRECONDITION, "NO_JOB", "no job has been trained yet: pass job_id")
-        adapter = self.settings.layout.job(job_id).adapter
-        if not layout.has_adapter(adapter):
-            raise FinetuneError(ErrorKind.NOT_FOUND, "ADAPTER_NOT_FOUND", f"job {job_id} has no trained adapter")
-        target = Path(output_path).expanduser()
-        if target.exists():
-            if not overwrite:
-                raise FinetuneError(
-                    ErrorKind.ALREADY_EXISTS, "OUTPUT_EXISTS", f"{target} exists", hint="pass overwrite=True"
-                )
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(adapter, target)
-        files: list[dict[str, Any]] = [
-            {"path": str(f.relative_to(target)), "size_bytes": f.stat().st_size, "sha256": _sha256(f)}
-            for f in sorted(target.rglob("*"))
-            if f.is_file()
-        ]
-        return ExportResult(
-            success=True,
-            output_path=str(target),
-            format="adapter",
-            files=files,
-            total_size_bytes=sum(int(f["size_bytes"]) for f in files),
-            vllm=_vllm_compatibility(target),
+        job = self.settings.layout.job(job_id)
+        if not job.resolved_config.is_file():
+            raise job_not_found(job_id)
+        config = json.loads(job.resolved_config.read_text(encoding="utf-8"))
+        find_adapter(job.root, None)  # ADAPTER_NOT_FOUND before looking for the base model
+        target = Path(output_path).expanduser().absolute()
+        _check_target(target, overwrite)
+        model_name = TrainingConfig.from_dict(config).model_name
+        export_log = log.bind(job_id=job_id, format=fmt)
+        manifest = export_artifact(
+            job_dir=job.root,
+            config=config,
+            model_ref=resolve_model(model_name, self.settings).load_ref,
+            fmt=fmt,
+            checkpoint_step=None,
+            target_dir=target,
+            on_progress=lambda stage, fraction, message: export_log.debug(
+                "export progress", stage=stage, fraction=fraction, message=message
+            ),
+            hub_cache_dir=self.settings.hf_cache_dir,
+            hub_offline=self.settings.offline,
+            device=self.device,
+            serve_path=str(target),  # vLLM serves it from where it is on this machine
+            base_model=model_name,
         )
+        return export_result_from_artifact(fill(pb.Artifact(), manifest.to_dict()), str(target))
 
+    # --- helpers ---------------------------------------------------------------------------------------------------
 
-# --- helpers ---------------------------------------------------------------------------------------------------------
-
-
-def _parse_config(config: Mapping[str, Any]) -> TrainingConfig:
-    values = dict(config)
-    lora = values.get("lora") or {}
-    known = {f.name for f in dataclasses.fields(TrainingConfig)}
-    lora_known = {"r", "alpha", "dropout", "target_modules", "modules_to_save", "use_dora"}
-    unknown = sorted(set(values) - known) + sorted(f"lora.{k}" for k in set(dict(lora)) - lora_known)
-    if unknown:
-        raise FinetuneError(
-            ErrorKind.INVALID_ARGUMENT, "UNKNOWN_FIELD", f"unknown config field(s): {', '.join(unknown)}"
+    def _training_inputs(self, config: TrainingConfig) -> tuple[str, Path, Path | None]:
+        """The model to load and the dataset files, found the way the job service finds them for a worker."""
+        model = resolve_model(config.model_name, self.settings)
+        dataset = resolve_dataset_path(config.dataset, self.settings, "dataset")
+        eval_dataset = (
+            resolve_dataset_path(config.eval_dataset, self.settings, "eval_dataset") if config.eval_dataset else None
         )
-    values["lora"] = dict(lora)
-    for key in ("target_modules", "modules_to_save"):
-        if values["lora"].get(key) is None:
-            values["lora"].pop(key, None)
+        return model.load_ref, dataset, eval_dataset
+
+
+def _domain_config(config: Mapping[str, Any]) -> TrainingConfig:
+    """The dict as the server receives it: the client's conversion (ConfigConversionError listing every unknown key
+    and wrong type by its field path), then the server's reading of the message."""
+    return config_from_proto(config_from_dict(config))
+
+
+def _record_resolved_config(job: JobDir, resolved: TrainingConfig) -> TrainingConfig:
+    """Write the job's resolved config (its exports read it) and return it as a worker reads its spec."""
+    job.root.mkdir(parents=True, exist_ok=True)
+    values = resolved.to_dict()
+    job.resolved_config.write_text(json.dumps(values, indent=2), encoding="utf-8")
     return TrainingConfig.from_dict(values)
 
 
-def _model_ref(config: TrainingConfig, settings: ServerSettings) -> str:
-    """A local folder (found the way validation found it) or the hub id as given."""
-    from finetune_server.training.model_info import resolve_model
+def _event_sink(job_id: str, progress_callback: ProgressCallback | None, job_log: Any) -> EventSink:
+    """Engine events as the remote path turns them into ProgressUpdates: the worker's event message, filled into
+    the contract's TrainingProgress as the server does, read by the client's conversion."""
 
-    resolved = resolve_model(config.model_name, settings)
-    return str(resolved.path) if resolved.source == "local" else resolved.name  # the loop downloads hub weights
+    def on_event(event: Event) -> None:
+        message = event_message(event)
+        data = message["data"]
+        if message["kind"] == "progress" and progress_callback is not None:
+            progress_callback(_progress_update(data, job_id))
+        elif message["kind"] == "log":
+            job_log.info("training log", level=data["level"], message=data["message"])
 
-
-def _progress_update(event: ProgressEvent, job_id: str) -> ProgressUpdate:
-    return ProgressUpdate(
-        step=event.step,
-        total_steps=event.total_steps,
-        epoch=event.epoch,
-        loss=event.loss,
-        learning_rate=event.learning_rate,
-        grad_norm=event.grad_norm,
-        tokens_per_second=event.tokens_per_second,
-        elapsed_s=event.elapsed_s,
-        eta_s=event.eta_s,
-        memory_bytes=event.memory.allocated_bytes,
-        job_id=job_id,
-    )
+    return on_event
 
 
-def _violation_text(field: str, message: str, line: int = 0) -> str:
-    where = f"line {line}: " if line else ""
-    return f"{field}: {where}{message}" if field else f"{where}{message}"
+def _progress_update(data: Mapping[str, Any], job_id: str) -> ProgressUpdate:
+    return progress_from_proto(fill(pb.TrainingProgress(), data), job_id)
 
 
-def _plain(value: Any) -> Any:
-    """A dataclass tree as JSON-friendly dicts (paths and enums as strings); None stays None."""
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _vllm_compatibility(adapter: Path) -> dict[str, Any]:
-    """vLLM rejects adapters with modules_to_save or DoRA (DESIGN.md); say so before someone tries to serve it."""
-    config = json.loads((adapter / layout.ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
-    problems = []
-    if config.get("modules_to_save"):
-        problems.append("modules_to_save is set: vLLM cannot load such adapters")
-    if config.get("use_dora"):
-        problems.append("DoRA adapters are not supported by vLLM")
-    base = config.get("base_model_name_or_path") or "<base model>"
-    return {
-        "compatible": not problems,
-        "problems": problems,
-        "serve_command": f"vllm serve {base} --enable-lora --lora-modules {adapter.name}={adapter}",
-    }
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Like the remote client: a missing path or an empty folder is written; anything else only with `overwrite`."""
+    if overwrite or not (target.exists() or target.is_symlink()):
+        return
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        return
+    raise FinetuneError(ErrorKind.ALREADY_EXISTS, "OUTPUT_EXISTS", f"{target} exists", hint="pass overwrite=True")
