@@ -223,7 +223,7 @@ def _parse_config(config: Mapping[str, Any]) -> TrainingConfig:
 
 def _model_ref(config: TrainingConfig, settings: ServerSettings) -> str:
     """A local folder (found the way validation found it) or the hub id as given."""
-    from finetune_server.training.model_info import resolve_model
+    from finetune_server.training.model_source import resolve_model
 
     resolved = resolve_model(config.model_name, settings)
     return str(resolved.path) if resolved.source == "local" else resolved.name  # the loop downloads hub weights

@@ -24,7 +24,8 @@ from finetune_server.storage import layout
 from finetune_server.storage.job_store import JobStore
 from finetune_server.storage.records import ArtifactRecord, JobState
 from finetune_server.training.config import TrainingConfig
-from finetune_server.training.model_info import ResolvedModel, resolve_model, summarize_model
+from finetune_server.training.model_info import summarize_model
+from finetune_server.training.model_source import ResolvedModel, resolve_model
 from finetune_server.workers.export import run_export
 
 log = structlog.get_logger(__name__)

@@ -39,7 +39,8 @@ from finetune_server.training.data import (
 )
 from finetune_server.training.data.template import SOURCE_FALLBACK
 from finetune_server.training.memory import MemoryEstimate, estimate_memory
-from finetune_server.training.model_info import ModelSummary, ResolvedModel, resolve_model, summarize_model
+from finetune_server.training.model_info import ModelSummary, summarize_model
+from finetune_server.training.model_source import ResolvedModel, resolve_model
 from finetune_server.training.presets import NAMED_DEVICES, get_preset
 from finetune_server.util.paths import confine
 
