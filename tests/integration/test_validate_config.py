@@ -254,13 +254,21 @@ def test_empty_dataset_is_rejected(stub: pb_grpc.FineTuneServiceStub, model_name
 def test_truncation_and_vllm_rank_are_warnings_not_violations(
     stub: pb_grpc.FineTuneServiceStub, model_name: str
 ) -> None:
+    # Rank 1024 is above vLLM's largest --max-lora-rank (512).
     response = stub.ValidateConfig(
-        pb.ValidateConfigRequest(config=base_config(model_name, max_length=16, lora={"r": 12})), timeout=30
+        pb.ValidateConfigRequest(config=base_config(model_name, max_length=16, lora={"r": 1024})), timeout=30
     )
     assert response.valid
     reasons = {w.reason for w in response.warnings}
     assert {"TRUNCATION", "VLLM_UNSUPPORTED_RANK"} <= reasons
     assert response.dataset.num_over_max_length > 0
+
+
+def test_a_rank_between_vllm_max_ranks_serves(stub: pb_grpc.FineTuneServiceStub, model_name: str) -> None:
+    """vLLM serves rank 12 under --max-lora-rank 16, so ValidateConfig does not warn (as Export calls it compatible)."""
+    response = stub.ValidateConfig(pb.ValidateConfigRequest(config=base_config(model_name, lora={"r": 12})), timeout=30)
+    assert response.valid
+    assert not [w for w in response.warnings if w.reason.startswith("VLLM_")], response.warnings
 
 
 def test_unknown_target_device_is_invalid(stub: pb_grpc.FineTuneServiceStub, model_name: str) -> None:

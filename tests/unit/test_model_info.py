@@ -24,10 +24,10 @@ from finetune_server.training.model_info import (
     LinearShape,
     linear_layer_shapes,
     parameters_from_config,
-    resolve_model,
     summarize_model,
     targeted_shapes,
 )
+from finetune_server.training.model_source import resolve_model
 from finetune_server.util.paths import confine
 
 COMMIT = "a" * 40
@@ -319,13 +319,31 @@ from pathlib import Path
 from finetune_server.settings import ServerSettings
 from finetune_server.training.config import TrainingConfig, resolve
 from finetune_server.training.memory import estimate_memory
-from finetune_server.training.model_info import resolve_model, summarize_model
+from finetune_server.training.model_info import summarize_model
+from finetune_server.training.model_source import resolve_model
 from finetune_server.training import presets
 folder = Path({str(tiny_model_dir)!r})
 resolved = resolve_model(str(folder), ServerSettings(data_dir=folder.parent / "d", model_roots=[folder.parent]))
 config, _ = resolve(TrainingConfig(model_name="m", dataset="d"), presets.get_preset("minimal").config)
 estimate_memory(config, summarize_model(resolved), resolved.config, sequence_length=512, devices=[("cpu", 1 << 34)])
 print([m for m in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "grpc") if m in sys.modules])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_describing_a_model_needs_no_hub_code(tiny_model_dir: Path) -> None:
+    """model_info reads files only: summarising a folder loads neither model_source nor huggingface_hub."""
+    code = f"""
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from finetune_server.training.model_info import summarize_model
+folder = Path({str(tiny_model_dir)!r})
+found = SimpleNamespace(name="m", source="local", path=folder, config=json.loads((folder / "config.json").read_text()))
+assert summarize_model(found).num_parameters == 139_840
+print([m for m in ("finetune_server.training.model_source", "huggingface_hub") if m in sys.modules])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -11,7 +11,8 @@ import torch
 
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
-from finetune_server.training.engine.model_loading import linear_module_names, load_for_training, resolve_model_dir
+from finetune_server.training.engine.model_loading import linear_module_names, load_for_training
+from finetune_server.training.model_source import resolve_model_dir
 
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from finetune_server.export.vllm import VLLM_MAX_LORA_RANKS, vllm_compatibility
+from finetune_server.export.vllm import vllm_compatibility
+from finetune_server.training.vllm_rules import VLLM_MAX_LORA_RANKS
 
 
 def lora(**overrides: Any) -> dict[str, Any]:

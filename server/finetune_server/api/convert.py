@@ -16,6 +16,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
+from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.export.formats import ExportFormat
 from finetune_server.storage.records import JobEventRecord, JobRecord
 from finetune_server.training.config import LoraSettings, TrainingConfig
 from finetune_server.training.validation import ValidationReport
@@ -50,6 +52,16 @@ def enum_number(enum_type: Any, name: str) -> int:
         return values[name].number
     prefix = enum_type.values[0].name.removesuffix("UNSPECIFIED")  # e.g. "JOB_STATE_"
     return values[prefix + name.upper()].number
+
+
+def export_format_from_proto(value: pb.ExportFormat.ValueType) -> ExportFormat:
+    """The contract's ExportFormat as the domain's (`EXPORT_FORMAT_ADAPTER` -> ADAPTER); INVALID_FORMAT for
+    UNSPECIFIED or a number this server does not know. The other way, an artifact record holds the member's name,
+    which `fill` turns into the contract's number like any enum field."""
+    if value == pb.EXPORT_FORMAT_UNSPECIFIED or value not in pb.ExportFormat.values():
+        choices = " or ".join(f.name for f in ExportFormat)
+        raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_FORMAT", f"format: choose {choices}")
+    return ExportFormat[pb.ExportFormat.Name(value).removeprefix("EXPORT_FORMAT_")]
 
 
 def fill(message: M, obj: Any) -> M:

@@ -13,6 +13,7 @@ from finetune_server.api.auth import caller_name, check_access, visible_owner
 from finetune_server.api.convert import (
     config_from_proto,
     event_to_proto,
+    export_format_from_proto,
     fill,
     job_to_proto,
     preset_config_to_proto,
@@ -170,9 +171,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
     async def Export(  # noqa: N802 - gRPC method name
         self, request: pb.ExportRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ExportResponse]:
-        if request.format == pb.EXPORT_FORMAT_UNSPECIFIED or request.format not in pb.ExportFormat.values():
-            raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_FORMAT", "format: choose ADAPTER or MERGED")
-        fmt = pb.ExportFormat.Name(request.format).removeprefix("EXPORT_FORMAT_")
+        fmt = export_format_from_proto(request.format)
         step = request.checkpoint_step if request.HasField("checkpoint_step") else None
         await self._job_of_caller(request.job_id)
         async for item in self._exports.export(request.job_id, fmt, step):

@@ -30,7 +30,8 @@ from typing import Any
 import structlog
 
 from finetune_server.errors import ErrorKind, FinetuneError
-from finetune_server.export.vllm import ADAPTER, MERGED, VllmReport, vllm_compatibility
+from finetune_server.export.formats import ExportFormat
+from finetune_server.export.vllm import VllmReport, vllm_compatibility
 from finetune_server.storage import layout
 from finetune_server.training.data.template import (
     CHAT_TEMPLATE_FILE,
@@ -39,11 +40,11 @@ from finetune_server.training.data.template import (
     render,
     save_tokenizer_files,
 )
+from finetune_server.training.model_source import resolve_model_dir
 from finetune_server.util.hashing import sha256_file
 
 log = structlog.get_logger(__name__)
 
-FORMATS = (ADAPTER, MERGED)
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 
 OnProgress = Callable[[str, float, str], None]
@@ -124,49 +125,32 @@ def export_artifact(
 ) -> ArtifactManifest:
     """Build the artifact at `target_dir` (replacing one there) and return its manifest.
 
-    `config` is the job's resolved TrainingConfig as a dict (its chat_template settings count when the job has no
-    final adapter to take the template from). `device` None: CUDA when available, else CPU. `artifact_name` and
-    `serve_path` only shape the vLLM serve command (defaults: the target folder's name, `./NAME`); `base_model` is
-    the base's name for people and for `vllm serve` (default `model_ref`, which may be this server's local path).
+    `fmt` is an ExportFormat or its value. `config` is the job's resolved TrainingConfig as a dict (its
+    chat_template settings count when the job has no final adapter to take the template from). `device` None: CUDA
+    when available, else CPU. `artifact_name` and `serve_path` only shape the vLLM serve command (defaults: the target
+    folder's name, `./NAME`); `base_model` is the base's name for people and for `vllm serve` (default `model_ref`,
+    which may be this server's local path).
     Raises FinetuneError: NOT_FOUND (ADAPTER_NOT_FOUND, CHECKPOINT_NOT_FOUND), INVALID_ARGUMENT (EXPORT_FORMAT),
     FAILED_PRECONDITION (BASE_QUANTIZED), and the model lookup's errors.
     """
-    if fmt not in FORMATS:
-        raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "EXPORT_FORMAT", f"unknown export format {fmt!r}")
+    export_format = ExportFormat.parse(fmt)
     job_dir, target_dir = Path(job_dir), Path(target_dir)
-    bound = log.bind(job_dir=str(job_dir), format=fmt, checkpoint_step=checkpoint_step)
+    bound = log.bind(job_dir=str(job_dir), format=export_format.value, checkpoint_step=checkpoint_step)
     adapter_dir, step = find_adapter(job_dir, checkpoint_step)
     adapter_config = json.loads((adapter_dir / layout.ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
-
-    def base_dir() -> Path:
-        from finetune_server.training.engine.model_loading import resolve_model_dir
-
-        return resolve_model_dir(model_ref, cache_dir=hub_cache_dir, offline=hub_offline)
+    source = _Source(job_dir, config, adapter_dir, model_ref, hub_cache_dir, hub_offline)
+    base_model = base_model or model_ref
 
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target_dir.parent, prefix=staging_prefix(target_dir)))
     try:
-        tokenizer_dir, template = _tokenizer_source(job_dir, config, base_dir)
-        if fmt == MERGED:
-            model_dir = base_dir()
-            _merge(model_dir, adapter_dir, staging, on_progress, device=device, max_shard_size=max_shard_size)
-            generation_base = _read_json(staging / layout.GENERATION_CONFIG_FILE)
-        else:
-            on_progress("saving", 0.0, "copying the adapter")
-            for name in layout.ADAPTER_FILES:
-                shutil.copy2(adapter_dir / name, staging / name)
-            local_base = _local_base_dir(model_ref, hub_cache_dir)
-            generation_base = _read_json(local_base / layout.GENERATION_CONFIG_FILE) if local_base else {}
-        save_tokenizer_files(tokenizer_dir, staging, template)
-        _write_generation_config(staging, generation_base, tokenizer_dir, template)
-        on_progress("saving", 0.8, "artifact written")
+        _write_artifact(staging, export_format, source, on_progress, device=device, max_shard_size=max_shard_size)
         files = checksum_files(staging, on_progress, start=0.8, end=0.99)
-        name = artifact_name or target_dir.name
         vllm = vllm_compatibility(
             adapter_config,
-            fmt,
-            artifact_name=name,
-            base_model=base_model or model_ref,
+            export_format,
+            artifact_name=artifact_name or target_dir.name,
+            base_model=base_model,
             artifact_path=serve_path,
             files={f.path for f in files},
         )
@@ -177,9 +161,9 @@ def export_artifact(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     manifest = ArtifactManifest(
-        format=fmt,
+        format=export_format.value,
         step=step,
-        base_model=base_model or model_ref,
+        base_model=base_model,
         files=files,
         total_size_bytes=sum(f.size_bytes for f in files),
         vllm=vllm,
@@ -187,6 +171,49 @@ def export_artifact(
     on_progress("checksumming", 1.0, f"{len(files)} files, {manifest.total_size_bytes} bytes")
     bound.info("artifact exported", step=step, files=len(files), size_bytes=manifest.total_size_bytes)
     return manifest
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where an export reads from: the job, the adapter chosen, and how to find the base model."""
+
+    job_dir: Path
+    config: Mapping[str, Any]
+    adapter_dir: Path
+    model_ref: str
+    hub_cache_dir: Path | None
+    hub_offline: bool | None
+
+    def base_dir(self) -> Path:
+        """The base model folder, downloaded when it is not here (and the hub is allowed)."""
+        return resolve_model_dir(self.model_ref, cache_dir=self.hub_cache_dir, offline=self.hub_offline)
+
+
+def _write_artifact(
+    staging: Path,
+    fmt: ExportFormat,
+    source: _Source,
+    on_progress: OnProgress,
+    *,
+    device: str | None,
+    max_shard_size: str | int,
+) -> None:
+    """The artifact's files in `staging`: the weights (adapter or merged), tokenizer files, template and generation
+    config."""
+    tokenizer_dir, template = _tokenizer_source(source.job_dir, source.config, source.base_dir)
+    if fmt is ExportFormat.MERGED:
+        base_dir = source.base_dir()
+        _merge(base_dir, source.adapter_dir, staging, on_progress, device=device, max_shard_size=max_shard_size)
+        generation_base = _read_json(staging / layout.GENERATION_CONFIG_FILE)
+    else:
+        on_progress("saving", 0.0, "copying the adapter")
+        for name in layout.ADAPTER_FILES:
+            shutil.copy2(source.adapter_dir / name, staging / name)
+        local_base = _local_base_dir(source.model_ref, source.hub_cache_dir)
+        generation_base = _read_json(local_base / layout.GENERATION_CONFIG_FILE) if local_base else {}
+    save_tokenizer_files(tokenizer_dir, staging, template)
+    _write_generation_config(staging, generation_base, tokenizer_dir, template)
+    on_progress("saving", 0.8, "artifact written")
 
 
 # --- the source adapter ----------------------------------------------------------------------------------------------
@@ -254,8 +281,6 @@ def _tokenizer_source(job_dir: Path, config: Mapping[str, Any], base_dir: Callab
 
 def _local_base_dir(model_ref: str, hub_cache_dir: Path | None) -> Path | None:
     """The base model folder if it is on this machine (local path or hub cache), never downloading it."""
-    from finetune_server.training.engine.model_loading import resolve_model_dir
-
     try:
         return resolve_model_dir(model_ref, cache_dir=hub_cache_dir, offline=True)
     except FinetuneError:

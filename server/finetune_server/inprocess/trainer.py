@@ -46,7 +46,7 @@ from finetune_server.settings import ServerSettings
 from finetune_server.storage.layout import JobDir
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.engine.errors import TrainingCancelled
-from finetune_server.training.model_info import resolve_model
+from finetune_server.training.model_source import resolve_model
 from finetune_server.training.validation import resolve_dataset_path, validate
 from finetune_server.workers.train import event_message
 

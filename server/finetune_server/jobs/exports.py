@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.export.formats import ExportFormat
 from finetune_server.host.diskspace import ensure_free_space, export_disk_bytes
 from finetune_server.jobs.service import job_not_found
 from finetune_server.settings import ServerSettings
@@ -24,21 +25,21 @@ from finetune_server.storage import layout
 from finetune_server.storage.job_store import JobStore
 from finetune_server.storage.records import ArtifactRecord, JobState
 from finetune_server.training.config import TrainingConfig
-from finetune_server.training.model_info import ResolvedModel, resolve_model, summarize_model
+from finetune_server.training.model_info import summarize_model
+from finetune_server.training.model_source import ResolvedModel, resolve_model
 from finetune_server.workers.export import run_export
 
 log = structlog.get_logger(__name__)
 
 CHUNK_BYTES = 1 << 20
-FORMATS = ("ADAPTER", "MERGED")
 
 
 def unknown_artifact(art_id: str) -> FinetuneError:
     return FinetuneError(ErrorKind.NOT_FOUND, "ARTIFACT_NOT_FOUND", f"no artifact has the id {art_id!r}")
 
 
-def artifact_id(job_id: str, fmt: str, checkpoint_step: int | None) -> str:
-    key = f"{job_id}:{fmt}:{'final' if checkpoint_step is None else checkpoint_step}"
+def artifact_id(job_id: str, fmt: ExportFormat, checkpoint_step: int | None) -> str:
+    key = f"{job_id}:{fmt.name}:{'final' if checkpoint_step is None else checkpoint_step}"
     return "art-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -58,11 +59,9 @@ class ExportService:
         return record if complete else None
 
     async def export(
-        self, job_id: str, fmt: str, checkpoint_step: int | None
+        self, job_id: str, fmt: ExportFormat, checkpoint_step: int | None
     ) -> AsyncIterator[dict[str, Any] | ArtifactRecord]:
         """Yield progress dicts (stage, fraction, message), then the artifact record."""
-        if fmt not in FORMATS:
-            raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_FORMAT", "format must be ADAPTER or MERGED")
         try:
             job = await asyncio.to_thread(self._store.get_job, job_id)
         except KeyError:
@@ -88,7 +87,7 @@ class ExportService:
                 "config": job.config,
                 "model_ref": model.load_ref,
                 "base_model": config.model_name,
-                "fmt": fmt.lower(),
+                "fmt": fmt.value,
                 "checkpoint_step": checkpoint_step,
                 "target_dir": str(target),
                 "hub_cache_dir": str(self._settings.hf_cache_dir) if self._settings.hf_cache_dir else None,
@@ -112,7 +111,7 @@ class ExportService:
             record = ArtifactRecord(
                 id=art_id,
                 job_id=job_id,
-                format=fmt,
+                format=fmt.name,
                 step=int(manifest["step"]),
                 base_model=config.model_name,
                 path=str(target.relative_to(self._settings.data_dir)),
@@ -122,13 +121,13 @@ class ExportService:
                 create_time=time.time(),
             )
             await asyncio.to_thread(self._store.put_artifact, record)
-            log.info("export.done", job_id=job_id, artifact_id=art_id, format=fmt, bytes=record.total_size_bytes)
+            log.info("export.done", job_id=job_id, artifact_id=art_id, format=fmt.name, bytes=record.total_size_bytes)
             yield record
 
-    def _check_disk(self, job_id: str, model: ResolvedModel, fmt: str) -> None:
+    def _check_disk(self, job_id: str, model: ResolvedModel, fmt: ExportFormat) -> None:
         adapter = self._settings.layout.job(job_id).adapter / layout.ADAPTER_WEIGHTS_FILE
         adapter_bytes = adapter.stat().st_size if adapter.is_file() else 0
-        merged = fmt == "MERGED"
+        merged = fmt is ExportFormat.MERGED
         base = summarize_model(model).num_parameters if merged else 0
         needed = export_disk_bytes(base, adapter_bytes // 4, merged)
         ensure_free_space(self._settings.artifacts_dir, needed, self._settings.disk_reserve_bytes, "this export")

@@ -29,7 +29,7 @@ from finetune_server.storage.job_store import InvalidTransition, JobStore
 from finetune_server.storage.records import EventKind, JobEventRecord, JobRecord, JobState
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.engine.errors import out_of_memory_hint
-from finetune_server.training.model_info import resolve_model
+from finetune_server.training.model_source import resolve_model
 from finetune_server.training.validation import resolve_dataset_path, validate
 from finetune_server.workers.executor import Executor
 from finetune_server.workers.supervisor import WorkerExit, kill_process_group

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_server.training.config import TrainingConfig
+from finetune_server.training.model_families import DEFAULT_FAMILY, VOCAB_MODULES
 from finetune_server.training.model_info import (
     Dims,
     LinearShape,
@@ -154,11 +155,11 @@ def _run_from_config(config: TrainingConfig, sequence_length: int, *, on_gpu: bo
 
 
 def _shapes(model_config: dict[str, Any], d: Dims) -> dict[str, LinearShape]:
-    """The architecture's linear layers; unknown families are treated as llama-like (the common layout)."""
+    """The architecture's linear layers; unknown families get the default family's layout (the common one)."""
     shapes = linear_layer_shapes(model_config)
     if shapes or not d.hidden or not d.layers:
         return shapes
-    return linear_layer_shapes({**model_config, "model_type": "llama"})
+    return linear_layer_shapes(model_config, DEFAULT_FAMILY)
 
 
 def _estimate(run: _Run, model: ModelSummary, model_config: dict[str, Any]) -> MemoryEstimate:
@@ -173,7 +174,7 @@ def _estimate(run: _Run, model: ModelSummary, model_config: dict[str, Any]) -> M
     if run.use_dora:
         trainable += sum(s.out_features * s.count for s in targeted.values())
     for name in run.modules_to_save:
-        if name in {"lm_head", "embed_tokens", "wte"}:
+        if name in VOCAB_MODULES:
             trainable += vocab * hidden
 
     # Weights.

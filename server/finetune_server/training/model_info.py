@@ -1,76 +1,40 @@
-"""Find a base model and describe it from its config and tokenizer files, never its weights.
+"""Describe a base model from its config, tokenizer and safetensors headers, never its weights; no network.
 
-A name is a local folder when it looks like a path or exists under a model root (confined to the roots); otherwise it
-is a hub id whose small files are fetched with huggingface_hub into its cache (`settings.hf_cache_dir`), from
-HF_ENDPOINT or `settings.hf_endpoint`. Offline, only the cache is read. Before any download one HEAD request without
-retries checks the hub, so an unreachable hub fails in seconds instead of huggingface_hub's ~25 s of backoff.
-
-Runs on the ValidateConfig path: stdlib and huggingface_hub only (no torch, transformers or safetensors).
+What the formulas need to know about each architecture comes from `model_families`. Finding the model (a local
+folder or the hub) is `model_source`'s job. Runs on the ValidateConfig path: stdlib only (no torch, transformers or
+safetensors).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from finetune_server.errors import ErrorKind, FinetuneError, Violation
-from finetune_server.settings import ServerSettings
-from finetune_server.util.paths import confine, looks_like_path
+from finetune_server.training.model_families import (
+    ATTENTION_PREFIX,
+    FAMILIES,
+    MLP_PREFIX,
+    QKV_MODULES,
+    ModelFamily,
+    Size,
+)
+
+if TYPE_CHECKING:
+    from finetune_server.training.model_source import ResolvedModel
 
 log = structlog.get_logger(__name__)
 
-HUB_TIMEOUT_S = 5.0
 CONFIG_FILE = "config.json"
-# What validation and the dataset check need; weights are never fetched here.
-HUB_FILES = (
-    CONFIG_FILE,
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "model.safetensors.index.json",
-)
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # a larger header means the file is not safetensors
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-
-_LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Linear projections LoRA can target, by config model_type (the "all-linear" set, lm_head excluded as peft does).
-LINEAR_MODULES: dict[str, list[str]] = {
-    **dict.fromkeys(
-        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "granite", "olmo", "olmo2"),
-        _LLAMA_LINEAR,
-    ),
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
-}
-# Families whose config.json may omit tie_word_embeddings because their config class defaults it to True.
-_TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text", "gpt2"}
-
-
-@dataclass
-class ResolvedModel:
-    name: str
-    source: str  # "local" or "hub"
-    path: Path  # folder holding config.json and the tokenizer files (a hub cache snapshot for hub models)
-    config: dict[str, Any]
-
-    @property
-    def load_ref(self) -> str:
-        """What a worker passes to from_pretrained: the folder of a local model, the hub id of a hub model (whose
-        weights the worker fetches; `path` holds only its config and tokenizer files)."""
-        return str(self.path) if self.source == "local" else self.name
 
 
 @dataclass
@@ -96,202 +60,6 @@ class LinearShape:
     in_features: int
     out_features: int
     count: int  # instances in the whole model (one per decoder layer)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Resolution
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def resolve_model(name: str, settings: ServerSettings, field: str = "model_name") -> ResolvedModel:
-    """Find `name` locally or on the hub and read its config. Raises FinetuneError (see module docstring)."""
-    name = name.strip()
-    if not name:
-        raise _error(ErrorKind.INVALID_ARGUMENT, "REQUIRED", field, "a model name or folder is required")
-    local = _local_candidate(name, settings, field)
-    if local is not None:
-        return _resolve_local(name, local, field)
-    return _resolve_hub(name, settings, field)
-
-
-def _local_candidate(name: str, settings: ServerSettings, field: str) -> Path | None:
-    if looks_like_path(name):
-        return confine(name, settings.model_roots, field)  # PERMISSION_DENIED outside the roots
-    if not settings.model_roots:
-        return None
-    try:
-        candidate = confine(name, settings.model_roots, field)
-    except FinetuneError:
-        return None  # e.g. `org/..`-like names: not a local folder, so try the hub
-    return candidate if candidate.exists() else None
-
-
-def _resolve_local(name: str, folder: Path, field: str) -> ResolvedModel:
-    if not folder.exists():
-        raise _error(
-            ErrorKind.NOT_FOUND,
-            "MODEL_NOT_FOUND",
-            field,
-            f"no model folder {name!r} under the server's model folders",
-            hint="Check the path; relative names are looked up under each model root (see GetServerInfo).",
-        )
-    if not (folder / CONFIG_FILE).is_file():
-        raise _error(
-            ErrorKind.INVALID_ARGUMENT,
-            "NOT_A_MODEL_FOLDER",
-            field,
-            f"{name!r} has no config.json: not a Hugging Face model folder",
-            hint="Point at the folder that holds config.json, the tokenizer files and the *.safetensors weights.",
-        )
-    return ResolvedModel(name=name, source="local", path=folder, config=_read_config(folder / CONFIG_FILE, name, field))
-
-
-def _resolve_hub(name: str, settings: ServerSettings, field: str) -> ResolvedModel:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError as exc:
-        raise _error(
-            ErrorKind.INVALID_ARGUMENT,
-            "INVALID_MODEL_NAME",
-            field,
-            f"{name!r} is neither a hub id (`org/name`) nor a folder under the model roots: {exc}",
-        ) from exc
-
-    endpoint = settings.hf_endpoint or None
-    offline = settings.offline
-    if not offline:
-        offline = not _hub_reachable(name, endpoint, settings, field)  # False: use the cached copy
-    config_path = _download(name, CONFIG_FILE, settings, endpoint, local_only=offline)
-    if config_path is None:
-        if settings.offline:
-            raise _error(
-                ErrorKind.NOT_FOUND,
-                "MODEL_NOT_CACHED_OFFLINE",
-                field,
-                f"{name!r} is not in the hub cache and the server is offline (HF_HUB_OFFLINE)",
-                hint=(
-                    f"Run `huggingface-cli download {name}` on a machine with hub access (with the same HF_HOME / "
-                    "cache folder), or unset HF_HUB_OFFLINE, or name a local folder."
-                ),
-            )
-        raise _error(ErrorKind.NOT_FOUND, "MODEL_NOT_FOUND", field, f"{name!r} has no config.json in the hub cache")
-    for filename in HUB_FILES[1:]:
-        _download(name, filename, settings, endpoint, local_only=offline)  # optional: absent files are skipped
-    path = Path(config_path).parent
-    log.info("model resolved from hub", model=name, path=str(path), offline=offline)
-    return ResolvedModel(name=name, source="hub", path=path, config=_read_config(Path(config_path), name, field))
-
-
-def _hub_reachable(name: str, endpoint: str | None, settings: ServerSettings, field: str) -> bool:
-    """One HEAD of config.json, no retries. True: reachable; False: unreachable but cached. Raises otherwise."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    url = hf_hub_url(name, CONFIG_FILE, endpoint=endpoint)
-    unreachable: tuple[type[Exception], ...] = (*_transport_errors(), HfHubHTTPError, OSError)
-    try:
-        get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S)
-        return True
-    except GatedRepoError as exc:
-        raise _error(
-            ErrorKind.PERMISSION_DENIED,
-            "MODEL_GATED",
-            field,
-            f"{name!r} is a gated repository: the server's hub token has no access to it",
-            hint="Accept the model's terms on the hub and give the server a token (HF_TOKEN) that has access.",
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise _error(
-            ErrorKind.NOT_FOUND,
-            "MODEL_NOT_FOUND",
-            field,
-            f"no model {name!r} on the hub ({endpoint or _default_endpoint()})",
-            hint="Check the spelling (`org/name`, case-sensitive); private repositories need HF_TOKEN.",
-        ) from exc
-    except EntryNotFoundError as exc:
-        raise _error(
-            ErrorKind.INVALID_ARGUMENT,
-            "NOT_A_MODEL_FOLDER",
-            field,
-            f"hub repository {name!r} has no config.json: not a transformers model",
-        ) from exc
-    except unreachable as exc:
-        if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code == 404:
-            raise _error(
-                ErrorKind.NOT_FOUND,
-                "MODEL_NOT_FOUND",
-                field,
-                f"no model {name!r} at {endpoint or _default_endpoint()} (HTTP 404)",
-                hint="Check the spelling (`org/name`, case-sensitive) and HF_ENDPOINT.",
-            ) from exc
-        cached = try_to_load_from_cache(name, CONFIG_FILE, cache_dir=settings.hf_cache_dir)
-        if isinstance(cached, str):
-            log.warning("hub unreachable, using the cached copy", model=name, error=str(exc))
-            return False
-        where = endpoint or _default_endpoint()
-        raise _error(
-            ErrorKind.UNAVAILABLE,
-            "HUB_UNREACHABLE",
-            field,
-            f"the model hub at {where} could not be reached for {name!r} and it is not cached: {exc}",
-            hint="Check the network or HF_ENDPOINT; or download the model where the hub is reachable.",
-        ) from exc
-
-
-def _transport_errors() -> tuple[type[Exception], ...]:
-    """Connection and timeout errors of huggingface_hub's HTTP client (httpx2 in 2.x, httpx before)."""
-    for module in ("httpx2", "httpx"):
-        try:
-            return (importlib.import_module(module).HTTPError,)
-        except (ImportError, AttributeError):
-            continue
-    return ()
-
-
-def _download(
-    name: str, filename: str, settings: ServerSettings, endpoint: str | None, *, local_only: bool
-) -> str | None:
-    """Path of `filename` in the cache (fetched when online), or None when the repo or cache has no such file."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        path = hf_hub_download(
-            name,
-            filename,
-            cache_dir=settings.hf_cache_dir,
-            endpoint=endpoint,
-            local_files_only=local_only,
-            etag_timeout=HUB_TIMEOUT_S,
-        )
-    except EntryNotFoundError:  # also LocalEntryNotFoundError: not cached
-        return None
-    return str(path)
-
-
-def _default_endpoint() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.ENDPOINT)
-
-
-def _read_config(path: Path, name: str, field: str) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise _error(
-            ErrorKind.INVALID_ARGUMENT, "NOT_A_MODEL_FOLDER", field, f"{name!r}: unreadable config.json: {exc}"
-        ) from exc
-    if not isinstance(config, dict):
-        raise _error(ErrorKind.INVALID_ARGUMENT, "NOT_A_MODEL_FOLDER", field, f"{name!r}: config.json is not an object")
-    return config
-
-
-def _error(kind: ErrorKind, reason: str, field: str, message: str, hint: str = "") -> FinetuneError:
-    return FinetuneError(kind, reason, f"{field}: {message}", violations=[Violation(field, reason, message)], hint=hint)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -334,12 +102,18 @@ def summarize_model(resolved: ResolvedModel) -> ModelSummary:
     )
 
 
+def family_of(config: dict[str, Any]) -> ModelFamily | None:
+    """The config's family: by its own model_type, else its language model's (multimodal configs nest it)."""
+    for model_type in (config.get("model_type"), text_config(config).get("model_type")):
+        if isinstance(model_type, str) and model_type in FAMILIES:
+            return FAMILIES[model_type]
+    return None
+
+
 def linear_modules(config: dict[str, Any]) -> list[str]:
     """LoRA-targetable linear projections; empty when the architecture is unknown (cannot check without loading)."""
-    for model_type in (config.get("model_type"), text_config(config).get("model_type")):
-        if isinstance(model_type, str) and model_type in LINEAR_MODULES:
-            return list(LINEAR_MODULES[model_type])
-    return []
+    family = family_of(config)
+    return family.linear_modules if family else []
 
 
 def has_chat_template(folder: Path) -> bool:
@@ -421,7 +195,6 @@ def _count_from_index(folder: Path, config: dict[str, Any]) -> int:
 class Dims:
     """The sizes the shape and memory formulas need, with each family's key names normalised."""
 
-    model_type: str
     hidden: int
     intermediate: int
     layers: int
@@ -439,19 +212,26 @@ class Dims:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    def features(self, size: Size) -> int:
+        return (
+            size.hidden * self.hidden
+            + size.intermediate * self.intermediate
+            + size.q * self.q_dim
+            + size.kv * self.kv_dim
+        )
+
 
 def dims(config: dict[str, Any]) -> Dims:
     tc = text_config(config)
-    model_type = str(tc.get("model_type") or config.get("model_type") or "")
+    family = family_of(config)
     hidden = _int(tc, "hidden_size", "n_embd", "d_model")
     heads = _int(tc, "num_attention_heads", "n_head") or 1
     kv_heads = _int(tc, "num_key_value_heads") or heads
     head_dim = _int(tc, "head_dim") or (hidden // heads if heads else 0)
     intermediate = _int(tc, "intermediate_size", "n_inner") or 4 * hidden
-    tied_default = model_type in _TIED_BY_DEFAULT
+    tied_default = family.tied_by_default if family else False
     tied = config.get("tie_word_embeddings", tc.get("tie_word_embeddings", tied_default))
     return Dims(
-        model_type=model_type,
         hidden=hidden,
         intermediate=intermediate,
         layers=_int(tc, "num_hidden_layers", "n_layer"),
@@ -463,67 +243,18 @@ def dims(config: dict[str, Any]) -> Dims:
     )
 
 
-def linear_layer_shapes(config: dict[str, Any]) -> dict[str, LinearShape]:
+def linear_layer_shapes(config: dict[str, Any], family: ModelFamily | None = None) -> dict[str, LinearShape]:
     """Linear layers of the decoder blocks by module path suffix (`self_attn.q_proj`), empty for unknown families.
 
-    Keys are suffixes of the real module names, so a LoRA target matches as in peft: `key == t or
-    key.endswith("." + t)` (`c_proj` matches both `attn.c_proj` and `mlp.c_proj` in gpt2).
+    `family` is the layout to assume (default: the config's own). Keys are suffixes of the real module names, so a
+    LoRA target matches as in peft: `key == t or key.endswith("." + t)` (`c_proj` matches both `attn.c_proj` and
+    `mlp.c_proj` in gpt2).
     """
+    family = family or family_of(config)
     d = dims(config)
-    if not d.hidden or not d.layers:
+    if family is None or not d.hidden or not d.layers:
         return {}
-    h, i, n = d.hidden, d.intermediate, d.layers
-    names = linear_modules(config)
-    if names == _LLAMA_LINEAR:
-        return {
-            "self_attn.q_proj": LinearShape(h, d.q_dim, n),
-            "self_attn.k_proj": LinearShape(h, d.kv_dim, n),
-            "self_attn.v_proj": LinearShape(h, d.kv_dim, n),
-            "self_attn.o_proj": LinearShape(d.q_dim, h, n),
-            "mlp.gate_proj": LinearShape(h, i, n),
-            "mlp.up_proj": LinearShape(h, i, n),
-            "mlp.down_proj": LinearShape(i, h, n),
-        }
-    if d.model_type == "phi3":
-        return {
-            "self_attn.qkv_proj": LinearShape(h, d.q_dim + 2 * d.kv_dim, n),
-            "self_attn.o_proj": LinearShape(d.q_dim, h, n),
-            "mlp.gate_up_proj": LinearShape(h, 2 * i, n),
-            "mlp.down_proj": LinearShape(i, h, n),
-        }
-    if d.model_type == "phi":
-        return {
-            "self_attn.q_proj": LinearShape(h, d.q_dim, n),
-            "self_attn.k_proj": LinearShape(h, d.kv_dim, n),
-            "self_attn.v_proj": LinearShape(h, d.kv_dim, n),
-            "self_attn.dense": LinearShape(d.q_dim, h, n),
-            "mlp.fc1": LinearShape(h, i, n),
-            "mlp.fc2": LinearShape(i, h, n),
-        }
-    if d.model_type == "gpt2":
-        return {
-            "attn.c_attn": LinearShape(h, 3 * h, n),
-            "attn.c_proj": LinearShape(h, h, n),
-            "mlp.c_fc": LinearShape(h, i, n),
-            "mlp.c_proj": LinearShape(i, h, n),
-        }
-    if d.model_type == "gpt_neox":
-        return {
-            "attention.query_key_value": LinearShape(h, 3 * h, n),
-            "attention.dense": LinearShape(h, h, n),
-            "mlp.dense_h_to_4h": LinearShape(h, i, n),
-            "mlp.dense_4h_to_h": LinearShape(i, h, n),
-        }
-    if d.model_type == "starcoder2":
-        return {
-            "self_attn.q_proj": LinearShape(h, d.q_dim, n),
-            "self_attn.k_proj": LinearShape(h, d.kv_dim, n),
-            "self_attn.v_proj": LinearShape(h, d.kv_dim, n),
-            "self_attn.o_proj": LinearShape(d.q_dim, h, n),
-            "mlp.c_fc": LinearShape(h, i, n),
-            "mlp.c_proj": LinearShape(i, h, n),
-        }
-    return {}
+    return {path: LinearShape(d.features(i), d.features(o), d.layers) for path, i, o in family.layers}
 
 
 def matches_target(module_key: str, target: str) -> bool:
@@ -538,46 +269,44 @@ def targeted_shapes(shapes: dict[str, LinearShape], targets: list[str]) -> dict[
     return {key: s for key, s in shapes.items() if any(matches_target(key, t) for t in targets)}
 
 
-def _biases(d: Dims, config: dict[str, Any]) -> int:
-    """Bias parameters of the decoder blocks' linear layers."""
-    tc = text_config(config)
-    n = d.layers
-    if d.model_type == "qwen2":
-        return n * (d.q_dim + 2 * d.kv_dim)
-    if d.model_type in {"gpt2", "gpt_neox", "phi", "starcoder2"}:
-        return sum(s.out_features * s.count for s in linear_layer_shapes(config).values())
-    total = 0
-    if tc.get("attention_bias"):
-        total += n * (d.q_dim + 2 * d.kv_dim + d.hidden)
-    if tc.get("mlp_bias"):
-        total += n * (2 * d.intermediate + d.hidden)
-    return total
+def _biases(family: ModelFamily, shapes: dict[str, LinearShape], config: dict[str, Any]) -> int:
+    """Bias parameters of the decoder blocks' linear layers (one per output feature of each biased layer)."""
+    if family.linear_bias == "all":
+        biased = list(shapes)
+    elif family.linear_bias == "qkv":
+        biased = [key for key in shapes if key.rsplit(".", 1)[-1] in QKV_MODULES]
+    else:
+        tc = text_config(config)
+        prefixes = tuple(
+            p for flag, p in (("attention_bias", ATTENTION_PREFIX), ("mlp_bias", MLP_PREFIX)) if tc.get(flag)
+        )
+        biased = [key for key in shapes if key.startswith(prefixes)]
+    return sum(shapes[key].out_features * shapes[key].count for key in biased)
 
 
-def _norms(d: Dims) -> int:
+def _norms(family: ModelFamily, d: Dims) -> int:
     """Norm weights: two per block plus the final one (LayerNorm families also have biases)."""
     per_layer = 2 * d.hidden
-    if d.model_type in {"qwen3", "gemma3", "gemma3_text"}:
-        per_layer += 2 * d.head_dim  # q_norm and k_norm
-    if d.model_type in {"gemma2", "gemma3", "gemma3_text"}:
-        per_layer += 2 * d.hidden  # pre/post feed-forward norms
+    if family.qk_norm:
+        per_layer += 2 * d.head_dim
+    if family.feed_forward_norms:
+        per_layer += 2 * d.hidden
     total = d.layers * per_layer + d.hidden
-    if d.model_type in {"gpt2", "gpt_neox", "phi", "starcoder2"}:
-        total *= 2  # LayerNorm weight + bias
-    return total
+    return 2 * total if family.layer_norm else total
 
 
 def parameters_from_config(config: dict[str, Any]) -> int:
     """Parameter count of a decoder-only model from its config; 0 when the family's layout is unknown."""
+    family = family_of(config)
     d = dims(config)
-    shapes = linear_layer_shapes(config)
-    if not shapes or not d.vocab:
+    shapes = linear_layer_shapes(config, family)
+    if family is None or not shapes or not d.vocab:
         return 0
     total = d.vocab * d.hidden  # token embeddings
-    if d.model_type == "gpt2":
-        total += _int(text_config(config), "n_positions", "max_position_embeddings") * d.hidden  # learned positions
+    if family.learned_positions:
+        total += _int(text_config(config), "n_positions", "max_position_embeddings") * d.hidden
     total += sum(s.in_features * s.out_features * s.count for s in shapes.values())
-    total += _biases(d, config) + _norms(d)
+    total += _biases(family, shapes, config) + _norms(family, d)
     if not d.tied:
-        total += d.vocab * d.hidden + (d.vocab if d.model_type in {"phi"} else 0)  # lm_head (phi's has a bias)
+        total += d.vocab * d.hidden + (d.vocab if family.lm_head_bias else 0)  # lm_head
     return total

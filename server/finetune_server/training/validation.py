@@ -39,14 +39,14 @@ from finetune_server.training.data import (
 )
 from finetune_server.training.data.template import SOURCE_FALLBACK
 from finetune_server.training.memory import MemoryEstimate, estimate_memory
-from finetune_server.training.model_info import ModelSummary, ResolvedModel, resolve_model, summarize_model
+from finetune_server.training.model_info import ModelSummary, summarize_model
+from finetune_server.training.model_source import ResolvedModel, resolve_model
 from finetune_server.training.presets import NAMED_DEVICES, get_preset
+from finetune_server.training.vllm_rules import lora_serving_problems
 from finetune_server.util.paths import confine
 
 log = structlog.get_logger(__name__)
 
-# Ranks vLLM's LoRA kernels accept (vllm.config.LoRAConfig.max_lora_rank choices).
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 UPLOADED_DATASET_PREFIX = "ds-"
 # When several kinds of problem occur, the status of the rejection is the first kind present in this order.
 _KIND_PRECEDENCE = (
@@ -185,17 +185,15 @@ def _check_device_support(raw: TrainingConfig, c: TrainingConfig, out: _Collecto
         out.warn("optim", "OPTIMIZER_FALLBACK", "paged_adamw_8bit needs CUDA; adamw_torch will be used on the CPU")
 
 
-def _check_vllm(c: TrainingConfig, out: _Collector) -> None:
-    if c.lora.r not in VLLM_LORA_RANKS:
-        out.warn(
-            "lora.r",
-            "VLLM_UNSUPPORTED_RANK",
-            f"vLLM serves LoRA ranks {', '.join(map(str, VLLM_LORA_RANKS))}; rank {c.lora.r} must be merged to serve",
-        )
-    if c.lora.modules_to_save:
-        out.warn("lora.modules_to_save", "VLLM_MODULES_TO_SAVE", "vLLM refuses adapters with modules_to_save")
-    if c.lora.use_dora:
-        out.warn("lora.use_dora", "VLLM_DORA", "vLLM refuses DoRA adapters; export merged weights to serve it")
+def _check_vllm(c: TrainingConfig, summary: ModelSummary | None, out: _Collector) -> None:
+    """Warn with export's rule (vllm_rules), for the adapter training will write: its targets are the config's, or
+    every linear module of the model (unknown for an architecture the service does not describe)."""
+    targets = c.lora.target_modules or (summary.linear_modules if summary else []) or None
+    problems = lora_serving_problems(
+        r=c.lora.r, use_dora=bool(c.lora.use_dora), modules_to_save=c.lora.modules_to_save, target_modules=targets
+    )
+    for problem in problems:
+        out.warn(problem.field, problem.reason, problem.message)
 
 
 @functools.lru_cache(maxsize=16)
@@ -370,7 +368,6 @@ def validate(config: TrainingConfig, settings: ServerSettings, *, target_device:
     _check_ranges(resolved, out)
     fields_in_range = not out.violations  # the memory estimate needs sane numbers
     _check_device_support(config, resolved, out)
-    _check_vllm(resolved, out)
 
     summary: ModelSummary | None = None
     model_config: dict[str, Any] = {}
@@ -388,6 +385,7 @@ def validate(config: TrainingConfig, settings: ServerSettings, *, target_device:
             template = _template_step(resolved, model.path, out)
         except FinetuneError as exc:
             out.from_error(exc, "model_name")
+    _check_vllm(resolved, summary, out)
 
     dataset = eval_dataset = None
     if resolved.dataset.strip():

@@ -37,7 +37,8 @@ from typing import Any
 import structlog
 
 from finetune_server.errors import ErrorKind, FinetuneError
-from finetune_server.export.package import FORMATS, remove_staging
+from finetune_server.export.formats import FORMATS
+from finetune_server.export.package import remove_staging
 from finetune_server.host.cpu_policy import apply_in_worker
 from finetune_server.workers.supervisor import (
     kill_process_group,

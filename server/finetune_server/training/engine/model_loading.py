@@ -8,7 +8,6 @@ works with frozen embeddings and DDP.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,66 +17,11 @@ from torch import nn
 
 from finetune_server.errors import ErrorKind, FinetuneError, Violation
 from finetune_server.training.config import TrainingConfig
+from finetune_server.training.model_source import resolve_model_dir
 
 log = structlog.get_logger(__name__)
 
-# What a model folder needs for training; everything else in a hub repo (other formats, images, ONNX) is skipped.
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 _GC_KWARGS = {"use_reentrant": False}
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def resolve_model_dir(model_ref: str | Path, *, cache_dir: Path | None = None, offline: bool | None = None) -> Path:
-    """A local folder with config.json, or a hub snapshot downloaded into (or found in) the hub cache.
-
-    HF_HUB_OFFLINE, HF_ENDPOINT and HF_HUB_CACHE are read now, not at import time, so a worker's environment counts.
-    """
-    local = Path(model_ref).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise FinetuneError(
-                ErrorKind.FAILED_PRECONDITION,
-                "MODEL_INVALID",
-                f"{local} has no config.json",
-                violations=[Violation("model_name", "MODEL_INVALID", "the folder has no config.json")],
-            )
-        return local
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    offline = _env_flag("HF_HUB_OFFLINE") if offline is None else offline
-    cache = cache_dir or (Path(os.environ["HF_HUB_CACHE"]) if os.environ.get("HF_HUB_CACHE") else None)
-    try:
-        path = snapshot_download(
-            str(model_ref),
-            cache_dir=cache,
-            local_files_only=offline,
-            allow_patterns=_HUB_PATTERNS,
-            endpoint=os.environ.get("HF_ENDPOINT") or None,
-        )
-    except RepositoryNotFoundError as exc:
-        raise FinetuneError(
-            ErrorKind.NOT_FOUND,
-            "MODEL_NOT_FOUND",
-            f"model {model_ref!r} was not found on the hub",
-            violations=[Violation("model_name", "MODEL_NOT_FOUND", "no such model")],
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        raise FinetuneError(
-            ErrorKind.FAILED_PRECONDITION if offline else ErrorKind.UNAVAILABLE,
-            "MODEL_NOT_CACHED" if offline else "HUB_UNREACHABLE",
-            f"model {model_ref!r} is not in the local cache and the hub "
-            + ("is disabled (offline mode)" if offline else "cannot be reached"),
-            hint="Download it once with network access, or name a local model folder.",
-        ) from exc
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise FinetuneError(
-            ErrorKind.UNAVAILABLE, "MODEL_DOWNLOAD_FAILED", f"cannot download {model_ref!r}: {exc}"
-        ) from exc
-    return Path(path)
 
 
 def compute_dtype(config: TrainingConfig, device: torch.device) -> torch.dtype:
