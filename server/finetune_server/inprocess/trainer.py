@@ -40,7 +40,8 @@ from finetune_client.interface import (
 )
 from finetune_server.api.convert import config_from_proto, fill, report_to_proto
 from finetune_server.errors import ErrorKind, FinetuneError
-from finetune_server.export.package import FORMATS, export_artifact, find_adapter
+from finetune_server.export.formats import FORMATS
+from finetune_server.export.package import export_artifact, find_adapter
 from finetune_server.jobs.service import job_not_found
 from finetune_server.settings import ServerSettings
 from finetune_server.storage.layout import JobDir
