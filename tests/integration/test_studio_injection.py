@@ -1,6 +1,6 @@
 """One Studio test body, two injected backends: the remote service over gRPC and the in-process LoRATrainer.
 
-This is the dependency injection the seed asks for: FinetuneManager holds an IFineTuneService and cannot tell which.
+This is the dependency injection Studio relies on: FinetuneManager holds an IFineTuneService and cannot tell which.
 """
 
 from __future__ import annotations
