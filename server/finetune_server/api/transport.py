@@ -42,9 +42,9 @@ def tls_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
 class GrpcTransport:
     """One grpc.aio server on one address carrying `servicer`, health and reflection.
 
-    `start()` binds and accepts calls while health still says what it said before (so callers that wait for SERVING
-    wait for `mark_serving()`, once the rest of the server is ready); `drain()` reports NOT_SERVING, refuses new
-    calls and gives in-flight ones `grace` seconds before cancelling them.
+    `start()` binds and accepts calls, but health reports the FineTuneService SERVING only from `mark_serving()` on,
+    once the rest of the server is ready; `drain()` reports NOT_SERVING, refuses new calls and gives in-flight ones
+    `grace` seconds before cancelling them.
     """
 
     def __init__(
