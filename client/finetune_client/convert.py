@@ -72,7 +72,7 @@ class ConfigConversionError(ValueError):
 
 
 def config_from_dict(data: Mapping[str, Any]) -> pb.TrainingConfig:
-    """Build a TrainingConfig from the seed's dict (nested `lora`); ConfigConversionError lists all problems."""
+    """Build a TrainingConfig from a config dict (nested `lora`); ConfigConversionError lists all problems."""
     return dict_to_message(data, pb.TrainingConfig)
 
 

@@ -2,8 +2,8 @@
 
 Pure Python on purpose (no grpc, no protobuf): an in-process trainer can implement the same interface as the remote
 client, and Studio-like consumers depend only on this module. The results are frozen dataclasses that also behave as
-the read-only dicts the seed returned (`result["valid"]`, `result.get("errors")`, `dict(result)`), so code written
-against the seed keeps working while new code gets attributes and type checking.
+the read-only dicts the service's results first were (`result["valid"]`, `result.get("errors")`, `dict(result)`), so
+code written against those dicts keeps working while new code gets attributes and type checking.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class IFineTuneService(abc.ABC):
         self,
         output_path: str | PathLike[str],
         *,
-        format: str = "adapter",  # noqa: A002 - the seed's keyword
+        format: str = "adapter",  # noqa: A002 - the keyword callers already pass
         job_id: str | None = None,
         overwrite: bool = False,
     ) -> ExportResult:

@@ -195,7 +195,7 @@ class GrpcFineTuneService(IFineTuneService):
         self,
         output_path: str | PathLike[str],
         *,
-        format: str = "adapter",  # noqa: A002 - the seed's keyword
+        format: str = "adapter",  # noqa: A002 - the keyword callers already pass
         job_id: str | None = None,
         overwrite: bool = False,
         checkpoint_step: int | None = None,

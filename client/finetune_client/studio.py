@@ -52,7 +52,7 @@ class TaskStateError(RuntimeError):
 
 @dataclass(frozen=True, eq=True)
 class TaskInfo(_DictLike):
-    """A snapshot of a task (also usable as a dict, like the seed's task records)."""
+    """A snapshot of a task (also usable as a dict, as task records first were)."""
 
     task_id: str
     name: str
@@ -180,7 +180,7 @@ class FinetuneManager:
         self,
         task_id: str,
         output_path: str | PathLike[str],
-        format: str = "adapter",  # noqa: A002 - the seed's keyword
+        format: str = "adapter",  # noqa: A002 - the keyword callers already pass
         *,
         overwrite: bool = False,
     ) -> ExportResult:

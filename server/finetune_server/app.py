@@ -1,21 +1,18 @@
-"""Server assembly: the FineTuneService, health, reflection, access logs, graceful shutdown."""
+"""Server assembly: the job store, the job and export services, the executor, metrics and server info, wired to the
+FineTuneService servicer and carried by the gRPC transport (`finetune_server.api.transport`), in start-up order and
+back down in shutdown order."""
 
 from __future__ import annotations
 
 import asyncio
-import signal
 
 import grpc
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
-from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
-from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 from finetune_server.api.auth import TokenTable
 from finetune_server.api.interceptors import AccessLogInterceptor, AuthInterceptor
 from finetune_server.api.servicer import FineTuneServicer
+from finetune_server.api.transport import GrpcTransport, on_termination_signals
 from finetune_server.host.server_info import ServerInfoProvider
 from finetune_server.jobs.exports import ExportService
 from finetune_server.jobs.service import JobService
@@ -26,9 +23,6 @@ from finetune_server.storage.job_store import SqliteJobStore
 from finetune_server.workers.executor import Executor, LocalSubprocessExecutor
 
 log = structlog.get_logger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FineTuneService"].full_name
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class FinetuneServer:
@@ -51,8 +45,7 @@ class FinetuneServer:
         self.host = host
         self.port = port
         self.grace = grace
-        self._server: grpc.aio.Server | None = None
-        self._health = HealthServicer()
+        self._transport: GrpcTransport | None = None
         self._info = ServerInfoProvider(settings)
         self._stopped = asyncio.Event()
 
@@ -65,59 +58,27 @@ class FinetuneServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor(observe=self.metrics.observe_rpc)]
         if self.settings.auth_token_file is not None:
             interceptors.append(AuthInterceptor(TokenTable.from_file(self.settings.auth_token_file)))
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_concurrent_streams", self.settings.max_streams_per_connection),
-            ],
-        )
         exports = ExportService(self.settings, self.store)
         servicer = FineTuneServicer(self.settings, self._info, self.jobs, self.store, exports)
-        pb_grpc.add_FineTuneServiceServicer_to_server(servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
+        transport = GrpcTransport(
+            servicer, interceptors, self.settings, host=self.host, port=self.port, grace=self.grace
         )
-        address = f"{self.host}:{self.port}"
-        credentials = self._tls_credentials()
-        if credentials is None:
-            self.port = server.add_insecure_port(address)
-        else:
-            self.port = server.add_secure_port(address, credentials)
-        await server.start()
-        self._server = server
+        self.port = await transport.start()
+        self._transport = transport
         await self.jobs.start()  # re-queues jobs a crash left RUNNING, then schedules
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.start_http_server(self.settings.metrics_port, self.host)
         self._info.start_probe()
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await transport.mark_serving()
         log.info("server.started", host=self.host, port=self.port, data_dir=str(self.settings.data_dir))
         return self.port
 
-    def _tls_credentials(self) -> grpc.ServerCredentials | None:
-        settings = self.settings
-        if settings.tls_cert is None and settings.tls_key is None:
-            return None
-        if settings.tls_cert is None or settings.tls_key is None:
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
-        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-        return grpc.ssl_server_credentials(
-            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
-
     async def stop(self) -> None:
-        """Drain: report NOT_SERVING, refuse new calls, give in-flight streams `grace` seconds, then stop."""
-        if self._server is None or self._stopped.is_set():
+        """Drain the transport (NOT_SERVING, no new calls, in-flight ones get `grace` seconds), then stop the rest."""
+        if self._transport is None or self._stopped.is_set():
             return
         log.info("server.draining", grace_s=self.grace)
-        await self._health.enter_graceful_shutdown()
-        await self._server.stop(self.grace)
+        await self._transport.drain()
         if self.jobs is not None:
             await self.jobs.stop()  # running jobs stay RUNNING and resume at the next start
         if self.metrics is not None:
@@ -132,9 +93,7 @@ class FinetuneServer:
         await self._stopped.wait()
 
     def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        on_termination_signals(self.stop)
 
 
 async def serve(

@@ -16,6 +16,8 @@ import pytest
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 
+GRACE_S = 5  # the servers' --grace: what in-flight calls get on SIGTERM
+
 
 @dataclass
 class RunningServer:
@@ -38,7 +40,7 @@ def start_server(tmp: Path, model_root: Path, dataset_root: Path, *extra: str) -
     command = [
         sys.executable, "-m", "finetune_server.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
         "--data-dir", str(data_dir), "--model-dir", str(model_root), "--dataset-dir", str(dataset_root),
-        "--grace", "5", *extra,
+        "--grace", str(GRACE_S), *extra,
     ]  # fmt: skip
     log_file = log_path.open("w")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)

@@ -1,4 +1,4 @@
-"""The light client against a real server: the seed's dict-in, dict-out validate_config, and Studio's manager."""
+"""The light client against a real server: the dict-in, dict-out validate_config, and Studio's manager."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def service(server: RunningServer) -> Iterator[GrpcFineTuneService]:
         yield client
 
 
-def test_validate_config_with_the_seeds_dict(service: GrpcFineTuneService, tiny_model_dir: Path) -> None:
+def test_validate_config_with_a_config_dict(service: GrpcFineTuneService, tiny_model_dir: Path) -> None:
     result = service.validate_config(
         {"model_name": tiny_model_dir.name, "dataset": "facts.jsonl", "preset": "minimal", "lora": {"r": 8}}
     )

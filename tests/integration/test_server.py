@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 from finetune_server.host.cpu_policy import available_cpus
 
-from .conftest import RunningServer, start_server, stop_server
+from .conftest import GRACE_S, RunningServer, start_server
 
 SERVICE = "sage.finetune.v1.FineTuneService"
 RPCS = {
@@ -38,6 +41,13 @@ def test_health_is_serving(channel: grpc.Channel) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_health_can_be_watched(channel: grpc.Channel) -> None:
+    # Watch writes with context.write instead of yielding: the interceptors must carry that kind of handler too.
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+
 def test_reflection_lists_the_service_with_every_rpc(channel: grpc.Channel) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     requests = [
@@ -56,7 +66,7 @@ def test_reflection_lists_the_service_with_every_rpc(channel: grpc.Channel) -> N
     assert methods == RPCS
 
 
-def test_list_presets_has_the_seeds_presets_and_recommendations(channel: grpc.Channel) -> None:
+def test_list_presets_has_the_services_presets_and_recommendations(channel: grpc.Channel) -> None:
     reply = pb_grpc.FineTuneServiceStub(channel).ListPresets(pb.ListPresetsRequest(), timeout=10)
     presets = {p.name: p for p in reply.presets}
     assert {"rtx_3060", "rtx_4090", "a100", "minimal"} <= set(presets)
@@ -106,13 +116,43 @@ print(heavy)
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+def on_goaway(channel: grpc.Channel) -> threading.Event:
+    """An event set once `channel` leaves READY: the server told the connection to take no new calls (GOAWAY)."""
+    left_ready = threading.Event()
+
+    def on_state(state: grpc.ChannelConnectivity) -> None:
+        if state != grpc.ChannelConnectivity.READY:
+            left_ready.set()
+
+    channel.subscribe(on_state)
+    return left_ready
+
+
 def test_sigterm_drains_and_exits_cleanly(tmp_path: Path, server_roots: tuple[Path, Path]) -> None:
+    """On SIGTERM the server keeps serving calls in flight (a health Watch stream hears NOT_SERVING), refuses new
+    ones at once, ends what is still open after the grace with a status, and exits 0."""
     running = start_server(tmp_path, *server_roots)
-    with grpc.insecure_channel(running.address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        assert (
-            health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
-        )
-    assert stop_server(running) == 0
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            request = health_pb2.HealthCheckRequest(service=SERVICE)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # the call is in flight on the server
+            goaway = on_goaway(channel)
+            sigterm_at = time.monotonic()
+            running.process.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING, "in-flight calls are still served"
+            assert goaway.wait(timeout=30)
+            with grpc.insecure_channel(running.address) as fresh, pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.FineTuneServiceStub(fresh).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, "new calls are refused during the drain"
+            with pytest.raises(grpc.RpcError) as ended:
+                next(watch)
+            open_for = time.monotonic() - sigterm_at
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert GRACE_S - 0.5 <= open_for < GRACE_S + 20, f"the in-flight call ended {open_for:.1f} s after SIGTERM"
+        assert running.process.wait(timeout=30) == 0  # no second SIGTERM: it could land after the handlers are gone
+    finally:
+        if running.process.poll() is None:  # a check above failed: leave no server behind
+            running.process.kill()
     log = running.log_path.read_text()
     assert '"event": "server.draining"' in log and '"event": "server.stopped"' in log

@@ -1,6 +1,6 @@
 """One Studio test body, two injected backends: the remote service over gRPC and the in-process LoRATrainer.
 
-This is the dependency injection the product promises: FinetuneManager holds an IFineTuneService and cannot tell
+This is the dependency injection Studio relies on: FinetuneManager holds an IFineTuneService and cannot tell
 which. The body also asks the other backend about the same bad configs and requires the same answer, so the two
 services cannot drift apart in what they accept.
 """

@@ -19,8 +19,8 @@ from finetune_client.convert import (
     validation_result_from_report,
 )
 
-# Every key of the seed's config with a non-default value, so that a dropped field cannot go unnoticed.
-SEED_CONFIG: dict[str, Any] = {
+# Every key of a config dict with a non-default value, so that a dropped field cannot go unnoticed.
+FULL_CONFIG: dict[str, Any] = {
     "model_name": "Qwen/Qwen2.5-0.5B-Instruct",
     "dataset": "data/train.jsonl",
     "data_format": "alpaca",
@@ -64,17 +64,17 @@ SEED_CONFIG: dict[str, Any] = {
 }
 
 
-def test_seed_config_covers_every_contract_field() -> None:
-    assert set(SEED_CONFIG) == set(pb.TrainingConfig.DESCRIPTOR.fields_by_name)
-    assert set(SEED_CONFIG["lora"]) == set(pb.LoraConfig.DESCRIPTOR.fields_by_name)
+def test_full_config_covers_every_contract_field() -> None:
+    assert set(FULL_CONFIG) == set(pb.TrainingConfig.DESCRIPTOR.fields_by_name)
+    assert set(FULL_CONFIG["lora"]) == set(pb.LoraConfig.DESCRIPTOR.fields_by_name)
 
 
-def test_every_seed_key_round_trips() -> None:
-    message = config_from_dict(SEED_CONFIG)
+def test_every_config_key_round_trips() -> None:
+    message = config_from_dict(FULL_CONFIG)
     assert message.max_length == 1024
     assert message.lora.target_modules == ["q_proj", "v_proj"]
     assert message.HasField("load_in_8bit") and message.load_in_8bit is False
-    assert config_to_dict(message) == SEED_CONFIG
+    assert config_to_dict(message) == FULL_CONFIG
     assert config_from_dict(config_to_dict(message)) == message
 
 

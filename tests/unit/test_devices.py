@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
+import pytest
 
-from finetune_server.host.devices import (
-    detect_devices,
-    library_versions,
-    parse_nvidia_smi,
-    probe_bitsandbytes,
-    probe_bitsandbytes_async,
-)
+from finetune_server.host import devices as devices_module
+from finetune_server.host.devices import detect_devices, library_versions, parse_nvidia_smi, probe_bitsandbytes_async
 
 SAMPLE = """0, NVIDIA GeForce RTX 3060, 12288, 11972, 8.6
 1, Tesla T4, 15360, 15101, 7.5
@@ -52,11 +50,37 @@ def test_cpu_device_is_always_last_and_plausible() -> None:
     assert all(d.name.startswith("cuda:") for d in devices[:-1])
 
 
-def test_detection_is_cached_and_returns_copies() -> None:
-    first = detect_devices(max_age_s=0)
-    first[-1].total_memory_bytes = -1  # a caller altering its list must not alter the cache
+@pytest.fixture
+def fake_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An `nvidia-smi` first on PATH that prints SAMPLE and adds a line to the returned file each time it runs;
+    the device cache starts empty and gets its real contents back afterwards."""
+    (tmp_path / "sample.csv").write_text(SAMPLE)
+    runs = tmp_path / "runs"
+    runs.touch()
+    binary = tmp_path / "nvidia-smi"
+    binary.write_text(f"#!/bin/sh\necho run >> '{runs}'\ncat '{tmp_path / 'sample.csv'}'\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(devices_module._Cache, "devices", None)
+    return runs
+
+
+def test_detection_is_cached_and_returns_copies(fake_nvidia_smi: Path) -> None:
+    def nvidia_smi_runs() -> int:
+        return len(fake_nvidia_smi.read_text().splitlines())
+
+    first = detect_devices(max_age_s=60)
+    assert [d.name for d in first] == ["cuda:0", "cuda:1", "cuda:2", "cpu"]
+    assert nvidia_smi_runs() == 1
+    first[0].free_memory_bytes = -1  # a caller altering its list must not alter the cache
+    first[-1].total_memory_bytes = -1
     again = detect_devices(max_age_s=60)
+    assert nvidia_smi_runs() == 1, "a fresh cache answers without running nvidia-smi again"
+    assert again[0].free_memory_bytes == 11972 << 20
     assert again[-1].total_memory_bytes == psutil.virtual_memory().total
+    detect_devices(max_age_s=0)
+    assert nvidia_smi_runs() == 2, "an expired cache runs nvidia-smi again"
 
 
 def test_detection_does_not_import_torch() -> None:
@@ -81,12 +105,11 @@ def test_library_versions() -> None:
 
 
 def test_bitsandbytes_probe_works_here() -> None:
-    # bitsandbytes 0.50 runs 4-bit and 8-bit layers on this CPU; each probe takes ~3 s (it imports torch).
-    assert probe_bitsandbytes(timeout=120) == (True, "")
+    # bitsandbytes 0.50 runs 4-bit and 8-bit layers on this CPU; the probe takes ~3 s (it imports torch).
     assert asyncio.run(probe_bitsandbytes_async(timeout=120)) == (True, "")
 
 
 def test_bitsandbytes_probe_times_out() -> None:
-    works, error = probe_bitsandbytes(timeout=0.05)
+    works, error = asyncio.run(probe_bitsandbytes_async(timeout=0.05))
     assert not works
     assert "timed out" in error

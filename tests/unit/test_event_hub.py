@@ -39,3 +39,27 @@ async def test_waiters_wake_on_publication() -> None:
 
     await asyncio.wait_for(asyncio.gather(hub.wait_beyond("job-a", 2), publish_next()), timeout=5)
     assert hub.latest("job-a") == 3
+
+
+async def still_waiting(waiter: asyncio.Task[None]) -> bool:
+    """True when `waiter` has not finished after the loop had ample turns to run it (a task that must NOT finish:
+    the timeout only bounds how long we give it to misbehave)."""
+    done, _ = await asyncio.wait({waiter}, timeout=0.05)
+    return not done
+
+
+async def test_a_waiter_blocks_until_an_event_beyond_its_sequence_is_published() -> None:
+    hub = EventHub()
+    hub.publish(events("job-a", 1, 2))
+    await asyncio.wait_for(hub.wait_beyond("job-a", 1), timeout=5)  # event 2 is already beyond 1: no waiting
+    waiter = asyncio.create_task(hub.wait_beyond("job-a", 2))
+    further = asyncio.create_task(hub.wait_beyond("job-a", 3))
+    assert await still_waiting(waiter), "nothing beyond 2 has been published"
+    hub.publish(events("job-a", 2, 2))  # an already-seen sequence changes nothing
+    hub.publish(events("job-b", 3, 3))  # nor does another job's event
+    assert await still_waiting(waiter)
+    hub.publish(events("job-a", 3, 3))
+    await asyncio.wait_for(waiter, timeout=5)  # woken by the publication
+    assert await still_waiting(further), "3 is not beyond 3: this one waits for the next publication"
+    hub.publish(events("job-a", 4, 4))
+    await asyncio.wait_for(further, timeout=5)

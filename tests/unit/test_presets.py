@@ -11,9 +11,9 @@ from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.training.config import (
     DEFAULTS,
     OPTIMIZERS,
+    LoraSettings,
     TrainingConfig,
     get_path,
-    optional_field_paths,
     resolve,
 )
 from finetune_server.training.memory import estimate_memory
@@ -44,8 +44,14 @@ QWEN25 = {
 }
 
 
+def unset_field_paths() -> set[str]:
+    """Every field path whose `None` means "not set" (the ones presets and defaults may fill)."""
+    paths = {f.name for f in dataclasses.fields(TrainingConfig) if f.default is None}
+    return paths | {f"lora.{f.name}" for f in dataclasses.fields(LoraSettings) if f.default is None}
+
+
 def test_preset_fields_are_config_paths_and_fill_only_unset_fields() -> None:
-    valid = set(optional_field_paths())
+    valid = unset_field_paths()
     for preset in PRESETS.values():
         assert set(preset.config) <= valid, preset.name
         resolved, filled = resolve(TrainingConfig(model_name="m", dataset="d"), preset.config)
@@ -58,7 +64,7 @@ def test_preset_fields_are_config_paths_and_fill_only_unset_fields() -> None:
     assert "max_length" not in filled
 
 
-def test_seed_presets() -> None:
+def test_the_services_presets() -> None:
     assert list(PRESETS) == ["rtx_3060", "rtx_4090", "a100", "minimal"]
     rtx = PRESETS["rtx_3060"].config
     assert rtx["load_in_8bit"] and rtx["bf16"] and rtx["gradient_checkpointing"]

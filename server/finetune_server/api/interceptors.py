@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -64,8 +65,12 @@ def wrap_handler(handler: grpc.RpcMethodHandler, hooks: CallHooks) -> grpc.RpcMe
             state = await begin(context)
             error: BaseException | None = None
             try:
-                async for item in behavior(request, context):
-                    yield item
+                responses = behavior(request, context)
+                if inspect.isawaitable(responses):  # a handler that writes with context.write (grpc_health's Watch)
+                    await responses
+                else:
+                    async for item in responses:
+                        yield item
             except BaseException as exc:
                 error = exc
                 raise

@@ -13,8 +13,6 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -22,6 +20,7 @@ import typer
 from rich.console import Console
 
 from finetune_client import FinetuneServiceError, GrpcFineTuneService, ServerUnavailableError
+from finetune_server.cli.options import Remote
 from finetune_server.util.json_values import finite
 
 EXIT_OK = 0
@@ -52,31 +51,24 @@ class CliError(Exception):
         self.hint = hint
 
 
-@dataclass(frozen=True)
-class Remote:
-    """Where the server is and how to authenticate: `--server`, `--token`, `--tls-ca`."""
-
-    address: str
-    token: str | None = None
-    tls_ca: Path | None = None
-
-    def connect(self) -> GrpcFineTuneService:
-        root_certificates = None
-        if self.tls_ca is not None:
-            try:
-                root_certificates = self.tls_ca.read_bytes()
-            except OSError as exc:
-                raise CliError(f"cannot read the TLS CA file {self.tls_ca}: {exc.strerror or exc}") from exc
-        return GrpcFineTuneService(self.address, token=self.token or None, root_certificates=root_certificates)
-
-
 @contextmanager
 def session(remote: Remote) -> Iterator[GrpcFineTuneService]:
     """A connected client for the body of the `with`; any failure in the body becomes a message and an exit code."""
     with exit_on_error(remote.address):
-        service = remote.connect()
+        service = _connect(remote)
         with service:
             yield service
+
+
+def _connect(remote: Remote) -> GrpcFineTuneService:
+    """The client for `remote`; a --tls-ca that cannot be read is a usage error."""
+    root_certificates = None
+    if remote.tls_ca is not None:
+        try:
+            root_certificates = remote.tls_ca.read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read the TLS CA file {remote.tls_ca}: {exc.strerror or exc}") from exc
+    return GrpcFineTuneService(remote.address, token=remote.token or None, root_certificates=root_certificates)
 
 
 @contextmanager

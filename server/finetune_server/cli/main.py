@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from finetune_server.cli.options import ConfigArgument, JobArgument, JsonOption, Remote, SetOption, connects
 from finetune_server.host.cpu_policy import parse_cpu_list
 from finetune_server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
-
-if TYPE_CHECKING:
-    from finetune_server.cli.common import Remote
-
-DEFAULT_SERVER = "127.0.0.1:50051"
 
 app = typer.Typer(
     add_completion=False,
@@ -47,47 +44,6 @@ class JobStateName(StrEnum):
 class ExportFormatName(StrEnum):
     adapter = "adapter"
     merged = "merged"
-
-
-ServerOption = Annotated[
-    str, typer.Option("--server", envvar="FINETUNE_SERVER", help="The server's host:port.", rich_help_panel="Server")
-]
-TokenOption = Annotated[
-    str | None,
-    typer.Option("--token", envvar="FINETUNE_TOKEN", help="Bearer token sent to the server.", rich_help_panel="Server"),
-]
-TlsCaOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--tls-ca",
-        envvar="FINETUNE_TLS_CA",
-        help="PEM file of the certificate authority to trust; connects with TLS.",
-        rich_help_panel="Server",
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        metavar="FIELD=VALUE",
-        help="Override a config field by its dotted path, e.g. lora.r=16 (the value is read as JSON when it parses, "
-        "else as text); repeatable.",
-    ),
-]
-ConfigArgument = Annotated[Path, typer.Argument(help="A training config file (.json, .yaml or .yml).")]
-JobArgument = Annotated[str, typer.Argument(help="The job id (job-...).")]
-
-
-def _remote(server: str, token: str | None, tls_ca: Path | None) -> Remote:
-    from finetune_server.cli.common import Remote
-
-    return Remote(server, token, tls_ca)
-
-
-def _server_flag(server: str) -> str:
-    """What to add to a suggested command line so it reaches the same server."""
-    return "" if server == DEFAULT_SERVER else f" --server {server}"
 
 
 @app.callback()
@@ -147,15 +103,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the gRPC server until SIGTERM or SIGINT."""
-    import os
-
-    # Workers are started with fork+exec and never use gRPC in the child, so gRPC's fork handlers are not needed;
-    # they are known to interfere with the asyncio server's threads. Must be set before grpc is imported.
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    from finetune_server.app import serve as run_server
-    from finetune_server.observability.logging import configure_logging
-
-    configure_logging(log_level)
+    _prepare_server_process(log_level)
     try:  # a CPU list that does not parse, or names CPUs this machine lacks (ServerSettings checks that)
         pinned = parse_cpu_list(worker_cpus) if worker_cpus else []
         settings = ServerSettings(
@@ -179,16 +127,32 @@ def serve(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from None
+    from finetune_server.app import serve as run_server
+
+    announced = {"on_bound": _announce("listening on"), "on_metrics_bound": _announce("metrics on")}
+    asyncio.run(run_server(settings, host, port, grace, **announced))
+
+
+def _prepare_server_process(log_level: str) -> None:
+    """What must hold before the server's modules load: gRPC's fork support off, and structured logging."""
+    import os
+
+    # Workers are started with fork+exec and never use gRPC in the child, so gRPC's fork handlers are not needed;
+    # they are known to interfere with the asyncio server's threads. Must be set before grpc is imported.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    from finetune_server.observability.logging import configure_logging
+
+    configure_logging(log_level)
+
+
+def _announce(what: str) -> Callable[[str, int], None]:
+    """A callback printing `<what> host:port` on stdout at once (tests and scripts read the bound port from it)."""
 
     def announce(bound_host: str, bound_port: int) -> None:
-        sys.stdout.write(f"listening on {bound_host}:{bound_port}\n")
+        sys.stdout.write(f"{what} {bound_host}:{bound_port}\n")
         sys.stdout.flush()
 
-    def announce_metrics(bound_host: str, bound_port: int) -> None:
-        sys.stdout.write(f"metrics on {bound_host}:{bound_port}\n")
-        sys.stdout.flush()
-
-    asyncio.run(run_server(settings, host, port, grace, on_bound=announce, on_metrics_bound=announce_metrics))
+    return announce
 
 
 @app.command()
@@ -220,7 +184,9 @@ def demo(
 
 
 @app.command()
+@connects
 def validate(
+    remote: Remote,
     config: ConfigArgument,
     set_: SetOption = None,
     target_device: Annotated[
@@ -231,9 +197,6 @@ def validate(
         ),
     ] = "",
     json_output: JsonOption = False,
-    server: ServerOption = DEFAULT_SERVER,
-    token: TokenOption = None,
-    tls_ca: TlsCaOption = None,
 ) -> None:
     """Check a config without training: violations (field, line, reason), warnings, memory estimate, device verdict.
 
@@ -241,7 +204,7 @@ def validate(
     """
     from finetune_server.cli import common, configs, render
 
-    with common.session(_remote(server, token, tls_ca)) as service:
+    with common.session(remote) as service:
         data = configs.load_config(config, set_ or [])
         result = service.validate_config(data, target_device=target_device)
     if json_output:
@@ -252,14 +215,13 @@ def validate(
 
 
 @app.command()
+@connects
 def train(
+    remote: Remote,
     config: ConfigArgument,
     set_: SetOption = None,
     detach: Annotated[bool, typer.Option("--detach", help="Print the job id and return; the job runs on.")] = False,
     name: Annotated[str | None, typer.Option(help="A name for the job (default: the config file's name).")] = None,
-    server: ServerOption = DEFAULT_SERVER,
-    token: TokenOption = None,
-    tls_ca: TlsCaOption = None,
 ) -> None:
     """Start a training job and show its progress until it ends (Ctrl-C detaches; it never cancels the job).
 
@@ -270,7 +232,7 @@ def train(
     from finetune_server.cli import common, configs, progress, render
 
     out = common.console()
-    with common.session(_remote(server, token, tls_ca)) as service:
+    with common.session(remote) as service:
         data = configs.load_config(config, set_ or [])
         try:
             stream = service.iter_train(data, display_name=config.stem if name is None else name)
@@ -291,21 +253,17 @@ def train(
             raise typer.Exit(common.EXIT_FAILED) from None
         if detach:
             typer.echo(job.id)
-            typer.echo(f"follow it with: finetune watch {job.id}{_server_flag(server)}", err=True)
+            typer.echo(f"follow it with: finetune watch {job.id}{remote.server_flag()}", err=True)
             return
         intro = f"job [bold]{job.id}[/] created ({state_name(job.state)}); Ctrl-C detaches and leaves it running"
         events = (response.event for response in stream)
-        code = progress.follow_until_end(service, job, events, out, intro=intro, server_flag=_server_flag(server))
+        code = progress.follow_until_end(service, job, events, out, intro=intro, server_flag=remote.server_flag())
     raise typer.Exit(code)
 
 
 @app.command()
-def watch(
-    job_id: JobArgument,
-    server: ServerOption = DEFAULT_SERVER,
-    token: TokenOption = None,
-    tls_ca: TlsCaOption = None,
-) -> None:
+@connects
+def watch(remote: Remote, job_id: JobArgument) -> None:
     """Show a job's progress from its first stored event until it ends (Ctrl-C stops watching, not the job).
 
     Exits 0 when the job succeeded, 1 when it failed or was cancelled.
@@ -314,11 +272,11 @@ def watch(
     from finetune_server.cli import common, progress
 
     out = common.console()
-    with common.session(_remote(server, token, tls_ca)) as service:
+    with common.session(remote) as service:
         job = service.get_job(job_id)
         intro = f"watching job [bold]{job.id}[/] ({state_name(job.state)}); Ctrl-C stops watching"
         events = service.watch(job.id, 0)
-        code = progress.follow_until_end(service, job, events, out, intro=intro, server_flag=_server_flag(server))
+        code = progress.follow_until_end(service, job, events, out, intro=intro, server_flag=remote.server_flag())
     raise typer.Exit(code)
 
 
@@ -328,22 +286,21 @@ def watch(
 
 
 @jobs_app.command("list")
+@connects
 def jobs_list(
+    remote: Remote,
     state: Annotated[
         list[JobStateName] | None, typer.Option("--state", help="Only jobs in this state (repeatable).")
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="Most jobs to show, newest first.")] = 20,
     json_output: JsonOption = False,
-    server: ServerOption = DEFAULT_SERVER,
-    token: TokenOption = None,
-    tls_ca: TlsCaOption = None,
 ) -> None:
     """List jobs, newest first."""
     from itertools import islice
 
     from finetune_server.cli import common, render
 
-    with common.session(_remote(server, token, tls_ca)) as service:
+    with common.session(remote) as service:
         states = [s.value for s in state or []]
         jobs = list(islice(service.list_jobs(states, page_size=min(limit, 1000)), limit))
     if json_output:
@@ -353,21 +310,20 @@ def jobs_list(
 
 
 @jobs_app.command("show")
+@connects
 def jobs_show(
+    remote: Remote,
     job_id: JobArgument,
     plot: Annotated[
         Path | None, typer.Option(help="Write the loss curve (train and eval loss by step) to this PNG file.")
     ] = None,
     json_output: JsonOption = False,
-    server: ServerOption = DEFAULT_SERVER,
-    token: TokenOption = None,
-    tls_ca: TlsCaOption = None,
 ) -> None:
     """Show one job: state, progress, result or error, and its resolved config."""
     from finetune_client import message_to_dict
     from finetune_server.cli import common, plotting, render
 
-    with common.session(_remote(server, token, tls_ca)) as service:
+    with common.session(remote) as service:
         job = service.get_job(job_id)
         if json_output:
             common.print_json(message_to_dict(job))
@@ -379,22 +335,18 @@ def jobs_show(
 
 
 @app.command()
-def cancel(
-    job_id: JobArgument,
-    server: ServerOption = DEFAULT_SERVER,
-    token: TokenOption = None,
-    tls_ca: TlsCaOption = None,
-) -> None:
+@connects
+def cancel(remote: Remote, job_id: JobArgument) -> None:
     """Cancel a job: a queued one at once, a running one as soon as its worker stops. A finished job exits 1."""
     from finetune_server.cli import common
 
     out = common.console()
-    with common.session(_remote(server, token, tls_ca)) as service:
+    with common.session(remote) as service:
         job = service.cancel_job(job_id)
     if job.cancel_requested and not job.end_time.seconds:
         out.print(
             f"cancel requested: job [bold]{job.id}[/]'s worker is stopping; "
-            f"follow it with [bold]finetune watch {job.id}{_server_flag(server)}[/]",
+            f"follow it with [bold]finetune watch {job.id}{remote.server_flag()}[/]",
             soft_wrap=True,
         )
     else:
@@ -407,7 +359,9 @@ def cancel(
 
 
 @app.command()
+@connects
 def export(
+    remote: Remote,
     job_id: JobArgument,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the export into.")],
     format_: Annotated[
@@ -418,14 +372,11 @@ def export(
         int | None, typer.Option(min=1, help="Export this checkpoint's step instead of the final adapter.")
     ] = None,
     json_output: JsonOption = False,
-    server: ServerOption = DEFAULT_SERVER,
-    token: TokenOption = None,
-    tls_ca: TlsCaOption = None,
 ) -> None:
     """Export a succeeded job's adapter or merged model, download it and verify every file's SHA-256."""
     from finetune_server.cli import common, render, transfer
 
-    with common.session(_remote(server, token, tls_ca)) as service:
+    with common.session(remote) as service:
         transfer.check_output(output, force)
         result = transfer.export_with_progress(
             service,
@@ -443,21 +394,20 @@ def export(
 
 
 @app.command()
+@connects
 def upload(
+    remote: Remote,
     file: Annotated[Path, typer.Argument(help="A JSONL or JSON dataset file.")],
     format_: Annotated[
         str, typer.Option("--format", help="auto, alpaca, messages, qa or text: what each example must look like.")
     ] = "auto",
     json_output: JsonOption = False,
-    server: ServerOption = DEFAULT_SERVER,
-    token: TokenOption = None,
-    tls_ca: TlsCaOption = None,
 ) -> None:
     """Upload a dataset; it is checked line by line, and its id (ds-...) can be a config's `dataset`."""
     from finetune_client import FinetuneServiceError
     from finetune_server.cli import common, render
 
-    with common.session(_remote(server, token, tls_ca)) as service:
+    with common.session(remote) as service:
         if not file.is_file():
             raise common.CliError(f"dataset file not found: {file}")
         try:
@@ -479,17 +429,13 @@ def upload(
 
 
 @app.command()
-def presets(
-    json_output: JsonOption = False,
-    server: ServerOption = DEFAULT_SERVER,
-    token: TokenOption = None,
-    tls_ca: TlsCaOption = None,
-) -> None:
+@connects
+def presets(remote: Remote, json_output: JsonOption = False) -> None:
     """The server's presets: named sets of values for a device class that fill only what a config leaves unset."""
     from finetune_client.convert import config_to_dict
     from finetune_server.cli import common, render
 
-    with common.session(_remote(server, token, tls_ca)) as service:
+    with common.session(remote) as service:
         response = service.list_presets()
     if json_output:
         common.print_json(
@@ -511,14 +457,13 @@ def presets(
 
 
 @app.command()
+@connects
 def recommend(
+    remote: Remote,
     gpu_memory: Annotated[
         str, typer.Option(help="Memory of the GPU, e.g. 12GB, 24GiB or 8192MB (GB and GiB both mean 2**30).")
     ],
     json_output: JsonOption = False,
-    server: ServerOption = DEFAULT_SERVER,
-    token: TokenOption = None,
-    tls_ca: TlsCaOption = None,
 ) -> None:
     """Which recommended models train in that much GPU memory, best first, with their preset and cautions.
 
@@ -526,7 +471,7 @@ def recommend(
     """
     from finetune_server.cli import common, render
 
-    with common.session(_remote(server, token, tls_ca)) as service:
+    with common.session(remote) as service:
         memory = common.parse_size(gpu_memory)
         recommendations = list(service.list_presets().recommendations)
     fits = [r for r in recommendations if r.min_gpu_memory_bytes <= memory]

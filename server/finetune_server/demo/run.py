@@ -29,7 +29,7 @@ from finetune_server.demo.tiny_model import TinyModelSpec, build_tiny_model
 from finetune_server.host.cpu_policy import available_cpus
 from finetune_server.storage.layout import DataDir
 
-# hidden 128 / 2 layers with LoRA r16 memorises a dozen facts in ~150 steps at lr 3e-3 (see DESIGN.md).
+# Sized to learn the demo: hidden 128 / 2 layers with LoRA r16 memorises a dozen facts in ~150 steps at lr 3e-3.
 DEMO_MODEL_SPEC = TinyModelSpec(hidden_size=128, intermediate_size=256)
 DEMO_MODEL_NAME = "tiny-qwen2-demo"
 _NAMES = (

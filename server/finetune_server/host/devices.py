@@ -170,10 +170,6 @@ print("ok", device)
 """
 
 
-def _probe_command() -> list[str]:
-    return [sys.executable, "-c", PROBE_SCRIPT]
-
-
 def _probe_result(returncode: int | None, stdout: str, stderr: str) -> tuple[bool, str]:
     if returncode == 0 and stdout.strip().startswith("ok"):
         return True, ""
@@ -181,24 +177,12 @@ def _probe_result(returncode: int | None, stdout: str, stderr: str) -> tuple[boo
     return False, (lines[-1] if lines else f"probe exited with {returncode}")[:1000]
 
 
-def probe_bitsandbytes(timeout: float = 120.0) -> tuple[bool, str]:
-    """(works, error text): whether bitsandbytes 4-bit and 8-bit layers run here. Takes seconds (imports torch)."""
-    try:
-        result = subprocess.run(_probe_command(), capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return False, f"bitsandbytes probe timed out after {timeout:.0f} s"
-    except OSError as exc:
-        return False, f"bitsandbytes probe could not start: {exc}"
-    works, error = _probe_result(result.returncode, result.stdout, result.stderr)
-    log.info("bitsandbytes probe", works=works, error=error)
-    return works, error
-
-
 async def probe_bitsandbytes_async(timeout: float = 120.0) -> tuple[bool, str]:  # noqa: ASYNC109 - kills the child
-    """As probe_bitsandbytes, without blocking the event loop (the server runs it in the background at start)."""
+    """(works, error text): whether bitsandbytes 4-bit and 8-bit layers run here. Takes seconds (the child imports
+    torch), without blocking the event loop: the server runs it in the background at start."""
     try:
         process = await asyncio.create_subprocess_exec(
-            *_probe_command(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            sys.executable, "-c", PROBE_SCRIPT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
     except OSError as exc:
         return False, f"bitsandbytes probe could not start: {exc}"

@@ -123,13 +123,6 @@ def set_path(config: TrainingConfig, path: str, value: Any) -> None:
     setattr(target, name, value)
 
 
-def optional_field_paths() -> list[str]:
-    """Every field path whose `None` means "not set" (the ones presets and defaults may fill)."""
-    paths = [f.name for f in dataclasses.fields(TrainingConfig) if f.default is None]
-    paths += [f"lora.{f.name}" for f in dataclasses.fields(LoraSettings) if f.default is None]
-    return paths
-
-
 def resolve(config: TrainingConfig, preset_values: dict[str, Any] | None = None) -> tuple[TrainingConfig, list[str]]:
     """Fill unset fields from the preset, then from DEFAULTS. Returns the resolved copy and the preset-filled paths.
 

@@ -1,4 +1,4 @@
-"""The seed's presets, model recommendations and named devices.
+"""The service's presets, model recommendations and named devices.
 
 A preset is a dict of dotted field paths -> values, exactly what `config.resolve()` takes: it fills only the fields
 the caller left unset and never overrides an explicit value. Presets and estimates advise; they never override.

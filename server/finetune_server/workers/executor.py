@@ -1,4 +1,4 @@
-"""The seam between the scheduler and whatever runs a job (DESIGN: "the executor").
+"""The executor: the seam between the scheduler and whatever runs a job.
 
 `LocalSubprocessExecutor` runs each job attempt in a worker subprocess on this host. A later executor can hand jobs to
 a cluster engine (Ray: one task per job with its GPU resources) behind the same `Executor` protocol; the scheduler

@@ -138,8 +138,8 @@ class TrainingConfig(_message.Message):
     Training configuration
     ---------------------------------------------------------------------------------------------------------------
 
-    TrainingConfig describes one fine-tuning run. Field names are the seed's, so a Python dict of the seed's keys maps
-    1:1. Unset optional fields are filled by the preset (if any), then by the server defaults; explicit values are
+    TrainingConfig describes one fine-tuning run. Field names are the keys of the config dicts the Python client and
+    the in-process trainer take, so such a dict maps 1:1. Unset optional fields are filled by the preset (if any), then by the server defaults; explicit values are
     never overridden. The resolved config (every field set) is what a job records.
     """
 
