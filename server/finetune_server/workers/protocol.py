@@ -183,10 +183,10 @@ def _get(data: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], defa
     value = data.get(key)
     if value is None:
         if default is ...:
-            raise ValueError(f"a {data.get('type')!r} message needs {key!r}")
+            raise ValueError(f"the {data.get('type')!r} message needs {key!r}")
         return default
     if isinstance(value, bool) or not isinstance(value, kinds):  # no field is a bool; json's true is not an int here
-        raise ValueError(f"{key!r} of a {data.get('type')!r} message is a {type(value).__name__}")
+        raise ValueError(f"{key!r} of the {data.get('type')!r} message is a {type(value).__name__}")
     return value
 
 
@@ -257,8 +257,7 @@ class Spec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        """Keys this version does not know are ignored (a newer server may send more); a missing required one is a
-        TypeError."""
+        """Keys this version does not know are ignored (a newer server may send more); a missing one is a TypeError."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
