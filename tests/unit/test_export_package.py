@@ -22,7 +22,8 @@ from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.export.package import ArtifactManifest, export_artifact, generation_settings
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
 from finetune_server.training.engine.recipe import run_training
-from finetune_server.workers.export import run_export
+from finetune_server.workers.protocol import ExportProgress
+from finetune_server.workers.supervisor import run_export
 
 from ..conftest import write_alpaca
 
@@ -362,9 +363,9 @@ def spec_for(job: tuple[Path, dict[str, Any]], model_dir: Path, target: Path, fm
 async def test_run_export_in_a_subprocess_relays_progress_and_returns_the_manifest(
     job: tuple[Path, dict[str, Any]], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    seen: list[dict[str, Any]] = []
+    seen: list[ExportProgress] = []
 
-    async def on_progress(message: dict[str, Any]) -> None:
+    async def on_progress(message: ExportProgress) -> None:
         seen.append(message)
 
     target = tmp_path / "artifacts/art-1"
@@ -373,17 +374,17 @@ async def test_run_export_in_a_subprocess_relays_progress_and_returns_the_manife
     manifest = ArtifactManifest.from_dict(result)
     assert (manifest.format, manifest.step, manifest.base_model) == ("merged", STEPS, "org/tiny")
     assert_manifest_matches_folder(target, manifest)
-    assert all(m["type"] == "progress" for m in seen)
-    fractions = [m["fraction"] for m in seen]
+    assert all(isinstance(m, ExportProgress) for m in seen)
+    fractions = [m.fraction for m in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert seen[0]["stage"] == "loading_base" and seen[-1]["stage"] == "checksumming"
+    assert seen[0].stage == "loading_base" and seen[-1].stage == "checksumming"
     assert leftovers(tmp_path, ".export-spec-") == []  # the spec file is cleaned up
 
 
 async def test_run_export_reports_a_failed_export_as_its_error(
     job: tuple[Path, dict[str, Any]], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    async def on_progress(message: dict[str, Any]) -> None:
+    async def on_progress(message: ExportProgress) -> None:
         raise AssertionError("no progress expected")
 
     spec = spec_for((tmp_path / "no-such-job", job[1]), tiny_model_dir, tmp_path / "art", "adapter")
@@ -397,7 +398,7 @@ async def test_run_export_reports_a_failed_export_as_its_error(
 async def test_run_export_reports_a_crash_with_the_log_tail(
     job: tuple[Path, dict[str, Any]], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    async def on_progress(message: dict[str, Any]) -> None:
+    async def on_progress(message: ExportProgress) -> None:
         pass
 
     broken = tmp_path / "broken-job"

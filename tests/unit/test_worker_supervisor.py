@@ -20,15 +20,19 @@ from finetune_server.training.config import LoraSettings, TrainingConfig, resolv
 from finetune_server.training.engine.checkpoint import list_checkpoints
 from finetune_server.workers import executor as executor_module
 from finetune_server.workers.executor import LocalSubprocessExecutor
-from finetune_server.workers.supervisor import (
-    WorkerExit,
-    kill_process_group,
-    run_worker,
-    spec_path_for,
-    worker_command,
-    worker_env,
+from finetune_server.workers.process import kill_process_group
+from finetune_server.workers.protocol import (
+    Cancelled,
+    Error,
+    Event,
+    Message,
+    Result,
+    Started,
+    decode_line,
+    module_command,
 )
-from finetune_server.workers.train import WorkerSpec
+from finetune_server.workers.supervisor import WorkerExit, run_worker, spec_path_for, worker_env
+from finetune_server.workers.train import WORKER_MODULE, WorkerSpec
 
 from ..conftest import write_alpaca
 
@@ -69,16 +73,16 @@ class Recorder:
     """on_message that keeps every message, and runs a hook on each (to cancel or kill at a chosen point)."""
 
     def __init__(self, hook: Any = None) -> None:
-        self.messages: list[dict[str, Any]] = []
+        self.messages: list[Message] = []
         self.hook = hook
 
-    async def __call__(self, message: dict[str, Any]) -> None:
+    async def __call__(self, message: Message) -> None:
         self.messages.append(message)
         if self.hook is not None:
             self.hook(message)
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        return [m["data"] for m in self.messages if m["type"] == "event" and m["kind"] == kind]
+        return [m.data for m in self.messages if isinstance(m, Event) and m.kind == kind]
 
 
 def assert_gone(pid: int) -> None:
@@ -96,9 +100,9 @@ async def test_run_to_completion(tmp_path: Path, tiny_model_dir: Path) -> None:
     exit_ = await run_worker(spec, on_message=recorder, cancel=asyncio.Event(), log_path=log_path)
 
     assert exit_.returncode == 0 and exit_.signal is None and not exit_.crashed and not exit_.oom_killed
-    types = [m["type"] for m in recorder.messages]
+    types = [m.TYPE for m in recorder.messages]
     assert types[0] == "started" and types[-1] == "result" and types.count("result") == 1
-    assert recorder.messages[0] == {"type": "started", "resumed_from_step": None, "pid": exit_.pid}
+    assert recorder.messages[0] == Started(resumed_from_step=None, pid=exit_.pid)
     progress = recorder.events("progress")
     assert [p["step"] for p in progress] == list(range(1, TOTAL_STEPS + 1))
     assert {p["total_steps"] for p in progress} == {TOTAL_STEPS}
@@ -124,8 +128,8 @@ async def test_run_to_completion(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert all(log["level"] in {"DEBUG", "INFO", "WARNING", "ERROR"} for log in recorder.events("log"))
 
     result = exit_.final
-    assert result is not None and result is recorder.messages[-1]
-    data = result["data"]
+    assert isinstance(result, Result) and result is recorder.messages[-1]
+    data = result.data
     assert data["steps"] == TOTAL_STEPS and data["trained_tokens"] > 0 and data["train_runtime"] > 0
     assert data["adapter_location"] == "job/adapter"  # relative to data_dir
     assert (tmp_path / data["adapter_location"] / "adapter_config.json").is_file()
@@ -141,16 +145,16 @@ async def test_cancel_mid_run(tmp_path: Path, tiny_model_dir: Path) -> None:
     spec = make_spec(tmp_path, tiny_model_dir, max_steps=200)
     cancel = asyncio.Event()
 
-    def on_progress(message: dict[str, Any]) -> None:
-        if message.get("kind") == "progress":
+    def on_progress(message: Message) -> None:
+        if isinstance(message, Event) and message.kind == "progress":
             cancel.set()
 
     recorder = Recorder(on_progress)
     exit_ = await run_worker(spec, on_message=recorder, cancel=cancel, log_path=tmp_path / "worker.log")
 
     assert exit_.returncode == 0 and exit_.signal is None
-    assert exit_.final is not None and exit_.final["type"] == "cancelled"
-    assert 1 <= exit_.final["step"] < 200
+    assert isinstance(exit_.final, Cancelled)
+    assert 1 <= exit_.final.step < 200
     assert recorder.messages[-1] is exit_.final
     assert_gone(exit_.pid)
 
@@ -160,11 +164,11 @@ async def test_sigkill_then_resume(tmp_path: Path, tiny_model_dir: Path) -> None
     killed_at: list[int] = []
     pids: list[int] = []
 
-    def kill_after_first_checkpoint(message: dict[str, Any]) -> None:
-        if message["type"] == "started":
-            pids.append(message["pid"])
-        if message.get("kind") == "checkpoint" and not killed_at:
-            killed_at.append(message["data"]["step"])
+    def kill_after_first_checkpoint(message: Message) -> None:
+        if isinstance(message, Started):
+            pids.append(message.pid)
+        if isinstance(message, Event) and message.kind == "checkpoint" and not killed_at:
+            killed_at.append(message.data["step"])
             assert kill_process_group(pids[0]) is True
 
     first = await run_worker(
@@ -172,7 +176,7 @@ async def test_sigkill_then_resume(tmp_path: Path, tiny_model_dir: Path) -> None
     )
     assert first.signal == signal.SIGKILL and first.returncode == -signal.SIGKILL
     assert first.final is None and first.crashed and not first.oom_killed
-    assert first.started is not None and first.started["pid"] == first.pid
+    assert first.started is not None and first.started.pid == first.pid
     assert killed_at == [SAVE_STEPS]
     assert_gone(first.pid)
     # The kill lands within milliseconds; the checkpoint on disk is the one reported (or, at worst, a later one).
@@ -182,12 +186,12 @@ async def test_sigkill_then_resume(tmp_path: Path, tiny_model_dir: Path) -> None
     recorder = Recorder()
     second = await run_worker(spec, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log")
 
-    assert second.returncode == 0 and second.final is not None and second.final["type"] == "result"
-    assert second.started is not None and second.started["resumed_from_step"] == newest_on_disk
+    assert second.returncode == 0 and isinstance(second.final, Result)
+    assert second.started is not None and second.started.resumed_from_step == newest_on_disk
     progress = recorder.events("progress")
     assert [p["step"] for p in progress] == list(range(newest_on_disk + 1, TOTAL_STEPS + 1))
     assert {p["total_steps"] for p in progress} == {TOTAL_STEPS}
-    assert second.final["data"]["steps"] == TOTAL_STEPS
+    assert second.final.data["steps"] == TOTAL_STEPS
 
 
 async def test_typed_error(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -200,10 +204,10 @@ async def test_typed_error(tmp_path: Path, tiny_model_dir: Path) -> None:
 
     assert exit_.returncode == 1 and exit_.signal is None
     error = exit_.final
-    assert error is not None and error["type"] == "error"
-    assert error["reason"] == "NO_USABLE_EXAMPLES" and error["kind"] == "INVALID_ARGUMENT"
-    assert error["step"] == 0 and error["hint"] and "bad.jsonl" in error["message"]
-    assert [m["type"] for m in recorder.messages] == ["started", "error"]
+    assert isinstance(error, Error)
+    assert error.reason == "NO_USABLE_EXAMPLES" and error.kind == "INVALID_ARGUMENT"
+    assert error.step == 0 and error.hint and "bad.jsonl" in error.message
+    assert [m.TYPE for m in recorder.messages] == ["started", "error"]
 
 
 async def test_crash_is_exit_2_without_final_message(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -214,7 +218,7 @@ async def test_crash_is_exit_2_without_final_message(tmp_path: Path, tiny_model_
     exit_ = await run_worker(broken, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log")
 
     assert exit_.returncode == 2 and exit_.signal is None and exit_.crashed
-    assert [m["type"] for m in recorder.messages] == ["started"]
+    assert [m.TYPE for m in recorder.messages] == ["started"]
     assert any("no_such_field" in line for line in exit_.log_tail)
 
 
@@ -239,7 +243,7 @@ def test_stdin_eof_stops_an_orphan(tmp_path: Path, tiny_model_dir: Path) -> None
     read_fd, write_fd = os.pipe()
     with (tmp_path / "w.log").open("ab") as log_file:
         process = subprocess.Popen(
-            worker_command(spec_path, write_fd),
+            module_command(WORKER_MODULE, spec_path, write_fd),
             stdin=subprocess.PIPE,
             stdout=log_file,
             stderr=log_file,
@@ -248,12 +252,12 @@ def test_stdin_eof_stops_an_orphan(tmp_path: Path, tiny_model_dir: Path) -> None
             env=worker_env(spec),
         )
     os.close(write_fd)
-    messages = []
+    messages: list[Message] = []
     try:
         with os.fdopen(read_fd, "rb") as events:
             for line in events:
-                messages.append(json.loads(line))
-                if messages[-1].get("kind") == "progress" and process.stdin is not None:
+                messages.append(decode_line(line))
+                if isinstance(messages[-1], Event) and messages[-1].kind == "progress" and process.stdin is not None:
                     process.stdin.close()
         returncode = process.wait(timeout=60)
     finally:
@@ -261,7 +265,7 @@ def test_stdin_eof_stops_an_orphan(tmp_path: Path, tiny_model_dir: Path) -> None
             kill_process_group(process.pid)
             process.wait()
     assert returncode == 0
-    assert messages[-1]["type"] == "cancelled" and 1 <= messages[-1]["step"] < 200
+    assert isinstance(messages[-1], Cancelled) and 1 <= messages[-1].step < 200
 
 
 def test_kill_process_group_of_a_gone_worker_is_harmless() -> None:
@@ -283,7 +287,7 @@ async def test_executor_drops_the_gpu_slot_without_gpus(monkeypatch: pytest.Monk
     spec = WorkerSpec("j", {}, "m", "d", str(tmp_path), gpu_slot=1, device="cuda:1")
     executor = LocalSubprocessExecutor()
 
-    async def noop(_: dict[str, Any]) -> None:
+    async def noop(_: Message) -> None:
         return None
 
     monkeypatch.setattr(executor_module, "detect_devices", lambda: [])
@@ -301,15 +305,15 @@ async def test_executor_drops_the_gpu_slot_without_gpus(monkeypatch: pytest.Monk
 def test_oom_heuristic(tmp_path: Path) -> None:
     import structlog
 
-    from finetune_server.workers.supervisor import _exit_report
+    from finetune_server.workers.supervisor import _exit_report, _Seen
 
     log_path = tmp_path / "w.log"
     log_path.write_text('{"event": "loading model"}\nKilled\n')
     bound = structlog.get_logger()
-    nothing: dict[str, dict[str, Any] | None] = {"started": None, "final": None}
+    nothing = _Seen()
     assert _exit_report(1, -signal.SIGKILL, nothing, log_path, None, bound).oom_killed
     assert not _exit_report(1, -signal.SIGTERM, nothing, log_path, None, bound).oom_killed
-    reported = {"started": None, "final": {"type": "cancelled", "step": 1}}
+    reported = _Seen(final=Cancelled(step=1))
     assert not _exit_report(1, -signal.SIGKILL, reported, log_path, None, bound).oom_killed
     log_path.write_text("the job was killed by the user\n")
     assert not _exit_report(1, -signal.SIGKILL, nothing, log_path, None, bound).oom_killed
@@ -323,10 +327,10 @@ async def test_cancelled_caller_does_not_orphan_the_worker(tmp_path: Path, tiny_
     started = asyncio.Event()
     pids: list[int] = []
 
-    async def on_message(message: dict[str, Any]) -> None:
-        if message["type"] == "started":
-            pids.append(message["pid"])
-        if message.get("kind") == "progress":
+    async def on_message(message: Message) -> None:
+        if isinstance(message, Started):
+            pids.append(message.pid)
+        if isinstance(message, Event) and message.kind == "progress":
             started.set()
 
     task = asyncio.create_task(

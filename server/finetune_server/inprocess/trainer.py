@@ -224,10 +224,10 @@ def _event_sink(job_id: str, progress_callback: ProgressCallback | None, job_log
 
     def on_event(event: Event) -> None:
         message = event_message(event)
-        data = message["data"]
-        if message["kind"] == "progress" and progress_callback is not None:
+        data = message.data
+        if message.kind == "progress" and progress_callback is not None:
             progress_callback(_progress_update(data, job_id))
-        elif message["kind"] == "log":
+        elif message.kind == "log":
             job_log.info("training log", level=data["level"], message=data["message"])
 
     return on_event

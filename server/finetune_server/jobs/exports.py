@@ -1,6 +1,6 @@
 """Exports and downloads: turn a SUCCEEDED job's adapter into an artifact once, and stream its files with checksums.
 
-The packaging itself (it needs torch) runs in a subprocess (`export/worker.py`); this side orchestrates, records the
+The packaging itself (it needs torch) runs in a subprocess (`workers/export.py`); this side orchestrates, records the
 artifact only once its folder is complete, and never lets a caller name a server-side path.
 """
 
@@ -27,7 +27,8 @@ from finetune_server.storage.records import ArtifactRecord, JobState
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.model_info import summarize_model
 from finetune_server.training.model_source import ResolvedModel, resolve_model
-from finetune_server.workers.export import run_export
+from finetune_server.workers.protocol import ExportProgress
+from finetune_server.workers.supervisor import run_export
 
 log = structlog.get_logger(__name__)
 
@@ -60,8 +61,8 @@ class ExportService:
 
     async def export(
         self, job_id: str, fmt: ExportFormat, checkpoint_step: int | None
-    ) -> AsyncIterator[dict[str, Any] | ArtifactRecord]:
-        """Yield progress dicts (stage, fraction, message), then the artifact record."""
+    ) -> AsyncIterator[ExportProgress | ArtifactRecord]:
+        """Yield the worker's progress messages (stage, fraction, message), then the artifact record."""
         try:
             job = await asyncio.to_thread(self._store.get_job, job_id)
         except KeyError:
@@ -95,7 +96,7 @@ class ExportService:
                 "cpu_threads": self._settings.threads_per_worker,
                 "cpus": self._settings.worker_cpus or None,
             }
-            progress: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            progress: asyncio.Queue[ExportProgress] = asyncio.Queue()
             self._settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
             task = asyncio.ensure_future(
                 run_export(spec, on_progress=progress.put, log_path=self._settings.layout.artifact_log(art_id))

@@ -32,7 +32,9 @@ from finetune_server.training.engine.errors import out_of_memory_hint
 from finetune_server.training.model_source import resolve_model
 from finetune_server.training.validation import resolve_dataset_path, validate
 from finetune_server.workers.executor import Executor
-from finetune_server.workers.supervisor import WorkerExit, kill_process_group
+from finetune_server.workers.process import kill_process_group
+from finetune_server.workers.protocol import Cancelled, Error, Event, Message, Result, Started
+from finetune_server.workers.supervisor import WorkerExit
 from finetune_server.workers.train import WorkerSpec
 
 log = structlog.get_logger(__name__)
@@ -325,10 +327,9 @@ class JobService:
 
     async def _settle(self, job: JobRecord, outcome: WorkerExit, cancel: asyncio.Event, bound: Any) -> bool:
         """Record how a worker ended. True when the job is settled; False to start another attempt."""
-        final = outcome.final or {}
-        kind = final.get("type")
-        if kind == "result":
-            result = dict(final["data"])
+        final = outcome.final
+        if isinstance(final, Result):
+            result = dict(final.data)
             await self._transition(
                 job.id, JobState.SUCCEEDED, expect=[JobState.RUNNING], result=result, message="training finished"
             )
@@ -337,12 +338,13 @@ class JobService:
         if self._draining:  # the server is stopping: leave the job RUNNING so the next start resumes it
             bound.info("job.left_for_resume")
             return True
-        if kind == "cancelled" or (cancel.is_set() and kind != "error"):
+        if isinstance(final, Cancelled) or (cancel.is_set() and not isinstance(final, Error)):
             await self._transition(job.id, JobState.CANCELLED, expect=[JobState.RUNNING], message="cancelled")
             return True
-        if kind == "error":
-            error = {k: final.get(k) for k in ("reason", "message", "hint", "step") if final.get(k) is not None}
-            await self._fail(job.id, error)
+        if isinstance(final, Error):
+            await self._fail(
+                job.id, {"reason": final.reason, "message": final.message, "hint": final.hint, "step": final.step}
+            )
             return True
         # No final word: the worker died. Retry from the newest checkpoint while attempts remain.
         how = f"signal {outcome.signal.name}" if outcome.signal else f"exit code {outcome.returncode}"
@@ -378,17 +380,16 @@ class JobService:
             job_id, JobState.FAILED, expect=[JobState.RUNNING, JobState.QUEUED], error=error, message="failed"
         )
 
-    async def _on_worker_message(self, job_id: str, message: dict[str, Any]) -> None:
+    async def _on_worker_message(self, job_id: str, message: Message) -> None:
         """Persist what the worker reports, in order, before reading its next message."""
-        kind = message.get("type")
-        if kind == "event":
-            if message["kind"] == EventKind.PROGRESS.value and self._metrics is not None:
-                self._metrics.on_progress(job_id, message["data"])  # before publishing, like job_ended
-            await self._append(job_id, EventKind(message["kind"]), message["data"])
-        elif kind == "started":
+        if isinstance(message, Event):
+            if message.kind == EventKind.PROGRESS.value and self._metrics is not None:
+                self._metrics.on_progress(job_id, message.data)  # before publishing, like job_ended
+            await self._append(job_id, EventKind(message.kind), message.data)
+        elif isinstance(message, Started):
             # Its process group id, so that a restarted server can stop an orphan of this one.
-            layout.JobDir(self.job_dir(job_id)).worker_pid.write_text(str(message["pid"]))
-            step = message.get("resumed_from_step")
+            layout.JobDir(self.job_dir(job_id)).worker_pid.write_text(str(message.pid))
+            step = message.resumed_from_step
             if step is None:
                 return
             await self._db(self._store.record_resume, job_id)

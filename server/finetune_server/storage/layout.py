@@ -16,6 +16,7 @@
         config.json                     the resolved TrainingConfig (jobs of the in-process LoRATrainer only)
     artifacts/<artifact id>/            one export: the adapter or merged model, with generation_config.json
     artifacts/<artifact id>.log         its export worker's log
+    artifacts/.export-spec-*.json       an export worker's spec, while it runs
 ```
 
 Other modules take paths from here and never spell these names themselves, so the layout can only change here. The
@@ -33,6 +34,7 @@ DATASETS_DIR = "datasets"
 UPLOAD_TEMP_PREFIX = ".upload-"
 JOBS_DIR = "jobs"
 ARTIFACTS_DIR = "artifacts"
+EXPORT_SPEC_TEMP_PREFIX = ".export-spec-"
 
 WORKER_SPEC_FILE = "worker_spec.json"
 WORKER_PID_FILE = "worker.pid"

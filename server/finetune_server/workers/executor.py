@@ -1,8 +1,9 @@
 """The executor: the seam between the scheduler and whatever runs a job.
 
-`LocalSubprocessExecutor` runs each job attempt in a worker subprocess on this host. A later executor can hand jobs to
-a cluster engine (Ray: one task per job with its GPU resources) behind the same `Executor` protocol; the scheduler
-only sees `run(...) -> WorkerExit` and the worker protocol's messages.
+`LocalSubprocessExecutor` runs each job attempt in a worker subprocess on this host (`supervisor.run_worker`, on the
+host-local plumbing of `process.py`). A later executor can hand jobs to a cluster engine (Ray: one task per job with
+its GPU resources) behind the same `Executor` protocol and reuse the worker entry points and `protocol.py`; the
+scheduler only sees `run(...) -> WorkerExit` and the protocol's typed messages.
 """
 
 from __future__ import annotations
