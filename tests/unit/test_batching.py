@@ -112,7 +112,7 @@ def test_collate_padded() -> None:
     assert batch.attention_mask.sum(1).tolist() == [5, 3, 7]
     assert batch.position_ids[0].tolist() == list(range(7))
     assert batch.num_tokens == 15
-    assert batch.num_padding == 6
+    assert batch.input_ids.numel() - batch.num_tokens == 6  # padding
     # Trainable after the shift: 3 + 2 + 0 (the fully masked example contributes nothing).
     assert batch.num_trainable == 5
     assert not batch.packed
@@ -129,7 +129,7 @@ def test_collate_packed() -> None:
     assert batch.num_tokens == 9
     assert batch.num_trainable == 3 + 2 + 1
     assert batch.seq_lens == (4, 3, 2)
-    assert batch.num_padding == 0
+    assert batch.input_ids.numel() - batch.num_tokens == 0  # no padding
 
 
 def test_packed_and_padded_train_on_the_same_tokens() -> None:

@@ -12,8 +12,9 @@ with a cache (`config.use_cache` is True by default, even in train mode) the det
 silently attend to each other. `Batch.model_inputs()` therefore always passes `use_cache=False`; call the model with
 it. tests/unit/test_packing_leakage.py proves per-token losses of a packed row equal those of each example alone.
 
-On a CPU (and on a GPU without a variable-length attention kernel) packing is ~3x slower than length-grouped padding
-(see DESIGN.md), so padding is the better default there; with flash attention the order can reverse.
+Measured on a CPU, packing (and any padding-free layout without a variable-length attention kernel) trains ~3x
+slower than dynamic padding, and grouping examples by length removes most of padding's waste, so length-grouped
+padding is the default. On a GPU with a varlen attention kernel (flash attention) the order can reverse.
 """
 
 from __future__ import annotations
@@ -68,10 +69,6 @@ class Batch:
     @property
     def num_examples(self) -> int:
         return len(self.seq_lens)
-
-    @property
-    def num_padding(self) -> int:
-        return int(self.input_ids.numel()) - self.num_tokens
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on `device`."""

@@ -1,12 +1,19 @@
 """How training fails, in terms a caller can act on: each is a FinetuneError that also says at which step.
 
 The worker reports `reason`, `message`, `hint` and `step` as the contract's JobError. `TrainingCancelled` is not an
-error: the job was asked to stop and stopped cleanly.
+error: the job was asked to stop and stopped cleanly. This module is also where raw failures (a non-finite loss, an
+allocation that failed, a full disk) become these errors, in one place. The server process imports it for
+`out_of_memory_hint`, so it imports no torch at module level.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune_server.errors import ErrorKind, FinetuneError, Violation
@@ -41,6 +48,11 @@ class NanLossError(TrainingError):
             step=step,
             hint="Lower learning_rate (e.g. by 10x), keep max_grad_norm at 1.0, or use bf16 instead of fp16.",
         )
+
+
+def raise_if_not_finite(loss: float, *, step: int, learning_rate: float) -> None:
+    if not math.isfinite(loss):
+        raise NanLossError(step, learning_rate)
 
 
 class OutOfMemoryError(TrainingError):
@@ -80,6 +92,25 @@ def out_of_memory_hint(config: TrainingConfig | None) -> str:
     if not tries:
         return "Every memory saving is already on: choose a smaller model, or a device with more memory."
     return "Try, one at a time: " + "; ".join(tries) + "."
+
+
+def out_of_memory_error(
+    exc: BaseException, *, step: int, device: str, config: TrainingConfig
+) -> OutOfMemoryError | None:
+    """The OUT_OF_MEMORY error that `exc` amounts to, or None when it is no failed allocation.
+
+    torch raises torch.OutOfMemoryError on CUDA, but a plain RuntimeError ("can't allocate memory") when the CPU
+    allocator fails; Python itself raises MemoryError.
+    """
+    import torch  # only the training worker calls this; the server imports this module without torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OutOfMemoryError(step, device, str(exc).splitlines()[0], config)
+    if isinstance(exc, MemoryError):
+        return OutOfMemoryError(step, device, "the process could not allocate host memory", config)
+    if isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc)):
+        return OutOfMemoryError(step, device, str(exc).splitlines()[0], config)
+    return None
 
 
 class DiskFullError(TrainingError):
@@ -135,6 +166,42 @@ def disk_full_detail(exc: BaseException) -> str | None:
             return text.splitlines()[0]
         current = current.__cause__ or current.__context__
     return None
+
+
+@contextlib.contextmanager
+def disk_full_as_error(
+    step: int, what: str, output_dir: Path, config: TrainingConfig, *, trainable_parameters: int
+) -> Iterator[None]:
+    """A full disk (or quota) while writing becomes DISK_FULL, saying what to free; other errors pass through.
+
+    The writers undo their staging folders first, so the newest complete checkpoint is still the one to resume from.
+    """
+    try:
+        yield
+    except Exception as exc:
+        detail = disk_full_detail(exc)
+        if detail is None:
+            raise
+        # checkpoint imports torch, which the server process never loads with this module.
+        from finetune_server.training.engine.checkpoint import folder_size, list_checkpoints
+
+        newest = list_checkpoints(output_dir)
+        # One checkpoint's size: the last one written, else adapter + AdamW's two moments in fp32.
+        needed = folder_size(newest[-1][1]) if newest else 12 * trainable_parameters
+        try:
+            free = shutil.disk_usage(output_dir).free
+        except OSError:
+            free = 0
+        raise DiskFullError(
+            step,
+            what,
+            str(output_dir),
+            detail,
+            needed_bytes=needed,
+            free_bytes=free,
+            newest_checkpoint_step=newest[-1][0] if newest else None,
+            save_total_limit=int(config.save_total_limit or 0),
+        ) from exc
 
 
 def _mib(size: int) -> str:
