@@ -8,7 +8,8 @@ import struct
 import zlib
 from pathlib import Path
 
-from finetune_server.training.engine.report import EVAL, TRAIN, write_report
+from finetune_server.observability.loss_plot import EVAL, TRAIN
+from finetune_server.training.engine.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,6 @@
 """`finetune jobs show --plot`: the loss curve of a job, from its stored progress and eval events.
 
-Drawn by the engine's own PNG plotter (`render_loss_curve`), the same chart the server writes into the job's report,
+Drawn by the service's own PNG plotter (`render_loss_curve`), the same chart the server writes into the job's report,
 so the CLI needs no plotting library.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from finetune_client import GrpcFineTuneService
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_server.cli.common import EXIT_FAILED, CliError
-from finetune_server.training.engine.report import render_loss_curve
+from finetune_server.observability.loss_plot import render_loss_curve
 
 Points = list[tuple[float, float]]
 

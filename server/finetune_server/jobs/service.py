@@ -32,7 +32,6 @@ from finetune_server.training.engine.errors import out_of_memory_hint
 from finetune_server.training.model_source import resolve_model
 from finetune_server.training.validation import resolve_dataset_path, validate
 from finetune_server.workers.executor import Executor
-from finetune_server.workers.process import kill_process_group
 from finetune_server.workers.protocol import Cancelled, Error, Event, Message, Result, Started
 from finetune_server.workers.supervisor import WorkerExit
 from finetune_server.workers.train import WorkerSpec
@@ -114,9 +113,7 @@ class JobService:
     async def _recover(self) -> None:
         """Re-queue the jobs a crashed server left RUNNING; they resume from their newest checkpoint."""
         for job in await self._db(self._store.jobs_in_state, JobState.RUNNING):
-            pid_file = layout.JobDir(self.job_dir(job.id)).worker_pid
-            if pid_file.is_file():  # an orphan worker stops by itself when its stdin closes; make sure
-                kill_process_group(int(pid_file.read_text().strip() or 0))
+            await self._executor.stop_leftover(self.job_dir(job.id))
             await self._transition(
                 job.id,
                 JobState.QUEUED,
@@ -321,7 +318,6 @@ class JobService:
                 cancel=cancel,
                 log_path=layout.JobDir(job_dir).worker_log,
             )
-            layout.JobDir(job_dir).worker_pid.unlink(missing_ok=True)
             if await self._settle(job, outcome, cancel, bound):
                 return
 
@@ -387,8 +383,6 @@ class JobService:
                 self._metrics.on_progress(job_id, message.data)  # before publishing, like job_ended
             await self._append(job_id, EventKind(message.kind), message.data)
         elif isinstance(message, Started):
-            # Its process group id, so that a restarted server can stop an orphan of this one.
-            layout.JobDir(self.job_dir(job_id)).worker_pid.write_text(str(message.pid))
             step = message.resumed_from_step
             if step is None:
                 return

@@ -3,7 +3,7 @@
 `LocalSubprocessExecutor` runs each job attempt in a worker subprocess on this host (`supervisor.run_worker`, on the
 host-local plumbing of `process.py`). A later executor can hand jobs to a cluster engine (Ray: one task per job with
 its GPU resources) behind the same `Executor` protocol and reuse the worker entry points and `protocol.py`; the
-scheduler only sees `run(...) -> WorkerExit` and the protocol's typed messages.
+scheduler only sees `run(...) -> WorkerExit`, `stop_leftover(...)` and the protocol's typed messages.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Protocol
 
 from finetune_server.host.devices import detect_devices
+from finetune_server.storage.layout import JobDir
+from finetune_server.workers.process import kill_process_group
+from finetune_server.workers.protocol import Message, Started
 from finetune_server.workers.supervisor import OnMessage, WorkerExit, run_worker
 from finetune_server.workers.train import WorkerSpec
 
@@ -22,7 +25,13 @@ from finetune_server.workers.train import WorkerSpec
 class Executor(Protocol):
     async def run(
         self, spec: WorkerSpec, *, on_message: OnMessage, cancel: asyncio.Event, log_path: Path
-    ) -> WorkerExit: ...
+    ) -> WorkerExit:
+        """Run one attempt of a job to its end, relaying its messages in order."""
+        ...
+
+    async def stop_leftover(self, job_dir: Path) -> None:
+        """A server that crashed may have left this job's worker running: make sure it stops before a new attempt."""
+        ...
 
 
 class LocalSubprocessExecutor:
@@ -38,15 +47,32 @@ class LocalSubprocessExecutor:
     async def run(
         self, spec: WorkerSpec, *, on_message: OnMessage, cancel: asyncio.Event, log_path: Path
     ) -> WorkerExit:
-        return await run_worker(
-            await self._place(spec),
-            on_message=on_message,
-            cancel=cancel,
-            log_path=log_path,
-            env=self._env,
-            cancel_grace_s=self._cancel_grace_s,
-            term_grace_s=self._term_grace_s,
-        )
+        pid_file = JobDir(Path(spec.output_dir)).worker_pid
+
+        async def relay(message: Message) -> None:
+            if isinstance(message, Started):  # its process group id, so that a restarted server can stop an orphan
+                pid_file.write_text(str(message.pid))
+            await on_message(message)
+
+        try:
+            return await run_worker(
+                await self._place(spec),
+                on_message=relay,
+                cancel=cancel,
+                log_path=log_path,
+                env=self._env,
+                cancel_grace_s=self._cancel_grace_s,
+                term_grace_s=self._term_grace_s,
+            )
+        finally:
+            pid_file.unlink(missing_ok=True)
+
+    async def stop_leftover(self, job_dir: Path) -> None:
+        """An orphan worker stops by itself when its stdin closes (its server died); make sure of it by its pid."""
+        pid_file = JobDir(job_dir).worker_pid
+        if pid_file.is_file():
+            kill_process_group(int(pid_file.read_text().strip() or 0))
+            pid_file.unlink(missing_ok=True)
 
     @staticmethod
     async def _place(spec: WorkerSpec) -> WorkerSpec:
