@@ -19,6 +19,7 @@ from finetune_server.training.engine.events import (
     LogLevel,
     ProgressEvent,
 )
+from finetune_server.workers.train import event_message
 
 TRAIN = "/sage.finetune.v1.FineTuneService/Train"
 VALIDATE = "/sage.finetune.v1.FineTuneService/ValidateConfig"
@@ -208,10 +209,12 @@ def test_tensorboard_sink_writes_train_and_eval_scalars_by_step(tmp_path: Path) 
     sink = tensorboard_sink(tmp_path / "tb")
     assert isinstance(sink, TensorBoardSink)
     for step in (1, 2, 3):
-        sink(progress_event(step, loss=3.0 - step / 2))
-    sink(EvalEvent(step=2, eval_loss=2.25, perplexity=math.exp(2.25), is_best=True))
-    sink(CheckpointEvent(step=2, path="checkpoints/step-00000002", size_bytes=10))  # not a scalar: ignored
-    sink(LogEvent(LogLevel.INFO, "hello"))
+        sink(event_message(progress_event(step, loss=3.0 - step / 2)))
+    sink(event_message(EvalEvent(step=2, eval_loss=2.25, perplexity=math.exp(2.25), is_best=True)))
+    sink(
+        event_message(CheckpointEvent(step=2, path="checkpoints/step-00000002", size_bytes=10))
+    )  # not a scalar: ignored
+    sink(event_message(LogEvent(LogLevel.INFO, "hello")))
 
     scalars = read_scalars(tmp_path / "tb")  # before close: each event is flushed as it comes
     assert set(scalars) == {
@@ -228,7 +231,7 @@ def test_tensorboard_sink_writes_train_and_eval_scalars_by_step(tmp_path: Path) 
     assert scalars["train/tokens_per_second"] == [(1, 100.0), (2, 200.0), (3, 300.0)]
     assert scalars["eval/loss"] == [(2, 2.25)]
     sink.close()
-    sink(progress_event(4, loss=1.0))  # after close: ignored, no error
+    sink(event_message(progress_event(4, loss=1.0)))  # after close: ignored, no error
     assert read_scalars(tmp_path / "tb")["train/loss"][-1] == (3, 1.5)
 
 
@@ -237,13 +240,13 @@ def test_a_resumed_attempt_replaces_the_points_after_its_checkpoint(tmp_path: Pa
     first = tensorboard_sink(tmp_path / "tb")
     assert first is not None
     for step in (1, 2, 3, 4):  # checkpoint at 2, then the worker died at 4
-        first(progress_event(step, loss=10.0 + step))
+        first(event_message(progress_event(step, loss=10.0 + step)))
     first.close()
 
     second = tensorboard_sink(tmp_path / "tb", resumed_from_step=2)
     assert second is not None
     for step in (3, 4, 5):
-        second(progress_event(step, loss=float(step)))
+        second(event_message(progress_event(step, loss=float(step))))
     second.close()
 
     assert read_scalars(tmp_path / "tb")["train/loss"] == [(1, 11.0), (2, 12.0), (3, 3.0), (4, 4.0), (5, 5.0)]
@@ -269,6 +272,6 @@ def test_a_failing_writer_disables_the_sink_instead_of_failing_training(tmp_path
 
     writer = FullDisk()
     sink = TensorBoardSink(writer, tmp_path)
-    sink(progress_event(1, loss=1.0))  # does not raise
+    sink(event_message(progress_event(1, loss=1.0)))  # does not raise
     assert writer.closed
-    sink(progress_event(2, loss=1.0))  # and stays quiet afterwards
+    sink(event_message(progress_event(2, loss=1.0)))  # and stays quiet afterwards

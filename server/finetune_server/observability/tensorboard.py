@@ -7,14 +7,34 @@ fails the job, whose real record is the job store.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
-from finetune_server.training.engine.events import EvalEvent, Event, ProgressEvent
-
 log = structlog.get_logger(__name__)
+
+# The worker protocol's event kinds and field names (the contract's), so the sink reads what the server records.
+_SCALARS = {
+    "progress": {
+        "train/loss": "loss",
+        "train/learning_rate": "learning_rate",
+        "train/grad_norm": "grad_norm",
+        "train/tokens_per_second": "tokens_per_second",
+    },
+    "eval": {"eval/loss": "eval_loss"},
+}
+
+
+class EventMessage(Protocol):
+    """A worker's event message (workers.protocol.Event): its kind and the contract's fields."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def data(self) -> Mapping[str, Any]: ...
 
 
 class _ScalarWriter(Protocol):
@@ -33,29 +53,19 @@ def _open_writer(log_dir: Path, purge_step: int | None) -> _ScalarWriter | None:
 
 
 class TensorBoardSink:
-    """An `EventSink` writing train/* scalars of progress events and eval/loss of eval events, by step."""
+    """Writes train/* scalars of progress events and eval/loss of eval events, by step."""
 
     def __init__(self, writer: _ScalarWriter, log_dir: Path) -> None:
         self._writer: _ScalarWriter | None = writer
         self.log_dir = log_dir
 
-    def __call__(self, event: Event) -> None:
-        if self._writer is None:
-            return
-        if isinstance(event, ProgressEvent):
-            scalars = {
-                "train/loss": event.loss,
-                "train/learning_rate": event.learning_rate,
-                "train/grad_norm": event.grad_norm,
-                "train/tokens_per_second": event.tokens_per_second,
-            }
-        elif isinstance(event, EvalEvent):
-            scalars = {"eval/loss": event.eval_loss}
-        else:
+    def __call__(self, event: EventMessage) -> None:
+        tags = _SCALARS.get(event.kind)
+        if self._writer is None or tags is None:
             return
         try:
-            for tag, value in scalars.items():
-                self._writer.add_scalar(tag, float(value), event.step)
+            for tag, key in tags.items():
+                self._writer.add_scalar(tag, float(event.data[key]), int(event.data["step"]))
             self._writer.flush()  # progress events are seconds apart: a live TensorBoard sees each one
         except Exception as exc:  # never fail training over a side channel
             log.warning("tensorboard.disabled", log_dir=str(self.log_dir), error=str(exc))

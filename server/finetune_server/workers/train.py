@@ -138,9 +138,10 @@ def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> 
     )  # None: not installed
 
     def on_event(event: Any) -> None:
-        channel.send(event_message(event))
+        message = event_message(event)
+        channel.send(message)
         if tensorboard is not None:
-            tensorboard(event)
+            tensorboard(message)
 
     try:
         outcome = run_training(
