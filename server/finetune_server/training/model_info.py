@@ -12,10 +12,11 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
+from finetune_server.storage.layout import CHAT_TEMPLATE_FILE
 from finetune_server.training.model_families import (
     ATTENTION_PREFIX,
     FAMILIES,
@@ -25,13 +26,26 @@ from finetune_server.training.model_families import (
     Size,
 )
 
-if TYPE_CHECKING:
-    from finetune_server.training.model_source import ResolvedModel
-
 log = structlog.get_logger(__name__)
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class ResolvedModel:
+    name: str
+    source: str  # "local" or "hub"
+    path: Path  # folder holding config.json and the tokenizer files (a hub cache snapshot for hub models)
+    config: dict[str, Any]
+
+    @property
+    def load_ref(self) -> str:
+        """What a worker passes to from_pretrained: the folder of a local model, the hub id of a hub model (whose
+        weights the worker fetches; `path` holds only its config and tokenizer files)."""
+        return str(self.path) if self.source == "local" else self.name
+
+
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # a larger header means the file is not safetensors
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -117,7 +131,7 @@ def linear_modules(config: dict[str, Any]) -> list[str]:
 
 
 def has_chat_template(folder: Path) -> bool:
-    if (folder / "chat_template.jinja").is_file():
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
         return True
     try:
         tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,8 @@ import structlog
 
 from finetune_server.errors import ErrorKind, FinetuneError, Violation
 from finetune_server.settings import ServerSettings
-from finetune_server.training.model_info import CONFIG_FILE, INDEX_FILE
+from finetune_server.storage.layout import CHAT_TEMPLATE_FILE
+from finetune_server.training.model_info import CONFIG_FILE, INDEX_FILE, ResolvedModel
 from finetune_server.util.paths import confine, looks_like_path
 
 log = structlog.get_logger(__name__)
@@ -34,26 +34,12 @@ HUB_FILES = (
     CONFIG_FILE,
     "tokenizer.json",
     "tokenizer_config.json",
-    "chat_template.jinja",
+    CHAT_TEMPLATE_FILE,
     "generation_config.json",
     INDEX_FILE,
 )
 # What a model folder needs for training; everything else in a hub repo (other formats, images, ONNX) is skipped.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
-
-
-@dataclass
-class ResolvedModel:
-    name: str
-    source: str  # "local" or "hub"
-    path: Path  # folder holding config.json and the tokenizer files (a hub cache snapshot for hub models)
-    config: dict[str, Any]
-
-    @property
-    def load_ref(self) -> str:
-        """What a worker passes to from_pretrained: the folder of a local model, the hub id of a hub model (whose
-        weights the worker fetches; `path` holds only its config and tokenizer files)."""
-        return str(self.path) if self.source == "local" else self.name
 
 
 def resolve_model(name: str, settings: ServerSettings, field: str = "model_name") -> ResolvedModel:
