@@ -63,27 +63,29 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 RESOLVED_CONFIG_FILE = "config.json"  # the in-process trainer's record of a job's resolved TrainingConfig
 
 
-@dataclass(frozen=True)
-class DataDir:
-    """The data dir's top level."""
+class _Under:
+    """A fixed name under a folder's `root`, declared once as a class attribute: `adapter = _Under(ADAPTER_DIR)`."""
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, folder: _Folder, owner: type | None = None) -> Path:
+        return folder.root / self.name
+
+
+@dataclass(frozen=True)
+class _Folder:
     root: Path
 
-    @property
-    def store(self) -> Path:
-        return self.root / STORE_FILE
 
-    @property
-    def datasets(self) -> Path:
-        return self.root / DATASETS_DIR
+@dataclass(frozen=True)
+class DataDir(_Folder):
+    """The data dir's top level."""
 
-    @property
-    def jobs(self) -> Path:
-        return self.root / JOBS_DIR
-
-    @property
-    def artifacts(self) -> Path:
-        return self.root / ARTIFACTS_DIR
+    store = _Under(STORE_FILE)
+    datasets = _Under(DATASETS_DIR)
+    jobs = _Under(JOBS_DIR)
+    artifacts = _Under(ARTIFACTS_DIR)
 
     def job(self, job_id: str) -> JobDir:
         return JobDir(self.jobs / job_id)
@@ -96,49 +98,21 @@ class DataDir:
 
 
 @dataclass(frozen=True)
-class JobDir:
+class JobDir(_Folder):
     """One job's folder: what its workers write and what its exports read."""
 
-    root: Path
-
-    @property
-    def worker_spec(self) -> Path:
-        return self.root / WORKER_SPEC_FILE
-
-    @property
-    def worker_pid(self) -> Path:
-        return self.root / WORKER_PID_FILE
-
-    @property
-    def worker_log(self) -> Path:
-        return self.root / WORKER_LOG_FILE
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS_DIR
+    worker_spec = _Under(WORKER_SPEC_FILE)
+    worker_pid = _Under(WORKER_PID_FILE)
+    worker_log = _Under(WORKER_LOG_FILE)
+    checkpoints = _Under(CHECKPOINTS_DIR)
+    adapter = _Under(ADAPTER_DIR)
+    metrics = _Under(METRICS_FILE)
+    loss_curve = _Under(LOSS_CURVE_FILE)
+    tensorboard = _Under(TENSORBOARD_DIR)
+    resolved_config = _Under(RESOLVED_CONFIG_FILE)
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / ADAPTER_DIR
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS_FILE
-
-    @property
-    def loss_curve(self) -> Path:
-        return self.root / LOSS_CURVE_FILE
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / TENSORBOARD_DIR
-
-    @property
-    def resolved_config(self) -> Path:
-        return self.root / RESOLVED_CONFIG_FILE
 
 
 def checkpoint_name(step: int) -> str:
