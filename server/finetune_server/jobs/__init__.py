@@ -1,1 +1,1 @@
-"""jobs"""
+"""Jobs and exports as the service runs them: the queue and scheduler, event fan-out, exports and downloads."""

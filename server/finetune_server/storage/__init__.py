@@ -1,1 +1,1 @@
-"""storage"""
+"""What the service keeps: the data dir's layout, the job store (jobs, events, datasets, artifacts), uploads."""
