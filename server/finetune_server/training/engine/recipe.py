@@ -629,7 +629,9 @@ class _EncodedSet:
 def _encode_file(
     path: Path, field_path: str, config: TrainingConfig, tokenizer: TextTokenizer, template: str
 ) -> _EncodedSet:
-    examples = [example for _line, example in iter_examples(path, config.data_format or "auto")]
+    examples = [
+        e for _, e in iter_examples(str(path), config.data_format or "auto", **config.source_options(field_path))
+    ]
     kwargs = {"max_length": int(config.max_length or 2048), "train_on_prompt": bool(config.train_on_prompt)}
     try:
         encoded = encode_many(examples, tokenizer, template, **kwargs)  # type: ignore[arg-type]
