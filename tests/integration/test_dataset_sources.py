@@ -38,11 +38,12 @@ def sources_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
     for kind in KINDS[:-1]:
         for stem, rows in (("facts", FACTS), ("bad", WITH_BAD_ROWS)):
             _NAMES[(kind, stem)] = write_rows(root / kind, kind, rows, stem=stem).relative_to(root).as_posix()
-    # HF_HOME/hub is the hub cache the server and its workers read, offline.
-    put_in_hub_cache(tmp / "hf-home" / "hub", HUB_ID, {"data/train-00000-of-00001.parquet": FACTS})
-    put_in_hub_cache(tmp / "hf-home" / "hub", "org/bad", {"data/train-00000-of-00001.parquet": WITH_BAD_ROWS})
+    # The server's --hf-cache-dir, which its workers must read too (not HF_HOME's), offline.
+    hub_cache = tmp / "hub-cache"
+    put_in_hub_cache(hub_cache, HUB_ID, {"data/train-00000-of-00001.parquet": FACTS})
+    put_in_hub_cache(hub_cache, "org/bad", {"data/train-00000-of-00001.parquet": WITH_BAD_ROWS})
     _NAMES[("hub", "facts")], _NAMES[("hub", "bad")] = HUB_ID, "org/bad"
-    running = start_server(tmp, tiny_model_dir.parent, root)
+    running = start_server(tmp, tiny_model_dir.parent, root, "--hf-cache-dir", str(hub_cache))
     yield running
     stop_server(running)
 

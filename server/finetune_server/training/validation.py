@@ -1,8 +1,9 @@
 """ValidateConfig's logic, used unchanged by Train: every problem of a config, all at once.
 
 Order: preset + defaults, static field rules, the model (config and tokenizer files only, never weights), the
-dataset(s) line by line with the model's tokenizer and chat template, the memory estimate, then warnings that do not
-block. Nothing here imports torch: it runs on the server's RPC path.
+dataset(s) record by record with the model's tokenizer and chat template, the memory estimate, then warnings that do
+not block. Nothing here imports torch: it runs on the server's RPC path (`datasets` only for save_to_disk folders
+and hub datasets).
 """
 
 from __future__ import annotations
