@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -246,3 +247,35 @@ def test_json_rows_in_a_table_are_read_as_they_are(tmp_path: Path) -> None:
     rows = [{"messages": json.dumps([{"role": "user", "content": "x"}])}]
     report = check_dataset(DatasetSource.local(write_rows(tmp_path, "csv", rows)), name="d")
     assert [(v.line, v.reason) for v in report.violations] == [(1, "WRONG_TYPE"), (0, "NO_VALID_EXAMPLES")]
+
+
+@pytest.mark.parametrize(
+    ("files", "reason"),
+    [
+        ({"README.md": "---\nconfigs: [\n  - bad: : yaml\n---\n", "data/train.parquet": ROWS}, "UNREADABLE_DATASET"),
+        ({"README.md": "---\nconfigs:\n- config_name: x\n  data_files: 5\n---\n"}, "UNREADABLE_DATASET"),
+        ({"README.md": "# A card and no data\n"}, "NO_DATA_FILES"),
+    ],
+)
+def test_a_hub_repository_datasets_cannot_read_is_the_dataset_s_error(
+    tmp_path: Path, files: dict[str, Any], reason: str
+) -> None:
+    put_in_hub_cache(tmp_path, "org/odd", files)
+    with pytest.raises(FinetuneError) as caught:
+        options = HubOptions(cache_dir=tmp_path, offline=True)
+        fetch_dataset("org/odd", subset="", split="", revision="", options=options, field="dataset")
+    assert (caught.value.kind, caught.value.reason) == (ErrorKind.INVALID_ARGUMENT, reason)
+    assert caught.value.violations[0].field == "dataset"
+
+
+def test_damaged_files_in_a_hub_snapshot_or_saved_folder_are_one_file_violation(tmp_path: Path) -> None:
+    snapshot = put_in_hub_cache(tmp_path / "hub", "org/damaged", {"data/train.parquet": ROWS})
+    (snapshot / "data" / "train.parquet").write_bytes(b"PAR1 damaged PAR1")
+    options = HubOptions(cache_dir=tmp_path / "hub", offline=True)
+    hub = fetch_dataset("org/damaged", subset="", split="", revision="", options=options, field="dataset")
+    saved = write_rows(tmp_path, "saved", ROWS)
+    for arrow in saved.glob("*.arrow"):
+        arrow.write_bytes(b"damaged")
+    for source in (hub, DatasetSource.local(saved)):
+        report = check_dataset(source, name="d")
+        assert [(v.line, v.reason) for v in report.violations] == [(0, "UNREADABLE_DATASET")], source

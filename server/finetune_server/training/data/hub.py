@@ -131,7 +131,7 @@ def _card_configs(snapshot: Path) -> list[dict[str, Any]] | None:
 
     try:
         configs = DatasetCard.load(card).data.to_dict().get("configs")
-    except (OSError, ValueError):
+    except Exception:  # a card that does not parse: datasets reports it when it reads the snapshot
         return None
     return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else None
 
@@ -171,30 +171,37 @@ def data_file_patterns(snapshot: Path, subset: str, split: str) -> list[str]:
     return DATA_FILE_PATTERNS
 
 
+def _unreadable(repo_id: str, field: str, exc: Exception) -> FinetuneError:
+    if isinstance(exc, FileNotFoundError):  # datasets' EmptyDatasetError and DataFilesNotFoundError among them
+        return _error(ErrorKind.INVALID_ARGUMENT, "NO_DATA_FILES", field, f"{repo_id!r} has no data files: {exc}")
+    message = f"{repo_id!r} cannot be read as a dataset: {type(exc).__name__}: {exc}"
+    return _error(ErrorKind.INVALID_ARGUMENT, "UNREADABLE_DATASET", field, message)
+
+
 def _pin(repo_id: str, snapshot: Path, subset: str, split: str, field: str) -> DatasetSource:
-    """The source for a snapshot, its subset and split checked against those `datasets` finds in it."""
+    """The source for a snapshot, its subset and split checked against those `datasets` finds in it.
+
+    Whatever datasets raises while it reads the repository (its card's YAML, its files) is the repository's problem,
+    reported on the dataset's field, never an internal error."""
     import datasets
 
     folder = str(snapshot)
-    unreadable = (ValueError, FileNotFoundError, datasets.exceptions.DatasetsError)
     try:
         subsets = datasets.get_dataset_config_names(folder)
-    except unreadable as exc:
-        raise _error(
-            ErrorKind.INVALID_ARGUMENT, "NO_DATA_FILES", field, f"{repo_id!r} has no data files to train on: {exc}"
-        ) from exc
+    except Exception as exc:
+        raise _unreadable(repo_id, field, exc) from exc
     path = field_of(field, "subset")
     if subset and subset not in subsets:
         message = f"{repo_id!r} has no subset {subset!r}; it has: {', '.join(subsets)}"
         raise _error(ErrorKind.NOT_FOUND, "SUBSET_NOT_FOUND", path, message)
     try:
         builder = datasets.load_dataset_builder(folder, name=subset or None)
-    except unreadable as exc:
+    except Exception as exc:
         if not subset and len(subsets) > 1:
             message = f"{repo_id!r} has several subsets and no default: name one of {', '.join(subsets)}"
             raise _error(ErrorKind.INVALID_ARGUMENT, "SUBSET_REQUIRED", path, message) from exc
-        raise _error(ErrorKind.INVALID_ARGUMENT, "NO_DATA_FILES", field, f"{repo_id!r} cannot be read: {exc}") from exc
-    chosen = choose_split(list(builder.config.data_files or {}), split, field)
+        raise _unreadable(repo_id, field, exc) from exc
+    chosen = choose_split([str(s) for s in builder.config.data_files or {}], split, field)
     return DatasetSource(HUB, repo_id, HUB, subset=subset, split=chosen, revision=snapshot.name, local_dir=folder)
 
 
