@@ -256,3 +256,8 @@ print(heavy)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_name_neither_local_nor_a_valid_hub_id_is_invalid(tmp_path: Path, roots: Path, tiny_model_dir: Path) -> None:
+    report = _validate(_settings(tmp_path, tiny_model_dir), tiny_model_dir, dataset=f"org/{'x' * 120}")
+    _rejection(report, ErrorKind.INVALID_ARGUMENT, "INVALID_DATASET_NAME", "dataset")

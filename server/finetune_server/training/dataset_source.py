@@ -59,7 +59,16 @@ def _local(found: Path, name: str, split: str, field: str) -> DatasetSource:
             violations=[Violation(field, "NOT_A_DATASET_FOLDER", message)],
             hint="Name a data file (JSONL, JSON, Parquet, CSV, Arrow) or a folder written by Dataset.save_to_disk.",
         )
-    return DatasetSource.local(found, split=split, field=field)
+    try:
+        return DatasetSource.local(found, split=split, field=field)
+    except OSError as exc:  # e.g. a file the server may not read
+        message = f"{name!r} cannot be read: {exc.strerror or exc}"
+        raise FinetuneError(
+            ErrorKind.PERMISSION_DENIED,
+            "DATASET_UNREADABLE",
+            f"{field}: {message}",
+            violations=[Violation(field, "DATASET_UNREADABLE", message)],
+        ) from exc
 
 
 def resolve_dataset(config: TrainingConfig, settings: ServerSettings, field: str = "dataset") -> DatasetSource:

@@ -205,11 +205,23 @@ def _pin(repo_id: str, snapshot: Path, subset: str, split: str, field: str) -> D
     return DatasetSource(HUB, repo_id, HUB, subset=subset, split=chosen, revision=snapshot.name, local_dir=folder)
 
 
+def _check_name(repo_id: str, field: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        message = f"{repo_id!r} is neither under the dataset folders nor a hub dataset id (`org/name`): {exc}"
+        raise _error(ErrorKind.INVALID_ARGUMENT, "INVALID_DATASET_NAME", field, message) from exc
+
+
 def fetch_dataset(
     repo_id: str, *, subset: str, split: str, revision: str, options: HubOptions, field: str
 ) -> DatasetSource:
     """Find a hub dataset, fetch what its subset needs into the hub cache, and pin its commit (see the module
     docstring). Raises FinetuneError: NOT_FOUND, PERMISSION_DENIED (gated), UNAVAILABLE (unreachable, not cached)."""
+    _check_name(repo_id, field)
     commit = None if options.offline else _probe(repo_id, revision, options, field)
     if commit is None:  # offline or unreachable: the cache has it or nothing does
         snapshot = cached_snapshot(repo_id, revision, options.cache_dir)

@@ -213,3 +213,5 @@ def iter_table_records(source: DatasetSource, data_format: str) -> Iterator[RawR
             yield from _numbered_rows(_READERS[source.file_format](source), data_format)
     except _UnreadableError as unreadable:
         yield RawRecord(0, None, unreadable.message, unreadable.reason)
+    except _arrow_errors() as exc:  # a value pyarrow cannot make a Python one of (a date out of range, ...)
+        yield RawRecord(0, None, f"a value cannot be read: {exc}", "UNREADABLE_VALUE")
