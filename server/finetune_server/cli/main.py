@@ -404,13 +404,13 @@ def export(
 @connects
 def upload(
     remote: Remote,
-    file: Annotated[Path, typer.Argument(help="A JSONL or JSON dataset file.")],
+    file: Annotated[Path, typer.Argument(help="A JSONL, JSON or Parquet dataset file.")],
     format_: Annotated[
         str, typer.Option("--format", help="auto, alpaca, messages, qa or text: what each example must look like.")
     ] = "auto",
     json_output: JsonOption = False,
 ) -> None:
-    """Upload a dataset; it is checked line by line, and its id (ds-...) can be a config's `dataset`."""
+    """Upload a dataset; it is checked record by record, and its id (ds-...) can be a config's `dataset`."""
     from finetune_client import FinetuneServiceError
     from finetune_server.cli import common, render
 

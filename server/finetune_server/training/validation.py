@@ -282,7 +282,7 @@ def _checked_dataset(
 
 def _ignored_options(source: DatasetSource, c: TrainingConfig, path: str, out: _Collector) -> None:
     """Warn about dataset options the source's kind has no use for (a file has no split, a folder no revision)."""
-    used = {HUB: ("subset", "split", "revision"), SAVED: ("split",), FILE: ()}[source.kind]
+    used = {HUB: ("subset", "split", "revision"), SAVED: ("split",) if source.split else (), FILE: ()}[source.kind]
     for option, value in c.source_options(path).items():
         if value and option not in used:
             what = "a local file" if source.kind == FILE else "a save_to_disk folder"
