@@ -24,7 +24,7 @@ __all__ = ["FinetuneServiceError", "ServerUnavailableError", "from_rpc_error"]
 logger = logging.getLogger(__name__)
 
 _DETAILS_KEY = "grpc-status-details-bin"
-_LINE_PREFIX = re.compile(r"^line (\d+):\s*")
+_LINE_PREFIX = re.compile(r"^(line|element|row) (\d+):\s*")  # JSONL lines, JSON array elements, table rows
 
 
 class FinetuneServiceError(Exception):
@@ -138,9 +138,10 @@ def _parse_details(details: list[any_pb2.Any] | Any) -> dict[str, Any]:
 
 
 def _from_bad_request(violation: error_details_pb2.BadRequest.FieldViolation) -> FieldViolation:
-    """BadRequest has no line field: dataset problems say `line N: ...` in the description."""
+    """BadRequest has no line field: dataset problems say `line N: ...` (`element N`, `row N`) in the description.
+    `line N: ` is taken off the message (the line field says it); the other units stay, for they say what N counts."""
     description = violation.description
     match = _LINE_PREFIX.match(description)
-    line = int(match.group(1)) if match else 0
-    message = description[match.end() :] if match else description
+    line = int(match.group(2)) if match else 0
+    message = description[match.end() :] if match and match.group(1) == "line" else description
     return FieldViolation(violation.field, violation.reason, message, line)

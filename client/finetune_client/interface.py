@@ -72,7 +72,7 @@ class FieldViolation(_DictLike):
     def __str__(self) -> str:
         """The human line, e.g. `lora.r: must be >= 1` or `dataset: line 3: missing "output"`."""
         message = self.message
-        if self.line and not message.startswith("line "):
+        if self.line and not message.startswith(("line ", "element ", "row ")):
             message = f"line {self.line}: {message}"
         return f"{self.field}: {message}" if self.field else message
 

@@ -24,6 +24,7 @@ class ServerSettings:
     offline: bool = False  # no hub downloads; also on when HF_HUB_OFFLINE=1
     hf_endpoint: str = ""  # informational; huggingface_hub reads HF_ENDPOINT itself
     hf_cache_dir: Path | None = None  # None: huggingface_hub's default (HF_HOME / HF_HUB_CACHE)
+    allow_hub_datasets: bool = True  # a config may name a hub dataset (`org/name`); False: local and uploaded only
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     slots: int = 1
     max_queued_jobs: int = 1000  # beyond: RESOURCE_EXHAUSTED

@@ -33,10 +33,13 @@ class RunningServer:
         return channel, pb_grpc.FineTuneServiceStub(channel)
 
 
-def start_server(tmp: Path, model_root: Path, dataset_root: Path, *extra: str) -> RunningServer:
+def start_server(
+    tmp: Path, model_root: Path, dataset_root: Path, *extra: str, env: dict[str, str] | None = None
+) -> RunningServer:
+    """A server offline (HF_HUB_OFFLINE=1) with its own HF_HOME (`tmp/hf-home`); `env` adds to or overrides that."""
     data_dir = tmp / "data"
     log_path = tmp / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"), **(env or {})}
     command = [
         sys.executable, "-m", "finetune_server.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
         "--data-dir", str(data_dir), "--model-dir", str(model_root), "--dataset-dir", str(dataset_root),

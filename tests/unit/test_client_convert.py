@@ -61,6 +61,13 @@ FULL_CONFIG: dict[str, Any] = {
     "eval_dataset": "data/eval.jsonl",
     "chat_template": "{{ messages }}",
     "allow_fallback_chat_template": False,
+    "dataset_subset": "default",
+    "dataset_split": "train",
+    "dataset_revision": "main",
+    "skip_invalid_rows": True,
+    "eval_dataset_subset": "other",
+    "eval_dataset_split": "test",
+    "eval_dataset_revision": "v1",
 }
 
 

@@ -93,6 +93,21 @@ def test_bad_request_without_report_reads_line_numbers_from_descriptions() -> No
     assert [str(v) for v in error.violations] == ["dataset: line 12: not valid JSON", "max_length: must be <= 32768"]
 
 
+def test_row_and_element_numbers_are_read_and_keep_their_unit() -> None:
+    bad = error_details_pb2.BadRequest()
+    bad.field_violations.add(field="dataset", description="row 4: missing key 'output'", reason="MISSING_FIELD")
+    bad.field_violations.add(field="eval_dataset", description="element 2: expected an object", reason="NOT_AN_OBJECT")
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="bad", details=[_packed(bad)])
+    error = from_rpc_error(_error_from(status))
+    assert [v.line for v in error.violations] == [4, 2]
+    assert [str(v) for v in error.violations] == [
+        "dataset: row 4: missing key 'output'",
+        "eval_dataset: element 2: expected an object",
+    ]
+    from_report = FieldViolation("dataset", "MISSING_FIELD", "row 4: missing key 'output'", 4)
+    assert str(from_report) == "dataset: row 4: missing key 'output'", "the number is said once"
+
+
 def test_hint_is_not_repeated_when_the_message_already_has_it() -> None:
     info = error_details_pb2.ErrorInfo(reason="NO_GPU", domain="finetune.sage", metadata={"hint": "use fp32"})
     status = status_pb2.Status(

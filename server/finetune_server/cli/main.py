@@ -11,6 +11,7 @@ them, so `finetune --help` stays fast.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -69,6 +70,9 @@ def serve(
     ] = None,
     offline: Annotated[bool, typer.Option(help="Never download from the hub (also HF_HUB_OFFLINE=1).")] = False,
     hf_cache_dir: Annotated[Path | None, typer.Option(help="Hub cache folder (default: huggingface_hub's).")] = None,
+    allow_hub_datasets: Annotated[
+        bool, typer.Option(help="Let configs name hub datasets (`org/name`); off: local and uploaded datasets only.")
+    ] = True,
     slots: Annotated[int, typer.Option(min=1, help="Jobs that may train at once.")] = 1,
     max_upload_bytes: Annotated[int, typer.Option(min=1, help="Largest dataset upload.")] = DEFAULT_MAX_UPLOAD_BYTES,
     max_queued_jobs: Annotated[int, typer.Option(min=1, help="Queued jobs beyond which Train is refused.")] = 1000,
@@ -112,6 +116,7 @@ def serve(
             dataset_roots=list(dataset_dir or []),
             offline=offline,
             hf_cache_dir=hf_cache_dir,
+            allow_hub_datasets=allow_hub_datasets,
             slots=slots,
             max_upload_bytes=max_upload_bytes,
             max_queued_jobs=max_queued_jobs,
@@ -127,6 +132,8 @@ def serve(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from None
+    if settings.hf_cache_dir is not None:  # workers inherit it: they reopen hub datasets from this cache
+        os.environ["HF_HUB_CACHE"] = str(Path(settings.hf_cache_dir).expanduser().resolve())
     from finetune_server.app import serve as run_server
 
     announced = {"on_bound": _announce("listening on"), "on_metrics_bound": _announce("metrics on")}
@@ -397,13 +404,13 @@ def export(
 @connects
 def upload(
     remote: Remote,
-    file: Annotated[Path, typer.Argument(help="A JSONL or JSON dataset file.")],
+    file: Annotated[Path, typer.Argument(help="A JSONL, JSON or Parquet dataset file.")],
     format_: Annotated[
         str, typer.Option("--format", help="auto, alpaca, messages, qa or text: what each example must look like.")
     ] = "auto",
     json_output: JsonOption = False,
 ) -> None:
-    """Upload a dataset; it is checked line by line, and its id (ds-...) can be a config's `dataset`."""
+    """Upload a dataset; it is checked record by record, and its id (ds-...) can be a config's `dataset`."""
     from finetune_client import FinetuneServiceError
     from finetune_server.cli import common, render
 

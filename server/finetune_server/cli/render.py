@@ -75,8 +75,9 @@ def render_violations(console: Console, violations: Sequence[FieldViolation], *,
     table.add_column("message")
     for violation in violations:
         message = violation.message
-        if violation.line:  # the line has its own column
-            message = message.removeprefix(f"line {violation.line}: ")
+        if violation.line:  # the number has its own column
+            for unit in ("line", "element", "row"):
+                message = message.removeprefix(f"{unit} {violation.line}: ")
         table.add_row(
             escape(violation.field or "-"),
             str(violation.line) if violation.line else "",

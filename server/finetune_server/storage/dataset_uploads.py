@@ -1,4 +1,5 @@
-"""Dataset uploads: size-limited, checksummed, checked line by line before they are accepted, stored once per content.
+"""Dataset uploads: size-limited, checksummed, checked record by record before they are accepted, stored once per
+content. JSONL, JSON and Parquet files are accepted; their bad records are reported with their numbers.
 
 The file is streamed to a temporary name under the uploads folder, fsynced, checked, then renamed to `<id><ext>`;
 the record is written last. A crash leaves at most a temporary file (removed at the next start) or a complete file
@@ -24,7 +25,7 @@ from finetune_server.storage.records import DatasetRecord
 from finetune_server.training.config import DATA_FORMATS
 from finetune_server.training.data import check_dataset
 
-ALLOWED_SUFFIXES = {".jsonl": ".jsonl", ".ndjson": ".jsonl", ".json": ".json"}
+ALLOWED_SUFFIXES = {".jsonl": ".jsonl", ".ndjson": ".jsonl", ".json": ".json", ".parquet": ".parquet"}
 
 
 def remove_stale_uploads(settings: ServerSettings) -> None:
@@ -38,7 +39,7 @@ def _suffix(filename: str) -> str:
         raise FinetuneError(
             ErrorKind.INVALID_ARGUMENT,
             "UNSUPPORTED_FILE_TYPE",
-            f"metadata.filename: {filename!r} must end in .jsonl, .ndjson or .json",
+            f"metadata.filename: {filename!r} must end in .jsonl, .ndjson, .json or .parquet",
         )
     return ALLOWED_SUFFIXES[suffix]
 
@@ -94,11 +95,13 @@ async def store_upload(
             raise FinetuneError(
                 ErrorKind.INVALID_ARGUMENT,
                 "INVALID_DATASET",
-                f"the dataset has {report.num_invalid} bad examples; the first: {first.message}",
+                f"the dataset has {report.num_invalid} bad examples; the first: {first.message}"
+                if report.num_invalid
+                else f"the dataset cannot be used: {first.message}",
                 violations=report.violations,
             )
         dataset_id = f"ds-{sha256[:16]}"
-        final = settings.uploads_dir / f"{dataset_id}{suffix}"
+        final = settings.layout.uploaded_dataset(dataset_id, suffix)
         temp.replace(final)  # noqa: ASYNC240 - one rename
         report_fields = {k: v for k, v in asdict(report).items() if k != "token_stats"}
         record = DatasetRecord(

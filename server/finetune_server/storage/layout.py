@@ -3,7 +3,7 @@
 ```
 <data dir>/
     finetune.db                         the embedded job store (SQLite)
-    datasets/<dataset id>.jsonl|.json   uploaded datasets; `.upload-*` are uploads still arriving
+    datasets/<dataset id>.<ext>         uploaded datasets (.jsonl, .json, .parquet); `.upload-*` still arriving
     jobs/<job id>/                      one job (the worker's output folder)
         worker_spec.json                what the current attempt's worker was told
         worker.pid                      the running worker's pid, for recovery after a server crash
@@ -32,6 +32,7 @@ from pathlib import Path
 STORE_FILE = "finetune.db"
 DATASETS_DIR = "datasets"
 UPLOAD_TEMP_PREFIX = ".upload-"
+UPLOAD_SUFFIXES = (".jsonl", ".json", ".parquet")  # an uploaded dataset's file is `<dataset id><suffix>`
 JOBS_DIR = "jobs"
 ARTIFACTS_DIR = "artifacts"
 EXPORT_SPEC_TEMP_PREFIX = ".export-spec-"
@@ -86,6 +87,9 @@ class DataDir(_Folder):
     datasets = _Under(DATASETS_DIR)
     jobs = _Under(JOBS_DIR)
     artifacts = _Under(ARTIFACTS_DIR)
+
+    def uploaded_dataset(self, dataset_id: str, suffix: str) -> Path:
+        return self.datasets / f"{dataset_id}{suffix}"
 
     def job(self, job_id: str) -> JobDir:
         return JobDir(self.jobs / job_id)

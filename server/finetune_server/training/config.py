@@ -60,6 +60,19 @@ class TrainingConfig:
     eval_dataset: str = ""
     chat_template: str = ""
     allow_fallback_chat_template: bool | None = None
+    # Where in `dataset` / `eval_dataset` to read: a hub dataset's subset (config name), its split (also a
+    # save_to_disk DatasetDict's) and revision; empty: the dataset's default subset, `train` (or its only split), main.
+    dataset_subset: str = ""
+    dataset_split: str = ""
+    dataset_revision: str = ""
+    skip_invalid_rows: bool | None = None
+    eval_dataset_subset: str = ""
+    eval_dataset_split: str = ""
+    eval_dataset_revision: str = ""
+
+    def source_options(self, field: str = "dataset") -> dict[str, str]:
+        """The subset, split and revision of `dataset` or `eval_dataset`, as DatasetSource takes them."""
+        return {option: getattr(self, f"{field}_{option}") for option in ("subset", "split", "revision")}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,6 +114,7 @@ DEFAULTS: dict[str, Any] = {
     "early_stopping_patience": 0,
     "train_on_prompt": False,
     "allow_fallback_chat_template": True,
+    "skip_invalid_rows": False,
     "lora.r": 16,
     "lora.dropout": 0.05,
     "lora.use_dora": False,

@@ -130,7 +130,7 @@ def _hub_reachable(name: str, endpoint: str | None, settings: ServerSettings, fi
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     url = hf_hub_url(name, CONFIG_FILE, endpoint=endpoint)
-    unreachable: tuple[type[Exception], ...] = (*_transport_errors(), HfHubHTTPError, OSError)
+    unreachable: tuple[type[Exception], ...] = (*transport_errors(), HfHubHTTPError, OSError)
     try:
         get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S)
         return True
@@ -147,7 +147,7 @@ def _hub_reachable(name: str, endpoint: str | None, settings: ServerSettings, fi
             ErrorKind.NOT_FOUND,
             "MODEL_NOT_FOUND",
             field,
-            f"no model {name!r} on the hub ({endpoint or _default_endpoint()})",
+            f"no model {name!r} on the hub ({endpoint or default_endpoint()})",
             hint="Check the spelling (`org/name`, case-sensitive); private repositories need HF_TOKEN.",
         ) from exc
     except EntryNotFoundError as exc:
@@ -163,14 +163,14 @@ def _hub_reachable(name: str, endpoint: str | None, settings: ServerSettings, fi
                 ErrorKind.NOT_FOUND,
                 "MODEL_NOT_FOUND",
                 field,
-                f"no model {name!r} at {endpoint or _default_endpoint()} (HTTP 404)",
+                f"no model {name!r} at {endpoint or default_endpoint()} (HTTP 404)",
                 hint="Check the spelling (`org/name`, case-sensitive) and HF_ENDPOINT.",
             ) from exc
         cached = try_to_load_from_cache(name, CONFIG_FILE, cache_dir=settings.hf_cache_dir)
         if isinstance(cached, str):
             log.warning("hub unreachable, using the cached copy", model=name, error=str(exc))
             return False
-        where = endpoint or _default_endpoint()
+        where = endpoint or default_endpoint()
         raise _error(
             ErrorKind.UNAVAILABLE,
             "HUB_UNREACHABLE",
@@ -180,7 +180,7 @@ def _hub_reachable(name: str, endpoint: str | None, settings: ServerSettings, fi
         ) from exc
 
 
-def _transport_errors() -> tuple[type[Exception], ...]:
+def transport_errors() -> tuple[type[Exception], ...]:
     """Connection and timeout errors of huggingface_hub's HTTP client (httpx2 in 2.x, httpx before)."""
     for module in ("httpx2", "httpx"):
         try:
@@ -211,7 +211,7 @@ def _download(
     return str(path)
 
 
-def _default_endpoint() -> str:
+def default_endpoint() -> str:
     from huggingface_hub import constants
 
     return str(constants.ENDPOINT)

@@ -1,8 +1,9 @@
 """ValidateConfig's logic, used unchanged by Train: every problem of a config, all at once.
 
 Order: preset + defaults, static field rules, the model (config and tokenizer files only, never weights), the
-dataset(s) line by line with the model's tokenizer and chat template, the memory estimate, then warnings that do not
-block. Nothing here imports torch: it runs on the server's RPC path.
+dataset(s) record by record with the model's tokenizer and chat template, the memory estimate, then warnings that do
+not block. Nothing here imports torch: it runs on the server's RPC path (`datasets` only for save_to_disk folders
+and hub datasets).
 """
 
 from __future__ import annotations
@@ -37,17 +38,17 @@ from finetune_server.training.data import (
     load_tokenizer,
     render,
 )
+from finetune_server.training.data.sources import FILE, HUB, SAVED, DatasetSource, field_of
 from finetune_server.training.data.template import SOURCE_FALLBACK
+from finetune_server.training.dataset_source import resolve_dataset
 from finetune_server.training.memory import MemoryEstimate, estimate_memory
 from finetune_server.training.model_info import ModelSummary, summarize_model
 from finetune_server.training.model_source import ResolvedModel, resolve_model
 from finetune_server.training.presets import NAMED_DEVICES, get_preset
 from finetune_server.training.vllm_rules import lora_serving_problems
-from finetune_server.util.paths import confine
 
 log = structlog.get_logger(__name__)
 
-UPLOADED_DATASET_PREFIX = "ds-"
 # When several kinds of problem occur, the status of the rejection is the first kind present in this order.
 _KIND_PRECEDENCE = (
     ErrorKind.PERMISSION_DENIED,
@@ -201,30 +202,6 @@ def _tokenizer_for(model_dir: str, stamp: float) -> TextTokenizer:  # stamp: rel
     return load_tokenizer(Path(model_dir))
 
 
-def resolve_dataset_path(name: str, settings: ServerSettings, path: str) -> Path:
-    """An uploaded dataset id (`ds-...`) or a file under the dataset roots; NOT_FOUND when it does not exist."""
-    if name.startswith(UPLOADED_DATASET_PREFIX) and "/" not in name and "\\" not in name:
-        for suffix in (".jsonl", ".json"):
-            candidate = settings.uploads_dir / f"{name}{suffix}"
-            if candidate.is_file():
-                return candidate
-        raise FinetuneError(
-            ErrorKind.NOT_FOUND,
-            "DATASET_NOT_FOUND",
-            f"{path}: no uploaded dataset has the id {name!r}",
-            violations=[Violation(path, "DATASET_NOT_FOUND", f"no uploaded dataset has the id {name!r}")],
-        )
-    resolved = confine(name, settings.dataset_roots, path)
-    if not resolved.is_file():
-        raise FinetuneError(
-            ErrorKind.NOT_FOUND,
-            "DATASET_NOT_FOUND",
-            f"{path}: {name!r} does not exist",
-            violations=[Violation(path, "DATASET_NOT_FOUND", f"{name!r} is not a file under the dataset folders")],
-        )
-    return resolved
-
-
 def _model_step(c: TrainingConfig, settings: ServerSettings, out: _Collector) -> tuple[ResolvedModel, ModelSummary]:
     resolved = resolve_model(c.model_name, settings, "model_name")
     summary = summarize_model(resolved)
@@ -270,7 +247,7 @@ _DATASET_REPORTS_MAX = 32
 
 
 def _checked_dataset(
-    file: Path,
+    source: DatasetSource,
     *,
     name: str,
     field: str,
@@ -280,16 +257,15 @@ def _checked_dataset(
     max_length: int | None,
 ) -> DatasetReport:
     """check_dataset, remembered: tokenising a dataset is most of a ValidateConfig call, and callers validate the
-    same file again and again. The key holds the file's size and mtime, so an edited file is read again. Reports
-    are only read by callers, never changed."""
-    stat = file.stat()
-    key = (str(file), stat.st_size, stat.st_mtime_ns, name, field, data_format, id(tokenizer), template, max_length)
+    same data again and again. The key holds the source's fingerprint, so edited data is read again. Reports are
+    only read by callers, never changed."""
+    key = (source.fingerprint(), source, name, field, data_format, id(tokenizer), template, max_length)
     with _DATASET_REPORTS_LOCK:
         if key in _DATASET_REPORTS:
             _DATASET_REPORTS.move_to_end(key)
             return _DATASET_REPORTS[key][1]
     report = check_dataset(
-        file,
+        source,
         name=name,
         field=field,
         data_format=data_format,
@@ -304,8 +280,44 @@ def _checked_dataset(
     return report
 
 
+def _ignored_options(source: DatasetSource, c: TrainingConfig, path: str, out: _Collector) -> None:
+    """Warn about dataset options the source's kind has no use for (a file has no split, a folder no revision)."""
+    used = {HUB: ("subset", "split", "revision"), SAVED: ("split",) if source.split else (), FILE: ()}[source.kind]
+    for option, value in c.source_options(path).items():
+        if value and option not in used:
+            what = "a local file" if source.kind == FILE else "a save_to_disk folder"
+            out.warn(field_of(path, option), "IGNORED", f"{path} is {what}, which has no {option}: it is ignored")
+
+
+def _pin(source: DatasetSource, c: TrainingConfig, path: str) -> None:
+    """Record in the resolved config what was read: a hub dataset's commit and the split chosen, so that every
+    attempt of the job trains on the data validated here."""
+    if source.kind == HUB:
+        setattr(c, field_of(path, "revision"), source.revision)
+    if source.kind in (HUB, SAVED) and source.split:
+        setattr(c, field_of(path, "split"), source.split)
+
+
+def _row_problems(report: DatasetReport, c: TrainingConfig, path: str, out: _Collector) -> None:
+    """The report's violations as the config's; with skip_invalid_rows, bad rows of a dataset that also has good
+    ones are a warning with their count instead."""
+    rows = [v for v in report.violations if v.line]
+    whole = [v for v in report.violations if not v.line]
+    if c.skip_invalid_rows and rows and not whole:
+        first = rows[0]
+        out.warn(
+            path,
+            "INVALID_ROWS_SKIPPED",
+            f"{report.num_invalid} of {report.num_examples} records are invalid and will be skipped "
+            f"(the first: {first.message})",
+        )
+        rows = []
+    for violation in [*rows, *whole]:
+        out.violations.items.append(violation)
+        out.kinds.add(ErrorKind.INVALID_ARGUMENT)
+
+
 def _dataset_step(
-    name: str,
     path: str,
     c: TrainingConfig,
     settings: ServerSettings,
@@ -314,22 +326,22 @@ def _dataset_step(
     out: _Collector,
 ) -> DatasetReport | None:
     try:
-        file = resolve_dataset_path(name, settings, path)
+        source = resolve_dataset(c, settings, path)
     except FinetuneError as exc:
         out.from_error(exc, path)
         return None
+    _ignored_options(source, c, path, out)
+    _pin(source, c, path)
     report = _checked_dataset(
-        file,
-        name=name,
+        source,
+        name=getattr(c, path),
         field=path,
         data_format=c.data_format or "auto",
         tokenizer=tokenizer,
         template=template,
         max_length=c.max_length if (c.max_length or 0) >= 1 else None,  # an invalid one is reported already
     )
-    for violation in report.violations:
-        out.violations.items.append(violation)
-        out.kinds.add(ErrorKind.INVALID_ARGUMENT)
+    _row_problems(report, c, path, out)
     out.warnings.extend(report.warnings)
     if report.num_over_max_length:
         out.warn(
@@ -389,11 +401,9 @@ def validate(config: TrainingConfig, settings: ServerSettings, *, target_device:
 
     dataset = eval_dataset = None
     if resolved.dataset.strip():
-        dataset = _dataset_step(resolved.dataset, "dataset", resolved, settings, tokenizer, template, out)
+        dataset = _dataset_step("dataset", resolved, settings, tokenizer, template, out)
     if resolved.eval_dataset.strip():
-        eval_dataset = _dataset_step(
-            resolved.eval_dataset, "eval_dataset", resolved, settings, tokenizer, template, out
-        )
+        eval_dataset = _dataset_step("eval_dataset", resolved, settings, tokenizer, template, out)
 
     memory = None
     if summary is not None and fields_in_range:

@@ -1,7 +1,8 @@
-"""The data pipeline: dataset files -> records -> examples -> chat-templated token ids and loss masks.
+"""The data pipeline: dataset sources -> records -> examples -> chat-templated token ids and loss masks.
 
-One implementation serves ValidateConfig (line-by-line checks, token statistics; no torch or transformers import)
-and the training engine (`iter_examples`, `encode_example` / `encode_many`).
+One implementation serves ValidateConfig (record-by-record checks, token statistics; no torch or transformers
+import) and the training engine (`iter_examples`, `encode_example` / `encode_many`). Sources are local files,
+save_to_disk folders and hub datasets (`sources.DatasetSource`; `hub.fetch_dataset` finds and fetches hub ones).
 """
 
 from finetune_server.training.data.checks import DatasetReport, TokenStats, check_dataset, iter_examples
@@ -15,7 +16,8 @@ from finetune_server.training.data.encode import (
     render_example,
 )
 from finetune_server.training.data.formats import Example, Message, RecordError, parse_record
-from finetune_server.training.data.records import RawRecord, iter_records
+from finetune_server.training.data.records import RawRecord
+from finetune_server.training.data.sources import DatasetSource, iter_records
 from finetune_server.training.data.template import (
     FALLBACK_CHAT_TEMPLATE,
     TemplateError,
@@ -29,6 +31,7 @@ __all__ = [
     "FALLBACK_CHAT_TEMPLATE",
     "IGNORE_INDEX",
     "DatasetReport",
+    "DatasetSource",
     "EncodedExample",
     "Example",
     "Message",

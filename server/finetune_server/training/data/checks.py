@@ -1,8 +1,9 @@
-"""The line-by-line dataset check behind ValidateConfig and UploadDataset, and the example stream for training.
+"""The record-by-record dataset check behind ValidateConfig and UploadDataset, and the example stream for training.
 
-Both read records with the same parser, so what validation accepts is exactly what training trains on. The check
-keeps counting past `max_violations` (num_invalid is always the total) and, given a tokenizer and template, measures
-token lengths with the same encoder training uses, in batches.
+Both read records with the same parser, so what validation accepts is exactly what training trains on. Records are
+numbered by line (JSONL), element (JSON) or row (tables), see sources.py. The check keeps counting past
+`max_violations` (num_invalid is always the total) and, given a tokenizer and template, measures token lengths with
+the same encoder training uses, in batches.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import structlog
 from finetune_server.errors import ConfigWarning, ErrorKind, FinetuneError, Violation
 from finetune_server.training.data.encode import RenderedExample, encode_rendered, render_example
 from finetune_server.training.data.formats import AUTO, Example, RecordError, parse_record
-from finetune_server.training.data.records import JSON, detect_file_format, iter_records
+from finetune_server.training.data.sources import FILE, DatasetSource, as_source, iter_records
 from finetune_server.training.data.template import TemplateError
 from finetune_server.training.data.tokenizer import TextTokenizer
 
@@ -177,7 +178,7 @@ class _Checker:
 
 
 def check_dataset(
-    path: Path,
+    source: DatasetSource | Path,
     *,
     name: str,
     field: str = "dataset",
@@ -187,27 +188,29 @@ def check_dataset(
     max_length: int | None = None,
     max_violations: int = 100,
 ) -> DatasetReport:
-    """Check every record of a dataset file; token statistics need both a tokenizer and a template.
+    """Check every record of a dataset; token statistics need both a tokenizer and a template.
 
-    Raises FinetuneError (NOT_FOUND / INVALID_ARGUMENT) when the path is not a file; everything about the content is
-    reported in the returned report's `violations`.
+    A Path is a local file (FinetuneError NOT_FOUND / INVALID_ARGUMENT when it is not a file). Everything about the
+    content is reported in the returned report's `violations`.
     """
-    _require_file(path, field)
-    file_format = detect_file_format(path)
-    report = DatasetReport(name=name, file_format=file_format, size_bytes=path.stat().st_size)
-    unit = "element" if file_format == JSON else "line"
+    if isinstance(source, Path):
+        _require_file(source, field)  # a Path names a file; folders and hub datasets come as DatasetSources
+        source = DatasetSource.local(source)
+    elif source.kind == FILE:
+        _require_file(source.path, field)
+    report = DatasetReport(name=name, file_format=source.file_format, size_bytes=source.size_bytes())
     checker = _Checker(
         report,
         field_path=field,
-        unit=unit,
+        unit=source.unit,
         tokenizer=tokenizer,
         template=template,
         max_length=max_length,
         max_violations=max_violations,
     )
     file_problem = False
-    for record in iter_records(path):
-        if record.line == 0:  # the file as a whole is unreadable
+    for record in iter_records(source, data_format):
+        if record.line == 0:  # the file as a whole is unreadable, or its columns fit no format
             file_problem = True
             report.violations.append(Violation(field, record.reason or "BAD_FILE", f"{name}: {record.error}", 0))
             continue
@@ -236,10 +239,19 @@ def check_dataset(
     return report
 
 
-def iter_examples(path: Path, data_format: str = AUTO) -> Iterator[tuple[int, Example]]:
-    """Stream (line, Example) for training, skipping bad records (validation has reported them already)."""
+def iter_examples(
+    source: DatasetSource | Path | str,
+    data_format: str = AUTO,
+    *,
+    subset: str = "",
+    split: str = "",
+    revision: str = "",
+) -> Iterator[tuple[int, Example]]:
+    """Stream (record number, Example) for training, skipping bad records (validation has reported them, or the
+    config skips them). A string is a source's ref (DatasetSource.from_ref, with the subset, split and revision)."""
+    source = as_source(source, subset=subset, split=split, revision=revision)
     skipped = 0
-    for record in iter_records(path):
+    for record in iter_records(source, data_format):
         if record.error is not None:
             skipped += 1
             continue
@@ -248,4 +260,4 @@ def iter_examples(path: Path, data_format: str = AUTO) -> Iterator[tuple[int, Ex
         except RecordError:
             skipped += 1
     if skipped:
-        log.warning("dataset_records_skipped", dataset=path.name, skipped=skipped)
+        log.warning("dataset_records_skipped", dataset=source.ref, skipped=skipped)

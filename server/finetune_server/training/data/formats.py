@@ -199,6 +199,35 @@ def parse_record(value: Any, data_format: str = AUTO) -> Example:
     return parser(value)
 
 
+# The columns a table needs for each format (any one of a tuple's alternatives).
+_REQUIRED_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
+    ALPACA: (("instruction",), ("output",)),
+    MESSAGES: (("messages", "conversations"),),
+    QA: (("question",), ("answer",)),
+    TEXT: (("text",),),
+}
+
+
+def column_layout_problem(columns: list[str], data_format: str = AUTO) -> str | None:
+    """Why a table with these columns cannot be read as `data_format` (for `auto`: as any format), or None.
+
+    Every row of a table has the same keys, so a layout no format matches is one problem, not one per row.
+    """
+    present = set(columns)
+    fmt = detect_format(dict.fromkeys(present)) if data_format == AUTO else data_format
+    named = ", ".join(repr(c) for c in columns) or "none"
+    if fmt is None:
+        expected = "; ".join(f"{keys} ({name})" for name, keys in _KEYS.items())
+        return f"the columns ({named}) match no data format; expected one of: {expected}"
+    required = _REQUIRED_COLUMNS.get(fmt)
+    if required is None:
+        return None  # an unknown data_format: each row reports it
+    missing = [" or ".join(repr(c) for c in options) for options in required if not present & set(options)]
+    if missing:
+        return f"the columns ({named}) lack {', '.join(missing)}, which {fmt} needs (it reads {_KEYS[fmt]})"
+    return None
+
+
 def _has_keys_of(value: dict[str, Any], data_format: str) -> bool:
     if data_format == MESSAGES:
         return "messages" in value or "conversations" in value

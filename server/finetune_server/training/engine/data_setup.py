@@ -75,7 +75,8 @@ def encode_file(
     path: Path, field_path: str, config: TrainingConfig, tokenizer: TextTokenizer, template: str
 ) -> EncodedSet:
     """Every valid record of `path`, encoded; raises NO_USABLE_EXAMPLES (for `field_path`) when none is trainable."""
-    examples = [example for _line, example in iter_examples(path, config.data_format or "auto")]
+    options = config.source_options(field_path)  # subset, split, revision: a hub or save_to_disk source's
+    examples = [example for _row, example in iter_examples(str(path), config.data_format or "auto", **options)]
     kwargs = {"max_length": int(config.max_length or 2048), "train_on_prompt": bool(config.train_on_prompt)}
     try:
         encoded = encode_many(examples, tokenizer, template, **kwargs)  # type: ignore[arg-type]

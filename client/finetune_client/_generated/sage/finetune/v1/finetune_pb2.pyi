@@ -178,13 +178,23 @@ class TrainingConfig(_message.Message):
     EVAL_DATASET_FIELD_NUMBER: _builtins.int
     CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     ALLOW_FALLBACK_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    DATASET_SUBSET_FIELD_NUMBER: _builtins.int
+    DATASET_SPLIT_FIELD_NUMBER: _builtins.int
+    DATASET_REVISION_FIELD_NUMBER: _builtins.int
+    SKIP_INVALID_ROWS_FIELD_NUMBER: _builtins.int
+    EVAL_DATASET_SUBSET_FIELD_NUMBER: _builtins.int
+    EVAL_DATASET_SPLIT_FIELD_NUMBER: _builtins.int
+    EVAL_DATASET_REVISION_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The base model: a hub id (`Qwen/Qwen2.5-0.5B-Instruct`) or a local folder under one of the server's model roots.
     Required.
     """
     dataset: _builtins.str
-    """The training data: a path under one of the server's dataset roots, or the id of an uploaded dataset (`ds-...`).
-    JSON (an array of objects) or JSONL (one object per line). Required.
+    """The training data, one of: the id of an uploaded dataset (`ds-...`); a file under one of the server's dataset
+    roots: JSONL (one object per line), JSON (an array of objects), Parquet, CSV/TSV (a header row, every cell read
+    as text) or an Arrow file; a folder there written by `datasets`' save_to_disk; or a Hugging Face hub dataset id
+    (`org/name`, see dataset_subset, dataset_split and dataset_revision) when the server allows hub datasets.
+    Required.
     """
     data_format: _builtins.str
     """How each example is read: `auto` (default: detected per line), `alpaca` (instruction/input/output), `messages`
@@ -255,6 +265,22 @@ class TrainingConfig(_message.Message):
     """
     allow_fallback_chat_template: _builtins.bool
     """Use the ChatML fallback template when the tokenizer has none. Default true."""
+    dataset_subset: _builtins.str
+    """The subset (configuration name) of a hub `dataset`. Empty: the dataset's default subset."""
+    dataset_split: _builtins.str
+    """The split of a hub `dataset` or of a save_to_disk DatasetDict folder. Empty: `train`, or the only split."""
+    dataset_revision: _builtins.str
+    """The revision (branch, tag or commit) of a hub `dataset`. Empty: `main`. The resolved config pins the commit."""
+    skip_invalid_rows: _builtins.bool
+    """Train on the valid rows of a dataset that also has invalid ones, instead of refusing it; ValidateConfig warns
+    with how many are skipped. Default false (any invalid row refuses the dataset).
+    """
+    eval_dataset_subset: _builtins.str
+    """As dataset_subset, for `eval_dataset`."""
+    eval_dataset_split: _builtins.str
+    """As dataset_split, for `eval_dataset`."""
+    eval_dataset_revision: _builtins.str
+    """As dataset_revision, for `eval_dataset`."""
     @_builtins.property
     def lora(self) -> Global___LoraConfig:
         """The LoRA adapter. Unset fields take the defaults documented on LoraConfig."""
@@ -295,10 +321,17 @@ class TrainingConfig(_message.Message):
         eval_dataset: _builtins.str = ...,
         chat_template: _builtins.str = ...,
         allow_fallback_chat_template: _builtins.bool | None = ...,
+        dataset_subset: _builtins.str = ...,
+        dataset_split: _builtins.str = ...,
+        dataset_revision: _builtins.str = ...,
+        skip_invalid_rows: _builtins.bool | None = ...,
+        eval_dataset_subset: _builtins.str = ...,
+        eval_dataset_split: _builtins.str = ...,
+        eval_dataset_revision: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "data_format", b"data_format", "early_stopping_patience", b"early_stopping_patience", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_skip_invalid_rows", b"_skip_invalid_rows", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "data_format", b"data_format", "early_stopping_patience", b"early_stopping_patience", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "skip_invalid_rows", b"skip_invalid_rows", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "chat_template", b"chat_template", "data_format", b"data_format", "dataset", b"dataset", "early_stopping_patience", b"early_stopping_patience", "eval_dataset", b"eval_dataset", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "model_name", b"model_name", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "preset", b"preset", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_skip_invalid_rows", b"_skip_invalid_rows", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "chat_template", b"chat_template", "data_format", b"data_format", "dataset", b"dataset", "dataset_revision", b"dataset_revision", "dataset_split", b"dataset_split", "dataset_subset", b"dataset_subset", "early_stopping_patience", b"early_stopping_patience", "eval_dataset", b"eval_dataset", "eval_dataset_revision", b"eval_dataset_revision", "eval_dataset_split", b"eval_dataset_split", "eval_dataset_subset", b"eval_dataset_subset", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "model_name", b"model_name", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "preset", b"preset", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "skip_invalid_rows", b"skip_invalid_rows", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_fallback_chat_template: _TypeAlias = _typing.Literal["allow_fallback_chat_template"]  # noqa: Y015
     _WhichOneofArgType__allow_fallback_chat_template: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template"]  # noqa: Y015
@@ -348,6 +381,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__save_total_limit: _TypeAlias = _typing.Literal["_save_total_limit", b"_save_total_limit"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__skip_invalid_rows: _TypeAlias = _typing.Literal["skip_invalid_rows"]  # noqa: Y015
+    _WhichOneofArgType__skip_invalid_rows: _TypeAlias = _typing.Literal["_skip_invalid_rows", b"_skip_invalid_rows"]  # noqa: Y015
     _WhichOneofReturnType__train_on_prompt: _TypeAlias = _typing.Literal["train_on_prompt"]  # noqa: Y015
     _WhichOneofArgType__train_on_prompt: _TypeAlias = _typing.Literal["_train_on_prompt", b"_train_on_prompt"]  # noqa: Y015
     _WhichOneofReturnType__warmup_ratio: _TypeAlias = _typing.Literal["warmup_ratio"]  # noqa: Y015
@@ -402,6 +437,8 @@ class TrainingConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__save_total_limit) -> _WhichOneofReturnType__save_total_limit | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__skip_invalid_rows) -> _WhichOneofReturnType__skip_invalid_rows | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__train_on_prompt) -> _WhichOneofReturnType__train_on_prompt | None: ...
     @_typing.overload
@@ -596,7 +633,9 @@ class ConfigViolation(_message.Message):
     message: _builtins.str
     """What is wrong and how to fix it."""
     line: _builtins.int
-    """For dataset problems: the 1-based line number (JSONL) or element number (JSON array). 0: not about one line."""
+    """For dataset problems: the 1-based line number (JSONL), element number (JSON array) or row number (Parquet, CSV,
+    Arrow, save_to_disk and hub datasets). 0: not about one record.
+    """
     def __init__(
         self,
         *,
@@ -715,7 +754,7 @@ Global___ModelSummary: _TypeAlias = ModelSummary  # noqa: Y015
 
 @_typing.final
 class DatasetReport(_message.Message):
-    """DatasetReport is the line-by-line check of one dataset."""
+    """DatasetReport is the record-by-record check of one dataset."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -752,19 +791,19 @@ class DatasetReport(_message.Message):
     name: _builtins.str
     """The dataset as named in the config."""
     file_format: _builtins.str
-    """`jsonl` or `json`."""
+    """`jsonl`, `json`, `parquet`, `csv`, `arrow`, `saved` (a save_to_disk folder) or `hub`."""
     num_examples: _builtins.int
     """Examples read (valid and invalid)."""
     num_valid: _builtins.int
     """Examples that can be trained on."""
     num_invalid: _builtins.int
-    """Examples with a problem; each is a violation with its line number, up to a cap."""
+    """Examples with a problem; each is a violation with its line (or element, or row) number, up to a cap."""
     num_over_max_length: _builtins.int
     """Valid examples longer than max_length (they would be truncated)."""
     violations_truncated: _builtins.bool
     """True when more bad lines exist than are listed as violations."""
     size_bytes: _builtins.int
-    """Size of the file in bytes."""
+    """Size of the file in bytes (of a folder's or a hub snapshot's files)."""
     @_builtins.property
     def format_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Number of valid examples per data format (`alpaca`, `messages`, `qa`, `text`)."""
@@ -2066,7 +2105,7 @@ class UploadDatasetMetadata(_message.Message):
     DATA_FORMAT_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
-    """The original file name; its extension (`.jsonl` or `.json`) sets how it is parsed."""
+    """The original file name; its extension (`.jsonl`, `.ndjson`, `.json` or `.parquet`) sets how it is parsed."""
     data_format: _builtins.str
     """The data format to check against (as TrainingConfig.data_format); empty: `auto`."""
     sha256: _builtins.str
@@ -2136,7 +2175,7 @@ class Dataset(_message.Message):
     """SHA-256 of the content, lower-case hex."""
     @_builtins.property
     def report(self) -> Global___DatasetReport:
-        """The line-by-line check made on upload (without token statistics)."""
+        """The record-by-record check made on upload (without token statistics)."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:

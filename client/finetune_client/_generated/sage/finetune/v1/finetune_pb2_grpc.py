@@ -100,7 +100,7 @@ class FineTuneServiceServicer:
 
     def ValidateConfig(self, request, context):
         """Checks a training config without starting anything: field rules, preset resolution, the model (config and
-        tokenizer only, never weights), the dataset line by line and a memory estimate. A config that would be rejected
+        tokenizer only, never weights), the dataset record by record and a memory estimate. A config that would be rejected
         by Train is answered with the same status Train would give (INVALID_ARGUMENT, NOT_FOUND or PERMISSION_DENIED),
         whose details carry a BadRequest with every violation and the whole ValidateConfigResponse report.
         """
@@ -160,7 +160,7 @@ class FineTuneServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadDataset(self, request_iterator, context):
-        """Uploads a dataset: first a message with metadata, then chunks. Checked line by line before it is accepted.
+        """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

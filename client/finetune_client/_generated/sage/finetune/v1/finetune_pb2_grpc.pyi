@@ -46,7 +46,7 @@ class FineTuneServiceStub:
     def __new__(cls, channel: _aio.Channel) -> FineTuneServiceAsyncStub: ...
     ValidateConfig: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.ValidateConfigRequest, _finetune_pb2.ValidateConfigResponse]
     """Checks a training config without starting anything: field rules, preset resolution, the model (config and
-    tokenizer only, never weights), the dataset line by line and a memory estimate. A config that would be rejected
+    tokenizer only, never weights), the dataset record by record and a memory estimate. A config that would be rejected
     by Train is answered with the same status Train would give (INVALID_ARGUMENT, NOT_FOUND or PERMISSION_DENIED),
     whose details carry a BadRequest with every violation and the whole ValidateConfigResponse report.
     """
@@ -69,7 +69,7 @@ class FineTuneServiceStub:
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
     UploadDataset: _grpc.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]
-    """Uploads a dataset: first a message with metadata, then chunks. Checked line by line before it is accepted."""
+    """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
     ListPresets: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.ListPresetsRequest, _finetune_pb2.ListPresetsResponse]
     """Lists the training presets and the recommended models."""
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.GetServerInfoRequest, _finetune_pb2.GetServerInfoResponse]
@@ -84,7 +84,7 @@ class FineTuneServiceAsyncStub(FineTuneServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ValidateConfig: _aio.UnaryUnaryMultiCallable[_finetune_pb2.ValidateConfigRequest, _finetune_pb2.ValidateConfigResponse]  # type: ignore[assignment]
     """Checks a training config without starting anything: field rules, preset resolution, the model (config and
-    tokenizer only, never weights), the dataset line by line and a memory estimate. A config that would be rejected
+    tokenizer only, never weights), the dataset record by record and a memory estimate. A config that would be rejected
     by Train is answered with the same status Train would give (INVALID_ARGUMENT, NOT_FOUND or PERMISSION_DENIED),
     whose details carry a BadRequest with every violation and the whole ValidateConfigResponse report.
     """
@@ -107,7 +107,7 @@ class FineTuneServiceAsyncStub(FineTuneServiceStub):
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
     UploadDataset: _aio.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]  # type: ignore[assignment]
-    """Uploads a dataset: first a message with metadata, then chunks. Checked line by line before it is accepted."""
+    """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
     ListPresets: _aio.UnaryUnaryMultiCallable[_finetune_pb2.ListPresetsRequest, _finetune_pb2.ListPresetsResponse]  # type: ignore[assignment]
     """Lists the training presets and the recommended models."""
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_finetune_pb2.GetServerInfoRequest, _finetune_pb2.GetServerInfoResponse]  # type: ignore[assignment]
@@ -125,7 +125,7 @@ class FineTuneServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_finetune_pb2.ValidateConfigResponse, _abc.Awaitable[_finetune_pb2.ValidateConfigResponse]]:
         """Checks a training config without starting anything: field rules, preset resolution, the model (config and
-        tokenizer only, never weights), the dataset line by line and a memory estimate. A config that would be rejected
+        tokenizer only, never weights), the dataset record by record and a memory estimate. A config that would be rejected
         by Train is answered with the same status Train would give (INVALID_ARGUMENT, NOT_FOUND or PERMISSION_DENIED),
         whose details carry a BadRequest with every violation and the whole ValidateConfigResponse report.
         """
@@ -196,7 +196,7 @@ class FineTuneServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_finetune_pb2.UploadDatasetRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_finetune_pb2.UploadDatasetResponse, _abc.Awaitable[_finetune_pb2.UploadDatasetResponse]]:
-        """Uploads a dataset: first a message with metadata, then chunks. Checked line by line before it is accepted."""
+        """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
 
     @_abc_1.abstractmethod
     def ListPresets(
