@@ -9,7 +9,6 @@ so the processes that encode in parallel start light.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -123,21 +122,3 @@ def _flat(examples: list[EncodedExample], rows: list[int], trainable: list[int] 
         num_tokens=np.fromiter((e.num_tokens for e in examples), dtype=np.int32, count=len(examples)),
         rows=np.asarray(rows, dtype=np.int64),
     )
-
-
-# --- in an encoding process ------------------------------------------------------------------------------------------
-
-_SETTINGS: EncoderSettings | None = None
-
-
-def init_encoding_process(settings: EncoderSettings) -> None:
-    """A pool process's initializer: one tokenizer thread per process (the processes are the parallelism)."""
-    global _SETTINGS  # noqa: PLW0603 - the one piece of per-process state a pool initializer can set
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _SETTINGS = settings
-
-
-def encode_batch_in_process(items: Sequence[tuple[int, Example]]) -> BatchResult:
-    if _SETTINGS is None:
-        raise RuntimeError("init_encoding_process was not called in this process")
-    return encode_batch(items, _SETTINGS)

@@ -6,21 +6,18 @@ each batch to the staging folder's table, and renames the folder into place once
 complete. Any failure, a stop request or a full disk leaves no entry and no staging folder behind. After a build, the
 cache is trimmed to its size cap.
 
-Parallelism: the template rendering and labelling are Python, so several processes (spawned: the caller may hold
-torch's threads) each encode whole batches with one tokenizer thread; the batches come back in order and only a few
-are in flight, so memory stays flat. Small datasets are encoded in this process, where starting processes would
-cost more than they save.
+Parallelism: the template rendering and labelling are Python, so several processes (`encoding_processes`) each
+encode whole batches with one tokenizer thread; the batches come back in order and only a few are in flight, so
+memory stays flat. Small datasets are encoded in this process, where starting processes would cost more than they
+save.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -29,14 +26,8 @@ import numpy as np
 import structlog
 
 from finetune_server.storage.layout import TokenCacheEntry
-from finetune_server.training.data.batch_encode import (
-    MAX_UNUSABLE_ROWS,
-    BatchResult,
-    EncoderSettings,
-    encode_batch,
-    encode_batch_in_process,
-    init_encoding_process,
-)
+from finetune_server.training.data.batch_encode import MAX_UNUSABLE_ROWS, BatchResult, EncoderSettings, encode_batch
+from finetune_server.training.data.encoding_processes import encode_in_processes
 from finetune_server.training.data.formats import Example
 from finetune_server.training.data.token_cache import CacheKey, CacheStopped, TokenCache, read_meta, write_meta
 from finetune_server.training.data.token_table import TableWriter, TokenTable
@@ -45,7 +36,6 @@ log = structlog.get_logger(__name__)
 
 BATCH_ROWS = 1024  # examples per encoded batch (and per record batch of the table)
 MIN_BATCHES_FOR_PROCESSES = 4  # fewer batches than this are encoded in this process
-IN_FLIGHT_PER_PROCESS = 2  # batches queued per encoding process: enough to keep it busy, few enough to stay small
 
 ProgressCallback = Callable[[float | None, int], None]  # (fraction done or None when the total is unknown, rows)
 
@@ -208,31 +198,7 @@ def encoded_batches(
                 raise CacheStopped
             yield encode_batch(items, settings)
         return
-    yield from _in_processes(_chain(head, batches), settings, processes, should_stop)
-
-
-def _in_processes(
-    batches: Iterator[list[tuple[int, Example]]],
-    settings: EncoderSettings,
-    processes: int,
-    should_stop: Callable[[], bool],
-) -> Iterator[BatchResult]:
-    context = multiprocessing.get_context("spawn")  # never fork a process that holds torch's threads
-    pool = ProcessPoolExecutor(processes, mp_context=context, initializer=init_encoding_process, initargs=(settings,))
-    pending: deque[Future[BatchResult]] = deque()
-    try:
-        for items in batches:
-            pending.append(pool.submit(encode_batch_in_process, items))
-            while len(pending) >= processes * IN_FLIGHT_PER_PROCESS:
-                if should_stop():
-                    raise CacheStopped
-                yield pending.popleft().result()
-        while pending:
-            if should_stop():
-                raise CacheStopped
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    yield from encode_in_processes(_chain(head, batches), settings, processes, should_stop)
 
 
 def _batches(examples: Iterable[tuple[int, Example]]) -> Iterator[list[tuple[int, Example]]]:

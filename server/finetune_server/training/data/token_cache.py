@@ -39,7 +39,6 @@ log = structlog.get_logger(__name__)
 # Bump whenever the encoder (training/data/encode.py) or the table's columns change what an entry holds: old
 # entries then stop matching and age out of the cache.
 ENCODER_VERSION = 1
-DEFAULT_MAX_BYTES = 50 << 30  # 50 GiB
 _LOCK_POLL_S = 0.2  # how often a process waiting for another's build checks its own should_stop
 # The files load_tokenizer reads: any change to them can change the tokens or the special ids.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json")
@@ -121,9 +120,9 @@ class Lease:
 
 
 class TokenCache:
-    """The cache under one folder (`<data dir>/token-cache`), with its size cap."""
+    """The cache under one folder (`<data dir>/token-cache`), with its size cap (None: no cap)."""
 
-    def __init__(self, root: Path, max_bytes: int | None = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
         self.dir = TokenCacheDir(Path(root))
         self.max_bytes = max_bytes
 
