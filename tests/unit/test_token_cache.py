@@ -136,7 +136,7 @@ def test_the_table_holds_exactly_what_the_encoder_gives(
         row, example = usable[i]
         assert table.row(i).input_ids.tolist() == example.input_ids
         assert table.row(i).labels.tolist() == example.labels
-        assert table.source_rows[i] == row
+        assert table.column("row")[i] == row
     assert table.lengths.tolist() == [len(e.input_ids) for _, e in usable]
     assert table.trainable.tolist() == [shifted_trainable(e.labels) for _, e in usable]
     meta = opened.meta

@@ -92,17 +92,21 @@ class _Chunk:
 class TokenTable:
     """The examples of one entry (or a subset of them, see `take`), indexed 0..len-1.
 
-    `lengths` and `trainable` are int64 arrays, one value per example; `rows(indices)` reads only those examples.
+    `lengths` and `trainable` are read once (int32, one value per example: what planning and loss weighting need);
+    `column(name)` reads another per-example column; `rows(indices)` copies out only those examples' tokens.
     """
 
     def __init__(
-        self, chunks: list[_Chunk], starts: list[int], index: np.ndarray | None, columns: dict[str, np.ndarray]
+        self, batches: list[pa.RecordBatch], index: np.ndarray | None, lengths: np.ndarray, trainable: np.ndarray
     ) -> None:
-        self._chunks, self._starts, self._index = chunks, starts, index
-        self.lengths: np.ndarray = columns["length"]
-        self.trainable: np.ndarray = columns["trainable"]
-        self.num_tokens: np.ndarray = columns["num_tokens"]
-        self.source_rows: np.ndarray = columns["row"]
+        self._batches = batches
+        self._chunks = [_Chunk(b) for b in batches]
+        self._starts = [0]
+        for batch in batches:
+            self._starts.append(self._starts[-1] + batch.num_rows)
+        self._index = index  # positions in the entry; None: all of them, in order
+        self.lengths = lengths
+        self.trainable = trainable
         self._lease: Lease | None = None
 
     @classmethod
@@ -110,33 +114,23 @@ class TokenTable:
         """Map the entry's table; `lease` (the entry's shared lock) is released by `close()`."""
         source = pa.memory_map(str(entry.tokens), "r")
         batches = pa.ipc.open_stream(source).read_all().to_batches()  # zero-copy: buffers point into the map
-        starts = [0]
-        for batch in batches:
-            starts.append(starts[-1] + batch.num_rows)
-        columns = {
-            name: np.concatenate([b.column(name).to_numpy().astype(np.int64) for b in batches])
-            if batches
-            else np.zeros(0, dtype=np.int64)
-            for name in ("length", "trainable", "num_tokens", "row")
-        }
-        opened = cls([_Chunk(b) for b in batches], starts, None, columns)
+        opened = cls(batches, None, _concat(batches, "length"), _concat(batches, "trainable"))
         opened._lease = lease
         return opened
 
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def column(self, name: str) -> np.ndarray:
+        """A per-example column (`num_tokens`, `row`, ...) for the examples of this table, in its order."""
+        values = _concat(self._batches, name)
+        return values if self._index is None else values[self._index]
+
     def take(self, indices: np.ndarray | Sequence[int]) -> TokenTable:
         """The examples at `indices`, in that order (a view: nothing is copied but the per-example columns)."""
         positions = np.asarray(indices, dtype=np.int64)
         base = positions if self._index is None else self._index[positions]
-        columns = {
-            "length": self.lengths[positions],
-            "trainable": self.trainable[positions],
-            "num_tokens": self.num_tokens[positions],
-            "row": self.source_rows[positions],
-        }
-        view = TokenTable(self._chunks, self._starts, base, columns)
+        view = TokenTable(self._batches, base, self.lengths[positions], self.trainable[positions])
         view._lease = self._lease  # one lease for the entry: whichever view closes first releases it
         return view
 
@@ -155,6 +149,11 @@ class TokenTable:
             self._lease = None
 
 
+def _concat(batches: list[pa.RecordBatch], name: str) -> np.ndarray:
+    if not batches:
+        return np.zeros(0, dtype=SCHEMA.field(name).type.to_pandas_dtype())
+    return np.concatenate([batch.column(name).to_numpy() for batch in batches])
+
+
 def empty_table() -> TokenTable:
-    empty = np.zeros(0, dtype=np.int64)
-    return TokenTable([], [0], None, {"length": empty, "trainable": empty, "num_tokens": empty, "row": empty})
+    return TokenTable([], None, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from itertools import accumulate
@@ -100,11 +101,12 @@ def _rng(seed: int, epoch: int) -> random.Random:
     return random.Random(seed * 1_000_003 + epoch)
 
 
-def _shuffled_range(rng: random.Random, n: int) -> np.ndarray:
-    """range(n) shuffled by `rng` exactly as random.shuffle shuffles a list (the plan stays what it always was)."""
-    order = list(range(n))
+def shuffled_range(rng: random.Random, n: int) -> np.ndarray:
+    """range(n) shuffled by `rng`, the same permutation random.shuffle gives a list of range(n) (so plans stay what
+    they always were), in 8 bytes an index: the shuffle runs on a typed array, not on a list of Python ints."""
+    order = array("q", range(n))
     rng.shuffle(order)
-    return np.asarray(order, dtype=np.int64)
+    return np.frombuffer(order, dtype=np.int64) if n else np.zeros(0, dtype=np.int64)
 
 
 class EpochPlan:
@@ -174,7 +176,7 @@ def plan_epoch(
     if sizes.size and int(sizes.min()) < 1:
         raise ValueError("every example must have at least one token")
     rng = _rng(seed, epoch)
-    order = _shuffled_range(rng, len(sizes))
+    order = shuffled_range(rng, len(sizes))
     if not len(order):
         return EpochPlan(order, np.zeros(1, dtype=np.int64), order)
     if packing:
@@ -183,7 +185,7 @@ def plan_epoch(
         flat, starts = _length_grouped(order, sizes, batch_size), _every(batch_size, len(order))
     else:
         flat, starts = order, _every(batch_size, len(order))
-    batch_order = _shuffled_range(rng, len(starts) - 1)
+    batch_order = shuffled_range(rng, len(starts) - 1)
     cost = _batch_costs(flat, starts, sizes, packing)[batch_order]
     heaviest = int(np.argmax(cost))  # the first of the heaviest, as max() picks
     batch_order = np.concatenate([batch_order[heaviest : heaviest + 1], np.delete(batch_order, heaviest)])

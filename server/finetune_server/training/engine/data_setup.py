@@ -30,7 +30,7 @@ from finetune_server.training.data.batch_encode import EncoderSettings
 from finetune_server.training.data.token_build import CacheOpen, ProgressCallback, open_or_build
 from finetune_server.training.data.token_cache import CacheKey, TokenCache, dataset_fingerprint, tokenizer_fingerprint
 from finetune_server.training.data.token_table import TokenTable
-from finetune_server.training.engine.batching import EpochPlan, plan_epoch
+from finetune_server.training.engine.batching import EpochPlan, plan_epoch, shuffled_range
 from finetune_server.training.engine.checkpoint import DataPosition
 from finetune_server.training.engine.errors import NoUsableExamplesError, disk_full_detail
 
@@ -166,12 +166,9 @@ def _line_count(path: Path) -> int | None:
 
 def split_eval(table: TokenTable, fraction: float, seed: int) -> tuple[TokenTable, TokenTable]:
     """(train, eval): a seeded `fraction` held out (at least one, never all); train keeps the file's order."""
-    order = list(range(len(table)))
-    random.Random(seed).shuffle(order)
+    order = shuffled_range(random.Random(seed), len(table))
     n_eval = min(len(order) - 1, max(1, round(len(order) * fraction)))
-    held_out = np.asarray(order[:n_eval], dtype=np.int64)
-    kept = np.sort(np.asarray(order[n_eval:], dtype=np.int64))
-    return table.take(kept), table.take(held_out)
+    return table.take(np.sort(order[n_eval:])), table.take(order[:n_eval])
 
 
 @dataclass
@@ -185,12 +182,12 @@ class TrainingData:
 
     @property
     def lengths(self) -> np.ndarray:
-        """Tokens of each training example (int64)."""
+        """Tokens of each training example (int32)."""
         return self.train.lengths
 
     @property
     def trainable(self) -> np.ndarray:
-        """Trainable tokens of each training example, after the causal shift (int64)."""
+        """Trainable tokens of each training example, after the causal shift (int32)."""
         return self.train.trainable
 
     def tokens_in(self, indices: Sequence[int]) -> int:
