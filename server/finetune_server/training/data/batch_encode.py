@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 
 import numpy as np
 
@@ -62,9 +61,9 @@ class BatchResult:
     unusable_rows: list[int] = field(default_factory=list)
 
 
-def shifted_trainable(labels: Sequence[int]) -> int:
+def shifted_trainable(labels: list[int]) -> int:
     # Position 0 is never a target of a causal LM (the same count as Batch.num_trainable).
-    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+    return max(0, len(labels) - 1) - labels[1:].count(IGNORE_INDEX)
 
 
 def _encode(examples: list[Example], settings: EncoderSettings) -> list[tuple[int, EncodedExample]]:
@@ -113,10 +112,14 @@ def _flat(examples: list[EncodedExample], rows: list[int], trainable: list[int] 
     lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
     offsets = np.zeros(len(examples) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    total = int(offsets[-1])
+    ids: list[int] = []
+    labels: list[int] = []
+    for example in examples:  # list.extend and np.array loop in C; per-token Python iteration would dominate
+        ids.extend(example.input_ids)
+        labels.extend(example.labels)
     return EncodedBatch(
-        ids=np.fromiter(chain.from_iterable(e.input_ids for e in examples), dtype=np.int32, count=total),
-        labels=np.fromiter(chain.from_iterable(e.labels for e in examples), dtype=np.int32, count=total),
+        ids=np.array(ids, dtype=np.int32),
+        labels=np.array(labels, dtype=np.int32),
         offsets=offsets,
         trainable=np.asarray(trainable or [], dtype=np.int32),
         num_tokens=np.fromiter((e.num_tokens for e in examples), dtype=np.int32, count=len(examples)),
