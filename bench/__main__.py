@@ -86,7 +86,7 @@ def plan(args: argparse.Namespace) -> dict[str, Callable[[], Section]]:
             max_seconds=0.5 if quick else 6.0,
         ),
         "memory": lambda: memory.run(cases=memory.QUICK_CASES if quick else memory.DEFAULT_CASES, work_dir=work),
-        "data": lambda: data.run(work_dir=work, quick=quick),
+        "data": lambda: data.run(work_dir=work, quick=quick, reps=reps),
     }
     return {name: runners[name] for name in BENCHMARKS if name in args.only.split(",")}
 

@@ -1,14 +1,15 @@
-"""Child processes of the data benchmark, one measurement each, so imports, threads and peak memory are their own.
+"""Child processes of the data benchmark, so imports, threads and peak memory are their own.
 
-    python -m bench.data_runs encode --model-dir M --dataset D --mode ours|bare|datasets_map --threads P --out R.json
+    python -m bench.data_runs encode --model-dir M --dataset D --threads P --reps R --out R.json
     python -m bench.data_runs train --model-dir M --dataset D --cache-dir C --threads T --out R.json
 
-`encode`: tokens/s of one way to turn the rows into token ids with P cores. `ours` builds a token cache entry (JSON
-parsing, template rendering, tokenizing, labelling, writing Arrow) in P encoding processes (in-process when P is 1);
-`bare` is `tokenizer(batch_of_rendered_texts)` over the same rows rendered beforehand (not timed) with P tokenizer
-threads, the floor the rendering sits on; `datasets_map` is `Dataset.from_generator(...).map(batched=True,
-num_proc=P)` with our encoder, what the `datasets` library offers. The tokens counted are the same for all three:
-every rendered example's tokens before truncation.
+`encode`: tokens/s of each way to turn the rows into token ids with P cores, the ways alternating `--reps` times in
+this one process. `ours` builds a token cache entry (template rendering, tokenizing, labelling, writing Arrow) from
+the rows parsed beforehand, in P encoding processes (in-process when P is 1 or the data is small); `ours_from_file`
+times reading and parsing the JSONL file too; `bare` is `tokenizer(batch_of_rendered_texts)` over the same rows
+rendered beforehand (not timed) with P tokenizer threads, the floor the rendering sits on; `datasets_map` is
+`Dataset.from_generator(...).map(batched=True, num_proc=P)` with our encoder, what the `datasets` library offers.
+Every way counts the same tokens: each rendered example's tokens before truncation.
 
 `train`: a worker's view of one job: imports first (as the worker has them), then run_training for 3 steps with the
 data dir's token cache `C` (cold or warm: whatever C holds). Reports the time from the call to the first step, the
@@ -36,7 +37,9 @@ def _settings(model_dir: Path, max_length: int) -> Any:
     return EncoderSettings(load_tokenizer(model_dir), load_chat_template(model_dir) or "", max_length, False)
 
 
-def encode_ours(model_dir: Path, dataset: Path, threads: int, max_length: int) -> dict[str, Any]:
+def encode_ours(model_dir: Path, dataset: Path, threads: int, max_length: int, *, parse: bool) -> dict[str, Any]:
+    """A token cache entry built from the rows: parsed beforehand (untimed, as the bare loop's texts are rendered
+    beforehand) unless `parse`, which times reading the file too."""
     from finetune_server.training.data import iter_examples
     from finetune_server.training.data.token_build import open_or_build
     from finetune_server.training.data.token_cache import CacheKey, TokenCache
@@ -46,11 +49,13 @@ def encode_ours(model_dir: Path, dataset: Path, threads: int, max_length: int) -
         dataset="bench", tokenizer="bench", template=settings.template, max_length=max_length,
         data_format="auto", train_on_prompt=False,
     )  # fmt: skip
+    parsed = None if parse else list(iter_examples(dataset))
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as folder:
         started = time.perf_counter()
         opened = open_or_build(
-            TokenCache(Path(folder)), key, lambda: iter_examples(dataset), settings, processes=threads
-        )
+            TokenCache(Path(folder)), key, lambda: parsed if parsed is not None else iter_examples(dataset), settings,
+            processes=threads,
+        )  # fmt: skip
         seconds = time.perf_counter() - started
         opened.table.close()
     return {"seconds": seconds, "tokens": int(opened.meta["token_stats"]["total"]), "rows": opened.meta["rows_read"]}
@@ -165,13 +170,38 @@ def train(model_dir: Path, dataset: Path, cache_dir: Path, max_length: int) -> d
     }
 
 
+ENCODERS = ("ours", "ours_from_file", "bare", "datasets_map")
+
+
+def encode_all(model_dir: Path, dataset: Path, threads: int, max_length: int, reps: int) -> dict[str, Any]:
+    """Every way `reps` times, alternating (the order rotates each repetition), in this one process."""
+    ways = {
+        "ours": lambda: encode_ours(model_dir, dataset, threads, max_length, parse=False),
+        "ours_from_file": lambda: encode_ours(model_dir, dataset, threads, max_length, parse=True),
+        "bare": lambda: encode_bare(model_dir, dataset),
+        "datasets_map": lambda: encode_datasets_map(model_dir, dataset, threads, max_length),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-warm-up-") as folder:  # imports, template compilation, ...
+        head = Path(folder) / "head.jsonl"
+        with dataset.open() as source:
+            head.write_text("".join(line for _, line in zip(range(BATCH), source, strict=False)))
+        encode_ours(model_dir, head, 1, max_length, parse=True)
+        encode_bare(model_dir, head)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ENCODERS}
+    for rep in range(reps):
+        for name in ENCODERS[rep % len(ENCODERS) :] + ENCODERS[: rep % len(ENCODERS)]:
+            result = ways[name]()
+            runs[name].append({**result, "tokens_per_s": result["tokens"] / result["seconds"]})
+    return {"runs": runs}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=("encode", "train"))
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--dataset", type=Path, required=True)
-    parser.add_argument("--mode", choices=("ours", "bare", "datasets_map"), default="ours")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--out", type=Path, required=True)
@@ -184,12 +214,8 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
         result = train(args.model_dir, args.dataset, args.cache_dir, args.max_length)
-    elif args.mode == "ours":
-        result = encode_ours(args.model_dir, args.dataset, args.threads, args.max_length)
-    elif args.mode == "bare":
-        result = encode_bare(args.model_dir, args.dataset)
     else:
-        result = encode_datasets_map(args.model_dir, args.dataset, args.threads, args.max_length)
+        result = encode_all(args.model_dir, args.dataset, args.threads, args.max_length, args.reps)
     args.out.write_text(json.dumps({**result, "threads": args.threads}))
 
 
