@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import engine, memory, rpc, service
+from bench import data, engine, memory, rpc, service
 from bench.common import (
     DEFAULT_SIZES,
     DEFAULT_WORK_DIR,
@@ -32,7 +32,7 @@ from bench.common import (
 )
 from bench.report import render
 
-BENCHMARKS = ("engine", "service", "rpc", "memory")
+BENCHMARKS = ("engine", "service", "rpc", "memory", "data")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +86,7 @@ def plan(args: argparse.Namespace) -> dict[str, Callable[[], Section]]:
             max_seconds=0.5 if quick else 6.0,
         ),
         "memory": lambda: memory.run(cases=memory.QUICK_CASES if quick else memory.DEFAULT_CASES, work_dir=work),
+        "data": lambda: data.run(work_dir=work, quick=quick, reps=reps),
     }
     return {name: runners[name] for name in BENCHMARKS if name in args.only.split(",")}
 

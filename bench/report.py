@@ -57,7 +57,7 @@ def render(results: dict[str, Any]) -> str:
         if section.get("error"):
             lines += ["", f"## {name}: FAILED", "", "```", section["error"][-2000:], "```"]
             continue
-        renderer = {"engine": _engine, "service": _service, "rpc": _rpc, "memory": _memory}.get(name)
+        renderer = {"engine": _engine, "service": _service, "rpc": _rpc, "memory": _memory, "data": _data}.get(name)
         if renderer is not None:
             lines += ["", *renderer(section["data"]), "", f"({name}: {section['wall_s']:.0f} s)"]
     return "\n".join(lines) + "\n"
@@ -151,4 +151,42 @@ def _memory(data: dict[str, Any]) -> list[str]:
             f"| {r['case']} | {r['steps']} | {_mib(r['measured_delta_bytes'])} | {_mib(r['estimated_delta_bytes'])} "
             f"| {_f(r['measured_over_estimated'])} | {_mib(r['peak_rss_bytes'])} | {_mib(r['estimated_total_bytes'])} |"
         )
+    return out
+
+
+def _data(data: dict[str, Any]) -> list[str]:
+    rows, encode, jobs = data["rows"], data["encode"], data["jobs"]
+    out = [
+        "## Datasets of any size (token cache)",
+        "",
+        f"Encoding {rows['encode']:,} rows with {data['cores']} cores: `ours` builds a token cache entry from the "
+        "parsed rows (render the chat template, tokenize, label, write Arrow; encoding processes when there are "
+        "several cores), `ours_from_file` the same timing the JSONL reading and parsing too, "
+        "`bare` is `tokenizer(batch_of_rendered_texts)` on the same rows rendered beforehand (untimed) with as many "
+        "tokenizer threads, `datasets_map` is `Dataset.from_generator(...).map(batched=True, num_proc=P)` with our "
+        "encoder.",
+        "",
+        "| way (median of the repetitions) | rows | tokens | s | tokens/s |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, r in encode["medians"].items():
+        out.append(
+            f"| {mode} | {_f(r['rows'])} | {_f(r['tokens'])} | {_f(r['seconds'])} | {_f(r['tokens_per_s'], 0)} |"
+        )
+    out += [
+        "",
+        f"Jobs of 3 steps (a fresh process each, imports done first, {data['worker_threads']} thread(s) as the server "
+        f"gives a worker here) on {rows['small']:,} and {rows['big']:,} rows: cold (an empty token cache) then warm.",
+        "",
+        "| job | to first step s | peak RSS MiB | encoding processes' peak MiB | cache |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in jobs.items():
+        cache = "; ".join(r["cache"]).replace("|", "/")
+        out.append(
+            f"| {name} | {_f(r['to_first_step_s'])} | {_mib(r['peak_rss_bytes'])} "
+            f"| {_mib(r['encoding_processes_peak_rss_bytes'])} | {cache} |"
+        )
+    out += ["", "| ratio | value |", "|---|---|"]
+    out += [f"| {label} | {_f(value, 3)} |" for label, value in data["ratios"].items()]
     return out

@@ -10,6 +10,7 @@ from finetune_server.host.cpu_policy import check_cpus, worker_threads
 from finetune_server.storage.layout import DataDir
 
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 30  # 1 GiB
+DEFAULT_TOKEN_CACHE_MAX_BYTES = 50 << 30  # 50 GiB: least recently used token cache entries beyond it are removed
 
 
 def _env_flag(name: str) -> bool:
@@ -30,6 +31,7 @@ class ServerSettings:
     max_queued_jobs: int = 1000  # beyond: RESOURCE_EXHAUSTED
     max_streams_per_connection: int = 256  # HTTP/2 concurrent streams: one client cannot hold unbounded resources
     disk_reserve_bytes: int = 512 << 20  # kept free on the data dir's disk beyond what a job or export needs
+    token_cache_max_bytes: int = DEFAULT_TOKEN_CACHE_MAX_BYTES  # the tokenized datasets under the data dir
     auth_token_file: Path | None = None  # None: no authentication
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -54,6 +56,10 @@ class ServerSettings:
     @property
     def layout(self) -> DataDir:
         return DataDir(self.data_dir)
+
+    @property
+    def token_cache_dir(self) -> Path:
+        return self.layout.token_cache
 
     @property
     def uploads_dir(self) -> Path:

@@ -15,8 +15,9 @@ from google.protobuf import json_format
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_server.storage.layout import DataDir, TokenCacheDir
 
-from .conftest import RunningServer, start_server, stop_server
+from .conftest import RunningServer, start_server, stop_server, write_jsonl
 
 FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 
@@ -71,6 +72,10 @@ def assert_gap_free(events: list[pb.JobEvent], start: int = 1) -> None:
 
 def states_of(events: list[pb.JobEvent]) -> list[int]:
     return [e.state_change.current for e in events if e.WhichOneof("kind") == "state_change"]
+
+
+def log_lines(events: list[pb.JobEvent]) -> list[str]:
+    return [e.log.message for e in events if e.WhichOneof("kind") == "log"]
 
 
 def test_train_streams_the_job_then_every_event_until_it_succeeds(
@@ -268,3 +273,25 @@ def test_unknown_uploaded_dataset_is_not_found(stub: pb_grpc.FineTuneServiceStub
         config = job_config(tiny_model_dir.name, dataset="ds-ffffffffffffffff")
         next(stub.Train(pb.TrainRequest(config=config), timeout=30))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_second_job_on_the_same_data_tokenizes_nothing(
+    stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path, jobs_server: RunningServer
+) -> None:
+    # Data no other test trains on; the second job names a copy: the cache is keyed by content, not by name.
+    rows = [
+        {"instruction": f"Which colour is flag {i}?", "output": f"Flag {i} is colour {i * 7 % 11}."} for i in range(40)
+    ]
+    write_jsonl(jobs_server.dataset_root / "flags.jsonl", rows)
+    write_jsonl(jobs_server.dataset_root / "flags-copy.jsonl", rows)
+    _, first = train_to_end(stub, job_config(tiny_model_dir.name, dataset="flags.jsonl", max_steps=2))
+    _, second = train_to_end(stub, job_config(tiny_model_dir.name, dataset="flags-copy.jsonl", max_steps=2))
+    assert states_of(first)[-1] == states_of(second)[-1] == pb.JOB_STATE_SUCCEEDED
+
+    built = [line for line in log_lines(first) if line.startswith("tokenized 40 examples into the token cache in ")]
+    assert len(built) == 1, log_lines(first)
+    key = built[0].rsplit("key ", 1)[1].rstrip(")")
+    assert f"token cache hit: {key} (40 examples)" in log_lines(second)
+    assert not any(line.startswith("tokenized") for line in log_lines(second)), "the second job tokenized"
+    cache = TokenCacheDir(DataDir(jobs_server.data_dir).token_cache)
+    assert cache.entry(key).tokens.is_file() and cache.staging() == []

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BENCHMARKS = ("engine", "service", "rpc", "memory")
+BENCHMARKS = ("engine", "service", "rpc", "memory", "data")
 
 pytestmark = pytest.mark.slow  # ~1-2 minutes: four benchmarks, each with fresh processes that import torch
 
@@ -54,7 +54,14 @@ def test_every_benchmark_ran_and_reported_its_targets(quick_results: tuple[dict[
             assert target["met"] in (True, False, None)
             assert f"| {target['name']} |" in markdown
     assert markdown.startswith("# sage-finetune benchmarks")
-    for heading in ("## Targets", "## Engine throughput", "## Service overhead", "## RPC latency", "## Memory"):
+    for heading in (
+        "## Targets",
+        "## Engine throughput",
+        "## Service overhead",
+        "## RPC latency",
+        "## Memory",
+        "## Datasets of any size",
+    ):
         assert heading in markdown
 
 
@@ -94,6 +101,18 @@ def test_memory_compares_a_measured_peak_with_the_estimate(quick_results: tuple[
     assert case["measured_delta_bytes"] > 0 and case["estimated_delta_bytes"] > 0
     expected = case["measured_delta_bytes"] / case["estimated_delta_bytes"]
     assert case["measured_over_estimated"] == pytest.approx(expected)
+
+
+def test_data_encodes_the_same_rows_every_way_and_warm_jobs_hit(quick_results: tuple[dict[str, Any], str]) -> None:
+    data = quick_results[0]["sections"]["data"]["data"]
+    runs = data["encode"]["runs"]
+    assert set(runs) == {"ours", "ours_from_file", "bare", "datasets_map"}
+    assert {r["rows"] for rs in runs.values() for r in rs} == {data["rows"]["encode"]}, "every way, the same rows"
+    assert len({r["tokens"] for rs in runs.values() for r in rs}) == 1, "every way counts the same tokens"
+    assert all(r["tokens_per_s"] > 0 for rs in runs.values() for r in rs)
+    jobs = data["jobs"]
+    assert [name for name, job in jobs.items() if job["hit"]] == ["small_warm", "big_warm"]
+    assert all(job["to_first_step_s"] > 0 and job["peak_rss_bytes"] > 0 for job in jobs.values())
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU may be present here")

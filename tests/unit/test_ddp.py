@@ -32,16 +32,26 @@ COMMON: dict[str, Any] = {
 }
 
 
-def _run(model_dir: str, dataset: str, output_dir: str, overrides: dict[str, Any], events_file: str) -> None:
+def _run(
+    model_dir: str, dataset: str, output_dir: str, overrides: dict[str, Any], events_file: str, cache_dir: str = ""
+) -> None:
     from finetune_server.errors import FinetuneError
     from finetune_server.training.config import TrainingConfig, resolve
-    from finetune_server.training.engine.events import EvalEvent, Event, ProgressEvent
+    from finetune_server.training.data.token_cache import TokenCache
+    from finetune_server.training.engine.events import EvalEvent, Event, LogEvent, ProgressEvent
     from finetune_server.training.engine.recipe import run_training
 
     config, _ = resolve(TrainingConfig.from_dict({"model_name": model_dir, "dataset": dataset, **overrides}))
     events: list[Event] = []
     try:
-        run_training(config, model_ref=model_dir, dataset_path=dataset, output_dir=output_dir, on_event=events.append)
+        run_training(
+            config,
+            model_ref=model_dir,
+            dataset_path=dataset,
+            output_dir=output_dir,
+            on_event=events.append,
+            token_cache=TokenCache(Path(cache_dir)) if cache_dir else None,
+        )
     except FinetuneError as exc:  # each rank says how it ended, for the test to read
         Path(f"{events_file}.rank{os.environ.get('RANK', '0')}").write_text(exc.reason)
         raise
@@ -52,7 +62,8 @@ def _run(model_dir: str, dataset: str, output_dir: str, overrides: dict[str, Any
             if isinstance(e, ProgressEvent)
         ]
         evals = [{"step": e.step, "eval_loss": e.eval_loss} for e in events if isinstance(e, EvalEvent)]
-        Path(events_file).write_text(json.dumps({"progress": rows, "evals": evals}))
+        logs = [e.message for e in events if isinstance(e, LogEvent)]
+        Path(events_file).write_text(json.dumps({"progress": rows, "evals": evals, "logs": logs}))
 
 
 def _facts(path: Path) -> Path:
@@ -94,12 +105,18 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path: Path, tiny_m
             str(tmp_path / "two"),
             json.dumps(double),
             str(tmp_path / "two.json"),
+            str(tmp_path / "token-cache"),
         ],
         env,
     )
     assert two_ranks.returncode == 0, two_ranks.stderr[-3000:]
+    # The ranks share one token cache entry: rank 0 tokenized (its events say so), rank 1 only opened it.
+    output = two_ranks.stdout + two_ranks.stderr
+    assert output.count("token cache hit: ") == 1 and output.count("examples into the token cache in ") == 1, output
+    assert len([p for p in (tmp_path / "token-cache").iterdir() if not p.name.startswith(".")]) == 1
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
+    assert any(line.startswith("tokenized 16 examples into the token cache in ") for line in two["logs"])
     assert [r["step"] for r in two["progress"]] == [1, 2, 3, 4]
     for a, b in zip(one["progress"], two["progress"], strict=True):
         assert a["step"] == b["step"] and a["tokens_seen"] == b["tokens_seen"]
@@ -142,4 +159,4 @@ def test_a_full_disk_on_rank_0_stops_every_rank_instead_of_leaving_them_at_a_bar
 
 
 if __name__ == "__main__":
-    _run(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5])
+    _run(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5], *sys.argv[6:])

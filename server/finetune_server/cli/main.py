@@ -22,7 +22,7 @@ import typer
 
 from finetune_server.cli.options import ConfigArgument, JobArgument, JsonOption, Remote, SetOption, connects
 from finetune_server.host.cpu_policy import parse_cpu_list
-from finetune_server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
+from finetune_server.settings import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_TOKEN_CACHE_MAX_BYTES, ServerSettings
 
 app = typer.Typer(
     add_completion=False,
@@ -82,6 +82,10 @@ def serve(
     disk_reserve_bytes: Annotated[
         int, typer.Option(min=0, help="Disk space kept free beyond what a job or an export needs.")
     ] = 512 << 20,
+    token_cache_max_gib: Annotated[
+        float,
+        typer.Option(min=0, help="Size cap of the tokenized datasets under the data dir (least recently used go)."),
+    ] = DEFAULT_TOKEN_CACHE_MAX_BYTES / (1 << 30),
     auth_token_file: Annotated[
         Path | None, typer.Option(help="Bearer tokens, one per line: TOKEN [NAME] [admin]. Unset: no authentication.")
     ] = None,
@@ -122,6 +126,7 @@ def serve(
             max_queued_jobs=max_queued_jobs,
             max_streams_per_connection=max_streams_per_connection,
             disk_reserve_bytes=disk_reserve_bytes,
+            token_cache_max_bytes=int(token_cache_max_gib * (1 << 30)),
             auth_token_file=auth_token_file,
             tls_cert=tls_cert,
             tls_key=tls_key,

@@ -98,6 +98,7 @@ class LoRATrainer(IFineTuneService):
         """Validate, then train until the job ends. A dict that cannot be converted raises ConfigConversionError
         (as GrpcFineTuneService does) and an invalid config FinetuneError; neither creates anything. A job that fails
         or is cancelled returns `success=False` with the reason."""
+        from finetune_server.training.data.token_cache import TokenCache
         from finetune_server.training.engine.recipe import run_training  # torch: only when training
 
         report = validate(_domain_config(config), self.settings)
@@ -124,6 +125,7 @@ class LoRATrainer(IFineTuneService):
                 job_id=job_id,
                 hub_cache_dir=self.settings.hf_cache_dir,
                 hub_offline=self.settings.offline,
+                token_cache=TokenCache(self.settings.token_cache_dir, self.settings.token_cache_max_bytes),
             )
         except TrainingCancelled as stop:
             return TrainResult(success=False, job_id=job_id, state="cancelled", steps=stop.step, error=str(stop))

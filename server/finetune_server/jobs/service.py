@@ -284,6 +284,7 @@ class JobService:
             data_dir=str(self._settings.data_dir),
             cpu_threads=self._settings.threads_per_worker,
             cpus=self._settings.worker_cpus or None,
+            token_cache_max_bytes=self._settings.token_cache_max_bytes,
         )
 
     async def _run(self, job: JobRecord, slot: int, cancel: asyncio.Event) -> None:

@@ -17,6 +17,12 @@
     artifacts/<artifact id>/            one export: the adapter or merged model, with generation_config.json
     artifacts/<artifact id>.log         its export worker's log
     artifacts/.export-spec-*.json       an export worker's spec, while it runs
+    token-cache/<key>/                  one dataset tokenized for one model, template and max_length (token_cache)
+        tokens.arrow                    input_ids, labels, length, trainable, num_tokens, row (Arrow IPC stream)
+        meta.json                       what the key is made of, and counts (truncated, unusable, token stats)
+        last-used                       touched on every open (LRU order); held with a shared lock while in use
+    token-cache/.staging-<key>-*        an entry being built (renamed into place once complete)
+    token-cache/.lock-<key>             held while <key> is being built, so only one process tokenizes it
 ```
 
 Other modules take paths from here and never spell these names themselves, so the layout can only change here. The
@@ -36,6 +42,7 @@ UPLOAD_SUFFIXES = (".jsonl", ".json", ".parquet")  # an uploaded dataset's file 
 JOBS_DIR = "jobs"
 ARTIFACTS_DIR = "artifacts"
 EXPORT_SPEC_TEMP_PREFIX = ".export-spec-"
+TOKEN_CACHE_DIR = "token-cache"
 
 WORKER_SPEC_FILE = "worker_spec.json"
 WORKER_PID_FILE = "worker.pid"
@@ -62,6 +69,13 @@ ADAPTER_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 GENERATION_CONFIG_FILE = "generation_config.json"
 RESOLVED_CONFIG_FILE = "config.json"  # the in-process trainer's record of a job's resolved TrainingConfig
+
+# Inside the token cache.
+TOKEN_CACHE_STAGING_PREFIX = ".staging-"
+TOKEN_CACHE_LOCK_PREFIX = ".lock-"
+TOKENS_FILE = "tokens.arrow"
+TOKEN_CACHE_META_FILE = "meta.json"
+TOKEN_CACHE_USED_MARKER = "last-used"
 
 
 class _Under:
@@ -91,6 +105,10 @@ class DataDir(_Folder):
     def uploaded_dataset(self, dataset_id: str, suffix: str) -> Path:
         return self.datasets / f"{dataset_id}{suffix}"
 
+    @property
+    def token_cache(self) -> Path:
+        return self.root / TOKEN_CACHE_DIR
+
     def job(self, job_id: str) -> JobDir:
         return JobDir(self.jobs / job_id)
 
@@ -117,6 +135,63 @@ class JobDir(_Folder):
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)
+
+
+@dataclass(frozen=True)
+class TokenCacheDir:
+    """The token cache's folder: complete entries by key, entries being built, and the build locks."""
+
+    root: Path
+
+    def entry(self, key: str) -> TokenCacheEntry:
+        return TokenCacheEntry(self.root / key)
+
+    def staging_prefix(self, key: str) -> str:
+        """Staging folders of `key` are named this prefix plus a random suffix (tempfile.mkdtemp's)."""
+        return f"{TOKEN_CACHE_STAGING_PREFIX}{key}-"
+
+    def build_lock(self, key: str) -> Path:
+        return self.root / f"{TOKEN_CACHE_LOCK_PREFIX}{key}"
+
+    def entries(self) -> list[TokenCacheEntry]:
+        """Every complete entry (hidden names are staging folders and locks)."""
+        if not self.root.is_dir():
+            return []
+        return [TokenCacheEntry(p) for p in sorted(self.root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+    def staging(self) -> list[tuple[str, Path]]:
+        """(key, folder) of every staging folder, finished or abandoned."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in sorted(self.root.glob(f"{TOKEN_CACHE_STAGING_PREFIX}*")):
+            key, dash, _ = path.name.removeprefix(TOKEN_CACHE_STAGING_PREFIX).rpartition("-")
+            if dash and path.is_dir():
+                found.append((key, path))
+        return found
+
+
+@dataclass(frozen=True)
+class TokenCacheEntry:
+    """One entry of the token cache (also the layout of a staging folder before it is renamed into place)."""
+
+    root: Path
+
+    @property
+    def key(self) -> str:
+        return self.root.name
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / TOKENS_FILE
+
+    @property
+    def meta(self) -> Path:
+        return self.root / TOKEN_CACHE_META_FILE
+
+    @property
+    def used_marker(self) -> Path:
+        return self.root / TOKEN_CACHE_USED_MARKER
 
 
 def checkpoint_name(step: int) -> str:

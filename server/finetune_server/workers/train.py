@@ -55,6 +55,7 @@ class WorkerSpec(Spec):
     data_dir: str | None = None  # adapter_location is reported relative to it when set
     cpu_threads: int | None = None  # torch/OpenMP threads; None: torch's default
     cpus: list[int] | None = None  # CPUs to run on; None: the server's
+    token_cache_max_bytes: int | None = None  # the cap of the data dir's token cache; None: no cap
 
 
 def event_message(event: Any) -> Event:
@@ -119,8 +120,9 @@ def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> 
     # Heavy imports here, not at module level: the supervisor imports WorkerSpec without torch.
     from finetune_server.errors import FinetuneError
     from finetune_server.observability.tensorboard import tensorboard_sink
-    from finetune_server.storage.layout import JobDir
+    from finetune_server.storage.layout import DataDir, JobDir
     from finetune_server.training.config import TrainingConfig
+    from finetune_server.training.data.token_cache import TokenCache
     from finetune_server.training.engine.checkpoint import list_checkpoints
     from finetune_server.training.engine.errors import TrainingCancelled
     from finetune_server.training.engine.recipe import run_training
@@ -156,6 +158,9 @@ def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> 
             job_id=spec.job_id,
             hub_cache_dir=Path(spec.hub_cache_dir) if spec.hub_cache_dir else None,
             hub_offline=spec.hub_offline,
+            token_cache=TokenCache(DataDir(Path(spec.data_dir)).token_cache, spec.token_cache_max_bytes)
+            if spec.data_dir
+            else None,
         )
     except TrainingCancelled as exc:
         log.info("training cancelled", step=exc.step)

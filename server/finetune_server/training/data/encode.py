@@ -131,8 +131,7 @@ def _label(
         if eos_id is not None:
             full.append(eos_id)
         return full, list(full)
-    starts = [start for start, _ in offsets]
-    ends = [end for _, end in offsets]
+    starts, ends = zip(*offsets, strict=True) if offsets else ((), ())
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
     inserts: list[int] = []  # token indices before which an eos is inserted
     stop_ids = tokenizer.eos_token_ids
@@ -147,7 +146,7 @@ def _label(
         if stop is None and eos_id is not None:
             inserts.append(after_content)
     if not inserts:
-        return list(ids), labels
+        return ids, labels
     out_ids: list[int] = []
     out_labels: list[int] = []
     previous = 0
@@ -166,7 +165,7 @@ def _finish(input_ids: list[int], labels: list[int], max_length: int) -> Encoded
     total = len(input_ids)
     if total > max_length:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
-    trainable = sum(1 for label in labels if label != IGNORE_INDEX)
+    trainable = len(labels) - labels.count(IGNORE_INDEX)
     return EncodedExample(input_ids, labels, total, total > max_length, trainable)
 
 

@@ -107,7 +107,7 @@ class TextTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """encode_with_offsets for many texts at once (the Rust side runs them in parallel)."""
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [(list(e.ids), list(e.offsets)) for e in encodings]
+        return [(e.ids, e.offsets) for e in encodings]  # each a fresh list already
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))

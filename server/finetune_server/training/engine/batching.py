@@ -2,7 +2,8 @@
 
 Two steps, kept apart so a resumed run can rebuild exactly the same epoch and skip to its data position:
 
-- `plan_batches` decides which example indices form each micro-batch. It is a pure function of its arguments.
+- `plan_epoch` (`plan_batches` as lists) decides which example indices form each micro-batch. It is a pure function
+  of its arguments and keeps numpy arrays, not a Python list per batch.
 - `collate` turns one micro-batch of encoded examples into tensors.
 
 Packing puts a micro-batch into ONE row with `position_ids` restarting at 0 for each example and no attention mask.
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import bisect
 import random
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from itertools import accumulate, chain
+from itertools import accumulate
 from typing import Any, Protocol
 
+import numpy as np
 import structlog
 import torch
 
@@ -38,13 +41,14 @@ MEGA_CHUNK_BATCHES = 50
 
 
 class EncodedLike(Protocol):
-    """Anything with token ids and labels of the same length (IGNORE_INDEX where a token is not trained on)."""
+    """Anything with token ids and labels of the same length (IGNORE_INDEX where a token is not trained on):
+    lists, or the integer arrays a token cache table hands out."""
 
     @property
-    def input_ids(self) -> Sequence[int]: ...
+    def input_ids(self) -> Sequence[int] | np.ndarray: ...
 
     @property
-    def labels(self) -> Sequence[int]: ...
+    def labels(self) -> Sequence[int] | np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,36 @@ def _rng(seed: int, epoch: int) -> random.Random:
     return random.Random(seed * 1_000_003 + epoch)
 
 
+def shuffled_range(rng: random.Random, n: int) -> np.ndarray:
+    """range(n) shuffled by `rng`, the same permutation random.shuffle gives a list of range(n) (so plans stay what
+    they always were), in 8 bytes an index: the shuffle runs on a typed array, not on a list of Python ints."""
+    order = array("q", range(n))
+    rng.shuffle(order)
+    return np.frombuffer(order, dtype=np.int64) if n else np.zeros(0, dtype=np.int64)
+
+
+class EpochPlan:
+    """One epoch's micro-batches, compactly: batch k is `flat[starts[b]:starts[b + 1]]` with b = `order[k]`.
+
+    Three integer arrays instead of a Python list per batch, so a plan over millions of examples stays small.
+    """
+
+    def __init__(self, flat: np.ndarray, starts: np.ndarray, order: np.ndarray) -> None:
+        self.flat, self.starts, self.order = flat, starts, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, k: int) -> list[int]:
+        b = int(self.order[k])
+        return self.flat[self.starts[b] : self.starts[b + 1]].tolist()
+
+    def to_lists(self) -> list[list[int]]:
+        return [self[k] for k in range(len(self))]
+
+
 def plan_batches(
-    lengths: Sequence[int],
+    lengths: Sequence[int] | np.ndarray,
     *,
     batch_size: int,
     packing: bool,
@@ -107,7 +139,29 @@ def plan_batches(
     epoch: int,
     group_by_length: bool = True,
 ) -> list[list[int]]:
-    """Example indices for each micro-batch of one epoch; every index appears exactly once.
+    """Example indices for each micro-batch of one epoch; every index appears exactly once (see `plan_epoch`)."""
+    return plan_epoch(
+        lengths,
+        batch_size=batch_size,
+        packing=packing,
+        max_length=max_length,
+        seed=seed,
+        epoch=epoch,
+        group_by_length=group_by_length,
+    ).to_lists()
+
+
+def plan_epoch(
+    lengths: Sequence[int] | np.ndarray,
+    *,
+    batch_size: int,
+    packing: bool,
+    max_length: int,
+    seed: int,
+    epoch: int,
+    group_by_length: bool = True,
+) -> EpochPlan:
+    """The micro-batches of one epoch, as an EpochPlan; every index appears exactly once.
 
     A pure, deterministic function of its arguments, so a resumed run rebuilds the same epoch and skips the batches
     already done. Padding mode: batches of `batch_size` examples, grouped by length unless `group_by_length` is False.
@@ -118,64 +172,76 @@ def plan_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    if any(n < 1 for n in lengths):
+    sizes = np.asarray(lengths, dtype=np.int64)
+    if sizes.size and int(sizes.min()) < 1:
         raise ValueError("every example must have at least one token")
     rng = _rng(seed, epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    if not order:
-        return []
+    order = shuffled_range(rng, len(sizes))
+    if not len(order):
+        return EpochPlan(order, np.zeros(1, dtype=np.int64), order)
     if packing:
-        batches = _pack_best_fit_decreasing(order, lengths, budget=batch_size * max_length)
+        flat, starts = _pack_best_fit_decreasing(order, sizes, budget=batch_size * max_length)
     elif group_by_length:
-        batches = _length_grouped(order, lengths, batch_size)
+        flat, starts = _length_grouped(order, sizes, batch_size), _every(batch_size, len(order))
     else:
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(batches)
-    cost = [_batch_cost(b, lengths, packing) for b in batches]
-    heaviest = max(range(len(batches)), key=cost.__getitem__)
-    batches.insert(0, batches.pop(heaviest))
-    return batches
+        flat, starts = order, _every(batch_size, len(order))
+    batch_order = shuffled_range(rng, len(starts) - 1)
+    cost = _batch_costs(flat, starts, sizes, packing)[batch_order]
+    heaviest = int(np.argmax(cost))  # the first of the heaviest, as max() picks
+    batch_order = np.concatenate([batch_order[heaviest : heaviest + 1], np.delete(batch_order, heaviest)])
+    return EpochPlan(flat, starts, batch_order)
 
 
-def _batch_cost(batch: list[int], lengths: Sequence[int], packing: bool) -> int:
-    """Tokens the batch occupies in memory: the sum when packed, rows times the longest when padded."""
+def _every(batch_size: int, n: int) -> np.ndarray:
+    return np.append(np.arange(0, n, batch_size, dtype=np.int64), n)
+
+
+def _batch_costs(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, packing: bool) -> np.ndarray:
+    """Tokens each batch occupies in memory: the sum when packed, rows times the longest when padded."""
+    sizes = lengths[flat]
     if packing:
-        return sum(lengths[i] for i in batch)
-    return len(batch) * max(lengths[i] for i in batch)
+        return np.add.reduceat(sizes, starts[:-1])
+    return np.diff(starts) * np.maximum.reduceat(sizes, starts[:-1])
 
 
-def _length_grouped(order: list[int], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    chunk = batch_size * MEGA_CHUNK_BATCHES
-    batches: list[list[int]] = []
-    for start in range(0, len(order), chunk):
-        # sorted() is stable: ties keep the shuffled order, so the plan stays a function of the seed.
-        group = sorted(order[start : start + chunk], key=lambda i: lengths[i], reverse=True)
-        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
-    return batches
+def _length_grouped(order: np.ndarray, lengths: np.ndarray, batch_size: int) -> np.ndarray:
+    """Within each chunk of MEGA_CHUNK_BATCHES batches of the shuffled order, longest first.
+
+    A stable sort, so ties keep the shuffled order and the plan stays a function of the seed. Chunks are whole
+    batches, so consecutive runs of `batch_size` never straddle two chunks.
+    """
+    chunk = np.arange(len(order), dtype=np.int64) // (batch_size * MEGA_CHUNK_BATCHES)
+    return order[np.lexsort((-lengths[order], chunk))]
 
 
-def _pack_best_fit_decreasing(order: list[int], lengths: Sequence[int], *, budget: int) -> list[list[int]]:
-    """Best-fit decreasing: each example (longest first) goes into the open bin it fills most tightly."""
-    bins: list[list[int]] = []
+def _pack_best_fit_decreasing(order: np.ndarray, lengths: np.ndarray, *, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing: each example (longest first) goes into the open bin it fills most tightly.
+
+    Returns the examples grouped by bin (in bin order, each bin in the order its examples went in) and the bins'
+    start offsets.
+    """
+    by_size = order[np.argsort(-lengths[order], kind="stable")]
+    bin_of = np.empty(len(by_size), dtype=np.int64)
+    bins = 0
     # Open bins as (space left, bin number), sorted; full bins leave the list.
     open_bins: list[tuple[int, int]] = []
-    for index in sorted(order, key=lambda i: lengths[i], reverse=True):
-        size = lengths[index]
+    for k, size in enumerate(lengths[by_size].tolist()):
         if size > budget:
             log.warning("example longer than the packing budget gets its own bin", length=size, budget=budget)
-            bins.append([index])
+            bin_of[k], bins = bins, bins + 1
             continue
         pos = bisect.bisect_left(open_bins, (size, -1))
         if pos < len(open_bins):
             space, number = open_bins.pop(pos)
         else:
-            space, number = budget, len(bins)
-            bins.append([])
-        bins[number].append(index)
+            space, number, bins = budget, bins, bins + 1
+        bin_of[k] = number
         if space - size > 0:
             bisect.insort(open_bins, (space - size, number))
-    return bins
+    flat = by_size[np.argsort(bin_of, kind="stable")]
+    starts = np.zeros(bins + 1, dtype=np.int64)
+    np.cumsum(np.bincount(bin_of, minlength=bins), out=starts[1:])
+    return flat, starts
 
 
 def collate(examples: Sequence[EncodedLike], *, packing: bool, pad_token_id: int) -> Batch:
@@ -193,8 +259,8 @@ def collate(examples: Sequence[EncodedLike], *, packing: bool, pad_token_id: int
 
 def _collate_packed(examples: Sequence[EncodedLike], seq_lens: tuple[int, ...]) -> Batch:
     total = sum(seq_lens)
-    input_ids = torch.tensor(list(chain.from_iterable(e.input_ids for e in examples)), dtype=torch.long)
-    labels = torch.tensor(list(chain.from_iterable(e.labels for e in examples)), dtype=torch.long)
+    input_ids = torch.from_numpy(np.concatenate([np.asarray(e.input_ids, dtype=np.int64) for e in examples]))
+    labels = torch.from_numpy(np.concatenate([np.asarray(e.labels, dtype=np.int64) for e in examples]))
     starts = torch.tensor([0, *accumulate(seq_lens[:-1])], dtype=torch.long)
     # Positions restart at 0 at each segment start (one arange per example, not a loop per token).
     position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in seq_lens])

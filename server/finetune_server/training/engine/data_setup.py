@@ -1,34 +1,39 @@
 """What the recipe trains on and in which order: tokenizer and template, encoded examples, eval split, batch plan.
 
-The dataset is encoded once, up front; examples that keep no trainable token after truncation are dropped (and
-counted). The batch plan is a pure function of (seed, epoch), so a resumed run rebuilds the same epoch and skips to
-its checkpointed position.
+The dataset is encoded once into the token cache (training/data/token_build.py) and trained on memory-mapped:
+every job, retry and resume with the same data, model and settings opens the same entry. Examples that keep no
+trainable token after truncation are dropped (and counted). Everything held per example is a numpy array (lengths,
+trainable counts, the plan), never a Python object, so memory stays flat in the row count. The batch plan is a pure
+function of (seed, epoch), so a resumed run rebuilds the same epoch and skips to its checkpointed position.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from finetune_server.errors import ErrorKind, FinetuneError, Violation
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.data import (
-    IGNORE_INDEX,
-    EncodedExample,
     TemplateError,
     TextTokenizer,
     choose_chat_template,
-    encode_example,
-    encode_many,
     iter_examples,
     load_tokenizer,
 )
-from finetune_server.training.engine.batching import plan_batches
+from finetune_server.training.data.batch_encode import EncoderSettings
+from finetune_server.training.data.sources import FILE, DatasetSource, as_source
+from finetune_server.training.data.token_build import CacheOpen, ProgressCallback, open_or_build
+from finetune_server.training.data.token_cache import CacheKey, TokenCache, dataset_fingerprint, tokenizer_fingerprint
+from finetune_server.training.data.token_table import TokenTable
+from finetune_server.training.engine.batching import EpochPlan, plan_epoch, shuffled_range
 from finetune_server.training.engine.checkpoint import DataPosition
-from finetune_server.training.engine.errors import NoUsableExamplesError
+from finetune_server.training.engine.errors import NoUsableExamplesError, disk_full_detail
 
 
 @dataclass(frozen=True)
@@ -66,79 +71,151 @@ def _pad_token_id(tokenizer: TextTokenizer) -> int:
 
 @dataclass
 class EncodedSet:
-    examples: list[EncodedExample]
+    """One dataset's usable examples, memory-mapped from the token cache, and what was dropped."""
+
+    table: TokenTable
     truncated: int  # usable examples cut at max_length
     unusable: int  # examples dropped: no trainable token left after truncation
+    opened: CacheOpen
+
+
+def cache_key(source: DatasetSource | Path, config: TrainingConfig, model_dir: Path, template: str) -> CacheKey:
+    """Everything that changes a dataset's tokens: its content, the tokenizer, the template and the encoder settings."""
+    return CacheKey.of(
+        dataset=dataset_fingerprint(source),
+        tokenizer=tokenizer_fingerprint(model_dir),
+        template=template,
+        max_length=int(config.max_length or 2048),
+        data_format=config.data_format or "auto",
+        train_on_prompt=bool(config.train_on_prompt),
+    )
+
+
+@dataclass(frozen=True)
+class CacheAccess:
+    """Where and how the data is tokenized: the cache, encoding processes, progress and stop callbacks."""
+
+    cache: TokenCache
+    processes: int = 1
+    on_progress: ProgressCallback | None = None
+    should_stop: Callable[[], bool] = lambda: False
 
 
 def encode_file(
-    path: Path, field_path: str, config: TrainingConfig, tokenizer: TextTokenizer, template: str
+    path: Path, field_path: str, config: TrainingConfig, tokens: TokenizerSetup, model_dir: Path, access: CacheAccess
 ) -> EncodedSet:
-    """Every valid record of `path`, encoded; raises NO_USABLE_EXAMPLES (for `field_path`) when none is trainable."""
-    options = config.source_options(field_path)  # subset, split, revision: a hub or save_to_disk source's
-    examples = [example for _row, example in iter_examples(str(path), config.data_format or "auto", **options)]
-    kwargs = {"max_length": int(config.max_length or 2048), "train_on_prompt": bool(config.train_on_prompt)}
-    try:
-        encoded = encode_many(examples, tokenizer, template, **kwargs)  # type: ignore[arg-type]
-    except TemplateError:
-        # One example the template cannot render: encode one by one and drop only those (validation reported them).
-        encoded = []
-        for example in examples:
-            with contextlib.suppress(TemplateError):
-                encoded.append(encode_example(example, tokenizer, template, **kwargs))  # type: ignore[arg-type]
-    usable = [e for e in encoded if shifted_trainable(e) > 0]
-    if not usable:
+    """Every valid record of `path` encoded: the token cache's entry, built on a miss.
+
+    Raises NO_USABLE_EXAMPLES (for `field_path`) when none is trainable, CacheStopped on a stop request, DISK_FULL
+    when the cache cannot be written.
+    """
+    settings = EncoderSettings(
+        tokens.tokenizer, tokens.template, int(config.max_length or 2048), bool(config.train_on_prompt)
+    )
+    # A ref: a local path or a hub dataset pinned at validation; subset and split come from the config.
+    source = as_source(str(path), **config.source_options(field_path))
+    with _disk_full_as_error(access.cache.root, field_path):
+        opened = open_or_build(
+            access.cache,
+            cache_key(source, config, model_dir, tokens.template),
+            lambda: iter_examples(source, config.data_format or "auto"),
+            settings,
+            processes=access.processes,
+            total_rows=lambda: _line_count(source.path) if source.kind == FILE else None,
+            on_progress=access.on_progress,
+            should_stop=access.should_stop,
+        )
+    meta = opened.meta
+    if not len(opened.table):
+        opened.table.close()
+        rows = int(meta.get("rows_read", 0))
         raise NoUsableExamplesError(
             field_path,
-            f"none of the {len(examples)} valid records of {path.name} has a token to train on"
-            if examples
+            f"none of the {rows} valid records of {path.name} has a token to train on"
+            if rows
             else f"{path.name} has no valid record",
         )
-    return EncodedSet(usable, truncated=sum(e.truncated for e in usable), unusable=len(encoded) - len(usable))
+    return EncodedSet(opened.table, int(meta.get("truncated", 0)), int(meta.get("unusable", 0)), opened)
 
 
-def shifted_trainable(example: EncodedExample) -> int:
-    # Position 0 is never a target of a causal LM (the same count as Batch.num_trainable).
-    return sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+@contextlib.contextmanager
+def _disk_full_as_error(folder: Path, field_path: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        detail = disk_full_detail(exc)
+        if detail is None:
+            raise
+        raise FinetuneError(
+            ErrorKind.RESOURCE_EXHAUSTED,
+            "DISK_FULL",
+            f"the disk is full: tokenizing {field_path} into the token cache under {folder} failed ({detail}); "
+            "nothing half-written was left",
+            violations=[Violation(field_path, "DISK_FULL", detail)],
+            hint="Free space on that disk (old jobs' checkpoints, artifacts), or lower --token-cache-max-gib.",
+        ) from exc
 
 
-def split_eval(
-    examples: list[EncodedExample], fraction: float, seed: int
-) -> tuple[list[EncodedExample], list[EncodedExample]]:
+def _line_count(path: Path) -> int | None:
+    """Lines of a JSONL file (an upper bound of its rows, for progress); None for other formats."""
+    if path.suffix.lower() != ".jsonl":
+        return None
+    count = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            count += chunk.count(b"\n")
+    return count
+
+
+def split_eval(table: TokenTable, fraction: float, seed: int) -> tuple[TokenTable, TokenTable]:
     """(train, eval): a seeded `fraction` held out (at least one, never all); train keeps the file's order."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
+    order = shuffled_range(random.Random(seed), len(table))
     n_eval = min(len(order) - 1, max(1, round(len(order) * fraction)))
-    return [examples[i] for i in sorted(order[n_eval:])], [examples[i] for i in order[:n_eval]]
+    return table.take(np.sort(order[n_eval:])), table.take(order[:n_eval])
 
 
 @dataclass
 class TrainingData:
-    train: list[EncodedExample]
-    eval: list[EncodedExample]
+    """The training and eval examples (token tables) and the training file's drop counts."""
+
+    train: TokenTable
+    eval: TokenTable
     truncated: int  # of the training file
     unusable: int  # of the training file
-    # Per training example: trainable tokens (after the causal shift) and all tokens.
-    trainable: list[int] = field(init=False)
-    lengths: list[int] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.trainable = [shifted_trainable(e) for e in self.train]
-        self.lengths = [len(e.input_ids) for e in self.train]
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens of each training example (int32)."""
+        return self.train.lengths
+
+    @property
+    def trainable(self) -> np.ndarray:
+        """Trainable tokens of each training example, after the causal shift (int32)."""
+        return self.train.trainable
+
+    def tokens_in(self, indices: Sequence[int]) -> int:
+        return int(self.train.lengths[np.asarray(indices, dtype=np.int64)].sum())
+
+    def trainable_in(self, indices: Sequence[int]) -> int:
+        return int(self.train.trainable[np.asarray(indices, dtype=np.int64)].sum())
+
+    def close(self) -> None:
+        self.train.close()
+        self.eval.close()
 
 
 class BatchPlan:
     """The micro-batches of every epoch, a pure function of (seed, epoch); only the current epoch is kept."""
 
-    def __init__(self, lengths: Sequence[int], *, batch_size: int, packing: bool, max_length: int, seed: int) -> None:
+    def __init__(self, lengths: np.ndarray, *, batch_size: int, packing: bool, max_length: int, seed: int) -> None:
         self._lengths = lengths
         self._batch_size, self._packing, self._max_length, self._seed = batch_size, packing, max_length, seed
         self._epoch: int | None = None
-        self._batches: list[list[int]] = []
+        self._batches = EpochPlan(lengths[:0], np.zeros(1, dtype=np.int64), lengths[:0])
 
-    def epoch(self, epoch: int) -> list[list[int]]:
+    def epoch(self, epoch: int) -> EpochPlan:
         if epoch != self._epoch:
-            self._batches = plan_batches(
+            self._batches = plan_epoch(
                 self._lengths,
                 batch_size=self._batch_size,
                 packing=self._packing,

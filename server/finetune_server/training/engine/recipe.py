@@ -1,9 +1,10 @@
 """The LoRA training recipe, written to be read top to bottom (in the manner of a torchtune recipe).
 
 `run_training` builds a `LoRARecipe` and runs it. `LoRARecipe.setup()` does, in order: seeds; tokenizer and chat
-template; encode the dataset once and split off the eval set; model + LoRA; batch plan; optimizer and schedule;
-resume from the newest complete checkpoint. `LoRARecipe.train()` is the step loop (gradient accumulation, clipping,
-progress, eval, early stopping, checkpoints, cancellation), then the final adapter and report.
+template; open the dataset's token cache entry (tokenizing it once, on a miss) and split off the eval set; model +
+LoRA; batch plan; optimizer and schedule; resume from the newest complete checkpoint. `LoRARecipe.train()` is the
+step loop (gradient accumulation, clipping, progress, eval, early stopping, checkpoints, cancellation), then the final
+adapter and report.
 
 Choices worth knowing:
 - The loss of an optimizer step is the sum of token losses over the whole accumulation window divided by the number
@@ -14,6 +15,9 @@ Choices worth knowing:
 - The data stream is a pure function of (seed, epoch): a checkpoint stores (epoch, batch index) and resume rebuilds
   the same plan and skips to it. With RNG, optimizer and scheduler restored too, a resumed run continues exactly
   like an uninterrupted one.
+- The examples are memory-mapped from the token cache, shared by every job, retry, resume and rank with the same
+  data, model and settings; under torchrun rank 0 builds a missing entry while the others wait, then they open it.
+  Without a cache folder (`token_cache=None`) a temporary one lasts for the call.
 - Several processes (torchrun): every optimizer step consumes one window of `grad_accum * world_size` planned
   micro-batches and rank r trains its r-th share, so N processes follow the same trajectory as one process with N
   times the accumulation. Only rank 0 reports and writes.
@@ -27,7 +31,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,15 +42,19 @@ import torch
 from torch.nn import functional
 
 from finetune_server import faults
-from finetune_server.host.cpu_policy import cpu_set_note
+from finetune_server.host.cpu_policy import available_cpus, cpu_set_note
 from finetune_server.storage import layout
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.data import IGNORE_INDEX
 from finetune_server.training.data.template import SOURCE_FALLBACK, save_tokenizer_files
+from finetune_server.training.data.token_cache import CacheStopped, TokenCache
+from finetune_server.training.data.token_table import empty_table
 from finetune_server.training.engine import checkpoint as ckpt
 from finetune_server.training.engine.batching import Batch, collate, plan_batches
 from finetune_server.training.engine.data_setup import (
     BatchPlan,
+    CacheAccess,
+    EncodedSet,
     TokenizerSetup,
     TrainingData,
     encode_file,
@@ -83,6 +91,8 @@ from finetune_server.training.engine.events import (
 from finetune_server.training.engine.model_loading import compute_dtype, load_for_training, resolve_model_dir
 from finetune_server.training.engine.optim import build_optimizer, build_scheduler
 from finetune_server.training.engine.report import write_report
+
+TOKENIZING_REPORT_S = 10.0  # how often tokenizing a dataset reports its progress
 
 
 @dataclass(frozen=True)
@@ -249,16 +259,18 @@ def run_training(
     job_id: str = "",
     hub_cache_dir: Path | None = None,
     hub_offline: bool | None = None,
+    token_cache: TokenCache | None = None,
 ) -> TrainingOutcome:
     """Train a LoRA adapter on a RESOLVED config; resume from `output_dir`'s newest complete checkpoint if any.
 
     Raises TrainingCancelled when `should_stop()` turns True, TrainingError subclasses (NAN_LOSS, OUT_OF_MEMORY,
     NO_USABLE_EXAMPLES) and FinetuneError for bad inputs. Checkpoints already written are kept in every case.
     `model_ref` is a local folder or a hub id (downloaded into `hub_cache_dir`; `hub_offline` None: HF_HUB_OFFLINE).
+    `token_cache` is where the tokenized dataset is kept (the data dir's); None: a temporary one for this call.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with process_group_from_env():
+    with process_group_from_env(), _cache_or_temporary(token_cache) as cache:
         recipe = LoRARecipe(
             config,
             model_ref=model_ref,
@@ -271,9 +283,25 @@ def run_training(
             job_id=job_id or output_dir.name,
             hub_cache_dir=hub_cache_dir,
             hub_offline=hub_offline,
+            token_cache=cache,
         )
-        recipe.setup()
-        return recipe.train()
+        try:
+            recipe.setup()
+            return recipe.train()
+        finally:
+            recipe.close()
+
+
+@contextlib.contextmanager
+def _cache_or_temporary(cache: TokenCache | None) -> Iterator[TokenCache]:
+    if cache is not None:
+        yield cache
+        return
+    folder = Path(tempfile.mkdtemp(prefix="finetune-token-cache-"))
+    try:
+        yield TokenCache(folder, max_bytes=None)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class LoRARecipe:
@@ -306,6 +334,7 @@ class LoRARecipe:
         job_id: str,
         hub_cache_dir: Path | None,
         hub_offline: bool | None,
+        token_cache: TokenCache,
     ) -> None:
         self.config = config
         self.settings = LoopSettings.from_config(config)
@@ -317,10 +346,18 @@ class LoRARecipe:
         self.should_stop = should_stop
         self.hub_cache_dir = hub_cache_dir
         self.hub_offline = hub_offline
+        self.token_cache = token_cache
         self.dist = dist_info()
         self.log = structlog.get_logger(__name__).bind(job_id=job_id, rank=self.dist.rank)
         self.device = pick_device(device, self.dist)
         self._rng_to_restore: dict[str, Any] | None = None
+        self._opened: list[EncodedSet] = []  # token cache entries to close at the end
+
+    def close(self) -> None:
+        """Give the token cache entries back (their leases keep eviction away while training reads them)."""
+        for encoded in self._opened:
+            encoded.table.close()
+        self._opened.clear()
 
     # --- setup -------------------------------------------------------------------------------------------------------
 
@@ -353,9 +390,9 @@ class LoRARecipe:
         return tokens
 
     def setup_data(self) -> TrainingData:
-        """The dataset encoded once; the eval set is the eval dataset, else a seeded fraction of the training set."""
-        config, tokens = self.config, self.tokens
-        train_set = encode_file(self.dataset_path, "dataset", config, tokens.tokenizer, tokens.template)
+        """The dataset from the token cache; the eval set is the eval dataset, else a seeded fraction of it."""
+        config = self.config
+        train_set = self._encoded(self.dataset_path, "dataset")
         if train_set.truncated:
             self._say(
                 LogLevel.WARNING,
@@ -366,17 +403,70 @@ class LoRARecipe:
                 LogLevel.WARNING,
                 f"{train_set.unusable} examples lost every answer token to truncation and are skipped",
             )
-        train, evals = train_set.examples, []
+        train, evals = train_set.table, empty_table()
         if self.eval_dataset_path is not None:
-            evals = encode_file(
-                self.eval_dataset_path, "eval_dataset", config, tokens.tokenizer, tokens.template
-            ).examples
+            evals = self._encoded(self.eval_dataset_path, "eval_dataset").table
         elif (config.eval_split or 0.0) > 0.0:
             if len(train) < 2:
                 self._say(LogLevel.WARNING, "too few examples to split off an eval set: training without evaluation")
             else:
                 train, evals = split_eval(train, float(config.eval_split or 0.0), self.settings.seed)
         return TrainingData(train, evals, truncated=train_set.truncated, unusable=train_set.unusable)
+
+    def _encoded(self, path: Path, field_path: str) -> EncodedSet:
+        """`path`'s token cache entry; under torchrun rank 0 builds it first while the others wait, then they open
+        it. A stop request while tokenizing is a cancel."""
+        access = CacheAccess(
+            self.token_cache,
+            processes=min(len(available_cpus()), torch.get_num_threads()),
+            on_progress=self._tokenizing_progress(field_path),
+            should_stop=self.should_stop,
+        )
+        opened: list[EncodedSet] = []
+        try:
+            on_main_rank(
+                self.dist,
+                self.device,
+                0,
+                f"the token cache of {field_path}",
+                lambda: opened.append(encode_file(path, field_path, self.config, self.tokens, self.model_dir, access)),
+            )
+            if not self.dist.is_main:
+                opened.append(encode_file(path, field_path, self.config, self.tokens, self.model_dir, access))
+        except CacheStopped:
+            checkpoints = ckpt.list_checkpoints(self.output_dir)
+            raise TrainingCancelled(checkpoints[-1][0] if checkpoints else 0) from None
+        encoded = opened[0]
+        self._opened.append(encoded)
+        cache, meta, suffix = (
+            encoded.opened,
+            encoded.opened.meta,
+            "" if field_path == "dataset" else f" of {field_path}",
+        )
+        if cache.built:
+            tokens = int(meta.get("trained_tokens", 0))
+            self._say(
+                LogLevel.INFO,
+                f"tokenized {meta.get('rows_read', 0)} examples{suffix} into the token cache in {cache.seconds:.1f} s "
+                f"({tokens / max(cache.seconds, 1e-9):.0f} tokens/s; key {cache.key})",
+            )
+        else:
+            self._say(LogLevel.INFO, f"token cache hit: {cache.key} ({len(encoded.table)} examples{suffix})")
+        return encoded
+
+    def _tokenizing_progress(self, field_path: str) -> Callable[[float | None, int], None]:
+        """A LogEvent every TOKENIZING_REPORT_S while a dataset is tokenized."""
+        last = [time.perf_counter()]
+
+        def report(fraction: float | None, rows: int) -> None:
+            now = time.perf_counter()
+            if now - last[0] < TOKENIZING_REPORT_S:
+                return
+            last[0] = now
+            share = f" ({fraction:.0%})" if fraction is not None else ""
+            self._say(LogLevel.INFO, f"tokenizing {field_path}: {rows} rows{share}")
+
+        return report
 
     def setup_model(self) -> ModelSetup:
         """The base model with LoRA on the device, wrapped for DDP with several processes, and its precision."""
@@ -410,14 +500,14 @@ class LoRARecipe:
             total_steps = max(1, math.ceil(float(config.num_train_epochs or 1.0) * batches_per_epoch / window))
         eval_batches = (
             plan_batches(
-                [len(e.input_ids) for e in self.data.eval],
+                self.data.eval.lengths,
                 batch_size=s.batch_size,
                 packing=s.packing,
                 max_length=s.max_length,
                 seed=s.seed,
                 epoch=0,
             )
-            if self.data.eval
+            if len(self.data.eval)
             else []
         )
         return StepPlan(batches, batches_per_epoch, window, total_steps, eval_batches)
@@ -482,7 +572,7 @@ class LoRARecipe:
         state = self.state
         state.step += 1
         state.position = ckpt.DataPosition(last.epoch, last.batch_index + 1)
-        state.tokens_seen += sum(self.data.lengths[i] for _, indices in window for i in indices)
+        state.tokens_seen += self.data.tokens_in([i for _, indices in window for i in indices])
         epoch_at = last.epoch + (last.batch_index + 1) / max(1, len(self.plan.batches.epoch(last.epoch)))
         self.attempt.pending.append(PendingStep(state.step, window_loss, learning_rate, grad_norm.detach(), epoch_at))
 
@@ -491,13 +581,13 @@ class LoRARecipe:
         rank, grad_accum = self.dist.rank, self.settings.grad_accum
         mine = window[rank * grad_accum : (rank + 1) * grad_accum]
         # Trainable tokens of the whole window (all ranks): known from the plan, no communication needed.
-        window_tokens = max(1, sum(self.data.trainable[i] for _, indices in window for i in indices))
+        window_tokens = max(1, self.data.trainable_in([i for _, indices in window for i in indices]))
         window_loss = torch.zeros((), device=self.device)
         for k, (_, indices) in enumerate(mine):
             if self.dist.world_size == 1 and self.should_stop():
                 raise TrainingCancelled(self.state.step)
             batch = collate(
-                [self.data.train[i] for i in indices],
+                self.data.train.rows(indices),
                 packing=self.settings.packing,
                 pad_token_id=self.tokens.pad_token_id,
             )
@@ -591,7 +681,7 @@ class LoRARecipe:
         with torch.no_grad(), self.model.autocast:
             for indices in self.plan.eval_batches[self.dist.rank :: self.dist.world_size]:
                 batch = collate(
-                    [self.data.eval[i] for i in indices],
+                    self.data.eval.rows(indices),
                     packing=self.settings.packing,
                     pad_token_id=self.tokens.pad_token_id,
                 )
