@@ -19,6 +19,7 @@ import structlog
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.export.formats import ExportFormat
 from finetune_server.host.diskspace import ensure_free_space, export_disk_bytes
+from finetune_server.jobs import idempotency
 from finetune_server.jobs.service import job_not_found
 from finetune_server.settings import ServerSettings
 from finetune_server.storage import layout
@@ -60,7 +61,13 @@ class ExportService:
         return record if complete else None
 
     async def export(
-        self, job_id: str, fmt: ExportFormat, checkpoint_step: int | None
+        self,
+        job_id: str,
+        fmt: ExportFormat,
+        checkpoint_step: int | None,
+        *,
+        owner: str = "",
+        request_id: str = "",
     ) -> AsyncIterator[ExportProgress | ArtifactRecord]:
         """Yield the worker's progress messages (stage, fraction, message), then the artifact record."""
         try:
@@ -74,6 +81,15 @@ class ExportService:
                 f"job {job_id} is {job.state.value}; only a SUCCEEDED job can be exported",
             )
         art_id = artifact_id(job_id, fmt, checkpoint_step)
+        await idempotency.claim(
+            self._store,
+            owner=owner,
+            method="Export",
+            request_id=request_id,
+            request={"job_id": job_id, "format": fmt.name, "checkpoint_step": checkpoint_step},
+            resource_field="artifact_id",
+            resource_id=art_id,
+        )
         async with self._locks[art_id]:  # two concurrent identical exports: the second finds the first's result
             existing = await self._stored(art_id)
             if existing is not None:
