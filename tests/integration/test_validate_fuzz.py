@@ -88,7 +88,7 @@ LONG_NAMES = st.one_of(
     st.builds(lambda c, n, d: "/".join([c * n] * d), _CHARACTERS, _LENGTHS, st.sampled_from([2, 20, 100])),
     st.builds(lambda n, suffix: "x" * n + suffix, _LENGTHS, st.sampled_from(["", ".jsonl", "/facts.jsonl"])),
 )
-NAME_FIELDS = ["model_name", "dataset", "eval_dataset", "chat_template", "dataset_subset", "dataset_split"]
+NAME_FIELDS = ["model_name", "dataset", "eval_dataset", "dataset_subset", "dataset_split"]
 
 
 @settings(
