@@ -188,3 +188,28 @@ def test_a_corrupted_file_is_data_loss_and_the_client_keeps_nothing(
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".download")]
     finally:
         victim.write_bytes(original)
+
+
+def test_a_dropped_export_still_records_its_artifact_and_a_retry_attaches_to_it(
+    service: GrpcFineTuneService, trained: Any, export_server: RunningServer
+) -> None:
+    from finetune_server.export.formats import ExportFormat
+    from finetune_server.jobs.exports import artifact_id
+
+    stub = service._stub
+    request = pb.ExportRequest(job_id=trained["job_id"], format=pb.EXPORT_FORMAT_ADAPTER, checkpoint_step=200)
+    dropped = stub.Export(request, timeout=120)
+    assert next(dropped).WhichOneof("kind") == "progress", "the export is under way"
+    dropped.cancel()  # the caller goes away mid-export
+
+    retried = list(stub.Export(request, timeout=120))
+    artifact = retried[-1].artifact
+    assert artifact.id == artifact_id(trained["job_id"], ExportFormat.ADAPTER, 200) and artifact.step == 200
+    assert all(m.WhichOneof("kind") == "progress" for m in retried[:-1])
+    spawned = [
+        line for line in export_server.log_path.read_text().splitlines()
+        if "worker spawned" in line and f"{artifact.id}.log" in line
+    ]  # fmt: skip
+    assert len(spawned) == 1, "the retry followed the running export instead of starting a second one"
+    files = list(stub.DownloadArtifact(pb.DownloadArtifactRequest(artifact_id=artifact.id), timeout=60))
+    assert {c.path for c in files} == {f.path for f in artifact.files}

@@ -289,3 +289,20 @@ def test_memory_verdict_says_how_to_fit(
     assert not fit.fits and fit.utilization > 1
     assert fit.suggestions, "a config that does not fit says what to change"
     assert any(w.reason == "MAY_NOT_FIT" for w in response.warnings)
+
+
+def test_a_max_length_the_caller_did_not_write_is_capped_at_the_models_positions(
+    stub: pb_grpc.FineTuneServiceStub, server: RunningServer
+) -> None:
+    from finetune_server.demo.tiny_model import TinyModelSpec, build_tiny_model
+
+    short = build_tiny_model(server.model_root / "tiny-512-positions", TinyModelSpec(max_position_embeddings=512))
+    for preset in ("", "rtx_3060"):  # the default 2048, then a preset's 1024
+        config = base_config(short.name, preset=preset)
+        config.ClearField("max_length")
+        response = stub.ValidateConfig(pb.ValidateConfigRequest(config=config), timeout=60)
+        assert response.valid and response.resolved_config.max_length == 512, preset
+        capped = [w for w in response.warnings if w.reason == "MAX_LENGTH_CAPPED"]
+        assert len(capped) == 1 and capped[0].field == "max_length" and "512" in capped[0].message
+    code, by_field, _, _ = rejected(stub, base_config(short.name, max_length=1024))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and by_field["max_length"][0].startswith("OUT_OF_RANGE")  # explicit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import grpc
@@ -76,3 +77,46 @@ def test_random_configs_never_get_unknown_or_internal(
         assert code in ALLOWED, (code, error.details(), config)
         assert error.details(), "every rejection says why"
     assert code in ALLOWED
+
+
+# Names the operating system refuses or barely accepts: lengths up to and past NAME_MAX (255 bytes a component) and
+# PATH_MAX (4096), multi-byte characters that cross those limits in bytes, control characters, deep paths.
+_CHARACTERS = st.sampled_from(["a", "é", "漢", "😀", "\x00", "\x01", "\x1f", "\x7f", "\n", " ", ".", "/", "\\", "-"])
+_LENGTHS = st.sampled_from([1, 64, 254, 255, 256, 300, 1000, 4095, 4096, 4097, 6000])
+LONG_NAMES = st.one_of(
+    st.builds(lambda c, n: c * n, _CHARACTERS, _LENGTHS),
+    st.builds(lambda c, n, d: "/".join([c * n] * d), _CHARACTERS, _LENGTHS, st.sampled_from([2, 20, 100])),
+    st.builds(lambda n, suffix: "x" * n + suffix, _LENGTHS, st.sampled_from(["", ".jsonl", "/facts.jsonl"])),
+)
+NAME_FIELDS = ["model_name", "dataset", "eval_dataset", "dataset_subset", "dataset_split"]
+
+
+@settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(field=st.sampled_from(NAME_FIELDS), name=LONG_NAMES)
+def test_names_past_the_os_limits_are_caller_errors_naming_the_field(
+    stub: pb_grpc.FineTuneServiceStub, field: str, name: str
+) -> None:
+    config = pb.TrainingConfig(model_name="tiny-qwen2", dataset="facts.jsonl", max_length=64)
+    setattr(config, field, name)
+    try:
+        stub.ValidateConfig(pb.ValidateConfigRequest(config=config), timeout=30)
+    except grpc.RpcError as error:
+        assert error.code() in ALLOWED, (error.code(), error.details(), field, len(name))
+        assert error.details()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=LONG_NAMES)
+def test_upload_filenames_past_the_os_limits_are_caller_errors(stub: pb_grpc.FineTuneServiceStub, name: str) -> None:
+    def messages() -> Iterator[pb.UploadDatasetRequest]:
+        yield pb.UploadDatasetRequest(metadata=pb.UploadDatasetMetadata(filename=name + ".jsonl"))
+        yield pb.UploadDatasetRequest(chunk=b'{"text": "x"}\n')
+
+    try:
+        stub.UploadDataset(messages(), timeout=30)
+    except grpc.RpcError as error:
+        assert error.code() in ALLOWED, (error.code(), error.details(), len(name))

@@ -421,7 +421,7 @@ def test_reopen_after_close_keeps_everything(db_path: Path) -> None:
     with SqliteJobStore(db_path) as s:
         assert s.get_job("job-1") == job_before
         assert s.events_after("job-1", 0) == events_before
-        assert s.find_by_request_id("req") == job_before
+        assert s.find_by_request_id("req", "o") == job_before
         assert s.find_dataset_by_sha256("ef" * 32) is not None
         assert s.integrity_check() == "ok"
         assert s.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "x"}, now=5.0).sequence == 6
@@ -503,7 +503,7 @@ def test_v1_database_is_migrated_and_reopening_is_idempotent(db_path: Path) -> N
 
     with SqliteJobStore(db_path) as s:
         assert s.get_job("job-old").state is JobState.QUEUED
-    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 3
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 4
     assert {"jobs_newest", "jobs_owner_newest", "jobs_state_queue", "jobs_request_id"} <= _indexes(db_path)
 
     # Reopening re-runs nothing (migration 2's CREATE INDEX would fail if it did).
@@ -551,3 +551,30 @@ def test_artifacts_round_trip_and_replace(store: SqliteJobStore) -> None:
     assert store.get_artifact("art-1").total_size_bytes == 11
     with pytest.raises(KeyError):
         store.get_artifact("art-missing")
+
+
+def test_a_schema_3_database_is_upgraded_and_keeps_its_keys(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    apply_migrations(conn, MIGRATIONS[:3])
+    conn.execute(
+        "INSERT INTO jobs (id, state, config, request_id, owner, create_time, queue_position)"
+        " VALUES ('job-old', 'QUEUED', '{}', 'old-key', 'alice', 1.0, 1)"
+    )
+    conn.close()
+    with SqliteJobStore(path) as store:
+        assert store.find_by_request_id("old-key", "alice").id == "job-old"  # type: ignore[union-attr]
+        assert store.find_by_request_id("old-key", "bob") is None
+        created, fresh = store.create_job(job_id="job-bob", config={}, request_id="old-key", owner="bob", now=2.0)
+        assert fresh and created.owner == "bob"
+
+
+def test_request_ids_are_scoped_to_their_owner_and_keys_record_what_they_made(store: SqliteJobStore) -> None:
+    alices, _ = store.create_job(job_id="job-a", config=CONFIG, request_id="k", owner="alice", now=1.0)
+    bobs, created = store.create_job(job_id="job-b", config=CONFIG, request_id="k", owner="bob", now=2.0)
+    assert created and bobs.id == "job-b" and store.find_by_request_id("k", "alice") == alices
+    claim = {"owner": "alice", "method": "Export", "request_id": "k", "now": 3.0}
+    assert store.claim_request_key(**claim, fingerprint="f1", resource_id="art-1") == ("art-1", "f1")
+    assert store.claim_request_key(**claim, fingerprint="f2", resource_id="art-2") == ("art-1", "f1")
+    other = {**claim, "owner": "bob"}
+    assert store.claim_request_key(**other, fingerprint="f2", resource_id="art-2") == ("art-2", "f2")

@@ -79,6 +79,9 @@ def to_status(error: FinetuneError, extra_detail: Message | None = None) -> stat
         if status.ByteSize() <= DETAILS_BUDGET_BYTES:
             break
         status = _build(error, extra_detail, limit)
+    if status.ByteSize() > DETAILS_BUDGET_BYTES and extra_detail is not None:
+        # Still too big (a report echoing a caller's huge field): without the extra detail the answer arrives.
+        status = to_status(error)
     return status
 
 

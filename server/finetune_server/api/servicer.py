@@ -22,6 +22,7 @@ from finetune_server.api.convert import (
 from finetune_server.api.errors import map_errors
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.host.server_info import ServerInfoProvider
+from finetune_server.jobs import idempotency
 from finetune_server.jobs.exports import ExportService
 from finetune_server.jobs.service import JobService
 from finetune_server.settings import ServerSettings
@@ -95,7 +96,6 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             display_name=request.display_name,
             owner=caller_name(),
         )
-        check_access(job.owner, f"request {request.request_id!r}")  # another token's request_id
         yield pb.TrainResponse(job=job_to_proto(job))
         async for event in self._jobs.watch(job.id, 0):
             yield pb.TrainResponse(event=event_to_proto(event))
@@ -163,6 +163,15 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             expected_sha256=metadata.sha256,
             chunks=chunks(),
         )
+        await idempotency.claim(
+            self._store,
+            owner=caller_name(),
+            method="UploadDataset",
+            request_id=metadata.request_id,
+            request={"sha256": record.sha256, "filename": metadata.filename, "data_format": metadata.data_format},
+            resource_field="dataset_id",
+            resource_id=record.id,
+        )
         response = pb.UploadDatasetResponse(already_existed=not created)
         fill(response.dataset, record)
         return response
@@ -173,8 +182,8 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
     ) -> AsyncIterator[pb.ExportResponse]:
         fmt = export_format_from_proto(request.format)
         step = request.checkpoint_step if request.HasField("checkpoint_step") else None
-        await self._job_of_caller(request.job_id)
-        async for item in self._exports.export(request.job_id, fmt, step):
+        job = await self._job_of_caller(request.job_id)
+        async for item in self._exports.export(job.id, fmt, step, owner=caller_name(), request_id=request.request_id):
             if isinstance(item, ArtifactRecord):
                 yield pb.ExportResponse(artifact=fill(pb.Artifact(), item))
             else:

@@ -1,12 +1,16 @@
 """Exports and downloads: turn a SUCCEEDED job's adapter into an artifact once, and stream its files with checksums.
 
 The packaging itself (it needs torch) runs in a subprocess (`workers/export.py`); this side orchestrates, records the
-artifact only once its folder is complete, and never lets a caller name a server-side path.
+artifact only once its folder is complete, and never lets a caller name a server-side path. An export outlives the
+call that began it, by design: a dropped stream still gets its artifact recorded, and another Export of the same job,
+format and checkpoint while it runs follows it (its progress from then on, the same artifact) instead of starting a
+second worker on the same folder.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
 from collections import defaultdict
@@ -19,6 +23,7 @@ import structlog
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.export.formats import ExportFormat
 from finetune_server.host.diskspace import ensure_free_space, export_disk_bytes
+from finetune_server.jobs import idempotency
 from finetune_server.jobs.service import job_not_found
 from finetune_server.settings import ServerSettings
 from finetune_server.storage import layout
@@ -44,11 +49,42 @@ def artifact_id(job_id: str, fmt: ExportFormat, checkpoint_step: int | None) -> 
     return "art-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+class _RunningExport:
+    """One export in progress and the callers following it; each follower hears the progress from when it came."""
+
+    def __init__(self, task: asyncio.Task[ArtifactRecord]) -> None:
+        self.task = task
+        self._followers: list[asyncio.Queue[ExportProgress]] = []
+
+    def publish(self, progress: ExportProgress) -> None:
+        for queue in self._followers:
+            queue.put_nowait(progress)
+
+    async def follow(self) -> AsyncIterator[ExportProgress | ArtifactRecord]:
+        """Progress until the export ends, then its artifact (or its error). Leaving early leaves the export be."""
+        queue: asyncio.Queue[ExportProgress] = asyncio.Queue()
+        self._followers.append(queue)
+        try:
+            while not self.task.done() or not queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                try:
+                    await asyncio.wait({getter, self.task}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not getter.done():
+                        getter.cancel()
+                if getter.done() and not getter.cancelled():
+                    yield getter.result()
+            yield await asyncio.shield(self.task)  # raises the export's FinetuneError
+        finally:
+            self._followers.remove(queue)
+
+
 class ExportService:
     def __init__(self, settings: ServerSettings, store: JobStore) -> None:
         self._settings = settings
         self._store = store
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._running: dict[str, _RunningExport] = {}  # by artifact id; an export outlives the call that began it
 
     async def _stored(self, art_id: str) -> ArtifactRecord | None:
         try:
@@ -60,7 +96,13 @@ class ExportService:
         return record if complete else None
 
     async def export(
-        self, job_id: str, fmt: ExportFormat, checkpoint_step: int | None
+        self,
+        job_id: str,
+        fmt: ExportFormat,
+        checkpoint_step: int | None,
+        *,
+        owner: str = "",
+        request_id: str = "",
     ) -> AsyncIterator[ExportProgress | ArtifactRecord]:
         """Yield the worker's progress messages (stage, fraction, message), then the artifact record."""
         try:
@@ -74,56 +116,86 @@ class ExportService:
                 f"job {job_id} is {job.state.value}; only a SUCCEEDED job can be exported",
             )
         art_id = artifact_id(job_id, fmt, checkpoint_step)
-        async with self._locks[art_id]:  # two concurrent identical exports: the second finds the first's result
-            existing = await self._stored(art_id)
-            if existing is not None:
-                yield existing
-                return
-            config = TrainingConfig.from_dict(job.config)
-            model = await asyncio.to_thread(resolve_model, config.model_name, self._settings)
-            target = self._settings.artifacts_dir / art_id
-            await asyncio.to_thread(self._check_disk, job_id, model, fmt)
-            spec = {
-                "job_dir": str(self._settings.jobs_dir / job_id),
-                "config": job.config,
-                "model_ref": model.load_ref,
-                "base_model": config.model_name,
-                "fmt": fmt.value,
-                "checkpoint_step": checkpoint_step,
-                "target_dir": str(target),
-                "hub_cache_dir": str(self._settings.hf_cache_dir) if self._settings.hf_cache_dir else None,
-                "hub_offline": self._settings.offline,
-                "cpu_threads": self._settings.threads_per_worker,
-                "cpus": self._settings.worker_cpus or None,
-            }
-            progress: asyncio.Queue[ExportProgress] = asyncio.Queue()
-            self._settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
-            task = asyncio.ensure_future(
-                run_export(spec, on_progress=progress.put, log_path=self._settings.layout.artifact_log(art_id))
-            )
-            while not task.done() or not progress.empty():
-                getter = asyncio.ensure_future(progress.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            manifest = task.result()  # raises the export's FinetuneError
-            record = ArtifactRecord(
-                id=art_id,
-                job_id=job_id,
-                format=fmt.name,
-                step=int(manifest["step"]),
-                base_model=config.model_name,
-                path=str(target.relative_to(self._settings.data_dir)),
-                files=list(manifest["files"]),
-                total_size_bytes=int(manifest["total_size_bytes"]),
-                vllm=dict(manifest["vllm"]),
-                create_time=time.time(),
-            )
-            await asyncio.to_thread(self._store.put_artifact, record)
-            log.info("export.done", job_id=job_id, artifact_id=art_id, format=fmt.name, bytes=record.total_size_bytes)
-            yield record
+        await idempotency.claim(
+            self._store,
+            owner=owner,
+            method="Export",
+            request_id=request_id,
+            request={"job_id": job_id, "format": fmt.name, "checkpoint_step": checkpoint_step},
+            resource_field="artifact_id",
+            resource_id=art_id,
+        )
+        async with self._locks[art_id]:  # one caller at a time decides between stored, running and a new run
+            running = self._running.get(art_id)  # looked up before the store: a run records before it leaves
+            if running is None:
+                existing = await self._stored(art_id)
+                if existing is not None:
+                    yield existing
+                    return
+                running = await self._start(art_id, job_id, job.config, fmt, checkpoint_step)
+        async for item in running.follow():
+            yield item
+
+    async def _start(
+        self, art_id: str, job_id: str, job_config: dict[str, Any], fmt: ExportFormat, checkpoint_step: int | None
+    ) -> _RunningExport:
+        """Check what the export needs, then run it as a task of its own: it goes on (and records its artifact)
+        whether or not anyone still follows it, so a dropped stream loses nothing and a retry attaches."""
+        config = TrainingConfig.from_dict(job_config)
+        model = await asyncio.to_thread(resolve_model, config.model_name, self._settings)
+        await asyncio.to_thread(self._check_disk, job_id, model, fmt)
+        spec = {
+            "job_dir": str(self._settings.jobs_dir / job_id),
+            "config": job_config,
+            "model_ref": model.load_ref,
+            "base_model": config.model_name,
+            "fmt": fmt.value,
+            "checkpoint_step": checkpoint_step,
+            "target_dir": str(self._settings.artifacts_dir / art_id),
+            "hub_cache_dir": str(self._settings.hf_cache_dir) if self._settings.hf_cache_dir else None,
+            "hub_offline": self._settings.offline,
+            "cpu_threads": self._settings.threads_per_worker,
+            "cpus": self._settings.worker_cpus or None,
+        }
+        running = _RunningExport(asyncio.create_task(self._produce(running_id=art_id, job_id=job_id, spec=spec)))
+        self._running[art_id] = running
+        running.task.add_done_callback(functools.partial(self._finished, art_id))
+        log.info("export.started", job_id=job_id, artifact_id=art_id, format=fmt.name)
+        return running
+
+    def _finished(self, art_id: str, task: asyncio.Task[ArtifactRecord]) -> None:
+        self._running.pop(art_id, None)
+        if not task.cancelled() and task.exception() is not None:  # retrieved here: followers may all be gone
+            log.info("export.failed", artifact_id=art_id, error=str(task.exception()))
+
+    async def _produce(self, *, running_id: str, job_id: str, spec: dict[str, Any]) -> ArtifactRecord:
+        art_id, target = running_id, Path(spec["target_dir"])
+        self._settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        manifest = await run_export(
+            spec,
+            on_progress=functools.partial(self._publish, art_id),
+            log_path=self._settings.layout.artifact_log(art_id),
+        )
+        record = ArtifactRecord(
+            id=art_id,
+            job_id=job_id,
+            format=ExportFormat(spec["fmt"]).name,
+            step=int(manifest["step"]),
+            base_model=spec["base_model"],
+            path=str(target.relative_to(self._settings.data_dir)),
+            files=list(manifest["files"]),
+            total_size_bytes=int(manifest["total_size_bytes"]),
+            vllm=dict(manifest["vllm"]),
+            create_time=time.time(),
+        )
+        await asyncio.to_thread(self._store.put_artifact, record)
+        log.info("export.done", job_id=job_id, artifact_id=art_id, format=record.format, bytes=record.total_size_bytes)
+        return record
+
+    async def _publish(self, art_id: str, progress: ExportProgress) -> None:
+        running = self._running.get(art_id)
+        if running is not None:
+            running.publish(progress)
 
     def _check_disk(self, job_id: str, model: ResolvedModel, fmt: ExportFormat) -> None:
         adapter = self._settings.layout.job(job_id).adapter / layout.ADAPTER_WEIGHTS_FILE

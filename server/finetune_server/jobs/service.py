@@ -21,6 +21,7 @@ import structlog
 
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.host.diskspace import ensure_free_space, job_disk_bytes
+from finetune_server.jobs import idempotency
 from finetune_server.jobs.event_hub import EventHub
 from finetune_server.observability.metrics import ServiceMetrics
 from finetune_server.settings import ServerSettings
@@ -41,6 +42,13 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 MAX_ATTEMPTS = 3
+
+
+def _same_request(job: JobRecord, digest: str) -> JobRecord:
+    # Jobs stored before fingerprints existed (schema < 4) have none: they can only be taken as a retry.
+    if job.request_fingerprint and job.request_fingerprint != digest:
+        raise idempotency.key_reused(job.request_id, "job_id", job.id)
+    return job
 
 
 def job_not_found(job_id: str) -> FinetuneError:
@@ -137,11 +145,13 @@ class JobService:
     async def submit(
         self, config: TrainingConfig, *, request_id: str = "", display_name: str = "", owner: str = ""
     ) -> tuple[JobRecord, bool]:
-        """Validate exactly as ValidateConfig does, then persist the job as QUEUED. Idempotent on request_id."""
+        """Validate exactly as ValidateConfig does, then persist the job as QUEUED. Idempotent on the owner's
+        request_id: a retry returns its job; the key with another config is ALREADY_EXISTS naming that job."""
+        digest = idempotency.fingerprint(config.to_dict()) if request_id else ""
         if request_id:
-            existing = await self._db(self._store.find_by_request_id, request_id)
+            existing = await self._db(self._store.find_by_request_id, request_id, owner)
             if existing is not None:
-                return existing, False
+                return _same_request(existing, digest), False
         report = await asyncio.to_thread(validate, config, self._settings)
         if not report.valid:
             raise report.rejection()
@@ -162,14 +172,16 @@ class JobService:
             job_id=f"job-{uuid.uuid4().hex[:16]}",
             config=report.resolved_config.to_dict(),
             request_id=request_id,
+            request_fingerprint=digest,
             display_name=display_name,
             owner=owner,
             now=self._clock(),
         )
-        if created:
-            await self._published(job.id)
-            log.info("job.queued", job_id=job.id, model=config.model_name)
-            self._wake.set()
+        if not created:  # a concurrent call with the same key won the race
+            return _same_request(job, digest), False
+        await self._published(job.id)
+        log.info("job.queued", job_id=job.id, model=config.model_name)
+        self._wake.set()
         return job, created
 
     async def get(self, job_id: str) -> JobRecord:

@@ -24,6 +24,7 @@ from finetune_server.storage.job_store import JobStore
 from finetune_server.storage.records import DatasetRecord
 from finetune_server.training.config import DATA_FORMATS
 from finetune_server.training.data import check_dataset
+from finetune_server.util.paths import check_name
 
 ALLOWED_SUFFIXES = {".jsonl": ".jsonl", ".ndjson": ".jsonl", ".json": ".json", ".parquet": ".parquet"}
 
@@ -53,6 +54,7 @@ async def store_upload(
     expected_sha256: str,
     chunks: AsyncIterator[bytes],
 ) -> tuple[DatasetRecord, bool]:
+    check_name(filename, "metadata.filename")
     suffix = _suffix(filename)
     data_format = data_format or "auto"
     if data_format not in DATA_FORMATS:

@@ -62,6 +62,7 @@ class JobStore(Protocol):
         job_id: str,
         config: dict[str, Any],
         request_id: str = "",
+        request_fingerprint: str = "",
         display_name: str = "",
         owner: str = "",
         now: float,
@@ -69,7 +70,11 @@ class JobStore(Protocol):
 
     def get_job(self, job_id: str) -> JobRecord: ...
 
-    def find_by_request_id(self, request_id: str) -> JobRecord | None: ...
+    def find_by_request_id(self, request_id: str, owner: str = "") -> JobRecord | None: ...
+
+    def claim_request_key(
+        self, *, owner: str, method: str, request_id: str, fingerprint: str, resource_id: str, now: float
+    ) -> tuple[str, str]: ...
 
     def list_jobs(
         self,
@@ -185,6 +190,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             create_time REAL NOT NULL
         )""",
     ),
+    (
+        # Idempotency keys belong to their owner (AIP-155): one token's request_id never finds another's job. The
+        # fingerprint of the request a key first came with tells a retry (same request) from a reuse (different).
+        "DROP INDEX jobs_request_id",
+        "CREATE UNIQUE INDEX jobs_request_id ON jobs (owner, request_id) WHERE request_id != ''",
+        "ALTER TABLE jobs ADD COLUMN request_fingerprint TEXT NOT NULL DEFAULT ''",
+        # The same for the other methods that take a request_id (Export, UploadDataset): what the key made.
+        """CREATE TABLE request_keys (
+            owner TEXT NOT NULL,
+            method TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            resource_id TEXT NOT NULL,
+            create_time REAL NOT NULL,
+            PRIMARY KEY (owner, method, request_id)
+        ) WITHOUT ROWID""",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -229,6 +251,7 @@ def _job(row: sqlite3.Row) -> JobRecord:
         state=JobState(row["state"]),
         config=json.loads(row["config"]),
         request_id=row["request_id"],
+        request_fingerprint=row["request_fingerprint"],
         display_name=row["display_name"],
         owner=row["owner"],
         create_time=row["create_time"],
@@ -364,17 +387,29 @@ class SqliteJobStore(JobStore):
         job_id: str,
         config: dict[str, Any],
         request_id: str = "",
+        request_fingerprint: str = "",
         display_name: str = "",
         owner: str = "",
         now: float,
     ) -> tuple[JobRecord, bool]:
-        """Insert a QUEUED job at the back of the queue with its first event; a known request_id returns its job."""
+        """Insert a QUEUED job at the back of the queue with its first event; the owner's known request_id returns
+        its job (the caller compares `request_fingerprint` to tell a retry from a reused key)."""
         try:
             with self._tx(write=True) as conn:
                 conn.execute(
-                    "INSERT INTO jobs (id, state, config, request_id, display_name, owner, create_time, queue_position)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(queue_position), 0) + 1 FROM jobs))",
-                    (job_id, JobState.QUEUED.value, json.dumps(config), request_id, display_name, owner, now),
+                    "INSERT INTO jobs (id, state, config, request_id, request_fingerprint, display_name, owner,"
+                    " create_time, queue_position)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(queue_position), 0) + 1 FROM jobs))",
+                    (
+                        job_id,
+                        JobState.QUEUED.value,
+                        json.dumps(config),
+                        request_id,
+                        request_fingerprint,
+                        display_name,
+                        owner,
+                        now,
+                    ),
                 )
                 self._append(
                     conn,
@@ -386,7 +421,7 @@ class SqliteJobStore(JobStore):
                 job = self._get(conn, job_id)
         except sqlite3.IntegrityError:
             # The UNIQUE index decides races between callers (threads or processes) with the same request_id.
-            existing = self.find_by_request_id(request_id) if request_id else None
+            existing = self.find_by_request_id(request_id, owner) if request_id else None
             if existing is None:
                 raise ValueError(f"job {job_id} already exists") from None
             return existing, False
@@ -397,12 +432,30 @@ class SqliteJobStore(JobStore):
         with self._tx() as conn:
             return self._get(conn, job_id)
 
-    def find_by_request_id(self, request_id: str) -> JobRecord | None:
+    def find_by_request_id(self, request_id: str, owner: str = "") -> JobRecord | None:
+        """The job `owner` created with this idempotency key (keys are scoped to their owner)."""
         if not request_id:
             return None
         with self._tx() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+            row = conn.execute("SELECT * FROM jobs WHERE owner = ? AND request_id = ?", (owner, request_id)).fetchone()
         return None if row is None else _job(row)
+
+    def claim_request_key(
+        self, *, owner: str, method: str, request_id: str, fingerprint: str, resource_id: str, now: float
+    ) -> tuple[str, str]:
+        """Record what `request_id` of `owner` made with `method`, unless known: returns the key's (resource_id,
+        fingerprint), the stored ones when the key was claimed before (by this request or another)."""
+        with self._tx(write=True) as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO request_keys (owner, method, request_id, fingerprint, resource_id, create_time)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (owner, method, request_id, fingerprint, resource_id, now),
+            )
+            row = conn.execute(
+                "SELECT resource_id, fingerprint FROM request_keys WHERE owner = ? AND method = ? AND request_id = ?",
+                (owner, method, request_id),
+            ).fetchone()
+        return str(row["resource_id"]), str(row["fingerprint"])
 
     def list_jobs(
         self,

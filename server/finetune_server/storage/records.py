@@ -54,6 +54,7 @@ class JobRecord:
     state: JobState
     config: dict[str, Any]  # the resolved TrainingConfig as TrainingConfig.to_dict()
     request_id: str = ""
+    request_fingerprint: str = ""  # a digest of the request that first used request_id (empty before schema 4)
     display_name: str = ""
     owner: str = ""
     create_time: float = 0.0

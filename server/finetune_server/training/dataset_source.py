@@ -17,7 +17,7 @@ from finetune_server.storage import layout
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.data.hub import HubOptions, fetch_dataset
 from finetune_server.training.data.sources import DatasetSource, is_saved_dataset
-from finetune_server.util.paths import confine, looks_like_path
+from finetune_server.util.paths import check_name, confine, looks_like_path
 
 UPLOADED_DATASET_PREFIX = "ds-"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
@@ -75,6 +75,7 @@ def resolve_dataset(config: TrainingConfig, settings: ServerSettings, field: str
     """The source `config.<field>` names (see the module docstring). Raises FinetuneError: NOT_FOUND,
     PERMISSION_DENIED (outside the roots, hub not allowed, gated), UNAVAILABLE (hub unreachable), INVALID_ARGUMENT."""
     name: str = getattr(config, field).strip()
+    check_name(name, field)
     options = config.source_options(field)
     if name.startswith(UPLOADED_DATASET_PREFIX) and "/" not in name and "\\" not in name:
         return _uploaded(name, settings, field)

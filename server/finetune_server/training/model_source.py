@@ -24,7 +24,7 @@ from finetune_server.errors import ErrorKind, FinetuneError, Violation
 from finetune_server.settings import ServerSettings
 from finetune_server.storage.layout import CHAT_TEMPLATE_FILE
 from finetune_server.training.model_info import CONFIG_FILE, INDEX_FILE, ResolvedModel
-from finetune_server.util.paths import confine, looks_like_path
+from finetune_server.util.paths import check_name, confine, looks_like_path
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +47,7 @@ def resolve_model(name: str, settings: ServerSettings, field: str = "model_name"
     name = name.strip()
     if not name:
         raise _error(ErrorKind.INVALID_ARGUMENT, "REQUIRED", field, "a model name or folder is required")
+    check_name(name, field)
     local = _local_candidate(name, settings, field)
     if local is not None:
         return _resolve_local(name, local, field)

@@ -181,7 +181,12 @@ def _check_device_support(raw: TrainingConfig, c: TrainingConfig, out: _Collecto
     if c.load_in_8bit or c.load_in_4bit:
         path = "load_in_8bit" if c.load_in_8bit else "load_in_4bit"
         if importlib.util.find_spec("bitsandbytes") is None:
-            out.violation(path, "QUANTIZATION_UNAVAILABLE", "needs bitsandbytes, which is not installed on this server")
+            message = "needs bitsandbytes, which is not installed on this server"
+            if getattr(raw, path):  # asked for explicitly: refuse; filled by a preset: train unquantized
+                out.violation(path, "QUANTIZATION_UNAVAILABLE", message)
+            else:
+                out.warn(path, "QUANTIZATION_UNAVAILABLE", f"the preset sets it, but it {message}; it is turned off")
+                setattr(c, path, False)
     if c.optim == "paged_adamw_8bit" and not gpus:
         out.warn("optim", "OPTIMIZER_FALLBACK", "paged_adamw_8bit needs CUDA; adamw_torch will be used on the CPU")
 
@@ -202,15 +207,29 @@ def _tokenizer_for(model_dir: str, stamp: float) -> TextTokenizer:  # stamp: rel
     return load_tokenizer(Path(model_dir))
 
 
-def _model_step(c: TrainingConfig, settings: ServerSettings, out: _Collector) -> tuple[ResolvedModel, ModelSummary]:
+def _fit_max_length(raw: TrainingConfig, c: TrainingConfig, positions: int, out: _Collector) -> None:
+    """A max_length beyond the model's positions: the caller's own is an error; one a preset or the defaults chose
+    is capped (with a warning saying so), because a default the caller never wrote must not make its config invalid."""
+    if not positions or (c.max_length or 0) <= positions:
+        return
+    if raw.max_length is not None:
+        out.violation("max_length", "OUT_OF_RANGE", f"{c.max_length} exceeds the model's {positions} positions")
+        return
+    source = f"the {raw.preset} preset's" if raw.preset else "the default"
+    out.warn(
+        "max_length",
+        "MAX_LENGTH_CAPPED",
+        f"{source} max_length {c.max_length} exceeds the model's {positions} positions: capped at {positions}",
+    )
+    c.max_length = positions
+
+
+def _model_step(
+    raw: TrainingConfig, c: TrainingConfig, settings: ServerSettings, out: _Collector
+) -> tuple[ResolvedModel, ModelSummary]:
     resolved = resolve_model(c.model_name, settings, "model_name")
     summary = summarize_model(resolved)
-    if summary.max_position_embeddings and (c.max_length or 0) > summary.max_position_embeddings:
-        out.violation(
-            "max_length",
-            "OUT_OF_RANGE",
-            f"{c.max_length} exceeds the model's {summary.max_position_embeddings} positions",
-        )
+    _fit_max_length(raw, c, summary.max_position_embeddings, out)
     if summary.linear_modules:
         missing = [m for m in c.lora.target_modules if m not in summary.linear_modules]
         if missing:
@@ -387,7 +406,7 @@ def validate(config: TrainingConfig, settings: ServerSettings, *, target_device:
     template: str | None = None
     if resolved.model_name.strip():
         try:
-            model, summary = _model_step(resolved, settings, out)
+            model, summary = _model_step(config, resolved, settings, out)
             model_config = model.config
             tokenizer_file = model.path / "tokenizer.json"
             if tokenizer_file.is_file():

@@ -7,10 +7,47 @@ plain character (never expanded), so `~/x` and `~user` name folders under a root
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
 from finetune_server.errors import ErrorKind, FinetuneError, Violation
+
+# The operating system's limits (Linux: NAME_MAX, PATH_MAX), and a depth no real model or dataset path comes near.
+NAME_MAX_BYTES = 255
+PATH_MAX_BYTES = 4096
+MAX_DEPTH = 64
+
+
+def _invalid_name(field_path: str, message: str) -> FinetuneError:
+    return FinetuneError(
+        ErrorKind.INVALID_ARGUMENT,
+        "INVALID_NAME",
+        f"{field_path}: {message}",
+        violations=[Violation(field_path, "INVALID_NAME", message)],
+    )
+
+
+def check_name(name: str, field_path: str) -> None:
+    """INVALID_ARGUMENT for a caller-supplied name no file system could hold: checked before the OS sees it, so the
+    answer names the field instead of being whatever error (or INTERNAL) the OS call would have led to."""
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid_name(field_path, "is not valid UTF-8 (it contains a lone surrogate)") from None
+    bad = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise _invalid_name(field_path, f"contains the control character {bad!r}")
+    if len(encoded) > PATH_MAX_BYTES:
+        raise _invalid_name(field_path, f"is {len(encoded)} bytes long; at most {PATH_MAX_BYTES} are allowed")
+    parts = [p for p in name.replace("\\", "/").split("/") if p]
+    longest = max((len(p.encode()) for p in parts), default=0)
+    if longest > NAME_MAX_BYTES:
+        raise _invalid_name(
+            field_path, f"has a component of {longest} bytes; at most {NAME_MAX_BYTES} per component are allowed"
+        )
+    if len(parts) > MAX_DEPTH:
+        raise _invalid_name(field_path, f"is {len(parts)} components deep; at most {MAX_DEPTH} are allowed")
 
 
 def looks_like_path(name: str) -> bool:
@@ -31,6 +68,20 @@ def confine(name: str, roots: Sequence[Path], field_path: str) -> Path:
             f"{field_path}: contains a NUL character",
             violations=[Violation(field_path, "INVALID_PATH", "contains a NUL character")],
         )
+    check_name(name, field_path)
+    try:
+        return _confine(name, roots, field_path)
+    except OSError as exc:  # ENAMETOOLONG with a long root, ELOOP...: the caller's name, not the server, is at fault
+        message = f"{name!r} cannot be looked up: {exc.strerror or exc}"
+        raise FinetuneError(
+            ErrorKind.INVALID_ARGUMENT,
+            "INVALID_PATH",
+            f"{field_path}: {message}",
+            violations=[Violation(field_path, "INVALID_PATH", message)],
+        ) from exc
+
+
+def _confine(name: str, roots: Sequence[Path], field_path: str) -> Path:
     if not roots:
         raise FinetuneError(
             ErrorKind.PERMISSION_DENIED,

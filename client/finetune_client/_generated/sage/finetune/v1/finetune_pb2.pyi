@@ -1518,8 +1518,9 @@ class TrainRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Idempotency key: a second Train with the same request_id returns the same job (and streams its events) instead
-    of creating another. Empty: every call creates a job.
+    """Idempotency key, scoped to the caller's token: a second Train with the same request_id and config returns the
+    same job (and streams its events) instead of creating another; with a different config it is ALREADY_EXISTS
+    (ErrorInfo metadata `job_id` names the existing job). Empty: every call creates a job.
     """
     display_name: _builtins.str
     """A human-readable name for the job."""
@@ -1785,22 +1786,28 @@ class ExportRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """A SUCCEEDED job."""
     format: Global___ExportFormat.ValueType
     """The format. Required."""
     checkpoint_step: _builtins.int
     """A checkpoint step to export instead of the final adapter. Unset: the final adapter."""
+    request_id: _builtins.str
+    """Idempotency key, scoped to the caller's token: repeating it with the same request returns the same artifact;
+    with a different request it is ALREADY_EXISTS (ErrorInfo metadata `artifact_id` names what it made).
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         format: Global___ExportFormat.ValueType = ...,
         checkpoint_step: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "checkpoint_step", b"checkpoint_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "checkpoint_step", b"checkpoint_step", "format", b"format", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "checkpoint_step", b"checkpoint_step", "format", b"format", "job_id", b"job_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__checkpoint_step: _TypeAlias = _typing.Literal["checkpoint_step"]  # noqa: Y015
     _WhichOneofArgType__checkpoint_step: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step"]  # noqa: Y015
@@ -2104,22 +2111,28 @@ class UploadDatasetMetadata(_message.Message):
     FILENAME_FIELD_NUMBER: _builtins.int
     DATA_FORMAT_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """The original file name; its extension (`.jsonl`, `.ndjson`, `.json` or `.parquet`) sets how it is parsed."""
     data_format: _builtins.str
     """The data format to check against (as TrainingConfig.data_format); empty: `auto`."""
     sha256: _builtins.str
     """The expected SHA-256 (lower-case hex); when set, a mismatch rejects the upload with DATA_LOSS."""
+    request_id: _builtins.str
+    """Idempotency key, scoped to the caller's token: repeating it with the same file returns the same dataset; with
+    another file, name or format it is ALREADY_EXISTS (ErrorInfo metadata `dataset_id` names what it made).
+    """
     def __init__(
         self,
         *,
         filename: _builtins.str = ...,
         data_format: _builtins.str = ...,
         sha256: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_format", b"data_format", "filename", b"filename", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_format", b"data_format", "filename", b"filename", "request_id", b"request_id", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
