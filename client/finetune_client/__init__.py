@@ -4,7 +4,13 @@ Depends only on grpcio, grpcio-status, protobuf and googleapis-common-protos; ne
 """
 
 from finetune_client.convert import ConfigConversionError, config_from_dict, config_to_dict, message_to_dict
-from finetune_client.errors import FinetuneServiceError, ServerUnavailableError, from_rpc_error
+from finetune_client.errors import (
+    FinetuneServiceError,
+    MissingResource,
+    QuotaViolation,
+    ServerUnavailableError,
+    from_rpc_error,
+)
 from finetune_client.interface import (
     ExportResult,
     FieldViolation,
@@ -25,8 +31,10 @@ __all__ = [
     "FinetuneServiceError",
     "GrpcFineTuneService",
     "IFineTuneService",
+    "MissingResource",
     "ProgressCallback",
     "ProgressUpdate",
+    "QuotaViolation",
     "ServerUnavailableError",
     "TaskInfo",
     "TaskNotFoundError",
