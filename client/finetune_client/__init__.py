@@ -3,6 +3,7 @@
 Depends only on grpcio, grpcio-status, protobuf and googleapis-common-protos; never on torch or the server.
 """
 
+from finetune_client.channel import channel_options, service_config
 from finetune_client.convert import ConfigConversionError, config_from_dict, config_to_dict, message_to_dict
 from finetune_client.errors import (
     FinetuneServiceError,
@@ -42,8 +43,10 @@ __all__ = [
     "TaskStatus",
     "TrainResult",
     "ValidationResult",
+    "channel_options",
     "config_from_dict",
     "config_to_dict",
     "from_rpc_error",
     "message_to_dict",
+    "service_config",
 ]
