@@ -15,13 +15,16 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
+CONTRACT_PACKAGE = "sage"
 OUT = ROOT / "client" / "finetune_client" / "_generated"
 ABSOLUTE_IMPORT = re.compile(r"^from sage\.finetune\.v1 import ", re.MULTILINE)
 ABSOLUTE_MODULE = re.compile(r"\bsage\.finetune\.v1\.finetune_pb2\b")
 
 
 def main() -> int:
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    # Only the contract: proto/google holds copies of googleapis files whose Python modules googleapis-common-protos
+    # ships (the generated code imports `google.api.field_behavior_pb2` from there; a second copy would clash).
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / CONTRACT_PACKAGE).rglob("*.proto"))
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)

@@ -3,8 +3,15 @@
 Depends only on grpcio, grpcio-status, protobuf and googleapis-common-protos; never on torch or the server.
 """
 
+from finetune_client.channel import channel_options, service_config
 from finetune_client.convert import ConfigConversionError, config_from_dict, config_to_dict, message_to_dict
-from finetune_client.errors import FinetuneServiceError, ServerUnavailableError, from_rpc_error
+from finetune_client.errors import (
+    FinetuneServiceError,
+    MissingResource,
+    QuotaViolation,
+    ServerUnavailableError,
+    from_rpc_error,
+)
 from finetune_client.interface import (
     ExportResult,
     FieldViolation,
@@ -25,8 +32,10 @@ __all__ = [
     "FinetuneServiceError",
     "GrpcFineTuneService",
     "IFineTuneService",
+    "MissingResource",
     "ProgressCallback",
     "ProgressUpdate",
+    "QuotaViolation",
     "ServerUnavailableError",
     "TaskInfo",
     "TaskNotFoundError",
@@ -34,8 +43,10 @@ __all__ = [
     "TaskStatus",
     "TrainResult",
     "ValidationResult",
+    "channel_options",
     "config_from_dict",
     "config_to_dict",
     "from_rpc_error",
     "message_to_dict",
+    "service_config",
 ]

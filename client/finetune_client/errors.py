@@ -1,34 +1,73 @@
 """Errors of the remote service, parsed from the rich google.rpc.Status the server sends.
 
 The server puts a `google.rpc.ErrorInfo` (reason, domain, metadata with an optional "hint"), often a
-`google.rpc.BadRequest`, and for rejected configs the whole `ValidateConfigResponse` into the status details. Callers
-get one exception type with those pieces as attributes instead of digging through trailing metadata.
+`google.rpc.BadRequest`, and for rejected configs the whole `ValidateConfigResponse` into the status details; a
+`google.rpc.RetryInfo` when the same request may succeed later (UNAVAILABLE, a full queue), a `google.rpc.ResourceInfo`
+per missing thing (NOT_FOUND) and a `google.rpc.QuotaFailure` for a server limit. Callers get one exception type with
+those pieces as attributes instead of digging through trailing metadata.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client.interface import FieldViolation
 
-__all__ = ["FinetuneServiceError", "ServerUnavailableError", "from_rpc_error"]
+__all__ = ["FinetuneServiceError", "MissingResource", "QuotaViolation", "ServerUnavailableError", "from_rpc_error"]
 
 logger = logging.getLogger(__name__)
 
 _DETAILS_KEY = "grpc-status-details-bin"
+_DETAIL_TYPES: dict[str, type[Message]] = {
+    kind.DESCRIPTOR.full_name: kind
+    for kind in (
+        error_details_pb2.ErrorInfo,
+        error_details_pb2.BadRequest,
+        error_details_pb2.RetryInfo,
+        error_details_pb2.ResourceInfo,
+        error_details_pb2.QuotaFailure,
+        pb.ValidateConfigResponse,
+    )
+}
 _LINE_PREFIX = re.compile(r"^(line|element|row) (\d+):\s*")  # JSONL lines, JSON array elements, table rows
 
 
+@dataclass(frozen=True)
+class MissingResource:
+    """What a NOT_FOUND is about (google.rpc.ResourceInfo): e.g. `finetune.sage/Job` named `job-3f2a...`."""
+
+    resource_type: str
+    resource_name: str
+    description: str = ""
+    owner: str = ""
+
+
+@dataclass(frozen=True)
+class QuotaViolation:
+    """A server limit the call ran into (google.rpc.QuotaFailure): `quota_id` names the server setting."""
+
+    subject: str
+    description: str
+    quota_id: str = ""
+    quota_metric: str = ""
+
+
 class FinetuneServiceError(Exception):
-    """A failed call: the gRPC code plus the server's reason, hint, field violations and (for configs) report."""
+    """A failed call: the gRPC code plus the server's reason, hint, field violations and (for configs) report.
+
+    `retry_delay` (seconds) is set when the server says the same request may succeed after that long; `resources`
+    lists what a NOT_FOUND could not find, `quota_violations` the server limits a call ran into.
+    """
 
     def __init__(
         self,
@@ -41,6 +80,9 @@ class FinetuneServiceError(Exception):
         report: pb.ValidateConfigResponse | None = None,
         metadata: dict[str, str] | None = None,
         domain: str = "",
+        retry_delay: float | None = None,
+        resources: list[MissingResource] | None = None,
+        quota_violations: list[QuotaViolation] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -51,6 +93,9 @@ class FinetuneServiceError(Exception):
         self.report = report
         self.metadata = dict(metadata or {})
         self.domain = domain
+        self.retry_delay = retry_delay
+        self.resources = list(resources or [])
+        self.quota_violations = list(quota_violations or [])
 
     def __str__(self) -> str:
         head = f"{self.code.name}"
@@ -111,29 +156,38 @@ def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
 
 
 def _parse_details(details: list[any_pb2.Any] | Any) -> dict[str, Any]:
-    info = error_details_pb2.ErrorInfo()
-    bad_request = error_details_pb2.BadRequest()
-    report = pb.ValidateConfigResponse()
-    found_info = found_bad = found_report = False
+    """The FinetuneServiceError keyword arguments that the status details carry (unknown detail types are skipped)."""
+    found: dict[type[Message], list[Any]] = {kind: [] for kind in _DETAIL_TYPES.values()}
     for detail in details:
-        if detail.Is(info.DESCRIPTOR):
-            found_info = detail.Unpack(info)
-        elif detail.Is(bad_request.DESCRIPTOR):
-            found_bad = detail.Unpack(bad_request)
-        elif detail.Is(report.DESCRIPTOR):
-            found_report = detail.Unpack(report)
-        else:
+        kind = _DETAIL_TYPES.get(detail.TypeName())
+        if kind is None:
             logger.debug("ignoring error detail of type %s", detail.type_url)
+            continue
+        message = kind()
+        detail.Unpack(message)
+        found[kind].append(message)
     fields: dict[str, Any] = {}
-    if found_info:
+    for info in found[error_details_pb2.ErrorInfo][:1]:
         fields.update(
             reason=info.reason, domain=info.domain, hint=info.metadata.get("hint", ""), metadata=dict(info.metadata)
         )
-    if found_report:
+    for report in found[pb.ValidateConfigResponse][:1]:
         fields["report"] = report
         fields["violations"] = [FieldViolation(v.field, v.reason, v.message, int(v.line)) for v in report.violations]
-    if found_bad and not fields.get("violations"):
-        fields["violations"] = [_from_bad_request(v) for v in bad_request.field_violations]
+    for bad_request in found[error_details_pb2.BadRequest][:1]:
+        if not fields.get("violations"):
+            fields["violations"] = [_from_bad_request(v) for v in bad_request.field_violations]
+    for retry in found[error_details_pb2.RetryInfo][:1]:
+        fields["retry_delay"] = retry.retry_delay.ToNanoseconds() / 1e9
+    fields["resources"] = [
+        MissingResource(r.resource_type, r.resource_name, r.description, r.owner)
+        for r in found[error_details_pb2.ResourceInfo]
+    ]
+    fields["quota_violations"] = [
+        QuotaViolation(v.subject, v.description, v.quota_id, v.quota_metric)
+        for quota in found[error_details_pb2.QuotaFailure]
+        for v in quota.violations
+    ]
     return fields
 
 

@@ -1,8 +1,10 @@
 """GrpcFineTuneService: the typed client of a sage-finetune server, usable wherever an IFineTuneService is.
 
-Network failures are handled here so callers don't have to: idempotent calls are retried on UNAVAILABLE with
-exponential backoff and jitter, a dropped Train or WatchJob stream is resumed with WatchJob from the last event seen
-(each event is delivered once), and a dropped download resumes from its offset. Everything else surfaces as a
+Network failures are handled here so callers don't have to: the unary calls that only read or check are retried on
+UNAVAILABLE by gRPC itself, from the published service config (`finetune_client.channel`); a dropped Train or WatchJob
+stream is resumed with WatchJob from the last event seen (each event is delivered once), a dropped download resumes
+from its offset, both with exponential backoff and jitter; keepalive pings notice a connection that died silently, so
+a stream waiting on a queued job fails UNAVAILABLE and resumes instead of hanging. Everything else surfaces as a
 FinetuneServiceError carrying the server's reason, hint and field violations.
 """
 
@@ -28,6 +30,7 @@ from google.protobuf.message import Message
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_client.channel import KEEPALIVE_TIME_S, KEEPALIVE_TIMEOUT_S, channel_options
 from finetune_client.convert import (
     ConfigConversionError,
     config_from_dict,
@@ -52,7 +55,6 @@ __all__ = ["CHUNK_SIZE", "GrpcFineTuneService"]
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024  # upload chunk: well under gRPC's default 4 MiB message limit
-_IDEMPOTENT = frozenset({"ValidateConfig", "GetJob", "ListJobs", "ListPresets", "GetServerInfo", "DownloadArtifact"})
 _FINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
 _REJECTED_CONFIG_CODES = frozenset(
     {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
@@ -63,9 +65,14 @@ class GrpcFineTuneService(IFineTuneService):
     """Talks to a FineTuneService at `target` ("host:port") or over an existing channel (which stays the caller's).
 
     `timeout` is the deadline of unary calls in seconds (streams have none: jobs run for hours). `retries` is how many
-    times an idempotent call, a stream reconnect or a download resume is retried after UNAVAILABLE. `token` is sent
+    times a stream reconnect or a download resume is retried after UNAVAILABLE, and the retries (at most 4) of the
+    service config's retry policy for the unary calls that have one. `keepalive_time` is the silence in seconds after
+    which the channel pings the server (None: never; the server must permit it: its default minimum is 10 s), and
+    `keepalive_timeout` how long an unanswered ping takes to fail the connection. `token` is sent
     as `authorization: Bearer <token>`. TLS is used when `tls` is true or `root_certificates` (PEM bytes) are given;
     `client_certificate` and `client_key` (PEM bytes) identify this client to a server that requires mutual TLS.
+    `options` are extra channel options; they win over ours. An existing channel keeps its own options: build it with
+    `finetune_client.channel.channel_options()` for the same retries and keepalive.
     """
 
     def __init__(
@@ -82,16 +89,26 @@ class GrpcFineTuneService(IFineTuneService):
         client_certificate: bytes | None = None,
         client_key: bytes | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        keepalive_time: float | None = KEEPALIVE_TIME_S,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT_S,
     ) -> None:
         if isinstance(target, str):
             self._address = target
+            ours = channel_options(
+                keepalive_time=keepalive_time,
+                keepalive_timeout=keepalive_timeout,
+                retries=retries,
+                initial_backoff=initial_backoff,
+                max_backoff=max_backoff,
+            )
+            merged = list({**dict(ours), **dict(options)}.items())
             if tls or root_certificates is not None or client_certificate is not None:
                 credentials = grpc.ssl_channel_credentials(
                     root_certificates=root_certificates, private_key=client_key, certificate_chain=client_certificate
                 )
-                self._channel = grpc.secure_channel(target, credentials, options=list(options))
+                self._channel = grpc.secure_channel(target, credentials, options=merged)
             else:
-                self._channel = grpc.insecure_channel(target, options=list(options))
+                self._channel = grpc.insecure_channel(target, options=merged)
             self._owns_channel = True
         else:
             self._address = "the given channel"
@@ -379,17 +396,12 @@ class GrpcFineTuneService(IFineTuneService):
     # ----------------------------------------------------------------------------------------------------------
 
     def _unary(self, method_name: str, request: Message) -> Any:
+        """One call: the channel's service config retries the methods that may be repeated, and only those."""
         method = getattr(self._stub, method_name)
-        retryable = method_name in _IDEMPOTENT
-        attempt = 0
-        while True:
-            try:
-                return method(request, timeout=self._timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                if not (retryable and self._should_retry(exc, attempt)):
-                    raise from_rpc_error(exc, address=self._address) from exc
-                attempt += 1
-                self._backoff(method_name, attempt)
+        try:
+            return method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, address=self._address) from exc
 
     def _should_retry(self, exc: grpc.RpcError, attempt: int) -> bool:
         code = exc.code() if isinstance(exc, grpc.Call) else None

@@ -9,8 +9,9 @@ import asyncio
 import grpc
 import structlog
 
+from finetune_server import faults
 from finetune_server.api.auth import TokenTable
-from finetune_server.api.interceptors import AccessLogInterceptor, AuthInterceptor
+from finetune_server.api.interceptors import AccessLogInterceptor, AuthInterceptor, UnavailableFaultInterceptor
 from finetune_server.api.servicer import FineTuneServicer
 from finetune_server.api.transport import GrpcTransport, on_termination_signals
 from finetune_server.host.server_info import ServerInfoProvider
@@ -58,6 +59,8 @@ class FinetuneServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor(observe=self.metrics.observe_rpc)]
         if self.settings.auth_token_file is not None:
             interceptors.append(AuthInterceptor(TokenTable.from_file(self.settings.auth_token_file)))
+        if faults.active().unavailable_first_calls:
+            interceptors.append(UnavailableFaultInterceptor(faults.active().unavailable_first_calls))
         exports = ExportService(self.settings, self.store)
         servicer = FineTuneServicer(self.settings, self._info, self.jobs, self.store, exports)
         transport = GrpcTransport(

@@ -10,6 +10,8 @@ Set `FINETUNE_FAULTS` in the server's environment (workers inherit it), as comma
   the staging folder), as a power cut or the OOM killer would stop it. Once per job: a marker in the job's folder
   keeps the resumed attempt from dying the same way, so the drill shows the recovery.
 - `oom_at_step=N`: the forward pass of optimizer step N raises torch.OutOfMemoryError, as a failed allocation would.
+- `unavailable_first_calls=N`: the server answers the first N calls of each FineTuneService method UNAVAILABLE
+  before the servicer sees them, as a restarting server behind a proxy would (so callers' retry policies are tested).
 
 Counts are per worker process: an attempt that resumes from a checkpoint counts its own saves from 1 again.
 Unset or empty, nothing is injected and each hook costs one attribute test. The variable is read once per process;
@@ -37,10 +39,11 @@ class Faults:
     disk_full_at_checkpoint: int = 0  # 0: never
     kill_at_checkpoint: int = 0
     oom_at_step: int = 0
+    unavailable_first_calls: int = 0
 
     @property
     def any(self) -> bool:
-        return bool(self.disk_full_at_checkpoint or self.kill_at_checkpoint or self.oom_at_step)
+        return any(getattr(self, f.name) for f in fields(self))
 
 
 def parse(text: str) -> Faults:

@@ -30,6 +30,12 @@ class ServerSettings:
     slots: int = 1
     max_queued_jobs: int = 1000  # beyond: RESOURCE_EXHAUSTED
     max_streams_per_connection: int = 256  # HTTP/2 concurrent streams: one client cannot hold unbounded resources
+    # HTTP/2 keepalive. The server pings a connection silent this long, so a client that vanished without a FIN (its
+    # WatchJob streams hold subscriptions) is noticed, and middleboxes see traffic; an unanswered ping closes it.
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # Clients may ping this often (grpc-go's clients never ping more often than 10 s); faster pings get GOAWAY.
+    keepalive_min_ping_interval_s: float = 10.0
     disk_reserve_bytes: int = 512 << 20  # kept free on the data dir's disk beyond what a job or export needs
     token_cache_max_bytes: int = DEFAULT_TOKEN_CACHE_MAX_BYTES  # the tokenized datasets under the data dir
     auth_token_file: Path | None = None  # None: no authentication

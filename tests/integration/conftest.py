@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_server.faults import ENV_VAR as FAULTS_ENV_VAR
 
 GRACE_S = 5  # the servers' --grace: what in-flight calls get on SIGTERM
 
@@ -81,6 +82,17 @@ def server_roots(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
         ],
     )
     return tiny_model_dir.parent, dataset_root
+
+
+@pytest.fixture(scope="module")
+def flaky_server(tmp_path_factory: pytest.TempPathFactory, server_roots: tuple[Path, Path]) -> Iterator[RunningServer]:
+    """A server that refuses the first call of each FineTuneService method with UNAVAILABLE (one per test module:
+    the first calls it refuses are spent once)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAULTS_ENV_VAR, "unavailable_first_calls=1")
+        running = start_server(tmp_path_factory.mktemp("flaky-server"), *server_roots)
+    yield running
+    stop_server(running)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
+from finetune_client import from_rpc_error
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 from finetune_server.storage.layout import DataDir, TokenCacheDir
@@ -268,11 +269,24 @@ def test_bad_uploads_are_refused_and_nothing_is_kept(
     assert sorted(p.name for p in uploads.glob("*")) == before
 
 
+def test_an_upload_over_the_limit_names_the_quota(stub: pb_grpc.FineTuneServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        upload(stub, b'{"text": "x"}\n' * 20000, filename="big.jsonl")
+    refused = from_rpc_error(caught.value)
+    assert (refused.code, refused.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "UPLOAD_TOO_LARGE")
+    (quota,) = refused.quota_violations
+    assert (quota.quota_id, quota.quota_metric) == ("max_upload_bytes", "finetune.sage/upload_bytes")
+    assert "200000 bytes" in quota.description
+    assert refused.retry_delay is None, "the same upload would be refused again: no RetryInfo"
+
+
 def test_unknown_uploaded_dataset_is_not_found(stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         config = job_config(tiny_model_dir.name, dataset="ds-ffffffffffffffff")
         next(stub.Train(pb.TrainRequest(config=config), timeout=30))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    (missing,) = from_rpc_error(caught.value).resources
+    assert (missing.resource_type, missing.resource_name) == ("finetune.sage/Dataset", "ds-ffffffffffffffff")
 
 
 def test_a_second_job_on_the_same_data_tokenizes_nothing(

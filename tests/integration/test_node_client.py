@@ -1,8 +1,10 @@
 """A Node.js caller (@grpc/grpc-js + proto-loader, the proto read at run time) against a real server.
 
 Proves that the contract works outside Python: plain unary calls, rich error details decoded from the
-`grpc-status-details-bin` trailer, and a server stream. The npm packages come from tests/xlang/node/package-lock.json;
-`make test` installs them, and this test runs `npm ci` itself when they are missing. Node is required, never skipped.
+`grpc-status-details-bin` trailer, a server stream, and the published service config's retry policies (grpc-js
+retries what it names, and not Train) against a server that refuses each method's first call. The npm packages
+come from tests/xlang/node/package-lock.json; `make test` installs them, and this test runs `npm ci` itself when they
+are missing. Node is required, never skipped.
 """
 
 from __future__ import annotations
@@ -45,17 +47,21 @@ def node() -> str:
     return node
 
 
-@pytest.fixture(scope="module")
-def observed(node: str, server: RunningServer, tiny_model_dir: Path) -> dict[str, Any]:
+def run_node(node: str, server: RunningServer, model: Path, *extra: str) -> dict[str, Any]:
     assert (RPC_PROTOS / "google" / "rpc" / "error_details.proto").is_file()
     command = [
-        node, "client.mjs", "--address", server.address, "--model", tiny_model_dir.name,
-        "--dataset", "facts.jsonl", "--rpc-protos", str(RPC_PROTOS), "--timeout", "240",
+        node, "client.mjs", "--address", server.address, "--model", model.name,
+        "--dataset", "facts.jsonl", "--rpc-protos", str(RPC_PROTOS), "--timeout", "240", *extra,
     ]  # fmt: skip
     done = subprocess.run(command, check=False, cwd=NODE_DIR, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"node client failed:\n{done.stderr}"
     result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+@pytest.fixture(scope="module")
+def observed(node: str, server: RunningServer, tiny_model_dir: Path) -> dict[str, Any]:
+    return run_node(node, server, tiny_model_dir)
 
 
 def test_node_validates_a_good_config(observed: dict[str, Any]) -> None:
@@ -98,3 +104,11 @@ def test_node_trains_and_follows_the_stream_to_the_end(observed: dict[str, Any],
         job = stub.GetJob(pb.GetJobRequest(job_id=train["job"]["id"]), timeout=10).job
     assert job.state == pb.JOB_STATE_SUCCEEDED and job.last_sequence == len(events)
     assert job.display_name == "node-client" and job.result.steps == 3
+
+
+def test_node_retries_what_the_service_config_names_and_not_train(
+    node: str, flaky_server: RunningServer, tiny_model_dir: Path
+) -> None:
+    retried = run_node(node, flaky_server, tiny_model_dir, "--scenario", "retries")
+    assert retried["server_info_version"], "GetServerInfo's refused first attempt was retried by grpc-js"
+    assert retried["train_codes"] == ["UNAVAILABLE", "INVALID_ARGUMENT"], "Train has no retry policy"

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from finetune_client import FinetuneServiceError, GrpcFineTuneService
+from finetune_client import FinetuneServiceError, GrpcFineTuneService, from_rpc_error
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 
@@ -174,6 +174,10 @@ def test_a_full_queue_is_resource_exhausted(
         with pytest.raises(grpc.RpcError) as caught:
             next(stub.Train(pb.TrainRequest(config=long_run)))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        refused = from_rpc_error(caught.value)
+        assert refused.reason == "QUEUE_FULL" and refused.retry_delay == 30.0, "RetryInfo: the queue empties slowly"
+        (quota,) = refused.quota_violations
+        assert (quota.subject, quota.quota_id) == ("server", "max_queued_jobs") and "limit is 1" in quota.description
         for job in (queued, first):
             stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=10)
     finally:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.api import field_behavior_pb2
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -64,6 +65,40 @@ def test_reflection_lists_the_service_with_every_rpc(channel: grpc.Channel) -> N
             if f"{file.package}.{service.name}" == SERVICE:
                 methods = {m.name for m in service.method}
     assert methods == RPCS
+
+
+def test_reflection_carries_field_behavior_for_other_languages(channel: grpc.Channel) -> None:
+    """REQUIRED, OUTPUT_ONLY and IMMUTABLE are options on the fields, not only words in comments: a caller that
+    loads the contract by reflection (or any generator) sees them, and gets the googleapis file that defines them."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)
+    (reply,) = stub.ServerReflectionInfo(iter([request]), timeout=10)
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(b) for b in reply.file_descriptor_response.file_descriptor_proto
+    ]
+    (contract,) = [f for f in files if f.package == "sage.finetune.v1"]
+    assert "google/api/field_behavior.proto" in contract.dependency
+    behavior = {
+        (message.name, field.name): list(field.options.Extensions[field_behavior_pb2.field_behavior])
+        for message in contract.message_type
+        for field in message.field
+    }
+    required, output_only, immutable = (
+        field_behavior_pb2.REQUIRED,
+        field_behavior_pb2.OUTPUT_ONLY,
+        field_behavior_pb2.IMMUTABLE,
+    )
+    for name in ("model_name", "dataset"):
+        assert behavior["TrainingConfig", name] == [required]
+    for message in ("GetJobRequest", "WatchJobRequest", "CancelJobRequest", "ExportRequest"):
+        assert behavior[message, "job_id"] == [required]
+    assert behavior["TrainRequest", "config"] == behavior["ValidateConfigRequest", "config"] == [required]
+    assert behavior["ExportRequest", "format"] == behavior["DownloadArtifactRequest", "artifact_id"] == [required]
+    for name in ("id", "state", "config", "create_time", "last_sequence", "owner"):
+        assert behavior["Job", name] == [output_only]
+    assert behavior["Artifact", "id"] == behavior["Dataset", "id"] == [output_only]
+    assert behavior["Job", "request_id"] == behavior["Job", "display_name"] == [immutable]
+    assert behavior["TrainingConfig", "max_length"] == [], "optional fields carry no behaviour"
 
 
 def test_list_presets_has_the_services_presets_and_recommendations(channel: grpc.Channel) -> None:

@@ -10,7 +10,14 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from finetune_client import FieldViolation, FinetuneServiceError, ServerUnavailableError, from_rpc_error
+from finetune_client import (
+    FieldViolation,
+    FinetuneServiceError,
+    MissingResource,
+    QuotaViolation,
+    ServerUnavailableError,
+    from_rpc_error,
+)
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 
 
@@ -143,11 +150,32 @@ def test_details_still_count_when_a_proxy_changed_the_message() -> None:
 
 def test_unknown_detail_types_are_ignored() -> None:
     info = error_details_pb2.ErrorInfo(reason="QUOTA", domain="finetune.sage")
-    retry = error_details_pb2.RetryInfo()
-    retry.retry_delay.FromSeconds(3)
+    unknown = error_details_pb2.Help(links=[error_details_pb2.Help.Link(description="docs", url="https://x")])
     status = status_pb2.Status(
-        code=code_pb2.RESOURCE_EXHAUSTED, message="too many jobs", details=[_packed(retry), _packed(info)]
+        code=code_pb2.RESOURCE_EXHAUSTED, message="too many jobs", details=[_packed(unknown), _packed(info)]
     )
     error = from_rpc_error(_error_from(status))
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error.reason == "QUOTA"
+
+
+def test_retry_resource_and_quota_details_are_exposed() -> None:
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromMilliseconds(30_500)
+    job = error_details_pb2.ResourceInfo(
+        resource_type="finetune.sage/Job", resource_name="job-1", description="no job has the id 'job-1'"
+    )
+    quota = error_details_pb2.QuotaFailure()
+    quota.violations.add(subject="server", description="2 jobs queued", quota_id="max_queued_jobs", quota_metric="q")
+    status = status_pb2.Status(
+        code=code_pb2.RESOURCE_EXHAUSTED, message="full", details=[_packed(retry), _packed(job), _packed(quota)]
+    )
+    error = from_rpc_error(_error_from(status))
+    assert error.retry_delay == 30.5
+    assert error.resources == [MissingResource("finetune.sage/Job", "job-1", "no job has the id 'job-1'")]
+    assert error.quota_violations == [QuotaViolation("server", "2 jobs queued", "max_queued_jobs", "q")]
+
+
+def test_no_retry_delay_unless_the_server_gives_one() -> None:
+    error = from_rpc_error(_CallError(grpc.StatusCode.UNAVAILABLE, "connection refused"))
+    assert (error.retry_delay, error.resources, error.quota_violations) == (None, [], [])

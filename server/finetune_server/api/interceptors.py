@@ -1,9 +1,11 @@
 """Cross-cutting RPC concerns, as interceptors that wrap each method handler's behaviour:
-one structured access-log line per call (method, peer, status, latency), and bearer-token authentication."""
+one structured access-log line per call (method, peer, status, latency), bearer-token authentication, and the
+`unavailable_first_calls` fault drill (see `finetune_server.faults`)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import time
@@ -13,9 +15,11 @@ from typing import Any, Protocol
 import grpc
 import structlog
 
+from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_server.api.auth import TokenTable, current_principal
 from finetune_server.api.errors import abort
-from finetune_server.errors import FinetuneError
+from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.faults import ENV_VAR as FAULTS_ENV_VAR
 
 log = structlog.get_logger("finetune_server.rpc")
 
@@ -161,3 +165,46 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(self.EXEMPT_PREFIXES):
             return handler
         return wrap_handler(handler, self._hooks)
+
+
+class _RefuseFirstCalls:
+    def __init__(self, method: str, calls: collections.Counter[str], refused: int) -> None:
+        self._method = method
+        self._calls = calls
+        self._refused = refused
+
+    def start(self, context: grpc.aio.ServicerContext) -> None:
+        self._calls[self._method] += 1  # the event loop runs one start at a time: no lock needed
+        attempt = self._calls[self._method]
+        if attempt <= self._refused:
+            log.warning("fault.unavailable", method=self._method, attempt=attempt)
+            raise FinetuneError(
+                ErrorKind.UNAVAILABLE,
+                "INJECTED_UNAVAILABLE",
+                f"call {attempt} of {self._method} refused on purpose ({FAULTS_ENV_VAR} unavailable_first_calls)",
+            )
+
+    def end(self, context: grpc.aio.ServicerContext, state: Any, error: BaseException | None) -> None:
+        return
+
+
+class UnavailableFaultInterceptor(grpc.aio.ServerInterceptor):
+    """Answers the first `refused` calls of each FineTuneService method UNAVAILABLE, through the one error mapping,
+    as a restarting server would: what retries a caller's policy makes, and what it does not, becomes visible."""
+
+    SERVICE_PREFIX = f"/{pb.DESCRIPTOR.services_by_name['FineTuneService'].full_name}/"
+
+    def __init__(self, refused: int) -> None:
+        self._refused = refused
+        self._calls: collections.Counter[str] = collections.Counter()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(self.SERVICE_PREFIX):
+            return handler
+        return wrap_handler(handler, _RefuseFirstCalls(method, self._calls, self._refused))

@@ -1,5 +1,5 @@
-"""The gRPC transport around the FineTuneService servicer: message and stream limits, plain TCP or TLS (mutual TLS
-when a client CA is set), health checking, reflection, and the graceful drain.
+"""The gRPC transport around the FineTuneService servicer: message and stream limits, keepalive, plain TCP or TLS
+(mutual TLS when a client CA is set), health checking, reflection, and the graceful drain.
 
 What the service does lives in the servicer and what it is built from in `finetune_server.app`; this module only
 carries calls in and out.
@@ -39,6 +39,27 @@ def tls_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     )
 
 
+def keepalive_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """The server pings silent connections itself and lets clients ping as often as the settings allow.
+
+    gRPC's defaults would answer a client pinging more than once per 5 minutes with GOAWAY (too_many_pings), and
+    would stop pinging a stream that carries no data, such as a WatchJob on a queued job.
+    """
+    return [
+        ("grpc.keepalive_time_ms", _milliseconds(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _milliseconds(settings.keepalive_timeout_s)),
+        # gRPC core times out an unanswered ping with this one and never arms keepalive_timeout_ms (grpc/grpc#39239).
+        ("grpc.http2.ping_timeout_ms", _milliseconds(settings.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),  # ping, and accept pings, on a connection with no call too
+        ("grpc.http2.min_ping_interval_without_data_ms", _milliseconds(settings.keepalive_min_ping_interval_s)),
+        ("grpc.http2.max_pings_without_data", 0),  # a stream silent for hours keeps being pinged
+    ]
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
 class GrpcTransport:
     """One grpc.aio server on one address carrying `servicer`, health and reflection.
 
@@ -74,6 +95,7 @@ class GrpcTransport:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_concurrent_streams", self._settings.max_streams_per_connection),
+                *keepalive_options(self._settings),
             ],
         )
         pb_grpc.add_FineTuneServiceServicer_to_server(self._servicer, server)

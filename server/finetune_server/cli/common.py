@@ -68,7 +68,12 @@ def _connect(remote: Remote) -> GrpcFineTuneService:
             root_certificates = remote.tls_ca.read_bytes()
         except OSError as exc:
             raise CliError(f"cannot read the TLS CA file {remote.tls_ca}: {exc.strerror or exc}") from exc
-    return GrpcFineTuneService(remote.address, token=remote.token or None, root_certificates=root_certificates)
+    return GrpcFineTuneService(
+        remote.address,
+        token=remote.token or None,
+        root_certificates=root_certificates,
+        keepalive_time=remote.keepalive_s or None,
+    )
 
 
 @contextmanager

@@ -57,6 +57,17 @@ def _root() -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+KeepaliveTimeOption = Annotated[
+    float, typer.Option(min=0.001, help="Seconds of silence after which the server pings a connection.")
+]
+KeepaliveTimeoutOption = Annotated[
+    float, typer.Option(min=0.001, help="Seconds an unanswered keepalive ping takes to close the connection.")
+]
+MinPingIntervalOption = Annotated[
+    float, typer.Option(min=0.001, help="Shortest interval at which clients may ping; faster ones get GOAWAY.")
+]
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -107,6 +118,9 @@ def serve(
     worker_cpus: Annotated[
         str | None, typer.Option(help="Pin workers to these CPUs, e.g. 2-7 (default: the server's CPUs).")
     ] = None,
+    keepalive_time: KeepaliveTimeOption = ServerSettings.keepalive_time_s,
+    keepalive_timeout: KeepaliveTimeoutOption = ServerSettings.keepalive_timeout_s,
+    keepalive_min_ping_interval: MinPingIntervalOption = ServerSettings.keepalive_min_ping_interval_s,
     grace: Annotated[float, typer.Option(help="Seconds in-flight calls get on SIGTERM/SIGINT.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -125,6 +139,9 @@ def serve(
             max_upload_bytes=max_upload_bytes,
             max_queued_jobs=max_queued_jobs,
             max_streams_per_connection=max_streams_per_connection,
+            keepalive_time_s=keepalive_time,
+            keepalive_timeout_s=keepalive_timeout,
+            keepalive_min_ping_interval_s=keepalive_min_ping_interval,
             disk_reserve_bytes=disk_reserve_bytes,
             token_cache_max_bytes=int(token_cache_max_gib * (1 << 30)),
             auth_token_file=auth_token_file,

@@ -1,20 +1,26 @@
 // A Node.js caller of the sage-finetune contract, to prove that it works from outside Python.
 //
-// It loads proto/sage/finetune/v1/finetune.proto at run time (no generated code), then:
+// It loads proto/sage/finetune/v1/finetune.proto at run time (no generated code) and connects with the published
+// service config (client/finetune_client/service_config.json: retry policies) and keepalive, as any caller should.
+// Scenario `contract` (the default):
 //   1. ValidateConfig with a good config: prints the resolved lora.r and the memory estimate total;
 //   2. ValidateConfig with a bad config: decodes the google.rpc.Status from the `grpc-status-details-bin` trailer
 //      (ErrorInfo and BadRequest, packed in google.protobuf.Any);
 //   3. Train with a tiny config: the first message is the job, then every event until the stream ends.
+// Scenario `retries`, against a server that refuses the first call of each method with UNAVAILABLE:
+//   1. GetServerInfo succeeds: grpc-js retried it, as the service config says;
+//   2. Train (with a config validation refuses, so no job is made) is not retried: UNAVAILABLE, then the refusal.
 // Progress goes to stderr; stdout gets one JSON object with everything observed. Exit 0 only when every call
 // behaved as the contract says; any unexpected failure exits 1.
 //
 // Usage: node client.mjs --address HOST:PORT --model NAME --dataset NAME [--rpc-protos DIR] [--timeout SECONDS]
+//                        [--scenario contract|retries] [--service-config FILE]
 // DIR holds google/rpc/status.proto and error_details.proto (the googleapis-common-protos Python package ships them
 // in site-packages/google/rpc, so DIR is site-packages); it defaults to $GOOGLE_RPC_PROTOS.
 
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 
 import * as grpc from "@grpc/grpc-js";
@@ -24,6 +30,7 @@ import protobuf from "protobufjs";
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const PROTO_ROOT = path.resolve(HERE, "../../../proto");
 const CONTRACT = "sage/finetune/v1/finetune.proto";
+const SERVICE_CONFIG = path.resolve(HERE, "../../../client/finetune_client/service_config.json");
 const DETAILS_TRAILER = "grpc-status-details-bin";
 const FINAL_STATES = new Set(["JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"]);
 const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
@@ -36,6 +43,8 @@ function parseOptions() {
       dataset: { type: "string" },
       "rpc-protos": { type: "string", default: process.env.GOOGLE_RPC_PROTOS ?? "" },
       timeout: { type: "string", default: "300" },
+      scenario: { type: "string", default: "contract" },
+      "service-config": { type: "string", default: SERVICE_CONFIG },
     },
     strict: true,
   });
@@ -46,11 +55,12 @@ function parseOptions() {
   if (!existsSync(path.join(rpcProtos, "google/rpc/status.proto"))) {
     throw new Error(`${rpcProtos} has no google/rpc/status.proto`);
   }
+  if (!(values.scenario in SCENARIOS)) throw new Error(`--scenario must be one of ${Object.keys(SCENARIOS)}`);
   return { ...values, rpcProtos, timeoutMs: Number(values.timeout) * 1000 };
 }
 
-/** The generated-at-runtime client of FineTuneService. */
-function makeClient(address) {
+/** The generated-at-runtime client of FineTuneService, with the published retry policies and keepalive. */
+function makeClient(address, serviceConfigPath) {
   const definition = protoLoader.loadSync(CONTRACT, {
     includeDirs: [PROTO_ROOT],
     keepCase: true, // field names exactly as in the proto (lora.r, max_steps, ...)
@@ -61,7 +71,12 @@ function makeClient(address) {
   });
   const loaded = grpc.loadPackageDefinition(definition);
   const Service = loaded.sage.finetune.v1.FineTuneService;
-  return new Service(address, grpc.credentials.createInsecure());
+  return new Service(address, grpc.credentials.createInsecure(), {
+    "grpc.service_config": readFileSync(serviceConfigPath, "utf8"), // retries for the methods it names
+    "grpc.keepalive_time_ms": 30000, // ping after 30 s of silence: a dead connection is noticed
+    "grpc.keepalive_timeout_ms": 10000,
+    "grpc.keepalive_permit_without_calls": 1,
+  });
 }
 
 /** A protobufjs root that can decode google.rpc.Status and any detail the server packs (ours included). */
@@ -191,16 +206,44 @@ function train(client, options) {
   });
 }
 
+/** The status code (by name) a Train stream's first message brings, without retrying it here. */
+function firstTrainCode(client, config, options) {
+  return new Promise((resolve) => {
+    const call = client.Train({ config }, { deadline: Date.now() + options.timeoutMs });
+    call.on("data", () => {
+      call.cancel();
+      resolve("OK");
+    });
+    call.on("error", (error) => resolve(CODE_NAMES[error.code] ?? String(error.code)));
+    call.on("end", () => resolve("OK"));
+  });
+}
+
+async function retries(client, _detailsRoot, options) {
+  const info = await unary(client, "GetServerInfo", {}, options.timeoutMs);
+  console.error(`GetServerInfo: version ${info.version} (its first attempt was refused)`);
+  const refused = { model_name: options.model, dataset: options.dataset, lora: { r: 0 } };
+  const trainCodes = [await firstTrainCode(client, refused, options), await firstTrainCode(client, refused, options)];
+  console.error(`Train twice: ${trainCodes.join(", ")}`);
+  return { server_info_version: info.version, train_codes: trainCodes };
+}
+
+async function contract(client, detailsRoot, options) {
+  return {
+    validate_good: await validateGood(client, options),
+    validate_bad: await validateBad(client, detailsRoot, options),
+    train: await train(client, options),
+  };
+}
+
+const SCENARIOS = { contract, retries };
+
 async function main() {
   const options = parseOptions();
-  const client = makeClient(options.address);
+  const client = makeClient(options.address, options["service-config"]);
   const detailsRoot = makeDetailsRoot(options.rpcProtos);
   try {
-    const result = {
-      validate_good: await validateGood(client, options),
-      validate_bad: await validateBad(client, detailsRoot, options),
-      train: await train(client, options),
-    };
+    const result = await SCENARIOS[options.scenario](client, detailsRoot, options);
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {
     client.close();

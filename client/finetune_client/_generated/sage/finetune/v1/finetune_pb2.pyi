@@ -5,11 +5,15 @@ The sage-finetune contract: LoRA fine-tuning of causal language models as a serv
 
 Conventions used throughout:
 - Sizes are in bytes, durations are google.protobuf.Duration, instants are google.protobuf.Timestamp (UTC).
-- Fields marked "output only" are set by the server and ignored when sent by a caller.
+- Fields marked "output only" are set by the server and ignored when sent by a caller. Field behaviour is
+  machine-readable too: `google.api.field_behavior` marks REQUIRED, OUTPUT_ONLY and IMMUTABLE fields (AIP-203),
+  so the generators and linters of other languages see what these comments say.
 - proto3 `optional` marks fields whose absence means "not set" (a preset or the server default fills it), as
   distinct from an explicit zero or false.
 - Errors are google.rpc.Status with google.rpc.ErrorInfo (reason, domain "finetune.sage") and, for bad requests,
-  google.rpc.BadRequest whose field violations name field paths such as `lora.r` or `dataset`.
+  google.rpc.BadRequest whose field violations name field paths such as `lora.r` or `dataset`. UNAVAILABLE and a
+  full queue carry google.rpc.RetryInfo (how long to wait), NOT_FOUND a google.rpc.ResourceInfo per missing thing
+  (job, artifact, dataset, model, ...), a server limit (upload size, queue length) a google.rpc.QuotaFailure.
 """
 
 from collections import abc as _abc
@@ -1012,9 +1016,9 @@ class Job(_message.Message):
     state: Global___JobState.ValueType
     """Current state. Output only."""
     request_id: _builtins.str
-    """The caller's idempotency key, if one was given."""
+    """The caller's idempotency key, if one was given. Set by the Train that created the job; never changes."""
     display_name: _builtins.str
-    """A human-readable name chosen by the caller."""
+    """A human-readable name chosen by the caller in the Train that created the job; never changes."""
     resume_count: _builtins.int
     """How many times the job resumed from a checkpoint after a crash. Output only."""
     last_sequence: _builtins.int
