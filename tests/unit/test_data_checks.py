@@ -10,8 +10,7 @@ import pytest
 
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.training.data.checks import check_dataset, iter_examples
-from finetune_server.training.data.template import load_chat_template
-from finetune_server.training.data.tokenizer import TextTokenizer, load_tokenizer
+from finetune_server.training.data.tokenizer import TextTokenizer
 
 GOOD = [
     {"instruction": "Name a colour.", "output": "Blue."},
@@ -28,18 +27,6 @@ def _jsonl(path: Path, lines: list[object | bytes]) -> Path:
             handle.write(line if isinstance(line, bytes) else json.dumps(line).encode())
             handle.write(b"\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> TextTokenizer:
-    return load_tokenizer(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def template(tiny_model_dir: Path) -> str:
-    text = load_chat_template(tiny_model_dir)
-    assert text is not None
-    return text
 
 
 def test_every_bad_line_is_a_violation_with_its_number(tmp_path: Path) -> None:

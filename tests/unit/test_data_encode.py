@@ -12,7 +12,7 @@ import pytest
 
 from finetune_server.training.data.encode import IGNORE_INDEX, EncodedExample, encode_example, encode_many
 from finetune_server.training.data.formats import Example, Message
-from finetune_server.training.data.template import TemplateError, load_chat_template
+from finetune_server.training.data.template import TemplateError
 from finetune_server.training.data.tokenizer import TextTokenizer, load_tokenizer
 
 CONVERSATION = Example(
@@ -31,18 +31,6 @@ PLAIN_TEMPLATE = (
     "{% for m in messages %}### {{ m.role }}:\n{{ m.content }}\n\n{% endfor %}"
     "{% if add_generation_prompt %}### assistant:\n{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> TextTokenizer:
-    return load_tokenizer(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def template(tiny_model_dir: Path) -> str:
-    text = load_chat_template(tiny_model_dir)
-    assert text is not None
-    return text
 
 
 @pytest.fixture(scope="module")
