@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
@@ -97,6 +97,8 @@ NAME_FIELDS = ["model_name", "dataset", "eval_dataset", "dataset_subset", "datas
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(field=st.sampled_from(NAME_FIELDS), name=LONG_NAMES)
+@example(field="model_name", name="/" * 4096)  # echoed in message and details: past the client's 8 KiB metadata cap
+@example(field="dataset", name="\u00e9" * 3000)  # each character percent-encoded in grpc-message
 def test_names_past_the_os_limits_are_caller_errors_naming_the_field(
     stub: pb_grpc.FineTuneServiceStub, field: str, name: str
 ) -> None:

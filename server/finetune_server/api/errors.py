@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -31,10 +32,14 @@ _CODES: dict[ErrorKind, int] = {kind: getattr(code_pb2, kind.value) for kind in 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-# Status details travel in trailing metadata, which clients cap (8 KiB by default in gRPC core): keep them well
-# under that by listing fewer violations when there are many (the total count is always said).
-DETAILS_BUDGET_BYTES = 5000
+# A status travels in trailing metadata, which clients cap (8 KiB by default in gRPC core, refused at random between
+# the soft and the hard limit): grpc-status-details-bin (base64 of the Status) plus grpc-message (percent-encoded)
+# must stay under it with room for the other headers. Fewer violations are listed when there are many (the total
+# count is always said); a message that echoes a caller's huge name is cut.
+METADATA_BUDGET_BYTES = 6500
 _VIOLATION_LIMITS = (None, 50, 20, 10, 5, 1)
+_MESSAGE_CHARS = 1000
+_PLAIN = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"  # what grpc-message leaves unencoded besides letters and digits
 
 
 # How long to wait before sending the same request again, where that can succeed: UNAVAILABLE is a restart, a network
@@ -166,19 +171,33 @@ def _build(
         any_detail.Pack(detail)
         packed.append(any_detail)
     message = error.message if not error.hint else f"{error.message} (hint: {error.hint})"
-    return status_pb2.Status(code=_CODES[error.kind], message=message, details=packed)
+    return status_pb2.Status(code=_CODES[error.kind], message=_clip(message, _MESSAGE_CHARS), details=packed)
+
+
+def _clip(text: str, chars: int) -> str:
+    return text if len(text) <= chars else f"{text[:chars]}... ({len(text) - chars} more characters)"
+
+
+def _wire_bytes(status: status_pb2.Status) -> int:
+    """What `status` costs in trailing metadata: the base64 of the whole Status and the percent-encoded message."""
+    return 4 * ((status.ByteSize() + 2) // 3) + len(urllib.parse.quote(status.message, safe=_PLAIN))
 
 
 def to_status(error: FinetuneError, extra_detail: Message | None = None, request: object = None) -> status_pb2.Status:
     """The rich status of `error`; `request` (the call's request message, when known) names what was not found."""
     status = _build(error, extra_detail, None, request)
     for limit in _VIOLATION_LIMITS[1:]:
-        if status.ByteSize() <= DETAILS_BUDGET_BYTES:
+        if _wire_bytes(status) <= METADATA_BUDGET_BYTES:
             break
         status = _build(error, extra_detail, limit, request)
-    if status.ByteSize() > DETAILS_BUDGET_BYTES and extra_detail is not None:
+    if _wire_bytes(status) > METADATA_BUDGET_BYTES and extra_detail is not None:
         # Still too big (a report echoing a caller's huge field): without the extra detail the answer arrives.
         status = to_status(error, request=request)
+    if _wire_bytes(status) > METADATA_BUDGET_BYTES:
+        # The details themselves echo caller-sized strings (a name thousands of characters long): say what went wrong.
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN))
+        status = status_pb2.Status(code=status.code, message=_clip(status.message, 200), details=[info])
     return status
 
 
