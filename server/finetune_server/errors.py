@@ -81,3 +81,8 @@ class ViolationList:
 
     def __bool__(self) -> bool:
         return bool(self.items)
+
+
+def field_error(kind: ErrorKind, reason: str, field: str, message: str, hint: str = "") -> FinetuneError:
+    """A FinetuneError about one config field: its message names the field, its one violation carries it."""
+    return FinetuneError(kind, reason, f"{field}: {message}", violations=[Violation(field, reason, message)], hint=hint)

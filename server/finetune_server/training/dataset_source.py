@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from finetune_server.errors import ErrorKind, FinetuneError, Violation
+from finetune_server.errors import ErrorKind, FinetuneError, field_error
 from finetune_server.settings import ServerSettings
 from finetune_server.storage import layout
 from finetune_server.training.config import TrainingConfig
@@ -25,9 +25,7 @@ _DATA_SUFFIXES = {".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".csv", ".tsv
 
 
 def _not_found(field: str, message: str, reason: str = "DATASET_NOT_FOUND", hint: str = "") -> FinetuneError:
-    return FinetuneError(
-        ErrorKind.NOT_FOUND, reason, f"{field}: {message}", violations=[Violation(field, reason, message)], hint=hint
-    )
+    return field_error(ErrorKind.NOT_FOUND, reason, field, message, hint)
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -52,23 +50,18 @@ def _uploaded(name: str, settings: ServerSettings, field: str) -> DatasetSource:
 def _local(found: Path, name: str, split: str, field: str) -> DatasetSource:
     if found.is_dir() and not is_saved_dataset(found):
         message = f"{name!r} is a folder but not one written by datasets' save_to_disk"
-        raise FinetuneError(
+        raise field_error(
             ErrorKind.INVALID_ARGUMENT,
             "NOT_A_DATASET_FOLDER",
-            f"{field}: {message}",
-            violations=[Violation(field, "NOT_A_DATASET_FOLDER", message)],
+            field,
+            message,
             hint="Name a data file (JSONL, JSON, Parquet, CSV, Arrow) or a folder written by Dataset.save_to_disk.",
         )
     try:
         return DatasetSource.local(found, split=split, field=field)
     except OSError as exc:  # e.g. a file the server may not read
         message = f"{name!r} cannot be read: {exc.strerror or exc}"
-        raise FinetuneError(
-            ErrorKind.PERMISSION_DENIED,
-            "DATASET_UNREADABLE",
-            f"{field}: {message}",
-            violations=[Violation(field, "DATASET_UNREADABLE", message)],
-        ) from exc
+        raise field_error(ErrorKind.PERMISSION_DENIED, "DATASET_UNREADABLE", field, message) from exc
 
 
 def resolve_dataset(config: TrainingConfig, settings: ServerSettings, field: str = "dataset") -> DatasetSource:
@@ -93,11 +86,11 @@ def resolve_dataset(config: TrainingConfig, settings: ServerSettings, field: str
                 raise _not_found(field, f"{name!r} is not a file under the dataset folders")
     if not settings.allow_hub_datasets:
         message = f"{name!r} is not under the dataset folders, and this server does not load hub datasets"
-        raise FinetuneError(
+        raise field_error(
             ErrorKind.PERMISSION_DENIED,
             "HUB_DATASETS_NOT_ALLOWED",
-            f"{field}: {message}",
-            violations=[Violation(field, "HUB_DATASETS_NOT_ALLOWED", message)],
+            field,
+            message,
             hint="Upload the data (UploadDataset) or name a file under the server's dataset folders.",
         )
     return fetch_dataset(name, **options, options=hub_options(settings), field=field)

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from finetune_server.errors import ErrorKind, FinetuneError, Violation
+from finetune_server.errors import ErrorKind, FinetuneError, Violation, field_error
 from finetune_server.settings import ServerSettings
 from finetune_server.storage.layout import CHAT_TEMPLATE_FILE
 from finetune_server.training.model_info import CONFIG_FILE, INDEX_FILE, ResolvedModel
@@ -46,7 +46,7 @@ def resolve_model(name: str, settings: ServerSettings, field: str = "model_name"
     """Find `name` locally or on the hub and read its config. Raises FinetuneError (see module docstring)."""
     name = name.strip()
     if not name:
-        raise _error(ErrorKind.INVALID_ARGUMENT, "REQUIRED", field, "a model name or folder is required")
+        raise field_error(ErrorKind.INVALID_ARGUMENT, "REQUIRED", field, "a model name or folder is required")
     check_name(name, field)
     local = _local_candidate(name, settings, field)
     if local is not None:
@@ -68,7 +68,7 @@ def _local_candidate(name: str, settings: ServerSettings, field: str) -> Path | 
 
 def _resolve_local(name: str, folder: Path, field: str) -> ResolvedModel:
     if not folder.exists():
-        raise _error(
+        raise field_error(
             ErrorKind.NOT_FOUND,
             "MODEL_NOT_FOUND",
             field,
@@ -76,7 +76,7 @@ def _resolve_local(name: str, folder: Path, field: str) -> ResolvedModel:
             hint="Check the path; relative names are looked up under each model root (see GetServerInfo).",
         )
     if not (folder / CONFIG_FILE).is_file():
-        raise _error(
+        raise field_error(
             ErrorKind.INVALID_ARGUMENT,
             "NOT_A_MODEL_FOLDER",
             field,
@@ -93,7 +93,7 @@ def _resolve_hub(name: str, settings: ServerSettings, field: str) -> ResolvedMod
     try:
         validate_repo_id(name)
     except HFValidationError as exc:
-        raise _error(
+        raise field_error(
             ErrorKind.INVALID_ARGUMENT,
             "INVALID_MODEL_NAME",
             field,
@@ -107,7 +107,7 @@ def _resolve_hub(name: str, settings: ServerSettings, field: str) -> ResolvedMod
     config_path = _download(name, CONFIG_FILE, settings, endpoint, local_only=offline)
     if config_path is None:
         if settings.offline:
-            raise _error(
+            raise field_error(
                 ErrorKind.NOT_FOUND,
                 "MODEL_NOT_CACHED_OFFLINE",
                 field,
@@ -117,7 +117,9 @@ def _resolve_hub(name: str, settings: ServerSettings, field: str) -> ResolvedMod
                     "cache folder), or unset HF_HUB_OFFLINE, or name a local folder."
                 ),
             )
-        raise _error(ErrorKind.NOT_FOUND, "MODEL_NOT_FOUND", field, f"{name!r} has no config.json in the hub cache")
+        raise field_error(
+            ErrorKind.NOT_FOUND, "MODEL_NOT_FOUND", field, f"{name!r} has no config.json in the hub cache"
+        )
     for filename in HUB_FILES[1:]:
         _download(name, filename, settings, endpoint, local_only=offline)  # optional: absent files are skipped
     path = Path(config_path).parent
@@ -136,7 +138,7 @@ def _hub_reachable(name: str, endpoint: str | None, settings: ServerSettings, fi
         get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S)
         return True
     except GatedRepoError as exc:
-        raise _error(
+        raise field_error(
             ErrorKind.PERMISSION_DENIED,
             "MODEL_GATED",
             field,
@@ -144,7 +146,7 @@ def _hub_reachable(name: str, endpoint: str | None, settings: ServerSettings, fi
             hint="Accept the model's terms on the hub and give the server a token (HF_TOKEN) that has access.",
         ) from exc
     except RepositoryNotFoundError as exc:
-        raise _error(
+        raise field_error(
             ErrorKind.NOT_FOUND,
             "MODEL_NOT_FOUND",
             field,
@@ -152,7 +154,7 @@ def _hub_reachable(name: str, endpoint: str | None, settings: ServerSettings, fi
             hint="Check the spelling (`org/name`, case-sensitive); private repositories need HF_TOKEN.",
         ) from exc
     except EntryNotFoundError as exc:
-        raise _error(
+        raise field_error(
             ErrorKind.INVALID_ARGUMENT,
             "NOT_A_MODEL_FOLDER",
             field,
@@ -160,7 +162,7 @@ def _hub_reachable(name: str, endpoint: str | None, settings: ServerSettings, fi
         ) from exc
     except unreachable as exc:
         if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code == 404:
-            raise _error(
+            raise field_error(
                 ErrorKind.NOT_FOUND,
                 "MODEL_NOT_FOUND",
                 field,
@@ -172,7 +174,7 @@ def _hub_reachable(name: str, endpoint: str | None, settings: ServerSettings, fi
             log.warning("hub unreachable, using the cached copy", model=name, error=str(exc))
             return False
         where = endpoint or default_endpoint()
-        raise _error(
+        raise field_error(
             ErrorKind.UNAVAILABLE,
             "HUB_UNREACHABLE",
             field,
@@ -222,16 +224,14 @@ def _read_config(path: Path, name: str, field: str) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise _error(
+        raise field_error(
             ErrorKind.INVALID_ARGUMENT, "NOT_A_MODEL_FOLDER", field, f"{name!r}: unreadable config.json: {exc}"
         ) from exc
     if not isinstance(config, dict):
-        raise _error(ErrorKind.INVALID_ARGUMENT, "NOT_A_MODEL_FOLDER", field, f"{name!r}: config.json is not an object")
+        raise field_error(
+            ErrorKind.INVALID_ARGUMENT, "NOT_A_MODEL_FOLDER", field, f"{name!r}: config.json is not an object"
+        )
     return config
-
-
-def _error(kind: ErrorKind, reason: str, field: str, message: str, hint: str = "") -> FinetuneError:
-    return FinetuneError(kind, reason, f"{field}: {message}", violations=[Violation(field, reason, message)], hint=hint)
 
 
 # --- the workers' lookup, weights included ---------------------------------------------------------------------------
