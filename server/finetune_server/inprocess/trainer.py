@@ -46,7 +46,7 @@ from finetune_server.jobs.service import job_not_found
 from finetune_server.settings import ServerSettings
 from finetune_server.storage.layout import JobDir
 from finetune_server.training.config import TrainingConfig
-from finetune_server.training.dataset_source import resolve_dataset
+from finetune_server.training.dataset_source import training_refs
 from finetune_server.training.engine.errors import TrainingCancelled
 from finetune_server.training.model_source import resolve_model
 from finetune_server.training.validation import validate
@@ -199,10 +199,7 @@ class LoRATrainer(IFineTuneService):
 
     def _training_inputs(self, config: TrainingConfig) -> tuple[str, str, str | None]:
         """The model to load and the datasets' refs, found the way the job service finds them for a worker."""
-        model = resolve_model(config.model_name, self.settings)
-        dataset = resolve_dataset(config, self.settings, "dataset")
-        eval_dataset = resolve_dataset(config, self.settings, "eval_dataset") if config.eval_dataset else None
-        return model.load_ref, dataset.ref, eval_dataset.ref if eval_dataset else None
+        return training_refs(config, self.settings)
 
 
 def _domain_config(config: Mapping[str, Any]) -> TrainingConfig:

@@ -29,9 +29,8 @@ from finetune_server.storage import layout
 from finetune_server.storage.job_store import InvalidTransition, JobStore
 from finetune_server.storage.records import EventKind, JobEventRecord, JobRecord, JobState
 from finetune_server.training.config import TrainingConfig
-from finetune_server.training.dataset_source import resolve_dataset
+from finetune_server.training.dataset_source import training_refs
 from finetune_server.training.engine.errors import out_of_memory_hint
-from finetune_server.training.model_source import resolve_model
 from finetune_server.training.validation import validate
 from finetune_server.workers.executor import Executor
 from finetune_server.workers.protocol import Cancelled, Error, Event, Message, Result, Started
@@ -280,15 +279,13 @@ class JobService:
 
     def _spec(self, job: JobRecord, slot: int) -> WorkerSpec:
         config = TrainingConfig.from_dict(job.config)
-        model = resolve_model(config.model_name, self._settings)
-        dataset = resolve_dataset(config, self._settings, "dataset")  # a hub dataset is fetched if not cached
-        eval_dataset = resolve_dataset(config, self._settings, "eval_dataset") if config.eval_dataset else None
+        model_ref, dataset_ref, eval_dataset_ref = training_refs(config, self._settings)
         return WorkerSpec(
             job_id=job.id,
             config=job.config,
-            model_ref=model.load_ref,
-            dataset_path=dataset.ref,
-            eval_dataset_path=eval_dataset.ref if eval_dataset else None,
+            model_ref=model_ref,
+            dataset_path=dataset_ref,
+            eval_dataset_path=eval_dataset_ref,
             output_dir=str(self.job_dir(job.id)),
             hub_cache_dir=str(self._settings.hf_cache_dir) if self._settings.hf_cache_dir else None,
             hub_offline=self._settings.offline,

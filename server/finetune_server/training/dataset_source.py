@@ -17,6 +17,7 @@ from finetune_server.storage import layout
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.data.hub import HubOptions, fetch_dataset
 from finetune_server.training.data.sources import DatasetSource, is_saved_dataset
+from finetune_server.training.model_source import resolve_model
 from finetune_server.util.paths import check_name, confine, looks_like_path
 
 UPLOADED_DATASET_PREFIX = "ds-"
@@ -94,3 +95,12 @@ def resolve_dataset(config: TrainingConfig, settings: ServerSettings, field: str
             hint="Upload the data (UploadDataset) or name a file under the server's dataset folders.",
         )
     return fetch_dataset(name, **options, options=hub_options(settings), field=field)
+
+
+def training_refs(config: TrainingConfig, settings: ServerSettings) -> tuple[str, str, str | None]:
+    """What a training run loads, found the way validation found it: the model's load ref (a local folder or a hub
+    id) and the refs of the dataset and of the eval dataset (None without one); a hub dataset is fetched if needed."""
+    model = resolve_model(config.model_name, settings)
+    dataset = resolve_dataset(config, settings, "dataset")
+    eval_dataset = resolve_dataset(config, settings, "eval_dataset") if config.eval_dataset else None
+    return model.load_ref, dataset.ref, eval_dataset.ref if eval_dataset else None
