@@ -154,19 +154,27 @@ class GrpcFineTuneService(IFineTuneService):
     # ----------------------------------------------------------------------------------------------------------
 
     def validate_config(
-        self, config: Mapping[str, Any] | pb.TrainingConfig, *, target_device: str = ""
+        self,
+        config: Mapping[str, Any] | pb.TrainingConfig,
+        *,
+        target_device: str = "",
+        on_progress: Callable[[pb.ValidationProgress], None] | None = None,
     ) -> ValidationResult:
         """The server's report; a rejected config is a result with `valid=False`, not an exception.
 
         A dict that cannot even be converted (unknown keys, wrong types) is reported the same way, without a call.
+        With `on_progress`, the validation streams (StreamValidateConfig): the callback hears how far the dataset
+        checks are, and the call has no deadline, so a big dataset can take as long as its check needs.
         """
         try:
             message = _to_config(config)
         except ConfigConversionError as exc:
             return ValidationResult(valid=False, errors=list(exc.problems), violations=list(exc.violations))
-        request = pb.ValidateConfigRequest(config=message, target_device=target_device)
         try:
-            return validation_result_from_report(self._unary("ValidateConfig", request))
+            if on_progress is None:
+                request = pb.ValidateConfigRequest(config=message, target_device=target_device)
+                return validation_result_from_report(self._unary("ValidateConfig", request))
+            return validation_result_from_report(self._streamed_validation(message, target_device, on_progress))
         except FinetuneServiceError as exc:
             if exc.code not in _REJECTED_CONFIG_CODES:
                 raise
@@ -394,6 +402,19 @@ class GrpcFineTuneService(IFineTuneService):
     # ----------------------------------------------------------------------------------------------------------
     # plumbing
     # ----------------------------------------------------------------------------------------------------------
+
+    def _streamed_validation(
+        self, config: pb.TrainingConfig, target_device: str, on_progress: Callable[[pb.ValidationProgress], None]
+    ) -> pb.ValidateConfigResponse:
+        request = pb.StreamValidateConfigRequest(config=config, target_device=target_device)
+        try:
+            for response in self._stub.StreamValidateConfig(request, metadata=self._metadata):
+                if response.WhichOneof("kind") == "report":
+                    return response.report
+                on_progress(response.progress)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, address=self._address) from exc
+        raise FinetuneServiceError(grpc.StatusCode.UNKNOWN, "the validation stream ended without a report")
 
     def _unary(self, method_name: str, request: Message) -> Any:
         """One call: the channel's service config retries the methods that may be repeated, and only those."""

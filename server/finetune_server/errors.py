@@ -24,6 +24,7 @@ class ErrorKind(enum.Enum):
     OUT_OF_RANGE = "OUT_OF_RANGE"
     DATA_LOSS = "DATA_LOSS"
     UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,19 @@ def stop_server(server: RunningServer) -> int:
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)
     return server.process.wait(timeout=30)
+
+
+def wait_for_log_event(server: RunningServer, event: str, timeout: float = 60, **fields: object) -> dict[str, object]:
+    """The first JSON log record of the server with this event and these fields, waiting for it up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in server.log_path.read_text().splitlines():
+            record = json.loads(line) if line.startswith("{") else {}
+            if record.get("event") == event and all(record.get(k) == v for k, v in fields.items()):
+                return dict(record)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {event!r} log record with {fields} within {timeout} s")
+        time.sleep(0.1)  # polling the log file: there is no other signal to wait on
 
 
 def write_jsonl(path: Path, rows: list[object]) -> Path:

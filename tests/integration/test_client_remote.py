@@ -9,7 +9,7 @@ import pytest
 
 from finetune_client import FinetuneManager, FinetuneServiceError, GrpcFineTuneService
 
-from .conftest import RunningServer
+from .conftest import RunningServer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,21 @@ def test_validate_config_with_a_config_dict(service: GrpcFineTuneService, tiny_m
     assert result.resolved_config["max_length"] == 512 and result.resolved_config["lora"]["r"] == 8
     assert result.memory_estimate is not None and result.memory_estimate["total_bytes"] > 0
     assert result.dataset is not None and result.dataset["num_valid"] == 24
+
+
+def test_validate_config_with_progress_streams_and_gives_the_same_result(
+    service: GrpcFineTuneService, server: RunningServer, tiny_model_dir: Path
+) -> None:
+    rows = [{"instruction": f"Q{i}?", "output": f"A{i}."} for i in range(2000)]
+    write_jsonl(server.dataset_root / "client-progress.jsonl", rows)
+    config = {"model_name": tiny_model_dir.name, "dataset": "client-progress.jsonl", "max_length": 128}
+    seen: list[int] = []
+    streamed = service.validate_config(config, on_progress=lambda p: seen.append(p.records_checked))
+    assert seen and 0 < seen[-1] <= len(rows)
+    assert streamed.to_dict() == service.validate_config(config).to_dict()
+    assert streamed.dataset is not None and streamed.dataset["num_valid"] == len(rows)
+    rejected = service.validate_config({**config, "dataset": "missing.jsonl"}, on_progress=seen.append)
+    assert rejected["valid"] is False and any(v.field == "dataset" for v in rejected.violations)
 
 
 def test_a_rejected_dict_comes_back_as_a_result_with_every_violation(

@@ -36,6 +36,7 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_
 from ..reliability_report import machine, write_report_section
 from .conftest import RunningServer
 from .test_jobs import job_config, train_to_end, upload
+from .test_validate_fuzz import LONG_NAMES
 
 CALLER_ERRORS = {
     grpc.StatusCode.OK,
@@ -214,6 +215,7 @@ def request_strategy(method: str, request_type: type[Message], targets: Targets)
     descriptor = request_type.DESCRIPTOR
     bases: dict[str, Message] = {
         "ValidateConfig": pb.ValidateConfigRequest(config=targets.config),
+        "StreamValidateConfig": pb.StreamValidateConfigRequest(config=targets.config),
         "Train": pb.TrainRequest(config=targets.config),
         "GetJob": pb.GetJobRequest(job_id=targets.job_id),
         "WatchJob": pb.WatchJobRequest(job_id=targets.job_id),
@@ -347,3 +349,37 @@ def test_random_uploads_get_caller_errors_only(channel: grpc.Channel, tally: Tal
     check()
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# Every request field that names a job, an artifact or a file inside one, with names the operating system refuses or
+# barely accepts (LONG_NAMES: lengths past NAME_MAX and PATH_MAX, every byte class, deep paths).
+NAMED_REQUESTS: dict[str, Callable[[Targets, str], tuple[str, Message]]] = {
+    "GetJob.job_id": lambda t, name: ("GetJob", pb.GetJobRequest(job_id=name)),
+    "WatchJob.job_id": lambda t, name: ("WatchJob", pb.WatchJobRequest(job_id=name)),
+    "CancelJob.job_id": lambda t, name: ("CancelJob", pb.CancelJobRequest(job_id=name)),
+    "Export.job_id": lambda t, name: ("Export", pb.ExportRequest(job_id=name, format=pb.EXPORT_FORMAT_ADAPTER)),
+    "DownloadArtifact.artifact_id": lambda t, name: ("DownloadArtifact", pb.DownloadArtifactRequest(artifact_id=name)),
+    "DownloadArtifact.path": lambda t, name: (
+        "DownloadArtifact",
+        pb.DownloadArtifactRequest(artifact_id=t.artifact_id, path=name),
+    ),
+}
+NAME_REJECTIONS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
+
+
+@pytest.mark.parametrize("field", sorted(NAMED_REQUESTS))
+def test_ids_and_paths_past_the_os_limits_are_caller_errors(
+    channel: grpc.Channel, tally: Tally, targets: Targets, field: str
+) -> None:
+    stub = pb_grpc.FineTuneServiceStub(channel)
+
+    @settings(max_examples=max(EXAMPLES // 2, 10), deadline=None, suppress_health_check=list(HealthCheck))
+    @given(name=LONG_NAMES)
+    def check(name: str) -> None:
+        method, request = NAMED_REQUESTS[field](targets, name)
+        code, details = _code(lambda: getattr(stub, method)(request, timeout=20))
+        tally[method][code.name] += 1
+        assert code in NAME_REJECTIONS, (code, details, field, len(name))
+        assert details, "every rejection says why"
+
+    check()

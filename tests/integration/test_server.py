@@ -24,7 +24,8 @@ from .conftest import GRACE_S, RunningServer, start_server
 
 SERVICE = "sage.finetune.v1.FineTuneService"
 RPCS = {
-    "ValidateConfig", "Train", "WatchJob", "GetJob", "ListJobs", "CancelJob", "Export", "DownloadArtifact",
+    "ValidateConfig", "StreamValidateConfig", "Train", "WatchJob", "GetJob", "ListJobs", "CancelJob", "Export",
+    "DownloadArtifact",
     "UploadDataset", "ListPresets", "GetServerInfo",
 }  # fmt: skip
 

@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 
-from .conftest import RunningServer, write_jsonl
+from .conftest import RunningServer, wait_for_log_event, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +306,65 @@ def test_a_max_length_the_caller_did_not_write_is_capped_at_the_models_positions
         assert len(capped) == 1 and capped[0].field == "max_length" and "512" in capped[0].message
     code, by_field, _, _ = rejected(stub, base_config(short.name, max_length=1024))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and by_field["max_length"][0].startswith("OUT_OF_RANGE")  # explicit
+
+
+def _qa_rows(n: int) -> list[object]:
+    return [{"instruction": f"What is {i} plus one?", "output": f"{i + 1}."} for i in range(n)]
+
+
+BIG_ROWS = 120_000  # several seconds of checking with the tiny tokenizer on this machine
+
+
+def test_a_validation_past_its_deadline_stops_checking(
+    stub: pb_grpc.FineTuneServiceStub, model_name: str, server: RunningServer
+) -> None:
+    write_jsonl(server.dataset_root / "big-deadline.jsonl", _qa_rows(BIG_ROWS))
+    config = base_config(model_name, dataset="big-deadline.jsonl")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ValidateConfig(pb.ValidateConfigRequest(config=config), timeout=1.0)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stopped = wait_for_log_event(server, "dataset_check_stopped", dataset="big-deadline.jsonl")
+    assert 0 < int(stopped["records_checked"]) < BIG_ROWS  # type: ignore[call-overload]
+
+
+def test_the_streamed_validation_reports_progress_then_the_same_report(
+    stub: pb_grpc.FineTuneServiceStub, model_name: str, server: RunningServer
+) -> None:
+    rows = 3000
+    write_jsonl(server.dataset_root / "progress.jsonl", _qa_rows(rows))
+    config = base_config(model_name, dataset="progress.jsonl")
+    responses = list(stub.StreamValidateConfig(pb.StreamValidateConfigRequest(config=config), timeout=60))
+    progress = [r.progress for r in responses[:-1]]
+    assert progress and all(r.WhichOneof("kind") == "progress" for r in responses[:-1])
+    assert {p.field for p in progress} == {"dataset"} and {p.records_estimated for p in progress} == {rows}
+    checked = [p.records_checked for p in progress]
+    assert checked == sorted(checked) and 0 < checked[-1] <= rows
+    report = responses[-1].report
+    assert report.valid and report.dataset.num_examples == rows
+    assert report == stub.ValidateConfig(pb.ValidateConfigRequest(config=config), timeout=30)
+
+
+def test_a_streamed_rejection_carries_the_status_and_report_of_validate_config(
+    stub: pb_grpc.FineTuneServiceStub, model_name: str
+) -> None:
+    config = base_config(model_name, dataset="missing.jsonl")
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.StreamValidateConfig(pb.StreamValidateConfigRequest(config=config), timeout=30))
+    code, by_field, report, info = rejected(stub, config)
+    assert caught.value.code() == code == grpc.StatusCode.NOT_FOUND
+    status = rpc_status.from_call(caught.value)
+    assert status is not None and any(d.Is(pb.ValidateConfigResponse.DESCRIPTOR) for d in status.details)
+    assert "dataset" in by_field
+
+
+def test_cancelling_a_streamed_validation_stops_checking(
+    stub: pb_grpc.FineTuneServiceStub, model_name: str, server: RunningServer
+) -> None:
+    write_jsonl(server.dataset_root / "big-cancel.jsonl", _qa_rows(BIG_ROWS))
+    config = base_config(model_name, dataset="big-cancel.jsonl")
+    call = stub.StreamValidateConfig(pb.StreamValidateConfigRequest(config=config), timeout=120)
+    first = next(call)
+    assert first.WhichOneof("kind") == "progress" and first.progress.records_estimated == BIG_ROWS
+    call.cancel()
+    stopped = wait_for_log_event(server, "dataset_check_stopped", dataset="big-cancel.jsonl")
+    assert 0 < int(stopped["records_checked"]) < BIG_ROWS  # type: ignore[call-overload]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -30,7 +31,11 @@ from finetune_server.storage.dataset_uploads import store_upload
 from finetune_server.storage.job_store import JobStore
 from finetune_server.storage.records import ArtifactRecord, JobRecord, JobState
 from finetune_server.training import presets
-from finetune_server.training.validation import validate
+from finetune_server.training.data.checks import CheckStopped
+from finetune_server.training.validation import CheckHooks, ValidationReport, validate
+from finetune_server.util.stoppable import run_stoppable
+
+PROGRESS_INTERVAL_S = 1.0  # StreamValidateConfig's pace: often enough for a bar, rarely enough to cost nothing
 
 
 class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
@@ -53,19 +58,71 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         check_access(job.owner, f"job {job_id}")
         return job
 
-    @map_errors
-    async def ValidateConfig(  # noqa: N802 - gRPC method name
-        self, request: pb.ValidateConfigRequest, context: grpc.aio.ServicerContext
+    async def _validated(
+        self,
+        config_message: pb.TrainingConfig,
+        target_device: str,
+        context: grpc.aio.ServicerContext,
+        on_progress: Callable[[str, int, int | None], None] | None = None,
     ) -> pb.ValidateConfigResponse:
-        config = config_from_proto(request.config)
-        # Reading the dataset and tokenizing it is CPU work: keep it off the event loop.
-        report = await asyncio.to_thread(validate, config, self._settings, target_device=request.target_device)
+        """The report of ValidateConfig and StreamValidateConfig; a rejection raises with the report as detail."""
+        config = config_from_proto(config_message)
+
+        def check(should_stop: Callable[[], bool]) -> ValidationReport:
+            hooks = CheckHooks(should_stop=should_stop, on_progress=on_progress)
+            return validate(config, self._settings, target_device=target_device, hooks=hooks)
+
+        # Reading the dataset and tokenizing it is CPU work: off the event loop, and stopped when the caller goes.
+        try:
+            report = await run_stoppable(check, timeout_s=context.time_remaining())
+        except CheckStopped:
+            raise FinetuneError(
+                ErrorKind.DEADLINE_EXCEEDED,
+                "DEADLINE_EXCEEDED",
+                "the deadline passed while the dataset was being checked; the check was stopped",
+                hint="Give the call a longer deadline, or use StreamValidateConfig (the CLI does) for a big dataset.",
+            ) from None
         response = report_to_proto(report)
         if not report.valid:
             error = report.rejection()
             error.detail = response  # the whole report travels in the error details
             raise error
         return response
+
+    @map_errors
+    async def ValidateConfig(  # noqa: N802 - gRPC method name
+        self, request: pb.ValidateConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ValidateConfigResponse:
+        return await self._validated(request.config, request.target_device, context)
+
+    @map_errors
+    async def StreamValidateConfig(  # noqa: N802 - gRPC method name
+        self, request: pb.StreamValidateConfigRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamValidateConfigResponse]:
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[pb.ValidationProgress] = asyncio.Queue()
+        last_sent = [0.0]
+
+        def on_progress(field: str, checked: int, estimated: int | None) -> None:  # in the checking thread
+            now = time.monotonic()
+            if now - last_sent[0] < PROGRESS_INTERVAL_S:
+                return
+            last_sent[0] = now
+            update = pb.ValidationProgress(field=field, records_checked=checked, records_estimated=estimated or 0)
+            loop.call_soon_threadsafe(updates.put_nowait, update)
+
+        work = asyncio.ensure_future(self._validated(request.config, request.target_device, context, on_progress))
+        try:
+            while not work.done():
+                waiter = asyncio.ensure_future(updates.get())
+                await asyncio.wait((work, waiter), return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield pb.StreamValidateConfigResponse(progress=waiter.result())
+                else:
+                    waiter.cancel()
+            yield pb.StreamValidateConfigResponse(report=work.result())
+        finally:
+            work.cancel()  # the caller went: run_stoppable tells the checking thread to stop
 
     @map_errors
     async def ListPresets(  # noqa: N802 - gRPC method name

@@ -231,11 +231,13 @@ def validate(
 
     Exits 1 when the config is invalid.
     """
-    from finetune_server.cli import common, configs, render
+    from finetune_server.cli import common, configs, render, transfer
 
     with common.session(remote) as service:
         data = configs.load_config(config, set_ or [])
-        result = service.validate_config(data, target_device=target_device)
+        # The bar goes to stderr with --json, so stdout stays one JSON document.
+        bar = common.console(stderr=json_output)
+        result = transfer.validate_with_progress(service, data, target_device=target_device, console=bar)
     if json_output:
         common.print_json(result.to_dict())
     else:

@@ -1,4 +1,5 @@
-"""`finetune export`: refuse to clobber a folder, show the export's stages, let the client download and verify."""
+"""Long client calls with a bar: `finetune export` (refuse to clobber a folder, show the export's stages, let the
+client download and verify) and `finetune validate` (how far the dataset checks are)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-from finetune_client import ExportResult, GrpcFineTuneService
+from finetune_client import ExportResult, GrpcFineTuneService, ValidationResult
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_server.cli.common import EXIT_USAGE, CliError
 
@@ -56,3 +57,23 @@ def export_with_progress(
         except FileExistsError as exc:  # the folder filled up while the export ran
             raise CliError(f"{exc}; pass --force to replace it", EXIT_USAGE) from exc
     return result
+
+
+def validate_with_progress(
+    service: GrpcFineTuneService, config: dict[str, object], *, target_device: str, console: Console
+) -> ValidationResult:
+    """Validate through the streamed call, with a bar over the dataset checks (a big dataset takes a while); the
+    bar goes away when the report is there."""
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=30), TaskProgressColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("validating", total=None)
+
+        def on_progress(update: pb.ValidationProgress) -> None:
+            progress.update(
+                task,
+                description=f"checking {update.field}: {update.records_checked:,} records",
+                completed=update.records_checked,
+                total=update.records_estimated or None,
+            )
+
+        return service.validate_config(config, target_device=target_device, on_progress=on_progress)

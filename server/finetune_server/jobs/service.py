@@ -31,7 +31,8 @@ from finetune_server.storage.records import EventKind, JobEventRecord, JobRecord
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.dataset_source import training_refs
 from finetune_server.training.engine.errors import out_of_memory_hint
-from finetune_server.training.validation import validate
+from finetune_server.training.validation import CheckHooks, validate
+from finetune_server.util.stoppable import run_stoppable
 from finetune_server.workers.executor import Executor
 from finetune_server.workers.protocol import Cancelled, Error, Event, Message, Result, Started
 from finetune_server.workers.supervisor import WorkerExit
@@ -151,7 +152,8 @@ class JobService:
             existing = await self._db(self._store.find_by_request_id, request_id, owner)
             if existing is not None:
                 return _same_request(existing, digest), False
-        report = await asyncio.to_thread(validate, config, self._settings)
+        # Stopped, like ValidateConfig, when the caller goes before the job exists.
+        report = await run_stoppable(lambda stop: validate(config, self._settings, hooks=CheckHooks(should_stop=stop)))
         if not report.valid:
             raise report.rejection()
         estimate = report.memory_estimate

@@ -25,6 +25,7 @@ from finetune_server.storage.records import DatasetRecord
 from finetune_server.training.config import DATA_FORMATS
 from finetune_server.training.data import check_dataset
 from finetune_server.util.paths import check_name
+from finetune_server.util.stoppable import run_stoppable
 
 ALLOWED_SUFFIXES = {".jsonl": ".jsonl", ".ndjson": ".jsonl", ".json": ".json", ".parquet": ".parquet"}
 
@@ -91,7 +92,9 @@ async def store_upload(
         existing = await asyncio.to_thread(store.find_dataset_by_sha256, sha256)
         if existing is not None:
             return existing, False
-        report = await asyncio.to_thread(check_dataset, temp, name=filename, field="dataset", data_format=data_format)
+        report = await run_stoppable(  # stopped when the uploader goes: nothing of the upload is kept then
+            lambda stop: check_dataset(temp, name=filename, field="dataset", data_format=data_format, should_stop=stop)
+        )
         if report.violations:
             first = report.violations[0]
             raise FinetuneError(

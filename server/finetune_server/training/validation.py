@@ -12,7 +12,7 @@ import functools
 import importlib.util
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from finetune_server.training.data import (
     load_tokenizer,
     render,
 )
+from finetune_server.training.data.checks import CheckStopped
 from finetune_server.training.data.sources import FILE, HUB, SAVED, DatasetSource, field_of
 from finetune_server.training.data.template import SOURCE_FALLBACK
 from finetune_server.training.dataset_source import resolve_dataset
@@ -259,6 +260,15 @@ def _template_step(c: TrainingConfig, model_dir: Path, out: _Collector) -> str |
     return template
 
 
+@dataclass(frozen=True)
+class CheckHooks:
+    """How a caller follows the dataset checks of a validation: `on_progress(field, records, estimated_total)` every
+    few hundred records, and `should_stop()`, polled as often, which ends the validation with CheckStopped."""
+
+    should_stop: Callable[[], bool] = lambda: False
+    on_progress: Callable[[str, int, int | None], None] | None = None
+
+
 # key -> (the tokenizer, kept alive so its id in the key cannot be reused, the report)
 _DATASET_REPORTS: OrderedDict[tuple[Any, ...], tuple[TextTokenizer | None, DatasetReport]] = OrderedDict()
 _DATASET_REPORTS_LOCK = threading.Lock()
@@ -274,24 +284,32 @@ def _checked_dataset(
     tokenizer: TextTokenizer | None,
     template: str | None,
     max_length: int | None,
+    hooks: CheckHooks,
 ) -> DatasetReport:
     """check_dataset, remembered: tokenising a dataset is most of a ValidateConfig call, and callers validate the
     same data again and again. The key holds the source's fingerprint, so edited data is read again. Reports are
-    only read by callers, never changed."""
+    only read by callers, never changed; a stopped check remembers nothing."""
     key = (source.fingerprint(), source, name, field, data_format, id(tokenizer), template, max_length)
     with _DATASET_REPORTS_LOCK:
         if key in _DATASET_REPORTS:
             _DATASET_REPORTS.move_to_end(key)
             return _DATASET_REPORTS[key][1]
-    report = check_dataset(
-        source,
-        name=name,
-        field=field,
-        data_format=data_format,
-        tokenizer=tokenizer,
-        template=template,
-        max_length=max_length,
-    )
+    report_progress = hooks.on_progress
+    try:
+        report = check_dataset(
+            source,
+            name=name,
+            field=field,
+            data_format=data_format,
+            tokenizer=tokenizer,
+            template=template,
+            max_length=max_length,
+            should_stop=hooks.should_stop,
+            on_progress=(lambda done, total: report_progress(field, done, total)) if report_progress else None,
+        )
+    except CheckStopped as stopped:
+        log.info("dataset_check_stopped", dataset=name, field=field, records_checked=stopped.records)
+        raise
     with _DATASET_REPORTS_LOCK:
         _DATASET_REPORTS[key] = (tokenizer, report)
         while len(_DATASET_REPORTS) > _DATASET_REPORTS_MAX:
@@ -343,6 +361,7 @@ def _dataset_step(
     tokenizer: TextTokenizer | None,
     template: str | None,
     out: _Collector,
+    hooks: CheckHooks,
 ) -> DatasetReport | None:
     try:
         source = resolve_dataset(c, settings, path)
@@ -359,6 +378,7 @@ def _dataset_step(
         tokenizer=tokenizer,
         template=template,
         max_length=c.max_length if (c.max_length or 0) >= 1 else None,  # an invalid one is reported already
+        hooks=hooks,
     )
     _row_problems(report, c, path, out)
     out.warnings.extend(report.warnings)
@@ -382,7 +402,11 @@ def _device_capacities(target_device: str) -> list[tuple[str, int]]:
     return capacities
 
 
-def validate(config: TrainingConfig, settings: ServerSettings, *, target_device: str = "") -> ValidationReport:
+def validate(
+    config: TrainingConfig, settings: ServerSettings, *, target_device: str = "", hooks: CheckHooks | None = None
+) -> ValidationReport:
+    """The whole report on a config. `hooks` lets a caller follow the dataset checks and stop them (CheckStopped)."""
+    hooks = hooks or CheckHooks()
     out = _Collector()
     preset_values: dict[str, Any] = {}
     if config.preset:
@@ -420,9 +444,9 @@ def validate(config: TrainingConfig, settings: ServerSettings, *, target_device:
 
     dataset = eval_dataset = None
     if resolved.dataset.strip():
-        dataset = _dataset_step("dataset", resolved, settings, tokenizer, template, out)
+        dataset = _dataset_step("dataset", resolved, settings, tokenizer, template, out, hooks)
     if resolved.eval_dataset.strip():
-        eval_dataset = _dataset_step("eval_dataset", resolved, settings, tokenizer, template, out)
+        eval_dataset = _dataset_step("eval_dataset", resolved, settings, tokenizer, template, out, hooks)
 
     memory = None
     if summary is not None and fields_in_range:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import structlog
 from finetune_server.errors import ConfigWarning, ErrorKind, FinetuneError, Violation
 from finetune_server.training.data.encode import RenderedExample, encode_rendered, render_example
 from finetune_server.training.data.formats import AUTO, Example, RecordError, parse_record
-from finetune_server.training.data.sources import FILE, DatasetSource, as_source, iter_records
+from finetune_server.training.data.sources import FILE, DatasetSource, as_source, estimated_rows, iter_records
 from finetune_server.training.data.template import TemplateError
 from finetune_server.training.data.tokenizer import TextTokenizer
 
@@ -27,6 +27,17 @@ log = structlog.get_logger(__name__)
 
 _BATCH = 512  # examples tokenized together when measuring lengths
 _MAX_WARNINGS = 20
+_POLL_RECORDS = 256  # records between two looks at should_stop and two progress reports
+
+CheckProgress = Callable[[int, int | None], None]  # (records checked, estimated total or None)
+
+
+class CheckStopped(Exception):  # noqa: N818 - a state, not an error
+    """should_stop() turned True: the check ended early and its partial report was dropped."""
+
+    def __init__(self, records: int) -> None:
+        super().__init__(f"stopped after {records} records")
+        self.records = records
 
 
 @dataclass
@@ -187,11 +198,14 @@ def check_dataset(
     template: str | None = None,
     max_length: int | None = None,
     max_violations: int = 100,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_progress: CheckProgress | None = None,
 ) -> DatasetReport:
     """Check every record of a dataset; token statistics need both a tokenizer and a template.
 
     A Path is a local file (FinetuneError NOT_FOUND / INVALID_ARGUMENT when it is not a file). Everything about the
-    content is reported in the returned report's `violations`.
+    content is reported in the returned report's `violations`. `should_stop` is polled every few hundred records
+    (CheckStopped: the caller went away); `on_progress` hears how far the check is at the same pace.
     """
     if isinstance(source, Path):
         _require_file(source, field)  # a Path names a file; folders and hub datasets come as DatasetSources
@@ -209,7 +223,13 @@ def check_dataset(
         max_violations=max_violations,
     )
     file_problem = False
-    for record in iter_records(source, data_format):
+    total = estimated_rows(source) if on_progress is not None else None
+    for count, record in enumerate(iter_records(source, data_format), start=1):
+        if count % _POLL_RECORDS == 0:
+            if should_stop():
+                raise CheckStopped(count)
+            if on_progress is not None:
+                on_progress(count, total)
         if record.line == 0:  # the file as a whole is unreadable, or its columns fit no format
             file_problem = True
             report.violations.append(Violation(field, record.reason or "BAD_FILE", f"{name}: {record.error}", 0))

@@ -27,7 +27,7 @@ from finetune_server.training.data import (
     load_tokenizer,
 )
 from finetune_server.training.data.batch_encode import EncoderSettings
-from finetune_server.training.data.sources import FILE, DatasetSource, as_source
+from finetune_server.training.data.sources import DatasetSource, as_source, estimated_rows
 from finetune_server.training.data.token_build import CacheOpen, ProgressCallback, open_or_build
 from finetune_server.training.data.token_cache import CacheKey, TokenCache, dataset_fingerprint, tokenizer_fingerprint
 from finetune_server.training.data.token_table import TokenTable
@@ -121,7 +121,7 @@ def encode_file(
             lambda: iter_examples(source, config.data_format or "auto"),
             settings,
             processes=access.processes,
-            total_rows=lambda: _line_count(source.path) if source.kind == FILE else None,
+            total_rows=lambda: estimated_rows(source),
             on_progress=access.on_progress,
             should_stop=access.should_stop,
         )
@@ -154,17 +154,6 @@ def _disk_full_as_error(folder: Path, field_path: str) -> Iterator[None]:
             violations=[Violation(field_path, "DISK_FULL", detail)],
             hint="Free space on that disk (old jobs' checkpoints, artifacts), or lower --token-cache-max-gib.",
         ) from exc
-
-
-def _line_count(path: Path) -> int | None:
-    """Lines of a JSONL file (an upper bound of its rows, for progress); None for other formats."""
-    if path.suffix.lower() != ".jsonl":
-        return None
-    count = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            count += chunk.count(b"\n")
-    return count
 
 
 def split_eval(table: TokenTable, fraction: float, seed: int) -> tuple[TokenTable, TokenTable]:

@@ -549,11 +549,99 @@ class ValidateConfigRequest(_message.Message):
 Global___ValidateConfigRequest: _TypeAlias = ValidateConfigRequest  # noqa: Y015
 
 @_typing.final
-class ValidateConfigResponse(_message.Message):
+class StreamValidateConfigRequest(_message.Message):
     """ValidateConfigResponse is the full report on a config. It is also attached to the error details when the config
     is rejected, so a caller always gets it.
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    TARGET_DEVICE_FIELD_NUMBER: _builtins.int
+    target_device: _builtins.str
+    """As ValidateConfigRequest.target_device."""
+    @_builtins.property
+    def config(self) -> Global___TrainingConfig:
+        """The config to check."""
+
+    def __init__(
+        self,
+        *,
+        config: Global___TrainingConfig | None = ...,
+        target_device: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "target_device", b"target_device"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamValidateConfigRequest: _TypeAlias = StreamValidateConfigRequest  # noqa: Y015
+
+@_typing.final
+class StreamValidateConfigResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___ValidationProgress:
+        """How far the checks are; zero or more, before the report."""
+
+    @_builtins.property
+    def report(self) -> Global___ValidateConfigResponse:
+        """The report, last."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___ValidationProgress | None = ...,
+        report: Global___ValidateConfigResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "progress", b"progress", "report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "progress", b"progress", "report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["progress", "report"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___StreamValidateConfigResponse: _TypeAlias = StreamValidateConfigResponse  # noqa: Y015
+
+@_typing.final
+class ValidationProgress(_message.Message):
+    """How far the record-by-record check of one dataset is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    RECORDS_CHECKED_FIELD_NUMBER: _builtins.int
+    RECORDS_ESTIMATED_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """The config field whose dataset is being checked: `dataset` or `eval_dataset`. Output only."""
+    records_checked: _builtins.int
+    """Records read so far. Output only."""
+    records_estimated: _builtins.int
+    """About how many records the dataset holds (a JSONL file's lines, a Parquet file's rows); 0 when not known.
+    Output only.
+    """
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        records_checked: _builtins.int = ...,
+        records_estimated: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "records_checked", b"records_checked", "records_estimated", b"records_estimated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidationProgress: _TypeAlias = ValidationProgress  # noqa: Y015
+
+@_typing.final
+class ValidateConfigResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VALID_FIELD_NUMBER: _builtins.int

@@ -41,6 +41,11 @@ class FineTuneServiceStub:
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ValidateConfigRequest.SerializeToString,
                 response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ValidateConfigResponse.FromString,
                 _registered_method=True)
+        self.StreamValidateConfig = channel.unary_stream(
+                '/sage.finetune.v1.FineTuneService/StreamValidateConfig',
+                request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.StreamValidateConfigRequest.SerializeToString,
+                response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.StreamValidateConfigResponse.FromString,
+                _registered_method=True)
         self.Train = channel.unary_stream(
                 '/sage.finetune.v1.FineTuneService/Train',
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.TrainRequest.SerializeToString,
@@ -103,6 +108,15 @@ class FineTuneServiceServicer:
         tokenizer only, never weights), the dataset record by record and a memory estimate. A config that would be rejected
         by Train is answered with the same status Train would give (INVALID_ARGUMENT, NOT_FOUND or PERMISSION_DENIED),
         whose details carry a BadRequest with every violation and the whole ValidateConfigResponse report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamValidateConfig(self, request, context):
+        """Validates exactly as ValidateConfig does, streaming how far the dataset checks are (about once a second while a
+        big dataset is read) and ending with the report. A rejected config ends the stream with the status and details
+        ValidateConfig answers. Cancelling the stream stops the server's work.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,6 +202,11 @@ def add_FineTuneServiceServicer_to_server(servicer, server):
                     request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ValidateConfigRequest.FromString,
                     response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ValidateConfigResponse.SerializeToString,
             ),
+            'StreamValidateConfig': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamValidateConfig,
+                    request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.StreamValidateConfigRequest.FromString,
+                    response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.StreamValidateConfigResponse.SerializeToString,
+            ),
             'Train': grpc.unary_stream_rpc_method_handler(
                     servicer.Train,
                     request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.TrainRequest.FromString,
@@ -268,6 +287,33 @@ class FineTuneService:
             '/sage.finetune.v1.FineTuneService/ValidateConfig',
             sage_dot_finetune_dot_v1_dot_finetune__pb2.ValidateConfigRequest.SerializeToString,
             sage_dot_finetune_dot_v1_dot_finetune__pb2.ValidateConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamValidateConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sage.finetune.v1.FineTuneService/StreamValidateConfig',
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.StreamValidateConfigRequest.SerializeToString,
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.StreamValidateConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,11 @@ class FineTuneServiceStub:
     by Train is answered with the same status Train would give (INVALID_ARGUMENT, NOT_FOUND or PERMISSION_DENIED),
     whose details carry a BadRequest with every violation and the whole ValidateConfigResponse report.
     """
+    StreamValidateConfig: _grpc.UnaryStreamMultiCallable[_finetune_pb2.StreamValidateConfigRequest, _finetune_pb2.StreamValidateConfigResponse]
+    """Validates exactly as ValidateConfig does, streaming how far the dataset checks are (about once a second while a
+    big dataset is read) and ending with the report. A rejected config ends the stream with the status and details
+    ValidateConfig answers. Cancelling the stream stops the server's work.
+    """
     Train: _grpc.UnaryStreamMultiCallable[_finetune_pb2.TrainRequest, _finetune_pb2.TrainResponse]
     """Validates the config exactly as ValidateConfig does, persists the job as QUEUED, then streams: first a message
     carrying the created job, then every event of the job until it ends. Closing the stream never cancels the job.
@@ -91,6 +96,11 @@ class FineTuneServiceAsyncStub(FineTuneServiceStub):
     tokenizer only, never weights), the dataset record by record and a memory estimate. A config that would be rejected
     by Train is answered with the same status Train would give (INVALID_ARGUMENT, NOT_FOUND or PERMISSION_DENIED),
     whose details carry a BadRequest with every violation and the whole ValidateConfigResponse report.
+    """
+    StreamValidateConfig: _aio.UnaryStreamMultiCallable[_finetune_pb2.StreamValidateConfigRequest, _finetune_pb2.StreamValidateConfigResponse]  # type: ignore[assignment]
+    """Validates exactly as ValidateConfig does, streaming how far the dataset checks are (about once a second while a
+    big dataset is read) and ending with the report. A rejected config ends the stream with the status and details
+    ValidateConfig answers. Cancelling the stream stops the server's work.
     """
     Train: _aio.UnaryStreamMultiCallable[_finetune_pb2.TrainRequest, _finetune_pb2.TrainResponse]  # type: ignore[assignment]
     """Validates the config exactly as ValidateConfig does, persists the job as QUEUED, then streams: first a message
@@ -132,6 +142,17 @@ class FineTuneServiceServicer(metaclass=_abc_1.ABCMeta):
         tokenizer only, never weights), the dataset record by record and a memory estimate. A config that would be rejected
         by Train is answered with the same status Train would give (INVALID_ARGUMENT, NOT_FOUND or PERMISSION_DENIED),
         whose details carry a BadRequest with every violation and the whole ValidateConfigResponse report.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamValidateConfig(
+        self,
+        request: _finetune_pb2.StreamValidateConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_finetune_pb2.StreamValidateConfigResponse], _abc.AsyncIterator[_finetune_pb2.StreamValidateConfigResponse]]:
+        """Validates exactly as ValidateConfig does, streaming how far the dataset checks are (about once a second while a
+        big dataset is read) and ending with the report. A rejected config ends the stream with the status and details
+        ValidateConfig answers. Cancelling the stream stops the server's work.
         """
 
     @_abc_1.abstractmethod
