@@ -13,6 +13,9 @@ from finetune_client.convert import ConfigConversionError
 from finetune_client.interface import IFineTuneService, ProgressUpdate
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.inprocess.trainer import LoRATrainer
+from finetune_server.settings import ServerSettings
+
+from ..dataset_files import put_in_hub_cache
 
 
 def _dataset(path: Path, n: int = 8) -> Path:
@@ -105,3 +108,20 @@ def test_cancel_from_the_progress_callback(tmp_path: Path, tiny_model_dir: Path)
     with pytest.raises(FinetuneError) as missing:
         trainer.export_model(tmp_path / "export")
     assert missing.value.reason == "ADAPTER_NOT_FOUND"
+
+
+def test_a_hub_dataset_trains_from_the_settings_own_hub_cache(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation and the training run both read the hub dataset from `settings.hf_cache_dir`, not the default one."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "not-this-cache"))
+    rows = [{"instruction": f"Q{i}?", "output": f"A{i}."} for i in range(8)]
+    put_in_hub_cache(tmp_path / "hub-cache", "org/facts", {"data/train-00000-of-00001.parquet": rows})
+    work = tmp_path / "work"
+    settings = ServerSettings(
+        data_dir=work, model_roots=[Path("/")], dataset_roots=[Path("/")], hf_cache_dir=tmp_path / "hub-cache",
+        offline=True,
+    )  # fmt: skip
+    result = LoRATrainer(work, settings=settings, device="cpu").train(_config(tiny_model_dir, Path("org/facts")))
+    assert result.success, result.error
+    assert result.steps == 3

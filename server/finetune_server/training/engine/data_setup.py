@@ -27,7 +27,7 @@ from finetune_server.training.data import (
     load_tokenizer,
 )
 from finetune_server.training.data.batch_encode import EncoderSettings
-from finetune_server.training.data.sources import DatasetSource, as_source, estimated_rows
+from finetune_server.training.data.sources import DatasetSource, estimated_rows
 from finetune_server.training.data.token_build import CacheOpen, ProgressCallback, open_or_build
 from finetune_server.training.data.token_cache import CacheKey, TokenCache, dataset_fingerprint, tokenizer_fingerprint
 from finetune_server.training.data.token_table import TokenTable
@@ -99,6 +99,7 @@ class CacheAccess:
     processes: int = 1
     on_progress: ProgressCallback | None = None
     should_stop: Callable[[], bool] = lambda: False
+    hub_cache_dir: Path | None = None  # where a hub dataset's pinned snapshot lies (None: huggingface_hub's default)
 
 
 def encode_file(
@@ -113,7 +114,7 @@ def encode_file(
         tokens.tokenizer, tokens.template, int(config.max_length or 2048), bool(config.train_on_prompt)
     )
     # A ref: a local path or a hub dataset pinned at validation; subset and split come from the config.
-    source = as_source(str(path), **config.source_options(field_path))
+    source = DatasetSource.from_ref(str(path), hub_cache_dir=access.hub_cache_dir, **config.source_options(field_path))
     with _disk_full_as_error(access.cache.root, field_path):
         opened = open_or_build(
             access.cache,

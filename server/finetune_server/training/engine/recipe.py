@@ -421,6 +421,7 @@ class LoRARecipe:
             processes=min(len(available_cpus()), torch.get_num_threads()),
             on_progress=self._tokenizing_progress(field_path),
             should_stop=self.should_stop,
+            hub_cache_dir=self.hub_cache_dir,
         )
         opened: list[EncodedSet] = []
         try:
