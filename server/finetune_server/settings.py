@@ -38,6 +38,9 @@ class ServerSettings:
     keepalive_min_ping_interval_s: float = 10.0
     disk_reserve_bytes: int = 512 << 20  # kept free on the data dir's disk beyond what a job or export needs
     token_cache_max_bytes: int = DEFAULT_TOKEN_CACHE_MAX_BYTES  # the tokenized datasets under the data dir
+    # A validated dataset with more than twice this many valid examples has its token statistics measured on an even
+    # sample of this many to twice as many (every record is still parsed): tokenizing is most of a validation.
+    validation_sample_examples: int = 10_000
     auth_token_file: Path | None = None  # None: no authentication
     tls_cert: Path | None = None
     tls_key: Path | None = None

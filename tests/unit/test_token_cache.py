@@ -19,13 +19,13 @@ from finetune_server.training.data.token_cache import (
     CacheKey,
     CacheStopped,
     TokenCache,
+    cache_key,
     dataset_fingerprint,
     read_meta,
 )
 from finetune_server.training.data.token_table import TableWriter, TokenTable
 from finetune_server.training.engine.data_setup import (
     CacheAccess,
-    cache_key,
     encode_file,
     load_tokenizer_and_template,
 )

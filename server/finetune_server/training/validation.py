@@ -38,9 +38,17 @@ from finetune_server.training.data import (
     load_tokenizer,
     render,
 )
-from finetune_server.training.data.checks import CheckStopped
+from finetune_server.training.data.checks import (
+    MAX_WARNINGS,
+    SAMPLE,
+    TOKEN_CACHE,
+    CheckStopped,
+    TokenStats,
+    answer_truncated,
+)
 from finetune_server.training.data.sources import FILE, HUB, SAVED, DatasetSource, field_of
 from finetune_server.training.data.template import SOURCE_FALLBACK
+from finetune_server.training.data.token_cache import TokenCache, cache_key, read_meta
 from finetune_server.training.dataset_source import resolve_dataset
 from finetune_server.training.memory import MemoryEstimate, estimate_memory
 from finetune_server.training.model_info import ModelSummary, summarize_model
@@ -269,27 +277,71 @@ class CheckHooks:
     on_progress: Callable[[str, int, int | None], None] | None = None
 
 
+@dataclass(frozen=True)
+class _Encoding:
+    """How this validation tokenizes examples: the model's tokenizer and chat template, and the model folder they
+    come from (the token cache's key names its tokenizer files). None when they could not be read."""
+
+    tokenizer: TextTokenizer | None = None
+    template: str | None = None
+    model_dir: Path | None = None
+
+
 # key -> (the tokenizer, kept alive so its id in the key cannot be reused, the report)
 _DATASET_REPORTS: OrderedDict[tuple[Any, ...], tuple[TextTokenizer | None, DatasetReport]] = OrderedDict()
 _DATASET_REPORTS_LOCK = threading.Lock()
 _DATASET_REPORTS_MAX = 32
 
 
+def _token_cache_meta(
+    source: DatasetSource, c: TrainingConfig, settings: ServerSettings, encoding: _Encoding
+) -> dict[str, Any] | None:
+    """The figures of the token cache entry a job built from exactly this data and encoding, when there is one
+    whose every record rendered (template errors have no row numbers there: those need the full check)."""
+    if encoding.template is None or encoding.model_dir is None or encoding.tokenizer is None:
+        return None
+    cache = TokenCache(settings.token_cache_dir)
+    lease = cache.lease(cache_key(source, c, encoding.model_dir, encoding.template).digest)
+    if lease is None:
+        return None
+    try:
+        meta = read_meta(lease.entry)
+    finally:
+        lease.release()
+    return meta if meta.get("template_errors") == 0 and isinstance(meta.get("token_stats"), dict) else None
+
+
 def _checked_dataset(
     source: DatasetSource,
+    c: TrainingConfig,
+    settings: ServerSettings,
     *,
-    name: str,
     field: str,
-    data_format: str,
-    tokenizer: TextTokenizer | None,
-    template: str | None,
-    max_length: int | None,
+    encoding: _Encoding,
     hooks: CheckHooks,
 ) -> DatasetReport:
     """check_dataset, remembered: tokenising a dataset is most of a ValidateConfig call, and callers validate the
-    same data again and again. The key holds the source's fingerprint, so edited data is read again. Reports are
-    only read by callers, never changed; a stopped check remembers nothing."""
-    key = (source.fingerprint(), source, name, field, data_format, id(tokenizer), template, max_length)
+    same data again and again. The key holds the source's fingerprint, so edited data is read again. When a job
+    has tokenized the same data already, its token cache entry's exact figures stand in for tokenizing (the records
+    are still all parsed). Reports are only read by callers, never changed; a stopped check remembers nothing."""
+    name = getattr(c, field)
+    data_format = c.data_format or "auto"
+    max_length = c.max_length if (c.max_length or 0) >= 1 else None  # an invalid one is reported already
+    cached = _token_cache_meta(source, c, settings, encoding) if max_length else None
+    tokenizer, template = (None, None) if cached else (encoding.tokenizer, encoding.template)
+    sample = settings.validation_sample_examples
+    key = (
+        source.fingerprint(),
+        source,
+        name,
+        field,
+        data_format,
+        id(tokenizer),
+        template,
+        max_length,
+        sample,
+        bool(cached),
+    )
     with _DATASET_REPORTS_LOCK:
         if key in _DATASET_REPORTS:
             _DATASET_REPORTS.move_to_end(key)
@@ -304,17 +356,33 @@ def _checked_dataset(
             tokenizer=tokenizer,
             template=template,
             max_length=max_length,
+            sample_examples=sample,
             should_stop=hooks.should_stop,
             on_progress=(lambda done, total: report_progress(field, done, total)) if report_progress else None,
         )
     except CheckStopped as stopped:
         log.info("dataset_check_stopped", dataset=name, field=field, records_checked=stopped.records)
         raise
+    if cached and max_length:
+        _use_cached_figures(report, cached, field, source.unit, max_length)
     with _DATASET_REPORTS_LOCK:
         _DATASET_REPORTS[key] = (tokenizer, report)
         while len(_DATASET_REPORTS) > _DATASET_REPORTS_MAX:
             _DATASET_REPORTS.popitem(last=False)
     return report
+
+
+def _use_cached_figures(report: DatasetReport, meta: dict[str, Any], field: str, unit: str, max_length: int) -> None:
+    """A token cache entry's exact figures in a report whose records were only parsed."""
+    stats = meta["token_stats"]
+    report.token_stats = TokenStats(
+        **{k: stats[k] for k in ("min", "max", "mean", "p50", "p95", "total")},
+        examples_measured=int(meta.get("rows_read", 0)),  # every valid record rendered (no template errors)
+        source=TOKEN_CACHE,
+    )
+    report.num_over_max_length = int(meta.get("over_max_length", 0))
+    for line in meta.get("unusable_rows", [])[:MAX_WARNINGS]:
+        report.warnings.append(answer_truncated(field, unit, int(line), max_length))
 
 
 def _ignored_options(source: DatasetSource, c: TrainingConfig, path: str, out: _Collector) -> None:
@@ -355,13 +423,7 @@ def _row_problems(report: DatasetReport, c: TrainingConfig, path: str, out: _Col
 
 
 def _dataset_step(
-    path: str,
-    c: TrainingConfig,
-    settings: ServerSettings,
-    tokenizer: TextTokenizer | None,
-    template: str | None,
-    out: _Collector,
-    hooks: CheckHooks,
+    path: str, c: TrainingConfig, settings: ServerSettings, encoding: _Encoding, out: _Collector, hooks: CheckHooks
 ) -> DatasetReport | None:
     try:
         source = resolve_dataset(c, settings, path)
@@ -370,23 +432,24 @@ def _dataset_step(
         return None
     _ignored_options(source, c, path, out)
     _pin(source, c, path)
-    report = _checked_dataset(
-        source,
-        name=getattr(c, path),
-        field=path,
-        data_format=c.data_format or "auto",
-        tokenizer=tokenizer,
-        template=template,
-        max_length=c.max_length if (c.max_length or 0) >= 1 else None,  # an invalid one is reported already
-        hooks=hooks,
-    )
+    report = _checked_dataset(source, c, settings, field=path, encoding=encoding, hooks=hooks)
     _row_problems(report, c, path, out)
     out.warnings.extend(report.warnings)
+    stats = report.token_stats
+    sampled = stats is not None and stats.source == SAMPLE
+    if stats is not None and sampled:
+        out.warn(
+            path,
+            "TOKEN_STATS_SAMPLED",
+            f"every record of the {report.num_valid:,} valid ones was parsed; token statistics come from an even "
+            f"sample of {stats.examples_measured:,} of them (chat template problems are found in the sample only)",
+        )
     if report.num_over_max_length:
+        about = "about " if sampled else ""
         out.warn(
             path,
             "TRUNCATION",
-            f"{report.num_over_max_length} of {report.num_valid} examples exceed max_length={c.max_length} "
+            f"{about}{report.num_over_max_length} of {report.num_valid} examples exceed max_length={c.max_length} "
             "and will be truncated",
         )
     return report
@@ -428,6 +491,7 @@ def validate(
     model_config: dict[str, Any] = {}
     tokenizer: TextTokenizer | None = None
     template: str | None = None
+    model_dir: Path | None = None
     if resolved.model_name.strip():
         try:
             model, summary = _model_step(config, resolved, settings, out)
@@ -438,19 +502,23 @@ def validate(
             else:
                 out.warn("model_name", "NO_FAST_TOKENIZER", "no tokenizer.json: token statistics are not available")
             template = _template_step(resolved, model.path, out)
+            model_dir = model.path
         except FinetuneError as exc:
             out.from_error(exc, "model_name")
     _check_vllm(resolved, summary, out)
 
     dataset = eval_dataset = None
+    encoding = _Encoding(tokenizer, template, model_dir)
     if resolved.dataset.strip():
-        dataset = _dataset_step("dataset", resolved, settings, tokenizer, template, out, hooks)
+        dataset = _dataset_step("dataset", resolved, settings, encoding, out, hooks)
     if resolved.eval_dataset.strip():
-        eval_dataset = _dataset_step("eval_dataset", resolved, settings, tokenizer, template, out, hooks)
+        eval_dataset = _dataset_step("eval_dataset", resolved, settings, encoding, out, hooks)
 
     memory = None
     if summary is not None and fields_in_range:
-        longest = dataset.token_stats.max if dataset and dataset.token_stats else 0
+        stats = dataset.token_stats if dataset else None
+        # A sample may have missed the longest example: the estimate then assumes max_length.
+        longest = stats.max if stats is not None and stats.source != SAMPLE else 0
         sequence_length = min(resolved.max_length or 1, longest) if longest else resolved.max_length or 1
         memory = estimate_memory(
             resolved,

@@ -3,7 +3,7 @@
 Both read records with the same parser, so what validation accepts is exactly what training trains on. Records are
 numbered by line (JSONL), element (JSON) or row (tables), see sources.py. The check keeps counting past
 `max_violations` (num_invalid is always the total) and, given a tokenizer and template, measures token lengths with
-the same encoder training uses, in batches.
+the same encoder training uses, in batches: of every valid example, or of an even sample of a big dataset's.
 """
 
 from __future__ import annotations
@@ -26,10 +26,17 @@ from finetune_server.training.data.tokenizer import TextTokenizer
 log = structlog.get_logger(__name__)
 
 _BATCH = 512  # examples tokenized together when measuring lengths
-_MAX_WARNINGS = 20
+MAX_WARNINGS = 20
+SAMPLE_EXAMPLES = 10_000  # beyond twice this many valid examples, token statistics come from a uniform sample
 _POLL_RECORDS = 256  # records between two looks at should_stop and two progress reports
 
 CheckProgress = Callable[[int, int | None], None]  # (records checked, estimated total or None)
+
+
+# TokenStats.source
+ALL = "all"
+SAMPLE = "sample"
+TOKEN_CACHE = "token_cache"
 
 
 class CheckStopped(Exception):  # noqa: N818 - a state, not an error
@@ -50,6 +57,8 @@ class TokenStats:
     p50: int = 0
     p95: int = 0
     total: int = 0
+    examples_measured: int = 0  # how many valid examples were tokenized for these figures
+    source: str = ALL  # ALL, SAMPLE (see _Checker) or TOKEN_CACHE (exact, from an earlier job's cache entry)
 
 
 @dataclass
@@ -94,7 +103,17 @@ def token_stats(lengths: list[int]) -> TokenStats | None:
         p50=_percentile(ordered, 0.5),
         p95=_percentile(ordered, 0.95),
         total=total,
+        examples_measured=len(ordered),
     )
+
+
+def answer_truncated(field: str, unit: str, line: int, max_length: int) -> ConfigWarning:
+    """The warning about an example whose prompt alone fills max_length."""
+    message = (
+        f"{unit} {line}: its prompt alone is longer than max_length ({max_length} tokens), "
+        "so truncation leaves no answer token to learn from; it will be skipped"
+    )
+    return ConfigWarning(field, "ANSWER_TRUNCATED", message)
 
 
 def _require_file(path: Path, field_path: str) -> None:
@@ -115,7 +134,13 @@ def _require_file(path: Path, field_path: str) -> None:
 
 
 class _Checker:
-    """Accumulates one dataset's report; lengths are measured a batch at a time."""
+    """Accumulates one dataset's report; lengths are measured a batch at a time.
+
+    Every record is parsed (the schema check is always whole); rendering and tokenizing, most of the cost, run on
+    every valid example up to 2 x `sample_examples`, then on a uniform sample: every `stride`-th valid example,
+    the stride doubling (and half the measured lengths dropped) whenever the sample reaches twice the target. The
+    sample thus stays between one and two targets, spread evenly over the whole dataset.
+    """
 
     def __init__(
         self,
@@ -127,6 +152,7 @@ class _Checker:
         template: str | None,
         max_length: int | None,
         max_violations: int,
+        sample_examples: int,
     ) -> None:
         self.report = report
         self.field = field_path
@@ -135,9 +161,12 @@ class _Checker:
         self.template = template
         self.max_length = max_length
         self.max_violations = max_violations
+        self.sample_examples = sample_examples
         self.formats: Counter[str] = Counter()
-        self.lengths: list[int] = []
-        self.pending: list[tuple[int, str, RenderedExample]] = []
+        self.valid_seen = 0  # valid examples so far (parsed; rendered or not)
+        self.stride = 1
+        self.measured: list[tuple[int, int, bool]] = []  # (valid example index, tokens, over max_length)
+        self.pending: list[tuple[int, int, RenderedExample]] = []  # (index, line, rendered)
         self.line_violations = 0
 
     def invalid(self, line: int, reason: str, message: str) -> None:
@@ -149,7 +178,9 @@ class _Checker:
             self.report.violations_truncated = True
 
     def valid(self, line: int, example: Example) -> None:
-        if self.tokenizer is None or self.template is None:
+        index = self.valid_seen
+        self.valid_seen += 1
+        if self.tokenizer is None or self.template is None or index % self.stride:
             self.formats[example.format] += 1
             return
         try:
@@ -157,7 +188,8 @@ class _Checker:
         except TemplateError as exc:
             self.invalid(line, "TEMPLATE_ERROR", str(exc))
             return
-        self.pending.append((line, example.format, rendered))
+        self.formats[example.format] += 1
+        self.pending.append((index, line, rendered))
         if len(self.pending) >= _BATCH:
             self.flush()
 
@@ -166,18 +198,14 @@ class _Checker:
             return
         limit = self.max_length if self.max_length is not None else 1 << 62
         encoded = encode_rendered([item for _, _, item in self.pending], self.tokenizer, max_length=limit)
-        for (line, fmt, _), result in zip(self.pending, encoded, strict=True):
-            self.formats[fmt] += 1
-            self.lengths.append(result.num_tokens)
-            if result.truncated:
-                self.report.num_over_max_length += 1
-                if result.num_trainable == 0 and len(self.report.warnings) < _MAX_WARNINGS:
-                    message = (
-                        f"{self.unit} {line}: its prompt alone is longer than max_length ({self.max_length} tokens), "
-                        "so truncation leaves no answer token to learn from; it will be skipped"
-                    )
-                    self.report.warnings.append(ConfigWarning(self.field, "ANSWER_TRUNCATED", message))
+        for (index, line, _), result in zip(self.pending, encoded, strict=True):
+            self.measured.append((index, result.num_tokens, result.truncated))
+            if result.truncated and result.num_trainable == 0 and len(self.report.warnings) < MAX_WARNINGS:
+                self.report.warnings.append(answer_truncated(self.field, self.unit, line, limit))
         self.pending.clear()
+        while len(self.measured) >= 2 * self.sample_examples:
+            self.stride *= 2
+            self.measured = [m for m in self.measured if m[0] % self.stride == 0]
 
     def finish(self) -> None:
         self.flush()
@@ -185,7 +213,15 @@ class _Checker:
         report.format_counts = dict(sorted(self.formats.items()))
         report.num_valid = sum(self.formats.values())
         report.num_examples = report.num_valid + report.num_invalid
-        report.token_stats = token_stats(self.lengths)
+        over = sum(1 for m in self.measured if m[2])
+        stats = token_stats([m[1] for m in self.measured])
+        if stats is not None and self.stride > 1:  # a sample: scale the counts up to every valid example
+            scale = report.num_valid / len(self.measured)
+            stats.total = round(stats.total * scale)
+            stats.source = SAMPLE
+            over = round(over * scale)
+        report.token_stats = stats
+        report.num_over_max_length = over
 
 
 def check_dataset(
@@ -198,10 +234,12 @@ def check_dataset(
     template: str | None = None,
     max_length: int | None = None,
     max_violations: int = 100,
+    sample_examples: int = SAMPLE_EXAMPLES,
     should_stop: Callable[[], bool] = lambda: False,
     on_progress: CheckProgress | None = None,
 ) -> DatasetReport:
-    """Check every record of a dataset; token statistics need both a tokenizer and a template.
+    """Check every record of a dataset; token statistics need both a tokenizer and a template, and come from a
+    uniform sample of about `sample_examples` to twice that for a bigger dataset (TokenStats.source says which).
 
     A Path is a local file (FinetuneError NOT_FOUND / INVALID_ARGUMENT when it is not a file). Everything about the
     content is reported in the returned report's `violations`. `should_stop` is polled every few hundred records
@@ -221,6 +259,7 @@ def check_dataset(
         template=template,
         max_length=max_length,
         max_violations=max_violations,
+        sample_examples=sample_examples,
     )
     file_problem = False
     total = estimated_rows(source) if on_progress is not None else None

@@ -27,13 +27,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from finetune_server.storage.layout import TokenCacheDir, TokenCacheEntry
 from finetune_server.training.data.sources import DatasetSource, as_source
 from finetune_server.util.hashing import sha256_file
+
+if TYPE_CHECKING:
+    from finetune_server.training.config import TrainingConfig
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +105,19 @@ class CacheKey:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def cache_key(source: DatasetSource | Path, config: TrainingConfig, model_dir: Path, template: str) -> CacheKey:
+    """Everything that changes a dataset's tokens: its content, the tokenizer, the template and the encoder settings
+    (a job's, and a validation's looking for the entry that job built)."""
+    return CacheKey.of(
+        dataset=dataset_fingerprint(source),
+        tokenizer=tokenizer_fingerprint(model_dir),
+        template=template,
+        max_length=int(config.max_length or 2048),
+        data_format=config.data_format or "auto",
+        train_on_prompt=bool(config.train_on_prompt),
+    )
 
 
 class CacheStopped(Exception):  # noqa: N818 - a state, not an error

@@ -29,7 +29,7 @@ from finetune_server.training.data import (
 from finetune_server.training.data.batch_encode import EncoderSettings
 from finetune_server.training.data.sources import DatasetSource, estimated_rows
 from finetune_server.training.data.token_build import CacheOpen, ProgressCallback, open_or_build
-from finetune_server.training.data.token_cache import CacheKey, TokenCache, dataset_fingerprint, tokenizer_fingerprint
+from finetune_server.training.data.token_cache import TokenCache, cache_key
 from finetune_server.training.data.token_table import TokenTable
 from finetune_server.training.engine.batching import EpochPlan, plan_epoch, shuffled_range
 from finetune_server.training.engine.checkpoint import DataPosition
@@ -77,18 +77,6 @@ class EncodedSet:
     truncated: int  # usable examples cut at max_length
     unusable: int  # examples dropped: no trainable token left after truncation
     opened: CacheOpen
-
-
-def cache_key(source: DatasetSource | Path, config: TrainingConfig, model_dir: Path, template: str) -> CacheKey:
-    """Everything that changes a dataset's tokens: its content, the tokenizer, the template and the encoder settings."""
-    return CacheKey.of(
-        dataset=dataset_fingerprint(source),
-        tokenizer=tokenizer_fingerprint(model_dir),
-        template=template,
-        max_length=int(config.max_length or 2048),
-        data_format=config.data_format or "auto",
-        train_on_prompt=bool(config.train_on_prompt),
-    )
 
 
 @dataclass(frozen=True)

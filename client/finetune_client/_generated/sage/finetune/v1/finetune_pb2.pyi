@@ -34,6 +34,44 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _TokenStatsSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TokenStatsSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TokenStatsSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOKEN_STATS_SOURCE_UNSPECIFIED: _TokenStatsSource.ValueType  # 0
+    TOKEN_STATS_SOURCE_ALL: _TokenStatsSource.ValueType  # 1
+    """Every valid example was rendered and tokenized: exact."""
+    TOKEN_STATS_SOURCE_SAMPLE: _TokenStatsSource.ValueType  # 2
+    """A big dataset: every record was parsed, but only a uniform sample of its valid examples (every k-th, 10,000 to
+    20,000 of them) was rendered and tokenized. min, max and the percentiles are the sample's; `total` and
+    DatasetReport.num_over_max_length are scaled up to all valid examples; template problems are found in the
+    sample only.
+    """
+    TOKEN_STATS_SOURCE_TOKEN_CACHE: _TokenStatsSource.ValueType  # 3
+    """Exact, from the token cache a job built on the same data, tokenizer, template and max_length: nothing was
+    tokenized again.
+    """
+
+class TokenStatsSource(_TokenStatsSource, metaclass=_TokenStatsSourceEnumTypeWrapper):
+    """How a DatasetReport's token statistics were measured."""
+
+TOKEN_STATS_SOURCE_UNSPECIFIED: TokenStatsSource.ValueType  # 0
+TOKEN_STATS_SOURCE_ALL: TokenStatsSource.ValueType  # 1
+"""Every valid example was rendered and tokenized: exact."""
+TOKEN_STATS_SOURCE_SAMPLE: TokenStatsSource.ValueType  # 2
+"""A big dataset: every record was parsed, but only a uniform sample of its valid examples (every k-th, 10,000 to
+20,000 of them) was rendered and tokenized. min, max and the percentiles are the sample's; `total` and
+DatasetReport.num_over_max_length are scaled up to all valid examples; template problems are found in the
+sample only.
+"""
+TOKEN_STATS_SOURCE_TOKEN_CACHE: TokenStatsSource.ValueType  # 3
+"""Exact, from the token cache a job built on the same data, tokenizer, template and max_length: nothing was
+tokenized again.
+"""
+Global___TokenStatsSource: _TypeAlias = TokenStatsSource  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -891,7 +929,9 @@ class DatasetReport(_message.Message):
     num_invalid: _builtins.int
     """Examples with a problem; each is a violation with its line (or element, or row) number, up to a cap."""
     num_over_max_length: _builtins.int
-    """Valid examples longer than max_length (they would be truncated)."""
+    """Valid examples longer than max_length (they would be truncated); scaled up from the sample when token_stats
+    came from one.
+    """
     violations_truncated: _builtins.bool
     """True when more bad lines exist than are listed as violations."""
     size_bytes: _builtins.int
@@ -940,6 +980,8 @@ class TokenStats(_message.Message):
     P50_FIELD_NUMBER: _builtins.int
     P95_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    EXAMPLES_MEASURED_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     min: _builtins.int
     """Shortest, in tokens."""
     max: _builtins.int
@@ -952,6 +994,10 @@ class TokenStats(_message.Message):
     """95th percentile, in tokens."""
     total: _builtins.int
     """Sum over all examples, in tokens (before truncation)."""
+    examples_measured: _builtins.int
+    """How many valid examples were tokenized for these figures: all of them, or the sample's size."""
+    source: Global___TokenStatsSource.ValueType
+    """Where the figures come from."""
     def __init__(
         self,
         *,
@@ -961,10 +1007,12 @@ class TokenStats(_message.Message):
         p50: _builtins.int = ...,
         p95: _builtins.int = ...,
         total: _builtins.int = ...,
+        examples_measured: _builtins.int = ...,
+        source: Global___TokenStatsSource.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "mean", b"mean", "min", b"min", "p50", b"p50", "p95", b"p95", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples_measured", b"examples_measured", "max", b"max", "mean", b"mean", "min", b"min", "p50", b"p50", "p95", b"p95", "source", b"source", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
