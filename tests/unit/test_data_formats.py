@@ -47,17 +47,81 @@ def test_json_array_elements_are_numbered_from_one(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "reason"),
-    [('{"a": 1', "INVALID_JSON"), ("[1, 2", "INVALID_JSON"), ('"just a string"', "NOT_AN_ARRAY")],
+    ("content", "expected"),
+    [
+        ('{"a": 1', [(1, "INVALID_JSON")]),  # a .json file starting with `{` is read as JSONL: its line 1 is invalid
+        ('"just a string"', [(0, "NOT_AN_ARRAY")]),
+        ("[1, 2", [(1, "NOT_AN_OBJECT"), (2, "NOT_AN_OBJECT"), (0, "INVALID_JSON")]),  # what came before the break
+        ('[{"text": "a"} {"text": "b"}]', [(1, None), (0, "INVALID_JSON")]),
+        ('[{"text": "a"},]', [(1, None), (0, "INVALID_JSON")]),
+        ('[{"text": "a"}] x', [(1, None), (0, "INVALID_JSON")]),
+        ("[]", []),
+        ("  \n ", []),
+    ],
 )
-def test_unreadable_json_file_is_one_line_zero_record(tmp_path: Path, content: str, reason: str) -> None:
+def test_a_broken_json_file_ends_in_one_line_zero_record(
+    tmp_path: Path, content: str, expected: list[tuple[int, str | None]]
+) -> None:
     path = tmp_path / "d.json"
     path.write_text(content)
-    records = list(iter_records(path))
-    if content.startswith("{"):  # a .json file starting with `{` is read as JSONL: its line 1 is invalid
-        assert [(r.line, r.reason) for r in records] == [(1, reason)]
-    else:
-        assert [(r.line, r.reason) for r in records] == [(0, reason)]
+    assert [(r.line, r.reason) for r in iter_records(path)] == expected
+
+
+def _mixed_elements(n: int) -> list[object]:
+    texts = ["plain", "é漢😀 multi-byte", 'quote " and \\ backslash', "line\nbreak", "x" * 300]
+    return [
+        {"text": texts[i % len(texts)], "n": i * 1.5 if i % 2 else -(10**12) - i, "nested": {"a": [i, None, True]}}
+        if i % 7
+        else "not an object"
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("chunk_chars", [1, 7, 64, 1 << 20])
+def test_a_json_array_is_streamed_across_chunk_boundaries_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_chars: int
+) -> None:
+    """Elements, numbers, escapes and multi-byte characters cut anywhere by a read come out as json.loads reads them."""
+    from finetune_server.training.data import records as records_module
+
+    monkeypatch.setattr(records_module, "_CHUNK_CHARS", chunk_chars)
+    elements = _mixed_elements(60)
+    path = tmp_path / "d.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(elements, indent=1, ensure_ascii=False).encode())
+    got = list(iter_records(path))
+    assert [r.line for r in got] == list(range(1, 61))
+    assert [r.value for r in got if r.reason is None] == [e for e in elements if isinstance(e, dict)]
+    assert {r.reason for r in got if r.value is None} == {"NOT_AN_OBJECT"}
+
+
+def test_a_json_arrays_error_points_where_json_loads_would(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_server.training.data import records as records_module
+
+    monkeypatch.setattr(records_module, "_CHUNK_CHARS", 5)
+    text = json.dumps(_mixed_elements(12), indent=2)
+    broken = text[: text.index('"n"', len(text) // 2)] + "oops" + text[text.index('"n"', len(text) // 2) :]
+    path = tmp_path / "d.json"
+    path.write_text(broken)
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(broken)
+    last = list(iter_records(path))[-1]
+    assert (last.line, last.reason) == (0, "INVALID_JSON")
+    assert f"line {expected.value.lineno} column {expected.value.colno}" in (last.error or "")
+
+
+def test_a_big_json_array_is_read_in_little_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "big.json"
+    with path.open("w") as f:
+        f.write("[" + ",".join(json.dumps({"text": f"example {i} " + "y" * 200}) for i in range(40_000)) + "]")
+    size = path.stat().st_size
+    tracemalloc.start()
+    count = sum(1 for _ in iter_records(path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == 40_000
+    assert peak < size / 2, f"peak {peak} bytes for a {size}-byte file: the array was held whole"
 
 
 def test_absurdly_deep_json_is_an_unusable_line_not_a_crash(tmp_path: Path) -> None:
@@ -231,3 +295,15 @@ def test_render_errors_become_template_errors() -> None:
         render("{{ raise_exception('roles must alternate') }}", [])
     with pytest.raises(TemplateError, match="does not compile"):
         render("{% for %}", [])
+
+
+def test_training_never_reads_part_of_a_broken_file(tmp_path: Path) -> None:
+    from finetune_server.errors import FinetuneError
+    from finetune_server.training.data import iter_examples
+
+    path = tmp_path / "d.json"
+    path.write_text('[{"text": "a"}, {"text": "b"}, {"text": ')
+    examples = iter_examples(path)
+    with pytest.raises(FinetuneError) as caught:
+        list(examples)
+    assert caught.value.reason == "DATASET_UNREADABLE" and "d.json" in caught.value.message

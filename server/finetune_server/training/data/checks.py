@@ -307,10 +307,18 @@ def iter_examples(
     revision: str = "",
 ) -> Iterator[tuple[int, Example]]:
     """Stream (record number, Example) for training, skipping bad records (validation has reported them, or the
-    config skips them). A string is a source's ref (DatasetSource.from_ref, with the subset, split and revision)."""
+    config skips them); a file unreadable past some record (changed since it was validated) raises
+    DATASET_UNREADABLE. A string is a source's ref (DatasetSource.from_ref, with the subset, split and revision)."""
     source = as_source(source, subset=subset, split=split, revision=revision)
     skipped = 0
     for record in iter_records(source, data_format):
+        if record.line == 0:  # the file broke off after the records read so far: never train on part of it
+            raise FinetuneError(
+                ErrorKind.INVALID_ARGUMENT,
+                "DATASET_UNREADABLE",
+                f"{source.path.name} cannot be read to its end: {record.error}",
+                violations=[Violation("dataset", record.reason or "BAD_FILE", record.error or "")],
+            )
         if record.error is not None:
             skipped += 1
             continue
