@@ -77,6 +77,14 @@ class FineTuneServiceStub:
     """
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
+    Generate: _grpc.UnaryStreamMultiCallable[_finetune_pb2.GenerateRequest, _finetune_pb2.GenerateResponse]
+    """Answers a chat with the base model, a job's final adapter or one of its checkpoints, or an exported artifact,
+    streaming the text as it is produced and ending with a message that says why generation ended. The prompt is
+    rendered with the chat template the job trained with, and generation stops at its end-of-turn token. It runs in
+    a worker process that stays loaded for the next request with the same model for a short idle time; when every
+    generation worker is busy the call is refused at once with RESOURCE_EXHAUSTED and a RetryInfo. Cancelling the
+    stream stops the generation at the next token.
+    """
     UploadDataset: _grpc.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]
     """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
     ListPresets: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.ListPresetsRequest, _finetune_pb2.ListPresetsResponse]
@@ -120,6 +128,14 @@ class FineTuneServiceAsyncStub(FineTuneServiceStub):
     """
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
+    Generate: _aio.UnaryStreamMultiCallable[_finetune_pb2.GenerateRequest, _finetune_pb2.GenerateResponse]  # type: ignore[assignment]
+    """Answers a chat with the base model, a job's final adapter or one of its checkpoints, or an exported artifact,
+    streaming the text as it is produced and ending with a message that says why generation ended. The prompt is
+    rendered with the chat template the job trained with, and generation stops at its end-of-turn token. It runs in
+    a worker process that stays loaded for the next request with the same model for a short idle time; when every
+    generation worker is busy the call is refused at once with RESOURCE_EXHAUSTED and a RetryInfo. Cancelling the
+    stream stops the generation at the next token.
+    """
     UploadDataset: _aio.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]  # type: ignore[assignment]
     """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
     ListPresets: _aio.UnaryUnaryMultiCallable[_finetune_pb2.ListPresetsRequest, _finetune_pb2.ListPresetsResponse]  # type: ignore[assignment]
@@ -214,6 +230,20 @@ class FineTuneServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_finetune_pb2.DownloadArtifactResponse], _abc.AsyncIterator[_finetune_pb2.DownloadArtifactResponse]]:
         """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _finetune_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_finetune_pb2.GenerateResponse], _abc.AsyncIterator[_finetune_pb2.GenerateResponse]]:
+        """Answers a chat with the base model, a job's final adapter or one of its checkpoints, or an exported artifact,
+        streaming the text as it is produced and ending with a message that says why generation ended. The prompt is
+        rendered with the chat template the job trained with, and generation stops at its end-of-turn token. It runs in
+        a worker process that stays loaded for the next request with the same model for a short idle time; when every
+        generation worker is busy the call is refused at once with RESOURCE_EXHAUSTED and a RetryInfo. Cancelling the
+        stream stops the generation at the next token.
+        """
 
     @_abc_1.abstractmethod
     def UploadDataset(
