@@ -48,6 +48,11 @@ class ServerSettings:
     metrics_port: int | None = None  # None: no Prometheus endpoint
     worker_threads: int = 0  # torch/OpenMP threads per worker; 0: see cpu_policy.worker_threads
     worker_cpus: list[int] = field(default_factory=list)  # CPUs workers are pinned to; empty: the server's own
+    # Generate: worker processes (each holds one model; apart from the training slots, sharing a GPU with them),
+    # how long an idle one stays loaded for the next request with the same model, the largest max_new_tokens.
+    max_generate_workers: int = 1
+    generate_idle_s: float = 60.0
+    max_new_tokens_limit: int = 1024
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()

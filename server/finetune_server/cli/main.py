@@ -118,6 +118,15 @@ def serve(
     worker_cpus: Annotated[
         str | None, typer.Option(help="Pin workers to these CPUs, e.g. 2-7 (default: the server's CPUs).")
     ] = None,
+    max_generate_workers: Annotated[
+        int, typer.Option(min=1, help="Generate calls answered at once, each by a worker holding its model.")
+    ] = ServerSettings.max_generate_workers,
+    generate_idle: Annotated[
+        float, typer.Option(min=0, help="Seconds an idle generation worker keeps its model for the next request.")
+    ] = ServerSettings.generate_idle_s,
+    max_new_tokens_limit: Annotated[
+        int, typer.Option(min=1, help="Largest max_new_tokens a Generate call may ask for.")
+    ] = ServerSettings.max_new_tokens_limit,
     keepalive_time: KeepaliveTimeOption = ServerSettings.keepalive_time_s,
     keepalive_timeout: KeepaliveTimeoutOption = ServerSettings.keepalive_timeout_s,
     keepalive_min_ping_interval: MinPingIntervalOption = ServerSettings.keepalive_min_ping_interval_s,
@@ -151,6 +160,9 @@ def serve(
             metrics_port=metrics_port,
             worker_threads=worker_threads,
             worker_cpus=pinned,
+            max_generate_workers=max_generate_workers,
+            generate_idle_s=generate_idle,
+            max_new_tokens_limit=max_new_tokens_limit,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from None

@@ -158,16 +158,7 @@ def save_checkpoint(
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints as (step, path), oldest first by integer step. Temp and incomplete folders are skipped."""
-    parent = layout.JobDir(Path(output_dir)).checkpoints
-    if not parent.is_dir():
-        return []
-    found = []
-    for child in parent.iterdir():
-        step = layout.checkpoint_step(child.name)
-        if step is not None and child.is_dir() and (child / layout.CHECKPOINT_COMPLETE_MARKER).is_file():
-            found.append((step, child))
-    found.sort(key=lambda item: item[0])
-    return found
+    return layout.complete_checkpoints(output_dir)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
