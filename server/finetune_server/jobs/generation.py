@@ -294,6 +294,7 @@ class GenerateService:
                 elif isinstance(message, GenerateDone):
                     finished = True
                     bound.info("generate.done", finish_reason=message.finish_reason, tokens=message.completion_tokens)
+                    self._release(worker)  # before the caller hears the end: its next request finds the worker free
                     yield GenerationFinish(
                         message.finish_reason,
                         message.prompt_tokens,
@@ -303,7 +304,9 @@ class GenerateService:
                     )
                     return
         finally:
-            if finished or not sent:
+            if not worker.busy:
+                pass  # released already
+            elif finished or not sent:
                 self._release(worker)
             else:  # the caller went mid-answer
                 self._stop_answer(worker, bound)
