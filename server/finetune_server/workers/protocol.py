@@ -38,7 +38,8 @@ Generation worker (long-lived: one model, many requests; `generate.py`):
 - ``{"type": "ready", "context_length": int, "step": int}`` once, when the model is loaded;
 - per request: ``{"type": "text", "text": str}`` pieces, then ``{"type": "done", "finish_reason": "eos" |
   "max_tokens" | "stop" | "cancelled", "prompt_tokens": int, "completion_tokens": int}``, or instead
-  ``{"type": "refused", "error": {reason, message, hint, step, kind, metadata}}`` for a request it cannot answer;
+  ``{"type": "refused", "error": {reason, message, hint, step, kind, metadata, violations}}`` for a request it
+  cannot answer (violations: [{field, reason, message}]);
 - a failure to load the model is an error (below) and exit 1; EOF of stdin ends it with exit 0.
 
 Both: ``{"type": "error", "reason", "message", "hint", "step", "kind", "metadata"}`` for a typed error (a
@@ -74,7 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Self
 
-from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.errors import ErrorKind, FinetuneError, Violation
 
 EXIT_OK = 0  # a final message that is not an error: result, cancelled, artifact
 EXIT_ERROR = 1  # a typed error, reported
@@ -219,10 +220,17 @@ class GenerateRefused(Message):
     def from_exception(cls, exc: FinetuneError) -> GenerateRefused:
         fields = Error.from_exception(exc).to_dict()
         fields.pop("type")
+        fields["violations"] = [dataclasses.asdict(v) for v in exc.violations]  # the request fields at fault
         return cls(error=fields)
 
     def to_exception(self) -> FinetuneError:
-        return _error({**self.error, "type": Error.TYPE}).to_exception()
+        error = _error({**self.error, "type": Error.TYPE}).to_exception()
+        error.violations = [
+            Violation(str(v.get("field", "")), str(v.get("reason", "")), str(v.get("message", "")))
+            for v in self.error.get("violations") or []
+            if isinstance(v, dict)
+        ]
+        return error
 
 
 FINISH_REASONS = frozenset({"eos", "max_tokens", "stop", "cancelled"})
