@@ -276,7 +276,7 @@ class GenerateService:
         is cancelled) stops the generation: the worker is told at once and is free again at its next token."""
         worker = await self._acquire(target.spec)
         bound = log.bind(worker=worker.number, job_id=target.spec.job_id)
-        finished = sent = False
+        finished = sent = released = False
         try:
             ready = await worker.wait_ready()
             worker.commands.put_nowait(command.line())
@@ -295,6 +295,7 @@ class GenerateService:
                     finished = True
                     bound.info("generate.done", finish_reason=message.finish_reason, tokens=message.completion_tokens)
                     self._release(worker)  # before the caller hears the end: its next request finds the worker free
+                    released = True
                     yield GenerationFinish(
                         message.finish_reason,
                         message.prompt_tokens,
@@ -304,8 +305,8 @@ class GenerateService:
                     )
                     return
         finally:
-            if not worker.busy:
-                pass  # released already
+            if released:
+                pass  # and maybe claimed by the next request already
             elif finished or not sent:
                 self._release(worker)
             else:  # the caller went mid-answer
