@@ -108,6 +108,17 @@ def test_generate_streams_what_transformers_generates_for_base_job_checkpoint_an
     assert answers["job"] != answers["base"], "the adapter changes the answer (it is loaded, not ignored)"
     assert answers["artifact"] == answers["job"]
 
+    # The artifact's worker is warm: a stop string cuts the answer before it, and a seed repeats a sampled answer.
+    warm = {"artifact_id": artifact[-1].artifact.id, "max_new_tokens": NEW_TOKENS}
+    answer = answers["artifact"]
+    stop = answer[len(answer) // 2 :][:2]
+    assert stop, answer
+    with service.generate(QUESTION, stop=[stop], **warm) as cut:
+        assert "".join(cut) == answer[: answer.find(stop)] and cut.finish is not None
+    assert cut.finish.reason == pb.FINISH_REASON_STOP
+    sampled = ["".join(service.generate(QUESTION, temperature=1.0, top_p=0.9, seed=7, **warm)) for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
 
 def test_a_busy_worker_refuses_and_a_cancelled_stream_frees_it(
     service: GrpcFineTuneService, server: RunningServer
