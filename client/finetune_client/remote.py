@@ -358,6 +358,27 @@ class GrpcFineTuneService(IFineTuneService):
                 return
             request.page_token = response.next_page_token
 
+    def list_datasets(self, page_size: int = 0) -> Iterator[pb.Dataset]:
+        """The caller's uploaded datasets, newest first, all pages."""
+        request = pb.ListDatasetsRequest(page_size=page_size)
+        while True:
+            response: pb.ListDatasetsResponse = self._unary("ListDatasets", request)
+            yield from response.datasets
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    def get_dataset(self, dataset_id: str) -> pb.Dataset:
+        response: pb.GetDatasetResponse = self._unary("GetDataset", pb.GetDatasetRequest(dataset_id=dataset_id))
+        return response.dataset
+
+    def delete_dataset(self, dataset_id: str) -> pb.DeleteDatasetResponse:
+        """Delete an uploaded dataset and its token cache entries; FAILED_PRECONDITION while a job trains on it."""
+        response: pb.DeleteDatasetResponse = self._unary(
+            "DeleteDataset", pb.DeleteDatasetRequest(dataset_id=dataset_id)
+        )
+        return response
+
     def cancel_job(self, job_id: str) -> pb.Job:
         """Cancel a job (queued: at once; running: its worker stops). A finished job raises FAILED_PRECONDITION."""
         response: pb.CancelJobResponse = self._unary("CancelJob", pb.CancelJobRequest(job_id=job_id))

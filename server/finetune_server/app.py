@@ -15,6 +15,7 @@ from finetune_server.api.interceptors import AccessLogInterceptor, AuthIntercept
 from finetune_server.api.servicer import FineTuneServicer
 from finetune_server.api.transport import GrpcTransport, on_termination_signals
 from finetune_server.host.server_info import ServerInfoProvider
+from finetune_server.jobs.datasets import DatasetService
 from finetune_server.jobs.exports import ExportService
 from finetune_server.jobs.service import JobService
 from finetune_server.observability.metrics import ServiceMetrics, store_state_counts
@@ -62,7 +63,8 @@ class FinetuneServer:
         if faults.active().unavailable_first_calls:
             interceptors.append(UnavailableFaultInterceptor(faults.active().unavailable_first_calls))
         exports = ExportService(self.settings, self.store)
-        servicer = FineTuneServicer(self.settings, self._info, self.jobs, self.store, exports)
+        datasets = DatasetService(self.settings, self.store)
+        servicer = FineTuneServicer(self.settings, self._info, self.jobs, self.store, exports, datasets)
         transport = GrpcTransport(
             servicer, interceptors, self.settings, host=self.host, port=self.port, grace=self.grace
         )

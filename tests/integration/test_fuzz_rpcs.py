@@ -359,6 +359,8 @@ NAMED_REQUESTS: dict[str, Callable[[Targets, str], tuple[str, Message]]] = {
     "CancelJob.job_id": lambda t, name: ("CancelJob", pb.CancelJobRequest(job_id=name)),
     "Export.job_id": lambda t, name: ("Export", pb.ExportRequest(job_id=name, format=pb.EXPORT_FORMAT_ADAPTER)),
     "DownloadArtifact.artifact_id": lambda t, name: ("DownloadArtifact", pb.DownloadArtifactRequest(artifact_id=name)),
+    "GetDataset.dataset_id": lambda t, name: ("GetDataset", pb.GetDatasetRequest(dataset_id=name)),
+    "DeleteDataset.dataset_id": lambda t, name: ("DeleteDataset", pb.DeleteDatasetRequest(dataset_id=name)),
     "DownloadArtifact.path": lambda t, name: (
         "DownloadArtifact",
         pb.DownloadArtifactRequest(artifact_id=t.artifact_id, path=name),

@@ -26,7 +26,7 @@ SERVICE = "sage.finetune.v1.FineTuneService"
 RPCS = {
     "ValidateConfig", "StreamValidateConfig", "Train", "WatchJob", "GetJob", "ListJobs", "CancelJob", "Export",
     "DownloadArtifact",
-    "UploadDataset", "ListPresets", "GetServerInfo",
+    "UploadDataset", "ListDatasets", "GetDataset", "DeleteDataset", "ListPresets", "GetServerInfo",
 }  # fmt: skip
 
 

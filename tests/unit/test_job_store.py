@@ -503,7 +503,7 @@ def test_v1_database_is_migrated_and_reopening_is_idempotent(db_path: Path) -> N
 
     with SqliteJobStore(db_path) as s:
         assert s.get_job("job-old").state is JobState.QUEUED
-    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 4
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 5
     assert {"jobs_newest", "jobs_owner_newest", "jobs_state_queue", "jobs_request_id"} <= _indexes(db_path)
 
     # Reopening re-runs nothing (migration 2's CREATE INDEX would fail if it did).
@@ -578,3 +578,53 @@ def test_request_ids_are_scoped_to_their_owner_and_keys_record_what_they_made(st
     assert store.claim_request_key(**claim, fingerprint="f2", resource_id="art-2") == ("art-1", "f1")
     other = {**claim, "owner": "bob"}
     assert store.claim_request_key(**other, fingerprint="f2", resource_id="art-2") == ("art-2", "f2")
+
+
+def _dataset_record(n: int, owner: str = "", sha: str = "") -> DatasetRecord:
+    digest = sha or f"{n:064x}"
+    return DatasetRecord(
+        id=f"ds-{owner}{n}", filename=f"d{n}.jsonl", size_bytes=n, sha256=digest, path=f"datasets/d{n}.jsonl",
+        report={"num_valid": n}, create_time=float(n), owner=owner,
+    )  # fmt: skip
+
+
+def test_datasets_are_per_owner_paged_newest_first_and_deleted(store: SqliteJobStore) -> None:
+    for n in range(1, 6):
+        store.put_dataset(_dataset_record(n, owner="alice"))
+    shared = "f" * 64
+    alices, _ = store.put_dataset(_dataset_record(10, owner="alice", sha=shared))
+    bobs, created = store.put_dataset(_dataset_record(11, owner="bob", sha=shared))
+    assert created and bobs.id != alices.id, "the same content is one dataset per owner"
+    assert store.put_dataset(_dataset_record(12, owner="bob", sha=shared)) == (bobs, False)
+    assert store.find_dataset_by_sha256(shared, "bob") == bobs and store.find_dataset_by_sha256(shared) is None
+
+    pages, token = [], ""
+    while True:
+        page, token = store.list_datasets(page_size=2, page_token=token, owner="alice")
+        pages.append([d.id for d in page])
+        if not token:
+            break
+    assert pages == [["ds-alice10", "ds-alice5"], ["ds-alice4", "ds-alice3"], ["ds-alice2", "ds-alice1"]]
+    assert {d.id for d in store.list_datasets(page_size=100, page_token="", owner=None)[0]} >= {bobs.id, alices.id}
+
+    assert store.delete_dataset(bobs.id) == bobs
+    with pytest.raises(KeyError):
+        store.get_dataset(bobs.id)
+    with pytest.raises(KeyError):
+        store.delete_dataset(bobs.id)
+    assert store.get_dataset(alices.id) == alices
+
+
+def test_a_schema_4_database_keeps_its_datasets_without_an_owner(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    apply_migrations(conn, MIGRATIONS[:4])
+    conn.execute(
+        "INSERT INTO datasets (id, filename, size_bytes, sha256, path, report, create_time)"
+        " VALUES ('ds-old', 'old.jsonl', 3, 'abc', 'datasets/ds-old.jsonl', '{}', 1.0)"
+    )
+    conn.close()
+    with SqliteJobStore(path) as store:
+        old = store.get_dataset("ds-old")
+        assert (old.owner, old.sha256, old.filename) == ("", "abc", "old.jsonl")
+        assert store.find_dataset_by_sha256("abc") == old

@@ -24,12 +24,13 @@ from finetune_server.api.errors import map_errors
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.host.server_info import ServerInfoProvider
 from finetune_server.jobs import idempotency
+from finetune_server.jobs.datasets import DatasetService
 from finetune_server.jobs.exports import ExportService
 from finetune_server.jobs.service import JobService
 from finetune_server.settings import ServerSettings
 from finetune_server.storage.dataset_uploads import store_upload
 from finetune_server.storage.job_store import JobStore
-from finetune_server.storage.records import ArtifactRecord, JobRecord, JobState
+from finetune_server.storage.records import ArtifactRecord, DatasetRecord, JobRecord, JobState
 from finetune_server.training import presets
 from finetune_server.training.data.checks import CheckStopped
 from finetune_server.training.validation import CheckHooks, ValidationReport, validate
@@ -46,12 +47,14 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         jobs: JobService,
         store: JobStore,
         exports: ExportService,
+        datasets: DatasetService,
     ) -> None:
         self._settings = settings
         self._info = info
         self._jobs = jobs
         self._store = store
         self._exports = exports
+        self._datasets = datasets
 
     async def _job_of_caller(self, job_id: str) -> JobRecord:
         job = await self._jobs.get(job_id)
@@ -123,6 +126,41 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             yield pb.StreamValidateConfigResponse(report=work.result())
         finally:
             work.cancel()  # the caller went: run_stoppable tells the checking thread to stop
+
+    async def _dataset_of_caller(self, dataset_id: str) -> DatasetRecord:
+        record = await self._datasets.get(dataset_id)
+        check_access(record.owner, f"dataset {dataset_id}")
+        return record
+
+    @map_errors
+    async def ListDatasets(  # noqa: N802 - gRPC method name
+        self, request: pb.ListDatasetsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDatasetsResponse:
+        records, next_token = await self._datasets.list(
+            page_size=request.page_size, page_token=request.page_token, owner=visible_owner()
+        )
+        response = pb.ListDatasetsResponse(next_page_token=next_token)
+        for record in records:
+            fill(response.datasets.add(), record)
+        return response
+
+    @map_errors
+    async def GetDataset(  # noqa: N802 - gRPC method name
+        self, request: pb.GetDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetDatasetResponse:
+        response = pb.GetDatasetResponse()
+        fill(response.dataset, await self._dataset_of_caller(request.dataset_id))
+        return response
+
+    @map_errors
+    async def DeleteDataset(  # noqa: N802 - gRPC method name
+        self, request: pb.DeleteDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteDatasetResponse:
+        record = await self._dataset_of_caller(request.dataset_id)
+        freed, entries = await self._datasets.delete(record)
+        response = pb.DeleteDatasetResponse(freed_bytes=freed, token_cache_entries_removed=entries)
+        fill(response.dataset, record)
+        return response
 
     @map_errors
     async def ListPresets(  # noqa: N802 - gRPC method name
@@ -219,6 +257,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             data_format=metadata.data_format,
             expected_sha256=metadata.sha256,
             chunks=chunks(),
+            owner=caller_name(),
         )
         await idempotency.claim(
             self._store,

@@ -32,6 +32,8 @@ app = typer.Typer(
 )
 jobs_app = typer.Typer(no_args_is_help=True, help="List and inspect training jobs.")
 app.add_typer(jobs_app, name="jobs")
+datasets_app = typer.Typer(no_args_is_help=True, help="List, inspect and delete uploaded datasets.")
+app.add_typer(datasets_app, name="datasets")
 
 
 class JobStateName(StrEnum):
@@ -452,6 +454,61 @@ def upload(
         common.print_json(dataset)
     else:
         render.render_upload(common.console(), dataset)
+
+
+DatasetArgument = Annotated[str, typer.Argument(help="An uploaded dataset's id (ds-...).")]
+
+
+@datasets_app.command("list")
+@connects
+def datasets_list(
+    remote: Remote,
+    limit: Annotated[int, typer.Option(min=1, help="Most datasets to show, newest first.")] = 50,
+    json_output: JsonOption = False,
+) -> None:
+    """List your uploaded datasets, newest first."""
+    from itertools import islice
+
+    from finetune_client import message_to_dict
+    from finetune_server.cli import common, render
+
+    with common.session(remote) as service:
+        datasets = list(islice(service.list_datasets(page_size=min(limit, 1000)), limit))
+    if json_output:
+        common.print_json([message_to_dict(d) for d in datasets])
+    else:
+        render.render_datasets(common.console(), datasets)
+
+
+@datasets_app.command("show")
+@connects
+def datasets_show(remote: Remote, dataset_id: DatasetArgument, json_output: JsonOption = False) -> None:
+    """Show one uploaded dataset: file, size, checksum and the check made on upload."""
+    from finetune_client import message_to_dict
+    from finetune_server.cli import common, render
+
+    with common.session(remote) as service:
+        dataset = message_to_dict(service.get_dataset(dataset_id))
+    if json_output:
+        common.print_json(dataset)
+    else:
+        render.render_upload(common.console(), {**dataset, "already_existed": True}, title="dataset")
+
+
+@datasets_app.command("rm")
+@connects
+def datasets_rm(remote: Remote, dataset_id: DatasetArgument) -> None:
+    """Delete an uploaded dataset and its token cache entries (refused while a queued or running job uses it)."""
+    from finetune_server.cli import common
+
+    with common.session(remote) as service:
+        response = service.delete_dataset(dataset_id)
+    common.console().print(
+        f"[green]✓ deleted[/] [bold]{response.dataset.id}[/] ({response.dataset.filename}): "
+        f"{common.format_bytes(response.freed_bytes)} freed, {response.token_cache_entries_removed} token cache "
+        f"entr{'y' if response.token_cache_entries_removed == 1 else 'ies'} removed",
+        soft_wrap=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -117,7 +117,13 @@ class JobStore(Protocol):
 
     def get_dataset(self, dataset_id: str) -> DatasetRecord: ...
 
-    def find_dataset_by_sha256(self, sha256: str) -> DatasetRecord | None: ...
+    def find_dataset_by_sha256(self, sha256: str, owner: str = "") -> DatasetRecord | None: ...
+
+    def list_datasets(
+        self, *, page_size: int, page_token: str, owner: str | None = None
+    ) -> tuple[list[DatasetRecord], str]: ...
+
+    def delete_dataset(self, dataset_id: str) -> DatasetRecord: ...
 
     def put_artifact(self, record: ArtifactRecord) -> ArtifactRecord: ...
 
@@ -207,6 +213,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (owner, method, request_id)
         ) WITHOUT ROWID""",
     ),
+    (
+        # Datasets belong to their uploader: each owner has its own record (and id) for the same content, so one
+        # token can neither see nor delete another's. Uploads from before have no owner.
+        """CREATE TABLE datasets_owned (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL DEFAULT '',
+            filename TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            path TEXT NOT NULL,
+            report TEXT NOT NULL,
+            create_time REAL NOT NULL,
+            UNIQUE (owner, sha256)
+        )""",
+        "INSERT INTO datasets_owned (id, filename, size_bytes, sha256, path, report, create_time)"
+        " SELECT id, filename, size_bytes, sha256, path, report, create_time FROM datasets",
+        "DROP TABLE datasets",
+        "ALTER TABLE datasets_owned RENAME TO datasets",
+        "CREATE INDEX datasets_owner_newest ON datasets (owner, create_time DESC, id DESC)",
+        "CREATE INDEX datasets_newest ON datasets (create_time DESC, id DESC)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -287,6 +314,7 @@ def _dataset(row: sqlite3.Row) -> DatasetRecord:
         path=row["path"],
         report=json.loads(row["report"]),
         create_time=row["create_time"],
+        owner=row["owner"],
     )
 
 
@@ -466,8 +494,6 @@ class SqliteJobStore(JobStore):
         owner: str | None = None,
     ) -> tuple[list[JobRecord], str]:
         """Newest first, keyset-paged on (create_time, id); an empty `states` means no filter, like None."""
-        if page_size < 1:
-            raise ValueError("page_size must be positive")
         where: list[str] = []
         params: list[Any] = []
         if states:
@@ -476,20 +502,27 @@ class SqliteJobStore(JobStore):
         if owner is not None:
             where.append("owner = ?")
             params.append(owner)
+        rows, next_token = self._newest_first("jobs", where, params, page_size, page_token)
+        return [_job(r) for r in rows], next_token
+
+    def _newest_first(
+        self, table: str, where: list[str], params: list[Any], page_size: int, page_token: str
+    ) -> tuple[list[sqlite3.Row], str]:
+        """One page of `table`'s rows matching `where`, newest first, keyset-paged on (create_time, id)."""
+        if page_size < 1:
+            raise ValueError("page_size must be positive")
         if page_token:
             create_time, last_id = _decode_token(page_token)
-            where.append("(create_time < ? OR (create_time = ? AND id < ?))")
-            params.extend((create_time, create_time, last_id))
-        sql = "SELECT * FROM jobs"
+            where = [*where, "(create_time < ? OR (create_time = ? AND id < ?))"]
+            params = [*params, create_time, create_time, last_id]
+        sql = f"SELECT * FROM {table}"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY create_time DESC, id DESC LIMIT ?"
-        params.append(page_size + 1)
         with self._tx() as conn:
-            rows = conn.execute(sql, params).fetchall()
-        jobs = [_job(r) for r in rows[:page_size]]
-        next_token = _encode_token(jobs[-1].create_time, jobs[-1].id) if len(rows) > page_size else ""
-        return jobs, next_token
+            rows = conn.execute(sql, [*params, page_size + 1]).fetchall()
+        last = rows[page_size - 1] if len(rows) > page_size else None
+        return rows[:page_size], _encode_token(last["create_time"], last["id"]) if last is not None else ""
 
     def append_event(self, job_id: str, kind: EventKind, payload: dict[str, Any], *, now: float) -> JobEventRecord:
         """Number the event after the job's newest; a PROGRESS payload also becomes the job's progress."""
@@ -589,16 +622,19 @@ class SqliteJobStore(JobStore):
     # -- datasets ------------------------------------------------------------------------------------------------
 
     def put_dataset(self, record: DatasetRecord) -> tuple[DatasetRecord, bool]:
-        """Store an upload once per content: the same sha256 returns the dataset already stored."""
+        """Store an upload once per content and owner: the same sha256 returns the owner's dataset already stored."""
         with self._tx(write=True) as conn:
-            row = conn.execute("SELECT * FROM datasets WHERE sha256 = ?", (record.sha256,)).fetchone()
+            row = conn.execute(
+                "SELECT * FROM datasets WHERE owner = ? AND sha256 = ?", (record.owner, record.sha256)
+            ).fetchone()
             if row is not None:
                 return _dataset(row), False
             conn.execute(
-                "INSERT INTO datasets (id, filename, size_bytes, sha256, path, report, create_time)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO datasets (id, owner, filename, size_bytes, sha256, path, report, create_time)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
+                    record.owner,
                     record.filename,
                     record.size_bytes,
                     record.sha256,
@@ -656,10 +692,28 @@ class SqliteJobStore(JobStore):
             raise KeyError(dataset_id)
         return _dataset(row)
 
-    def find_dataset_by_sha256(self, sha256: str) -> DatasetRecord | None:
+    def find_dataset_by_sha256(self, sha256: str, owner: str = "") -> DatasetRecord | None:
         with self._tx() as conn:
-            row = conn.execute("SELECT * FROM datasets WHERE sha256 = ?", (sha256,)).fetchone()
+            row = conn.execute("SELECT * FROM datasets WHERE owner = ? AND sha256 = ?", (owner, sha256)).fetchone()
         return None if row is None else _dataset(row)
+
+    def list_datasets(
+        self, *, page_size: int, page_token: str, owner: str | None = None
+    ) -> tuple[list[DatasetRecord], str]:
+        """Newest first, keyset-paged like list_jobs; `owner` None: everyone's."""
+        where, params = (["owner = ?"], [owner]) if owner is not None else ([], [])
+        rows, next_token = self._newest_first("datasets", where, params, page_size, page_token)
+        return [_dataset(r) for r in rows], next_token
+
+    def delete_dataset(self, dataset_id: str) -> DatasetRecord:
+        """Remove a dataset's record (its file is the caller's to remove); returns the record as it was."""
+        with self._tx(write=True) as conn:
+            row = conn.execute("SELECT * FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+            if row is None:
+                raise KeyError(dataset_id)
+            conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+        log.info("dataset_deleted", dataset_id=dataset_id)
+        return _dataset(row)
 
     # -- maintenance ---------------------------------------------------------------------------------------------
 

@@ -72,13 +72,14 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class DatasetRecord:
-    id: str  # "ds-" + first 16 hex digits of sha256
+    id: str  # "ds-" + 16 hex digits: of the sha256, or with an owner of sha256(owner, sha256) (dataset_id)
     filename: str
     size_bytes: int
     sha256: str
     path: str  # relative to the data dir
     report: dict[str, Any] = field(default_factory=dict)  # DatasetReport fields (no token stats)
     create_time: float = 0.0
+    owner: str = ""  # who uploaded it; each owner has its own copy of the same content
 
 
 @dataclass(frozen=True)

@@ -222,15 +222,19 @@ class TokenCache:
             log.info("token cache evicted", removed=removed, cache_bytes=total, max_bytes=self.max_bytes)
         return removed
 
-    def remove_dataset(self, fingerprint: str) -> list[str]:
+    def remove_dataset(self, fingerprint: str) -> dict[str, int]:
         """Remove the entries built from the data with this content fingerprint (its dataset was deleted).
 
-        Entries in use are kept (their jobs still read them); the size cap removes them later. Returns the keys.
+        Entries in use are kept (their jobs still read them); the size cap removes them later. Returns the removed
+        entries' keys with the bytes each freed.
         """
-        removed = []
+        removed = {}
         for entry in self.dir.entries():
-            if read_meta(entry).get("key", {}).get("dataset") == fingerprint and self._remove_if_unused(entry):
-                removed.append(entry.key)
+            if read_meta(entry).get("key", {}).get("dataset") != fingerprint:
+                continue
+            size = _folder_bytes(entry.root)
+            if self._remove_if_unused(entry):
+                removed[entry.key] = size
         return removed
 
     def total_bytes(self) -> int:

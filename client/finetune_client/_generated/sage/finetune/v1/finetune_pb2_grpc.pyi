@@ -79,6 +79,14 @@ class FineTuneServiceStub:
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
     UploadDataset: _grpc.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]
     """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
+    ListDatasets: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.ListDatasetsRequest, _finetune_pb2.ListDatasetsResponse]
+    """Lists the caller's uploaded datasets, newest first, a page at a time."""
+    GetDataset: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.GetDatasetRequest, _finetune_pb2.GetDatasetResponse]
+    """Returns one uploaded dataset."""
+    DeleteDataset: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.DeleteDatasetRequest, _finetune_pb2.DeleteDatasetResponse]
+    """Deletes an uploaded dataset: its file, its record and its token cache entries. A dataset that a queued or
+    running job trains on gives FAILED_PRECONDITION naming the job.
+    """
     ListPresets: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.ListPresetsRequest, _finetune_pb2.ListPresetsResponse]
     """Lists the training presets and the recommended models."""
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.GetServerInfoRequest, _finetune_pb2.GetServerInfoResponse]
@@ -122,6 +130,14 @@ class FineTuneServiceAsyncStub(FineTuneServiceStub):
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
     UploadDataset: _aio.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]  # type: ignore[assignment]
     """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
+    ListDatasets: _aio.UnaryUnaryMultiCallable[_finetune_pb2.ListDatasetsRequest, _finetune_pb2.ListDatasetsResponse]  # type: ignore[assignment]
+    """Lists the caller's uploaded datasets, newest first, a page at a time."""
+    GetDataset: _aio.UnaryUnaryMultiCallable[_finetune_pb2.GetDatasetRequest, _finetune_pb2.GetDatasetResponse]  # type: ignore[assignment]
+    """Returns one uploaded dataset."""
+    DeleteDataset: _aio.UnaryUnaryMultiCallable[_finetune_pb2.DeleteDatasetRequest, _finetune_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
+    """Deletes an uploaded dataset: its file, its record and its token cache entries. A dataset that a queued or
+    running job trains on gives FAILED_PRECONDITION naming the job.
+    """
     ListPresets: _aio.UnaryUnaryMultiCallable[_finetune_pb2.ListPresetsRequest, _finetune_pb2.ListPresetsResponse]  # type: ignore[assignment]
     """Lists the training presets and the recommended models."""
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_finetune_pb2.GetServerInfoRequest, _finetune_pb2.GetServerInfoResponse]  # type: ignore[assignment]
@@ -222,6 +238,32 @@ class FineTuneServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_finetune_pb2.UploadDatasetResponse, _abc.Awaitable[_finetune_pb2.UploadDatasetResponse]]:
         """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
+
+    @_abc_1.abstractmethod
+    def ListDatasets(
+        self,
+        request: _finetune_pb2.ListDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.ListDatasetsResponse, _abc.Awaitable[_finetune_pb2.ListDatasetsResponse]]:
+        """Lists the caller's uploaded datasets, newest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetDataset(
+        self,
+        request: _finetune_pb2.GetDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.GetDatasetResponse, _abc.Awaitable[_finetune_pb2.GetDatasetResponse]]:
+        """Returns one uploaded dataset."""
+
+    @_abc_1.abstractmethod
+    def DeleteDataset(
+        self,
+        request: _finetune_pb2.DeleteDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.DeleteDatasetResponse, _abc.Awaitable[_finetune_pb2.DeleteDatasetResponse]]:
+        """Deletes an uploaded dataset: its file, its record and its token cache entries. A dataset that a queued or
+        running job trains on gives FAILED_PRECONDITION naming the job.
+        """
 
     @_abc_1.abstractmethod
     def ListPresets(
