@@ -225,11 +225,14 @@ class GrpcFineTuneService(IFineTuneService):
         overwrite: bool = False,
         checkpoint_step: int | None = None,
         progress_callback: Callable[[pb.ExportProgress], None] | None = None,
+        best_checkpoint_by: str = "",
     ) -> ExportResult:
         """Export on the server, download every file, verify each SHA-256, then move the folder into place at once.
 
-        `output_path` must not exist or be an empty folder unless `overwrite`. On any failure (a checksum mismatch
-        raises FinetuneServiceError with DATA_LOSS) nothing is left at `output_path` and no partial folder remains.
+        `checkpoint_step` exports that checkpoint, `best_checkpoint_by` (e.g. "eval_loss") the best evaluated one,
+        neither the final adapter. `output_path` must not exist or be an empty folder unless `overwrite`. On any
+        failure (a checksum mismatch raises FinetuneServiceError with DATA_LOSS) nothing is left at `output_path`
+        and no partial folder remains.
         """
         job_id = job_id or self.last_job_id
         if not job_id:
@@ -237,7 +240,13 @@ class GrpcFineTuneService(IFineTuneService):
         target = Path(output_path)
         _check_target(target, overwrite)
         request = dict_to_message(
-            {"job_id": job_id, "format": format, "checkpoint_step": checkpoint_step}, pb.ExportRequest
+            {
+                "job_id": job_id,
+                "format": format,
+                "checkpoint_step": checkpoint_step,
+                "best_checkpoint_by": best_checkpoint_by,
+            },
+            pb.ExportRequest,
         )
         artifact = self._run_export(request, progress_callback)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +366,12 @@ class GrpcFineTuneService(IFineTuneService):
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
+
+    def list_checkpoints(self, job_id: str) -> list[pb.Checkpoint]:
+        """A job's complete checkpoints, oldest first, each with its size and the evaluation at its step."""
+        request = pb.ListCheckpointsRequest(job_id=job_id)
+        response: pb.ListCheckpointsResponse = self._unary("ListCheckpoints", request)
+        return list(response.checkpoints)
 
     def list_datasets(self, page_size: int = 0) -> Iterator[pb.Dataset]:
         """The caller's uploaded datasets, newest first, all pages."""

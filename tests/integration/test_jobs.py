@@ -353,3 +353,34 @@ def test_a_dataset_in_use_stays_and_deleting_it_frees_its_file_and_token_cache(
         missing = from_rpc_error(gone.value)
         assert missing.code == grpc.StatusCode.NOT_FOUND
         assert [r.resource_name for r in missing.resources] == [dataset.id]
+
+
+def test_checkpoints_are_listed_with_their_evaluation_and_the_best_is_exported(
+    stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path
+) -> None:
+    config = job_config(
+        tiny_model_dir.name, eval_split=0.25, eval_steps=2, save_steps=2, save_total_limit=3, learning_rate=5e-3
+    )
+    job, events = train_to_end(stub, config)
+    assert states_of(events)[-1] == pb.JOB_STATE_SUCCEEDED
+    evals = {e.eval.step: e.eval for e in events if e.WhichOneof("kind") == "eval"}
+    saved = {e.checkpoint.step: e.checkpoint for e in events if e.WhichOneof("kind") == "checkpoint"}
+    checkpoints = stub.ListCheckpoints(pb.ListCheckpointsRequest(job_id=job.id), timeout=10).checkpoints
+    assert [c.step for c in checkpoints] == sorted(saved) == [2, 4, 6]
+    for checkpoint in checkpoints:
+        assert checkpoint.eval == evals[checkpoint.step] and checkpoint.size_bytes == saved[checkpoint.step].size_bytes
+        assert checkpoint.create_time.seconds > 0
+    best = min(checkpoints, key=lambda c: (c.eval.eval_loss, -c.step))
+
+    request = pb.ExportRequest(job_id=job.id, format=pb.EXPORT_FORMAT_ADAPTER, best_checkpoint_by="eval_loss")
+    artifact = list(stub.Export(request, timeout=120))[-1].artifact
+    assert artifact.step == best.step
+
+    both = pb.ExportRequest(job_id=job.id, format=pb.EXPORT_FORMAT_ADAPTER, best_checkpoint_by="eval_loss")
+    both.checkpoint_step = 2
+    unknown = pb.ExportRequest(job_id=job.id, format=pb.EXPORT_FORMAT_ADAPTER, best_checkpoint_by="bleu")
+    for bad, code in ((both, grpc.StatusCode.INVALID_ARGUMENT), (unknown, grpc.StatusCode.FAILED_PRECONDITION)):
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Export(bad, timeout=60))
+        error = from_rpc_error(caught.value)
+        assert error.code == code and [v.field for v in error.violations] == ["best_checkpoint_by"]

@@ -21,9 +21,10 @@ from finetune_server.api.convert import (
     report_to_proto,
 )
 from finetune_server.api.errors import map_errors
-from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.errors import ErrorKind, FinetuneError, field_error
 from finetune_server.host.server_info import ServerInfoProvider
 from finetune_server.jobs import idempotency
+from finetune_server.jobs.checkpoints import best_checkpoint, job_checkpoints
 from finetune_server.jobs.datasets import DatasetService
 from finetune_server.jobs.exports import ExportService
 from finetune_server.jobs.service import JobService
@@ -279,11 +280,31 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         fmt = export_format_from_proto(request.format)
         step = request.checkpoint_step if request.HasField("checkpoint_step") else None
         job = await self._job_of_caller(request.job_id)
+        if request.best_checkpoint_by:
+            if step is not None:
+                raise field_error(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "CONFLICTING_FIELDS",
+                    "best_checkpoint_by",
+                    "give checkpoint_step or best_checkpoint_by, not both",
+                )
+            checkpoints = await job_checkpoints(self._store, job.id, self._jobs.job_dir(job.id))
+            step = best_checkpoint(checkpoints, request.best_checkpoint_by, job.id).step
         async for item in self._exports.export(job.id, fmt, step, owner=caller_name(), request_id=request.request_id):
             if isinstance(item, ArtifactRecord):
                 yield pb.ExportResponse(artifact=fill(pb.Artifact(), item))
             else:
                 yield pb.ExportResponse(progress=fill(pb.ExportProgress(), item))
+
+    @map_errors
+    async def ListCheckpoints(  # noqa: N802 - gRPC method name
+        self, request: pb.ListCheckpointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCheckpointsResponse:
+        job = await self._job_of_caller(request.job_id)
+        response = pb.ListCheckpointsResponse()
+        for checkpoint in await job_checkpoints(self._store, job.id, self._jobs.job_dir(job.id)):
+            fill(response.checkpoints.add(), checkpoint)
+        return response
 
     @map_errors
     async def DownloadArtifact(  # noqa: N802 - gRPC method name

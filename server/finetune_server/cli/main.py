@@ -367,6 +367,21 @@ def jobs_show(
             common.console(stderr=json_output).print(written, soft_wrap=True)
 
 
+@jobs_app.command("checkpoints")
+@connects
+def jobs_checkpoints(remote: Remote, job_id: JobArgument, json_output: JsonOption = False) -> None:
+    """A job's checkpoints: step, size, and the evaluation at that step (export one with --checkpoint or --best-by)."""
+    from finetune_client import message_to_dict
+    from finetune_server.cli import common, render
+
+    with common.session(remote) as service:
+        checkpoints = service.list_checkpoints(job_id)
+    if json_output:
+        common.print_json([message_to_dict(c) for c in checkpoints])
+    else:
+        render.render_checkpoints(common.console(), checkpoints)
+
+
 @app.command()
 @connects
 def cancel(remote: Remote, job_id: JobArgument) -> None:
@@ -404,6 +419,9 @@ def export(
     checkpoint: Annotated[
         int | None, typer.Option(min=1, help="Export this checkpoint's step instead of the final adapter.")
     ] = None,
+    best_by: Annotated[
+        str, typer.Option("--best-by", help="Export the checkpoint that is best by this eval metric, e.g. eval_loss.")
+    ] = "",
     json_output: JsonOption = False,
 ) -> None:
     """Export a succeeded job's adapter or merged model, download it and verify every file's SHA-256."""
@@ -418,6 +436,7 @@ def export(
             format_.value,
             force=force,
             checkpoint_step=checkpoint,
+            best_checkpoint_by=best_by,
             console=common.console(stderr=json_output),
         )
     if json_output:

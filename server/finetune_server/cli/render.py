@@ -340,6 +340,28 @@ def render_recommendations(
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def render_checkpoints(console: Console, checkpoints: Sequence[pb.Checkpoint]) -> None:
+    if not checkpoints:
+        console.print("no checkpoints")
+        return
+    table = Table()
+    table.add_column("step", justify="right", no_wrap=True, style="bold")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("eval loss", justify="right")
+    table.add_column("perplexity", justify="right")
+    table.add_column("saved", no_wrap=True)
+    for checkpoint in checkpoints:
+        evaluated = checkpoint.HasField("eval")
+        table.add_row(
+            str(checkpoint.step),
+            format_bytes(checkpoint.size_bytes),
+            f"{checkpoint.eval.eval_loss:.4f}" + (" (best)" if checkpoint.eval.is_best else "") if evaluated else "",
+            f"{checkpoint.eval.perplexity:.2f}" if evaluated else "",
+            _time(checkpoint.create_time),
+        )
+    console.print(table)
+
+
 def render_datasets(console: Console, datasets: Sequence[pb.Dataset]) -> None:
     if not datasets:
         console.print("no datasets")

@@ -136,6 +136,17 @@ class JobDir(_Folder):
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)
 
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints as (step, path), oldest first by integer step; temp and incomplete folders skipped."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for child in self.checkpoints.iterdir():
+            step = checkpoint_step(child.name)
+            if step is not None and child.is_dir() and (child / CHECKPOINT_COMPLETE_MARKER).is_file():
+                found.append((step, child))
+        return sorted(found, key=lambda item: item[0])
+
 
 @dataclass(frozen=True)
 class TokenCacheDir:

@@ -31,6 +31,7 @@ import torch
 from finetune_server import faults
 from finetune_server.storage import layout
 from finetune_server.storage.layout import checkpoint_name
+from finetune_server.util.paths import folder_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -158,16 +159,7 @@ def save_checkpoint(
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints as (step, path), oldest first by integer step. Temp and incomplete folders are skipped."""
-    parent = layout.JobDir(Path(output_dir)).checkpoints
-    if not parent.is_dir():
-        return []
-    found = []
-    for child in parent.iterdir():
-        step = layout.checkpoint_step(child.name)
-        if step is not None and child.is_dir() and (child / layout.CHECKPOINT_COMPLETE_MARKER).is_file():
-            found.append((step, child))
-    found.sort(key=lambda item: item[0])
-    return found
+    return layout.JobDir(Path(output_dir)).complete_checkpoints()
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -198,7 +190,7 @@ def remove_stale_temp(output_dir: Path) -> list[Path]:
 
 
 def folder_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return folder_bytes(path)
 
 
 def load_checkpoint(path: Path, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> CheckpointState:

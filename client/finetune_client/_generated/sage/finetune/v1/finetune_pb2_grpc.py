@@ -76,6 +76,11 @@ class FineTuneServiceStub:
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportRequest.SerializeToString,
                 response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportResponse.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/sage.finetune.v1.FineTuneService/ListCheckpoints',
+                request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
         self.DownloadArtifact = channel.unary_stream(
                 '/sage.finetune.v1.FineTuneService/DownloadArtifact',
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactRequest.SerializeToString,
@@ -181,6 +186,13 @@ class FineTuneServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCheckpoints(self, request, context):
+        """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DownloadArtifact(self, request, context):
         """Streams the files of an artifact in chunks with offsets; resumable from an offset.
         """
@@ -273,6 +285,11 @@ def add_FineTuneServiceServicer_to_server(servicer, server):
                     servicer.Export,
                     request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportRequest.FromString,
                     response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsResponse.SerializeToString,
             ),
             'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadArtifact,
@@ -528,6 +545,33 @@ class FineTuneService:
             '/sage.finetune.v1.FineTuneService/Export',
             sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportRequest.SerializeToString,
             sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.finetune.v1.FineTuneService/ListCheckpoints',
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsRequest.SerializeToString,
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,6 +75,8 @@ class FineTuneServiceStub:
     """Exports the adapter of a SUCCEEDED job (or one of its checkpoints) as an adapter folder or as merged weights.
     Streams progress and ends with the artifact. Exporting the same thing twice returns the stored artifact.
     """
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.ListCheckpointsRequest, _finetune_pb2.ListCheckpointsResponse]
+    """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step."""
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
     UploadDataset: _grpc.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]
@@ -126,6 +128,8 @@ class FineTuneServiceAsyncStub(FineTuneServiceStub):
     """Exports the adapter of a SUCCEEDED job (or one of its checkpoints) as an adapter folder or as merged weights.
     Streams progress and ends with the artifact. Exporting the same thing twice returns the stored artifact.
     """
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_finetune_pb2.ListCheckpointsRequest, _finetune_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step."""
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
     UploadDataset: _aio.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]  # type: ignore[assignment]
@@ -222,6 +226,14 @@ class FineTuneServiceServicer(metaclass=_abc_1.ABCMeta):
         """Exports the adapter of a SUCCEEDED job (or one of its checkpoints) as an adapter folder or as merged weights.
         Streams progress and ends with the artifact. Exporting the same thing twice returns the stored artifact.
         """
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _finetune_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.ListCheckpointsResponse, _abc.Awaitable[_finetune_pb2.ListCheckpointsResponse]]:
+        """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step."""
 
     @_abc_1.abstractmethod
     def DownloadArtifact(
