@@ -168,11 +168,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def prune(output_dir: Path, keep: int) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond the newest `keep` (keep <= 0: keep all). Returns what went."""
+def prune(output_dir: Path, keep: int, *, best_step: int | None = None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond the newest `keep` (keep <= 0: keep all), except the one at
+    `best_step` (the best evaluation's), which is kept as well. Returns what went."""
     if keep <= 0:
         return []
-    doomed = [path for _step, path in list_checkpoints(output_dir)[:-keep]]
+    doomed = [path for step, path in list_checkpoints(output_dir)[:-keep] if step != best_step]
     for path in doomed:
         shutil.rmtree(path)
     return doomed

@@ -292,7 +292,7 @@ class TrainingConfig(_message.Message):
     save_steps: _builtins.int
     """Write a checkpoint every this many optimizer steps; 0 writes only the final one. Default 100."""
     save_total_limit: _builtins.int
-    """Keep at most this many newest checkpoints; 0 keeps all. Default 2."""
+    """Keep this many newest checkpoints, and the one with the best eval loss besides; 0 keeps all. Default 2."""
     logging_steps: _builtins.int
     """Emit a progress event every this many optimizer steps. Default 1."""
     early_stopping_patience: _builtins.int
