@@ -427,7 +427,8 @@ class SqlJobStore:
     ) -> JobEventRecord:
         """Number the event from the job row's counter, bumped in this transaction (the row lock orders writers)."""
         text = json.dumps(payload, separators=(",", ":"))
-        sets, params = "last_sequence = last_sequence + 1", [job_id]
+        sets = "last_sequence = last_sequence + 1"
+        params: list[Any] = [job_id]
         if kind is EventKind.PROGRESS:
             sets += ", progress = ?"
             params.insert(0, text)
