@@ -236,5 +236,5 @@ class _Listener:
                             kind, _, job_id = notice.payload.partition(":")
                             self._on_notice(kind, job_id)
             except psycopg.Error as exc:
-                log.warning("store_listener_lost", error=str(exc).strip().splitlines()[-1:])
+                log.warning("store_listener_lost", error=" ".join(str(exc).split()))
                 self._stopping.wait(LISTENER_RETRY_S)
