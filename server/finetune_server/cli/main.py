@@ -146,8 +146,8 @@ def serve(
     """Run the gRPC server until SIGTERM or SIGINT."""
     from finetune_server.storage.store_url import parse_store_url
 
-    try:
-        parse_store_url(store, data_dir / "x")
+    try:  # before the server's modules load: a bad URL is a usage error at once
+        parse_store_url(store, data_dir)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--store") from None
     _prepare_server_process(log_level)

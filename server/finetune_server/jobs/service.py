@@ -239,8 +239,8 @@ class JobService:
     def _on_notice(self, kind: str, job_id: str) -> None:
         if kind == NOTICE_QUEUED:
             self._wake.set()
-        elif kind == NOTICE_EVENT:
-            if job_id not in self._running and self.hub.is_watched(job_id):
+        elif kind == NOTICE_EVENT:  # written by another server (a cancel's log line, the job itself)
+            if self.hub.is_watched(job_id):
                 self._spawn(self._refresh(job_id))
         elif kind == NOTICE_CANCEL:
             running = self._running.get(job_id)
@@ -275,8 +275,7 @@ class JobService:
         """What notices would have said, from the tables: queued jobs, watched jobs' events, cancellations."""
         self._wake.set()
         for job_id in self.hub.watched():
-            if job_id not in self._running:
-                await self._refresh(job_id)
+            await self._refresh(job_id)
         for running in list(self._running.values()):
             job = await self._db(self._store.get_job, running.job_id)
             if job.cancel_requested:

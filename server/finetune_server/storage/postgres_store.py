@@ -38,6 +38,7 @@ NOTICE_CHANNEL = "finetune_jobs"
 LISTENER_APPLICATION = "finetune-listener"  # the listener connection's application_name (operators can spot it)
 CONNECT_TIMEOUT_S = 5
 POOL_SIZE = 8
+POOL_TIMEOUT_S = 10  # a call waits this long for a connection (the database may be restarting) before it fails
 # pg_advisory_xact_lock key of the migrations ("ftmig" in ASCII): one server migrates, the others wait, then see it.
 MIGRATION_LOCK_KEY = 0x66746D6967
 LISTENER_RETRY_S = 0.5
@@ -178,6 +179,7 @@ class PostgresJobStore(SqlJobStore, JobStore):
             max_size=pool_size,
             kwargs={"row_factory": dict_row},
             open=True,
+            timeout=POOL_TIMEOUT_S,
             name="finetune-store",
         )
 
