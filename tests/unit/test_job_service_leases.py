@@ -155,3 +155,23 @@ async def test_a_dead_servers_job_is_requeued_and_resumed_under_the_same_id(
     # A private store's one server re-queues its own leftovers at start; on a shared one the lease had expired.
     assert messages[2] == (LEASE_EXPIRED if store.shared else RESTARTED)
     await service.stop()
+
+
+async def test_start_up_takes_no_live_job_from_another_server_on_a_shared_store(
+    settings: ServerSettings, store: JobStore, tiny_model_dir: Path
+) -> None:
+    queue_job(store, tiny_model_dir.name)
+    assert store.claim_next("server-alive", 300, now=2.0) is not None
+    executor = ScriptedExecutor()
+    service = JobService(settings, store, executor)
+    await service.start()  # start-up recovery is done when start returns
+    try:
+        job = store.get_job("job-1")
+        if store.shared:  # the other server is alive: its job stays its own
+            assert (job.state, job.lease_owner, job.lease_epoch) == (JobState.RUNNING, "server-alive", 1)
+        else:  # one server per private store: what it finds RUNNING is its own leftover, re-queued and resumed
+            await asyncio.wait_for(executor.started.wait(), DEADLINE_S)
+            job = store.get_job("job-1")
+            assert (job.lease_owner, job.lease_epoch) == (service.server_id, 2)
+    finally:
+        await service.stop()
