@@ -27,6 +27,8 @@ from finetune_server.workers.executor import Executor, LocalSubprocessExecutor
 
 log = structlog.get_logger(__name__)
 
+STALE_UPLOAD_S = 3600.0
+
 
 class FinetuneServer:
     """One gRPC server on one address. `start()` returns the bound port (useful with port 0)."""
@@ -54,7 +56,6 @@ class FinetuneServer:
 
     async def start(self) -> int:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_uploads(self.settings)
         store_url = self.settings.store
         self.store = open_job_store(store_url)  # StoreRefusedError: unreachable, too new
         try:
@@ -69,6 +70,8 @@ class FinetuneServer:
             self.store = None
             raise
         log.info("job_store.opened", store=redact(store_url.url), shared=self.store.shared)
+        # Other servers on a shared data dir may be receiving uploads right now: only clearly abandoned ones go.
+        remove_stale_uploads(self.settings, older_than_s=STALE_UPLOAD_S if self.store.shared else 0.0)
         self.metrics = ServiceMetrics(store_state_counts(self.store))
         self.jobs = JobService(self.settings, self.store, self._executor, metrics=self.metrics)
         interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor(observe=self.metrics.observe_rpc)]
