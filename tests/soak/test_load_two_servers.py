@@ -30,6 +30,8 @@ def test_two_servers_with_25_clients_each_for_a_minute_while_a_job_trains(
     load_at_start = os.getloadavg()[0]
     url = postgres_cluster.new_database()
     extra = ("--store", url)
+    for name in "ab":
+        (tmp_path / name).mkdir()
     servers = [start_server(tmp_path / name, *server_roots, *extra, data_dir=tmp_path / "data") for name in "ab"]
     channel, stub = servers[0].stub()
     try:
