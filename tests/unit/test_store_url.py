@@ -12,6 +12,7 @@ import pytest
 from finetune_server.storage.data_dir_id import DataDirMismatchError, check_data_dir
 from finetune_server.storage.job_store import SqliteJobStore, StoreUnavailableError
 from finetune_server.storage.postgres_store import PostgresJobStore
+from finetune_server.storage.records import EventKind
 from finetune_server.storage.store_url import open_job_store, parse_store_url, redact
 
 from ..postgres_cluster import PostgresCluster
@@ -108,3 +109,17 @@ def test_serve_refuses_a_data_dir_that_is_not_its_stores(tmp_path: Path, postgre
     assert result.returncode == 2, result.stderr
     assert "error: the data dir" in result.stderr and "dd-another-data-dir" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_connections_the_database_closed_are_replaced_unseen(
+    postgres_url: str, postgres_cluster: PostgresCluster
+) -> None:
+    with PostgresJobStore(postgres_url) as store:
+        store.create_job(job_id="job-1", config={}, now=1.0)
+        database = postgres_url.rsplit("/", 1)[1]
+        killed = postgres_cluster.sql(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"
+        )
+        assert killed and all(row[0] for row in killed)
+        assert store.get_job("job-1").last_sequence == 1
+        assert store.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "x"}, now=2.0).sequence == 2

@@ -180,6 +180,9 @@ class PostgresJobStore(SqlJobStore, JobStore):
             kwargs={"row_factory": dict_row},
             open=True,
             timeout=POOL_TIMEOUT_S,
+            # A connection the database closed (a restart, pg_terminate_backend, an idle timeout) is replaced when
+            # taken from the pool instead of failing the call that took it.
+            check=ConnectionPool.check_connection,
             name="finetune-store",
         )
 
