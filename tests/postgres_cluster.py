@@ -19,7 +19,7 @@ from pathlib import Path
 
 PG_BIN = Path(os.environ.get("FINETUNE_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SUPERUSER = "postgres"
-FAST = ("-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",)
+FAST = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
 
 
 def _free_port() -> int:
@@ -64,6 +64,13 @@ class PostgresCluster:
         self.sql(f"CREATE DATABASE {name} TEMPLATE template0")
         return self.url(name)
 
+    def pg_ctl(self, *args: str) -> None:
+        self._run(PG_BIN / "pg_ctl", *args, "-w", "-t", "60", "-D", self.data)
+
+    def start(self) -> None:
+        options = f"-c port={self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} {FAST}"
+        self.pg_ctl("start", "-l", str(self.root / "server.log"), "-o", options)
+
     def stop(self) -> None:
         subprocess.run(
             [str(PG_BIN / "pg_ctl"), "stop", "-D", str(self.data), "-m", "immediate"],
@@ -84,9 +91,7 @@ def start_cluster() -> PostgresCluster:
     cluster = PostgresCluster(root, _free_port(), user)
     try:
         cluster._run(PG_BIN / "initdb", "-D", cluster.data, "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = f"-c port={cluster.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root} {FAST[0]}"
-        cluster._run(PG_BIN / "pg_ctl", "start", "-w", "-t", "60", "-D", cluster.data, "-l", root / "server.log",
-                     "-o", options)  # fmt: skip
+        cluster.start()
     except BaseException:
         cluster.stop()
         raise

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.storage.data_dir_id import DataDirMismatchError, check_data_dir
 from finetune_server.storage.job_store import SqliteJobStore, StoreUnavailableError
 from finetune_server.storage.postgres_store import PostgresJobStore
 from finetune_server.storage.records import EventKind
 from finetune_server.storage.store_url import open_job_store, parse_store_url, redact
 
-from ..postgres_cluster import PostgresCluster
+from ..postgres_cluster import PostgresCluster, start_cluster
 
 
 def test_no_url_is_sqlite_in_the_data_dir(tmp_path: Path) -> None:
@@ -123,3 +124,18 @@ def test_connections_the_database_closed_are_replaced_unseen(
         assert killed and all(row[0] for row in killed)
         assert store.get_job("job-1").last_sequence == 1
         assert store.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "x"}, now=2.0).sequence == 2
+
+
+def test_a_database_lost_while_serving_makes_calls_unavailable_then_they_work_again(tmp_path: Path) -> None:
+    cluster = start_cluster()
+    try:
+        with PostgresJobStore(cluster.new_database(), pool_timeout_s=0.5) as store:
+            store.create_job(job_id="job-1", config={}, now=1.0)
+            cluster.pg_ctl("stop", "-m", "fast")
+            with pytest.raises(FinetuneError) as lost:
+                store.get_job("job-1")
+            assert (lost.value.kind, lost.value.reason) == (ErrorKind.UNAVAILABLE, "STORE_UNAVAILABLE")
+            cluster.start()
+            assert store.get_job("job-1").last_sequence == 1
+    finally:
+        cluster.stop()

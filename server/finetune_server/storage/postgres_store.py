@@ -19,8 +19,9 @@ import psycopg
 import structlog
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
+from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.storage.job_store import (
     NOTICE_RESYNC,
     Connection,
@@ -38,7 +39,7 @@ NOTICE_CHANNEL = "finetune_jobs"
 LISTENER_APPLICATION = "finetune-listener"  # the listener connection's application_name (operators can spot it)
 CONNECT_TIMEOUT_S = 5
 POOL_SIZE = 8
-POOL_TIMEOUT_S = 10  # a call waits this long for a connection (the database may be restarting) before it fails
+POOL_TIMEOUT_S = 5.0  # a call waits this long for a connection (the database may be restarting) before it fails
 # pg_advisory_xact_lock key of the migrations ("ftmig" in ASCII): one server migrates, the others wait, then see it.
 MIGRATION_LOCK_KEY = 0x66746D6967
 LISTENER_RETRY_S = 0.5
@@ -162,7 +163,7 @@ class PostgresJobStore(SqlJobStore, JobStore):
     NEXT_QUEUE_POSITION = "nextval('jobs_queue_position')"
     INTEGRITY_ERRORS = (psycopg.errors.UniqueViolation,)
 
-    def __init__(self, url: str, *, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, url: str, *, pool_size: int = POOL_SIZE, pool_timeout_s: float = POOL_TIMEOUT_S) -> None:
         self.url = url
         self._conninfo = make_conninfo(url, connect_timeout=CONNECT_TIMEOUT_S)
         try:
@@ -179,7 +180,7 @@ class PostgresJobStore(SqlJobStore, JobStore):
             max_size=pool_size,
             kwargs={"row_factory": dict_row},
             open=True,
-            timeout=POOL_TIMEOUT_S,
+            timeout=pool_timeout_s,
             # A connection the database closed (a restart, pg_terminate_backend, an idle timeout) is replaced when
             # taken from the pool instead of failing the call that took it.
             check=ConnectionPool.check_connection,
@@ -195,8 +196,19 @@ class PostgresJobStore(SqlJobStore, JobStore):
     @contextmanager
     def _tx(self, *, write: bool = False) -> Iterator[Connection]:
         """One transaction on a pooled connection: committed when the block ends, rolled back when it raises."""
-        with self._pool.connection() as conn:
-            yield _Placeholders(conn)
+        try:
+            with self._pool.connection() as conn:
+                yield _Placeholders(conn)
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            if isinstance(exc, psycopg.OperationalError) and not _connection_lost(exc):
+                raise
+            log.warning("job_store.unavailable", store=redact(self.url), error=" ".join(str(exc).split()))
+            raise FinetuneError(
+                ErrorKind.UNAVAILABLE,
+                "STORE_UNAVAILABLE",
+                "the server cannot reach its job store right now",
+                hint="Retry shortly: the server reconnects by itself.",
+            ) from exc
 
     def _notify(self, conn: Connection, kind: str, job_id: str) -> None:
         conn.execute("SELECT pg_notify(?, ?)", (NOTICE_CHANNEL, f"{kind}:{job_id}"))
@@ -214,6 +226,12 @@ class PostgresJobStore(SqlJobStore, JobStore):
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _connection_lost(exc: psycopg.OperationalError) -> bool:
+    """The connection failed (class 08, or the server shutting down), as opposed to a statement's own error."""
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in {"57P01", "57P02", "57P03"}
 
 
 class _Listener:
