@@ -60,6 +60,7 @@ T = TypeVar("T")
 
 MAX_ATTEMPTS = 3
 EVENTS_PAGE = 1000  # events read from the store per query
+SCHEDULER_RETRY_S = 1.0  # after a failed claim (the store unreachable)
 RESTARTED = "the server restarted; the job is queued again and resumes from its newest checkpoint"
 LEASE_EXPIRED = (
     "the server running the job stopped renewing its lease; the job is queued again and resumes from its newest"
@@ -413,18 +414,23 @@ class JobService:
         while not self._draining:
             self._wake.clear()
             free = sorted(set(range(self._settings.slots)) - {r.slot for r in self._running.values()})
-            for slot in free:
-                job = await self._db(
-                    self._store.claim_next,
-                    self.server_id,
-                    self._lease_s,
-                    now=self._clock(),
-                    message=f"a worker is starting on slot {slot}",
-                )
-                if job is None:
-                    break
-                await self._published(job.id)
-                self._launch(job, slot)
+            try:
+                for slot in free:
+                    job = await self._db(
+                        self._store.claim_next,
+                        self.server_id,
+                        self._lease_s,
+                        now=self._clock(),
+                        message=f"a worker is starting on slot {slot}",
+                    )
+                    if job is None:
+                        break
+                    self._launch(job, slot)
+                    await self._published(job.id)
+            except Exception:  # the store may be briefly unreachable: try again shortly, never stop scheduling
+                log.exception("job_service.claim_failed")
+                await asyncio.sleep(SCHEDULER_RETRY_S)
+                continue
             await self._wake.wait()
 
     def _launch(self, job: JobRecord, slot: int) -> None:
