@@ -22,7 +22,12 @@ import typer
 
 from finetune_server.cli.options import ConfigArgument, JobArgument, JsonOption, Remote, SetOption, connects
 from finetune_server.host.cpu_policy import parse_cpu_list
-from finetune_server.settings import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_TOKEN_CACHE_MAX_BYTES, ServerSettings
+from finetune_server.settings import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_TOKEN_CACHE_MAX_BYTES,
+    ServerSettings,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -123,10 +128,30 @@ def serve(
     keepalive_time: KeepaliveTimeOption = ServerSettings.keepalive_time_s,
     keepalive_timeout: KeepaliveTimeoutOption = ServerSettings.keepalive_timeout_s,
     keepalive_min_ping_interval: MinPingIntervalOption = ServerSettings.keepalive_min_ping_interval_s,
+    store: Annotated[
+        str,
+        typer.Option(
+            envvar="FINETUNE_STORE",
+            help="The job store: sqlite:///path/file.db or postgresql://user@host:port/db (password from PGPASSWORD "
+            "or ~/.pgpass); default: SQLite in the data dir. Servers sharing a PostgreSQL store share one queue.",
+        ),
+    ] = "",
+    lease_seconds: Annotated[
+        float,
+        typer.Option(
+            min=0.1, help="How long a job's lease lasts unless renewed: a dead server's jobs wait this long to resume."
+        ),
+    ] = DEFAULT_LEASE_SECONDS,
     grace: Annotated[float, typer.Option(help="Seconds in-flight calls get on SIGTERM/SIGINT.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the gRPC server until SIGTERM or SIGINT."""
+    from finetune_server.storage.store_url import parse_store_url
+
+    try:  # before the server's modules load: a bad URL is a usage error at once
+        parse_store_url(store, data_dir)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--store") from None
     _prepare_server_process(log_level)
     try:  # a CPU list that does not parse, or names CPUs this machine lacks (ServerSettings checks that)
         pinned = parse_cpu_list(worker_cpus) if worker_cpus else []
@@ -153,15 +178,22 @@ def serve(
             metrics_port=metrics_port,
             worker_threads=worker_threads,
             worker_cpus=pinned,
+            store_url=store,
+            lease_seconds=lease_seconds,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from None
     if settings.hf_cache_dir is not None:  # workers inherit it: they reopen hub datasets from this cache
         os.environ["HF_HUB_CACHE"] = str(Path(settings.hf_cache_dir).expanduser().resolve())
     from finetune_server.app import serve as run_server
+    from finetune_server.storage.job_store import StoreRefusedError
 
     announced = {"on_bound": _announce("listening on"), "on_metrics_bound": _announce("metrics on")}
-    asyncio.run(run_server(settings, host, port, grace, **announced))
+    try:
+        asyncio.run(run_server(settings, host, port, grace, **announced))
+    except StoreRefusedError as exc:  # unreachable, too new, another data dir's: one line, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _prepare_server_process(log_level: str) -> None:

@@ -9,6 +9,7 @@ whose record a repeated upload writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -39,9 +40,14 @@ def upload_id(sha256: str, owner: str) -> str:
     return f"ds-{digest[:16]}"
 
 
-def remove_stale_uploads(settings: ServerSettings) -> None:
+def remove_stale_uploads(settings: ServerSettings, *, older_than_s: float = 0.0) -> None:
+    """Remove uploads a crash left half-written. With other servers on the data dir, only those untouched for
+    `older_than_s` (an upload in progress on another server is written to continuously)."""
+    cutoff = time.time() - older_than_s
     for stale in settings.uploads_dir.glob(f"{layout.UPLOAD_TEMP_PREFIX}*"):
-        stale.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if older_than_s <= 0 or stale.stat().st_mtime < cutoff:
+                stale.unlink(missing_ok=True)
 
 
 def _suffix(filename: str) -> str:

@@ -3,6 +3,7 @@
 ```
 <data dir>/
     finetune.db                         the embedded job store (SQLite)
+    data-dir-id                         this data dir's id, written at first start; its job store records it
     datasets/<dataset id>.<ext>         uploaded datasets (.jsonl, .json, .parquet); `.upload-*` still arriving
     jobs/<job id>/                      one job (the worker's output folder)
         worker_spec.json                what the current attempt's worker was told
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STORE_FILE = "finetune.db"
+DATA_DIR_ID_FILE = "data-dir-id"
 DATASETS_DIR = "datasets"
 UPLOAD_TEMP_PREFIX = ".upload-"
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".parquet")  # an uploaded dataset's file is `<dataset id><suffix>`
@@ -98,6 +100,7 @@ class DataDir(_Folder):
     """The data dir's top level."""
 
     store = _Under(STORE_FILE)
+    data_dir_id = _Under(DATA_DIR_ID_FILE)
     datasets = _Under(DATASETS_DIR)
     jobs = _Under(JOBS_DIR)
     artifacts = _Under(ARTIFACTS_DIR)

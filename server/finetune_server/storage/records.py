@@ -68,6 +68,24 @@ class JobRecord:
     last_sequence: int = 0
     cancel_requested: bool = False
     queue_position: int = 0  # FIFO order among queued jobs (a re-queued job keeps its original place)
+    lease_owner: str = ""  # the server running the job's current attempt ("" when none holds it)
+    lease_epoch: int = 0  # +1 per claim: fences the writes of an attempt whose lease was taken away
+    lease_expires: float | None = None  # unix seconds by the database's clock
+
+    @property
+    def lease(self) -> Lease | None:
+        """The lease of the current attempt, while one is held."""
+        if self.state is not JobState.RUNNING or not self.lease_owner:
+            return None
+        return Lease(self.lease_owner, self.lease_epoch)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who runs a job's attempt: the server's id and the claim's epoch. Writes carrying it are fenced by both."""
+
+    owner: str
+    epoch: int
 
 
 @dataclass(frozen=True)
