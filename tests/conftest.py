@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .postgres_cluster import PostgresCluster, start_cluster
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +26,17 @@ def write_alpaca(path: Path, n: int = 16) -> Path:
             record = {"instruction": f"What is the secret number of city {i}?", "output": f"It is {i * 37}."}
             f.write(json.dumps(record) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throw-away PostgreSQL cluster for the session (starting it fails the test, never skips it)."""
+    cluster = start_cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster) -> str:
+    """A fresh database of the session's cluster, so tests stay independent."""
+    return postgres_cluster.new_database()

@@ -225,11 +225,14 @@ class GrpcFineTuneService(IFineTuneService):
         overwrite: bool = False,
         checkpoint_step: int | None = None,
         progress_callback: Callable[[pb.ExportProgress], None] | None = None,
+        best_checkpoint_by: str = "",
     ) -> ExportResult:
         """Export on the server, download every file, verify each SHA-256, then move the folder into place at once.
 
-        `output_path` must not exist or be an empty folder unless `overwrite`. On any failure (a checksum mismatch
-        raises FinetuneServiceError with DATA_LOSS) nothing is left at `output_path` and no partial folder remains.
+        `checkpoint_step` exports that checkpoint, `best_checkpoint_by` (e.g. "eval_loss") the best evaluated one,
+        neither the final adapter. `output_path` must not exist or be an empty folder unless `overwrite`. On any
+        failure (a checksum mismatch raises FinetuneServiceError with DATA_LOSS) nothing is left at `output_path`
+        and no partial folder remains.
         """
         job_id = job_id or self.last_job_id
         if not job_id:
@@ -237,7 +240,13 @@ class GrpcFineTuneService(IFineTuneService):
         target = Path(output_path)
         _check_target(target, overwrite)
         request = dict_to_message(
-            {"job_id": job_id, "format": format, "checkpoint_step": checkpoint_step}, pb.ExportRequest
+            {
+                "job_id": job_id,
+                "format": format,
+                "checkpoint_step": checkpoint_step,
+                "best_checkpoint_by": best_checkpoint_by,
+            },
+            pb.ExportRequest,
         )
         artifact = self._run_export(request, progress_callback)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +366,33 @@ class GrpcFineTuneService(IFineTuneService):
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
+
+    def list_checkpoints(self, job_id: str) -> list[pb.Checkpoint]:
+        """A job's complete checkpoints, oldest first, each with its size and the evaluation at its step."""
+        request = pb.ListCheckpointsRequest(job_id=job_id)
+        response: pb.ListCheckpointsResponse = self._unary("ListCheckpoints", request)
+        return list(response.checkpoints)
+
+    def list_datasets(self, page_size: int = 0) -> Iterator[pb.Dataset]:
+        """The caller's uploaded datasets, newest first, all pages."""
+        request = pb.ListDatasetsRequest(page_size=page_size)
+        while True:
+            response: pb.ListDatasetsResponse = self._unary("ListDatasets", request)
+            yield from response.datasets
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    def get_dataset(self, dataset_id: str) -> pb.Dataset:
+        response: pb.GetDatasetResponse = self._unary("GetDataset", pb.GetDatasetRequest(dataset_id=dataset_id))
+        return response.dataset
+
+    def delete_dataset(self, dataset_id: str) -> pb.DeleteDatasetResponse:
+        """Delete an uploaded dataset and its token cache entries; FAILED_PRECONDITION while a job trains on it."""
+        response: pb.DeleteDatasetResponse = self._unary(
+            "DeleteDataset", pb.DeleteDatasetRequest(dataset_id=dataset_id)
+        )
+        return response
 
     def cancel_job(self, job_id: str) -> pb.Job:
         """Cancel a job (queued: at once; running: its worker stops). A finished job raises FAILED_PRECONDITION."""

@@ -15,16 +15,21 @@ from finetune_server.api.interceptors import AccessLogInterceptor, AuthIntercept
 from finetune_server.api.servicer import FineTuneServicer
 from finetune_server.api.transport import GrpcTransport, on_termination_signals
 from finetune_server.host.server_info import ServerInfoProvider
+from finetune_server.jobs.datasets import DatasetService
 from finetune_server.jobs.exports import ExportService
 from finetune_server.jobs.generation import GenerateService
 from finetune_server.jobs.service import JobService
 from finetune_server.observability.metrics import ServiceMetrics, store_state_counts
 from finetune_server.settings import ServerSettings
+from finetune_server.storage.data_dir_id import check_data_dir
 from finetune_server.storage.dataset_uploads import remove_stale_uploads
-from finetune_server.storage.job_store import SqliteJobStore
+from finetune_server.storage.job_store import JobStore
+from finetune_server.storage.store_url import open_job_store, redact
 from finetune_server.workers.executor import Executor, LocalSubprocessExecutor
 
 log = structlog.get_logger(__name__)
+
+STALE_UPLOAD_S = 3600.0
 
 
 class FinetuneServer:
@@ -42,7 +47,7 @@ class FinetuneServer:
         self.metrics: ServiceMetrics | None = None
         self.metrics_port: int | None = None  # the bound /metrics port once started, when settings ask for one
         self._executor = executor or LocalSubprocessExecutor()
-        self.store: SqliteJobStore | None = None
+        self.store: JobStore | None = None
         self.jobs: JobService | None = None
         self.generation: GenerateService | None = None
         self.host = host
@@ -54,8 +59,22 @@ class FinetuneServer:
 
     async def start(self) -> int:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_uploads(self.settings)
-        self.store = SqliteJobStore(self.settings.layout.store)
+        store_url = self.settings.store
+        self.store = open_job_store(store_url)  # StoreRefusedError: unreachable, too new
+        try:
+            check_data_dir(
+                self.store,
+                self.settings.layout.data_dir_id,
+                data_dir=self.settings.data_dir,
+                store_name=redact(store_url.url),
+            )
+        except BaseException:
+            self.store.close()
+            self.store = None
+            raise
+        log.info("job_store.opened", store=redact(store_url.url), shared=self.store.shared)
+        # Other servers on a shared data dir may be receiving uploads right now: only clearly abandoned ones go.
+        remove_stale_uploads(self.settings, older_than_s=STALE_UPLOAD_S if self.store.shared else 0.0)
         self.metrics = ServiceMetrics(store_state_counts(self.store))
         self.jobs = JobService(self.settings, self.store, self._executor, metrics=self.metrics)
         interceptors: list[grpc.aio.ServerInterceptor] = [AccessLogInterceptor(observe=self.metrics.observe_rpc)]
@@ -64,14 +83,17 @@ class FinetuneServer:
         if faults.active().unavailable_first_calls:
             interceptors.append(UnavailableFaultInterceptor(faults.active().unavailable_first_calls))
         exports = ExportService(self.settings, self.store)
+        datasets = DatasetService(self.settings, self.store)
         self.generation = GenerateService(self.settings)
-        servicer = FineTuneServicer(self.settings, self._info, self.jobs, self.store, exports, self.generation)
+        servicer = FineTuneServicer(
+            self.settings, self._info, self.jobs, self.store, exports, datasets, self.generation
+        )
         transport = GrpcTransport(
             servicer, interceptors, self.settings, host=self.host, port=self.port, grace=self.grace
         )
         self.port = await transport.start()
         self._transport = transport
-        await self.jobs.start()  # re-queues jobs a crash left RUNNING, then schedules
+        await self.jobs.start()  # re-queues jobs a crash (or an expired lease) left RUNNING, then schedules
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.start_http_server(self.settings.metrics_port, self.host)
         self._info.start_probe()
@@ -88,7 +110,7 @@ class FinetuneServer:
         if self.generation is not None:
             await self.generation.stop()  # its workers exit (each holds a whole model)
         if self.jobs is not None:
-            await self.jobs.stop()  # running jobs stay RUNNING and resume at the next start
+            await self.jobs.stop()  # running jobs go back to the queue and resume on any server
         if self.metrics is not None:
             self.metrics.stop_http_server()  # before the store it reads closes
         if self.store is not None:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from finetune_server.host.cpu_policy import check_cpus, worker_threads
 from finetune_server.storage.layout import DataDir
+from finetune_server.storage.store_url import StoreUrl, parse_store_url
 
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 30  # 1 GiB
 DEFAULT_TOKEN_CACHE_MAX_BYTES = 50 << 30  # 50 GiB: least recently used token cache entries beyond it are removed
+DEFAULT_LEASE_SECONDS = 30.0
 
 
 def _env_flag(name: str) -> bool:
@@ -48,6 +50,11 @@ class ServerSettings:
     metrics_port: int | None = None  # None: no Prometheus endpoint
     worker_threads: int = 0  # torch/OpenMP threads per worker; 0: see cpu_policy.worker_threads
     worker_cpus: list[int] = field(default_factory=list)  # CPUs workers are pinned to; empty: the server's own
+    store_url: str = ""  # the job store (see storage/store_url.py); empty: SQLite in the data dir
+    # A job's lease lasts this long unless renewed (every third of it): how long a dead server's jobs wait to be
+    # re-queued, and how long a stalled server may go quiet before its jobs are taken from it.
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    store_reread_s: float = 1.0  # shared store: how often the tables are re-read in case a notice was lost
     # Generate: worker processes (each holds one model; apart from the training slots, sharing a GPU with them),
     # how long an idle one stays loaded for the next request with the same model, the largest max_new_tokens.
     max_generate_workers: int = 1
@@ -62,6 +69,13 @@ class ServerSettings:
         self.hf_endpoint = self.hf_endpoint or os.environ.get("HF_ENDPOINT", "")
         self.worker_cpus = sorted(set(self.worker_cpus))
         check_cpus(self.worker_cpus)
+        if self.lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+        self.store  # noqa: B018 - a URL that cannot be used is refused here, not at start
+
+    @property
+    def store(self) -> StoreUrl:
+        return parse_store_url(self.store_url, self.layout.store)
 
     @property
     def threads_per_worker(self) -> int:

@@ -36,10 +36,16 @@ class RunningServer:
 
 
 def start_server(
-    tmp: Path, model_root: Path, dataset_root: Path, *extra: str, env: dict[str, str] | None = None
+    tmp: Path,
+    model_root: Path,
+    dataset_root: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    data_dir: Path | None = None,
 ) -> RunningServer:
-    """A server offline (HF_HUB_OFFLINE=1) with its own HF_HOME (`tmp/hf-home`); `env` adds to or overrides that."""
-    data_dir = tmp / "data"
+    """A server offline (HF_HUB_OFFLINE=1) with its own HF_HOME (`tmp/hf-home`); `env` adds to or overrides that.
+    Its data dir is `tmp/data` unless `data_dir` names one (several servers may share it)."""
+    data_dir = data_dir or tmp / "data"
     log_path = tmp / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"), **(env or {})}
     command = [

@@ -332,6 +332,21 @@ def test_upload_a_dataset(address: str, tmp_path: Path) -> None:
     assert cli(address, "upload", tmp_path / "absent.jsonl").returncode == 2
 
 
+def test_datasets_list_show_and_rm(address: str, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "listed.jsonl", [{"text": f"listed row {i}"} for i in range(4)])
+    dataset_id = as_json(cli(address, "upload", path, "--json"))["id"]
+    listed = cli(address, "datasets", "list")
+    assert listed.returncode == 0 and dataset_id in listed.stdout and "listed.jsonl" in listed.stdout
+    assert any(d["id"] == dataset_id for d in as_json(cli(address, "datasets", "list", "--json")))
+    shown = as_json(cli(address, "datasets", "show", dataset_id, "--json"))
+    assert shown["filename"] == "listed.jsonl" and shown["report"]["num_valid"] == 4
+    removed = cli(address, "datasets", "rm", dataset_id)
+    assert removed.returncode == 0 and f"✓ deleted {dataset_id} (listed.jsonl)" in removed.stdout
+    again = cli(address, "datasets", "rm", dataset_id)
+    assert again.returncode == 2 and dataset_id in again.stderr  # NOT_FOUND: a usage error, as for jobs
+    assert dataset_id not in cli(address, "datasets", "list").stdout
+
+
 def test_presets(address: str) -> None:
     table = cli(address, "presets")
     assert table.returncode == 0 and "rtx_3060" in table.stdout and "load_in_8bit=True" in table.stdout

@@ -222,6 +222,8 @@ def request_strategy(method: str, request_type: type[Message], targets: Targets)
         "CancelJob": pb.CancelJobRequest(job_id=targets.job_id),
         "Export": pb.ExportRequest(job_id=targets.job_id, format=pb.EXPORT_FORMAT_ADAPTER),
         "DownloadArtifact": pb.DownloadArtifactRequest(artifact_id=targets.artifact_id, path=targets.artifact_path),
+        "ListCheckpoints": pb.ListCheckpointsRequest(job_id=targets.job_id),
+        "GetDataset": pb.GetDatasetRequest(dataset_id=targets.dataset_id),
     }
     random = message_strategy(descriptor, strings)
     return st.one_of(random, near_valid(descriptor, bases[method], strings)) if method in bases else random
@@ -359,12 +361,24 @@ NAMED_REQUESTS: dict[str, Callable[[Targets, str], tuple[str, Message]]] = {
     "CancelJob.job_id": lambda t, name: ("CancelJob", pb.CancelJobRequest(job_id=name)),
     "Export.job_id": lambda t, name: ("Export", pb.ExportRequest(job_id=name, format=pb.EXPORT_FORMAT_ADAPTER)),
     "DownloadArtifact.artifact_id": lambda t, name: ("DownloadArtifact", pb.DownloadArtifactRequest(artifact_id=name)),
+    "ListCheckpoints.job_id": lambda t, name: ("ListCheckpoints", pb.ListCheckpointsRequest(job_id=name)),
+    "Export.best_checkpoint_by": lambda t, name: (
+        "Export",
+        pb.ExportRequest(job_id=t.job_id, format=pb.EXPORT_FORMAT_ADAPTER, best_checkpoint_by=name),
+    ),
+    "GetDataset.dataset_id": lambda t, name: ("GetDataset", pb.GetDatasetRequest(dataset_id=name)),
+    "DeleteDataset.dataset_id": lambda t, name: ("DeleteDataset", pb.DeleteDatasetRequest(dataset_id=name)),
     "DownloadArtifact.path": lambda t, name: (
         "DownloadArtifact",
         pb.DownloadArtifactRequest(artifact_id=t.artifact_id, path=name),
     ),
 }
-NAME_REJECTIONS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
+NAME_REJECTIONS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION,  # a well-formed metric name that no evaluation of the job reported
+}
 
 
 @pytest.mark.parametrize("field", sorted(NAMED_REQUESTS))

@@ -222,13 +222,19 @@ def test_train_rejects_a_bad_config_exactly_like_validate(
     assert trained.value.details() == validated.value.details()
 
 
-def upload(stub: pb_grpc.FineTuneServiceStub, data: bytes, filename: str = "mine.jsonl", sha: str = "") -> Any:
+def upload(
+    stub: pb_grpc.FineTuneServiceStub,
+    data: bytes,
+    filename: str = "mine.jsonl",
+    sha: str = "",
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> Any:
     def messages() -> Iterator[pb.UploadDatasetRequest]:
         yield pb.UploadDatasetRequest(metadata=pb.UploadDatasetMetadata(filename=filename, sha256=sha))
         for start in range(0, len(data), 1000):
             yield pb.UploadDatasetRequest(chunk=data[start : start + 1000])
 
-    return stub.UploadDataset(messages(), timeout=30)
+    return stub.UploadDataset(messages(), timeout=30, metadata=metadata)
 
 
 def test_upload_is_checked_stored_once_and_usable_as_a_dataset(
@@ -309,3 +315,72 @@ def test_a_second_job_on_the_same_data_tokenizes_nothing(
     assert not any(line.startswith("tokenized") for line in log_lines(second)), "the second job tokenized"
     cache = TokenCacheDir(DataDir(jobs_server.data_dir).token_cache)
     assert cache.entry(key).tokens.is_file() and cache.staging() == []
+
+
+def test_a_dataset_in_use_stays_and_deleting_it_frees_its_file_and_token_cache(
+    stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path, jobs_server: RunningServer
+) -> None:
+    data = b"".join(b'{"instruction": "Delete me %d?", "output": "Gone %d."}\n' % (i, i) for i in range(20))
+    dataset = upload(stub, data, filename="doomed.jsonl").dataset
+    assert dataset.id in {d.id for d in stub.ListDatasets(pb.ListDatasetsRequest(), timeout=10).datasets}
+    assert stub.GetDataset(pb.GetDatasetRequest(dataset_id=dataset.id), timeout=10).dataset == dataset
+
+    stream = stub.Train(pb.TrainRequest(config=job_config(tiny_model_dir.name, dataset=dataset.id, max_steps=10_000)))
+    job = next(stream).job
+    next(e for e in (m.event for m in stream) if e.WhichOneof("kind") == "progress")  # tokenized, training
+    with pytest.raises(grpc.RpcError) as in_use:
+        stub.DeleteDataset(pb.DeleteDatasetRequest(dataset_id=dataset.id), timeout=10)
+    refused = from_rpc_error(in_use.value)
+    assert refused.code == grpc.StatusCode.FAILED_PRECONDITION and refused.reason == "DATASET_IN_USE"
+    assert refused.metadata["job_id"] == job.id and job.id in refused.message
+    stub.CancelJob(pb.CancelJobRequest(job_id=job.id), timeout=10)
+    assert states_of([m.event for m in stream])[-1] == pb.JOB_STATE_CANCELLED
+
+    cache = TokenCacheDir(DataDir(jobs_server.data_dir).token_cache)
+    built = [e for e in cache.entries() if dataset.sha256 in e.meta.read_text()]
+    assert len(built) == 1
+    file = DataDir(jobs_server.data_dir).uploaded_dataset(dataset.id, ".jsonl")
+    assert file.is_file()
+    deleted = stub.DeleteDataset(pb.DeleteDatasetRequest(dataset_id=dataset.id), timeout=10)
+    assert deleted.dataset == dataset and deleted.token_cache_entries_removed == 1
+    assert deleted.freed_bytes > len(data)  # the file and its token cache entry
+    assert not file.exists() and not built[0].root.exists()
+    assert dataset.id not in {d.id for d in stub.ListDatasets(pb.ListDatasetsRequest(), timeout=10).datasets}
+    for call in (stub.GetDataset, stub.DeleteDataset):
+        request = (pb.GetDatasetRequest if call is stub.GetDataset else pb.DeleteDatasetRequest)(dataset_id=dataset.id)
+        with pytest.raises(grpc.RpcError) as gone:
+            call(request, timeout=10)
+        missing = from_rpc_error(gone.value)
+        assert missing.code == grpc.StatusCode.NOT_FOUND
+        assert [r.resource_name for r in missing.resources] == [dataset.id]
+
+
+def test_checkpoints_are_listed_with_their_evaluation_and_the_best_is_exported(
+    stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path
+) -> None:
+    config = job_config(
+        tiny_model_dir.name, eval_split=0.25, eval_steps=2, save_steps=2, save_total_limit=3, learning_rate=5e-3
+    )
+    job, events = train_to_end(stub, config)
+    assert states_of(events)[-1] == pb.JOB_STATE_SUCCEEDED
+    evals = {e.eval.step: e.eval for e in events if e.WhichOneof("kind") == "eval"}
+    saved = {e.checkpoint.step: e.checkpoint for e in events if e.WhichOneof("kind") == "checkpoint"}
+    checkpoints = stub.ListCheckpoints(pb.ListCheckpointsRequest(job_id=job.id), timeout=10).checkpoints
+    assert [c.step for c in checkpoints] == sorted(saved) == [2, 4, 6]
+    for checkpoint in checkpoints:
+        assert checkpoint.eval == evals[checkpoint.step] and checkpoint.size_bytes == saved[checkpoint.step].size_bytes
+        assert checkpoint.create_time.seconds > 0
+    best = min(checkpoints, key=lambda c: (c.eval.eval_loss, -c.step))
+
+    request = pb.ExportRequest(job_id=job.id, format=pb.EXPORT_FORMAT_ADAPTER, best_checkpoint_by="eval_loss")
+    artifact = list(stub.Export(request, timeout=120))[-1].artifact
+    assert artifact.step == best.step
+
+    both = pb.ExportRequest(job_id=job.id, format=pb.EXPORT_FORMAT_ADAPTER, best_checkpoint_by="eval_loss")
+    both.checkpoint_step = 2
+    unknown = pb.ExportRequest(job_id=job.id, format=pb.EXPORT_FORMAT_ADAPTER, best_checkpoint_by="bleu")
+    for bad, code in ((both, grpc.StatusCode.INVALID_ARGUMENT), (unknown, grpc.StatusCode.FAILED_PRECONDITION)):
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Export(bad, timeout=60))
+        error = from_rpc_error(caught.value)
+        assert error.code == code and [v.field for v in error.violations] == ["best_checkpoint_by"]

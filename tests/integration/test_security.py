@@ -16,7 +16,7 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 
 from .conftest import RunningServer, start_server, stop_server
-from .test_jobs import job_config
+from .test_jobs import job_config, upload
 
 ALICE, BOB, ADMIN = "alice-token-0123456789", "bob-token-0123456789ab", "admin-token-0123456789"
 
@@ -256,3 +256,29 @@ def test_one_connection_gets_at_most_its_streams_and_others_are_unaffected(
         greedy.close()
         other.close()
         stop_server(server)
+
+
+def test_a_token_sees_and_deletes_only_its_own_datasets(auth_server: RunningServer) -> None:
+    data = b'{"instruction": "Shared?", "output": "Yes."}\n' * 3
+    channel, stub = auth_server.stub()
+    with channel:
+        alices = upload(stub, data, metadata=as_token(ALICE)).dataset
+        bobs = upload(stub, data, metadata=as_token(BOB)).dataset
+        assert alices.id != bobs.id, "the same content is two datasets: neither learns of the other's"
+        listed = stub.ListDatasets(pb.ListDatasetsRequest(), metadata=as_token(BOB), timeout=10).datasets
+        assert [d.id for d in listed] == [bobs.id]
+        everyone = stub.ListDatasets(pb.ListDatasetsRequest(), metadata=as_token(ADMIN), timeout=10).datasets
+        assert {alices.id, bobs.id} <= {d.id for d in everyone}
+        for call in (
+            lambda: stub.GetDataset(pb.GetDatasetRequest(dataset_id=alices.id), metadata=as_token(BOB), timeout=10),
+            lambda: stub.DeleteDataset(
+                pb.DeleteDatasetRequest(dataset_id=alices.id), metadata=as_token(BOB), timeout=10
+            ),
+        ):
+            with pytest.raises(grpc.RpcError) as denied:
+                call()
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        deleted = stub.DeleteDataset(pb.DeleteDatasetRequest(dataset_id=bobs.id), metadata=as_token(BOB), timeout=10)
+        assert deleted.dataset.id == bobs.id and deleted.freed_bytes == len(data)
+        kept = stub.GetDataset(pb.GetDatasetRequest(dataset_id=alices.id), metadata=as_token(ALICE), timeout=10)
+        assert kept.dataset.sha256 == alices.sha256

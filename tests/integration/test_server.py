@@ -25,8 +25,8 @@ from .conftest import GRACE_S, RunningServer, start_server
 SERVICE = "sage.finetune.v1.FineTuneService"
 RPCS = {
     "ValidateConfig", "StreamValidateConfig", "Train", "WatchJob", "GetJob", "ListJobs", "CancelJob", "Export",
-    "DownloadArtifact",
-    "UploadDataset", "ListPresets", "GetServerInfo",
+    "ListCheckpoints", "DownloadArtifact", "Generate",
+    "UploadDataset", "ListDatasets", "GetDataset", "DeleteDataset", "ListPresets", "GetServerInfo",
 }  # fmt: skip
 
 

@@ -351,10 +351,17 @@ def test_a_streamed_rejection_carries_the_status_and_report_of_validate_config(
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.StreamValidateConfig(pb.StreamValidateConfigRequest(config=config), timeout=30))
     code, by_field, report, info = rejected(stub, config)
-    assert caught.value.code() == code == grpc.StatusCode.NOT_FOUND
+    assert caught.value.code() == code == grpc.StatusCode.NOT_FOUND and "dataset" in by_field
     status = rpc_status.from_call(caught.value)
-    assert status is not None and any(d.Is(pb.ValidateConfigResponse.DESCRIPTOR) for d in status.details)
-    assert "dataset" in by_field
+    assert status is not None
+    streamed = pb.ValidateConfigResponse()
+    streamed_info = error_details_pb2.ErrorInfo()
+    for detail in status.details:
+        if detail.Is(pb.ValidateConfigResponse.DESCRIPTOR):
+            detail.Unpack(streamed)
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            detail.Unpack(streamed_info)
+    assert streamed == report and streamed_info == info
 
 
 def test_cancelling_a_streamed_validation_stops_checking(

@@ -90,7 +90,9 @@ class LoadResult:
     cpu_s: float = 0.0  # this process (the clients) during the window
 
 
-async def run_load(address: str, config: pb.TrainingConfig, live_job: str, finished_job: str) -> LoadResult:
+async def run_load(
+    address: str, config: pb.TrainingConfig, live_job: str, finished_job: str, clients: int = CLIENTS
+) -> LoadResult:
     result = LoadResult()
     cpu_before = cpu_seconds()
     deadline = time.perf_counter() + DURATION_S
@@ -137,7 +139,7 @@ async def run_load(address: str, config: pb.TrainingConfig, live_job: str, finis
                 result.latencies[name].append(time.perf_counter() - started)
 
     started = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+    await asyncio.gather(*(client(i) for i in range(clients)))
     result.window = (started, time.perf_counter())
     result.cpu_s = cpu_seconds() - cpu_before
     return result

@@ -57,6 +57,15 @@ def test_prune_keeps_the_newest_by_step(tmp_path: Path) -> None:
     assert len(ckpt.list_checkpoints(tmp_path)) == 2
 
 
+def test_prune_keeps_the_best_evaluated_checkpoint_too(tmp_path: Path) -> None:
+    for step in (10, 20, 30, 40):
+        _complete(tmp_path, layout.checkpoint_name(step))
+    removed = ckpt.prune(tmp_path, 2, best_step=10)
+    assert [p.name for p in removed] == ["step-00000020"]
+    assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [10, 30, 40]
+    assert ckpt.prune(tmp_path, 2, best_step=35) == [tmp_path / "checkpoints" / "step-00000010"]  # no such checkpoint
+
+
 @pytest.fixture()
 def lora_model(tiny_model_dir: Path):
     config, _ = resolve(TrainingConfig(model_name=str(tiny_model_dir), lora=LoraSettings(r=4, dropout=0.0)))

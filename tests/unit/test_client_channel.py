@@ -9,7 +9,10 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client.channel import retrying_service_config
 
 SERVICE = pb.DESCRIPTOR.services_by_name["FineTuneService"]
-RETRIED = {"ValidateConfig", "GetJob", "ListJobs", "ListPresets", "GetServerInfo"}
+RETRIED = {
+    "ValidateConfig", "GetJob", "ListJobs", "ListPresets", "GetServerInfo", "ListDatasets", "GetDataset",
+    "ListCheckpoints",
+}  # fmt: skip
 
 
 def _retried(config: dict[str, object]) -> dict[str, dict[str, object]]:

@@ -1,4 +1,5 @@
-"""SqliteJobStore: durable jobs, gap-free event sequences, idempotent creates and uploads, migrations."""
+"""The JobStore contract, on SQLite and on PostgreSQL: durable jobs, gap-free event sequences, idempotent creates and
+uploads, leases and claims, migrations. Tests that only concern one database's own mechanics say so in their name."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,11 +22,13 @@ from finetune_server.storage.job_store import (
     SCHEMA_VERSION,
     InvalidTransition,
     JobStore,
+    LeaseLost,
     SchemaTooNewError,
     SqliteJobStore,
     apply_migrations,
 )
-from finetune_server.storage.records import ArtifactRecord, DatasetRecord, EventKind, JobState
+from finetune_server.storage.postgres_store import PostgresJobStore
+from finetune_server.storage.records import ArtifactRecord, DatasetRecord, EventKind, JobState, Lease
 
 CONFIG = {"model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "data.jsonl", "lora": {"r": 8}}
 
@@ -34,8 +38,42 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "jobs.sqlite3"
 
 
+StoreFactory = Callable[[], JobStore]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[StoreFactory]:
+    """Opens another store on this test's own database (each call: a new connection, as another server would)."""
+    opened: list[JobStore] = []
+
+    if request.param == "sqlite":
+
+        def make() -> JobStore:
+            return SqliteJobStore(db_path)
+
+    else:
+        url = request.getfixturevalue("postgres_url")
+
+        def make() -> JobStore:
+            return PostgresJobStore(url)
+
+    def tracked() -> JobStore:
+        store = make()
+        opened.append(store)
+        return store
+
+    yield tracked
+    for store in opened:
+        store.close()
+
+
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteJobStore]:
+def store(open_store: StoreFactory) -> JobStore:
+    return open_store()
+
+
+@pytest.fixture
+def sqlite_store(db_path: Path) -> Iterator[SqliteJobStore]:
     s = SqliteJobStore(db_path)
     yield s
     s.close()
@@ -49,9 +87,8 @@ def _pragma(path: Path, name: str) -> object:
         conn.close()
 
 
-def test_opens_in_wal_mode_with_full_sync(store: SqliteJobStore, db_path: Path) -> None:
-    as_seam: JobStore = store  # mypy checks SqliteJobStore against the seam
-    assert as_seam is store
+def test_sqlite_opens_in_wal_mode_with_full_sync(sqlite_store: SqliteJobStore, db_path: Path) -> None:
+    store = sqlite_store
     assert _pragma(db_path, "journal_mode") == "wal"
     assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -61,7 +98,7 @@ def test_opens_in_wal_mode_with_full_sync(store: SqliteJobStore, db_path: Path) 
 # -- create / get / list ------------------------------------------------------------------------------------------
 
 
-def test_create_job_is_queued_with_its_first_event(store: SqliteJobStore) -> None:
+def test_create_job_is_queued_with_its_first_event(store: JobStore) -> None:
     job, created = store.create_job(
         job_id="job-1", config=CONFIG, request_id="req-1", display_name="first", owner="alice", now=100.0
     )
@@ -81,7 +118,7 @@ def test_create_job_is_queued_with_its_first_event(store: SqliteJobStore) -> Non
     assert second.queue_position == 2
 
 
-def test_unknown_ids_raise_key_error(store: SqliteJobStore) -> None:
+def test_unknown_ids_raise_key_error(store: JobStore) -> None:
     for call in (
         lambda: store.get_job("nope"),
         lambda: store.append_event("nope", EventKind.LOG, {"level": "INFO", "message": "x"}, now=1.0),
@@ -98,7 +135,7 @@ def test_unknown_ids_raise_key_error(store: SqliteJobStore) -> None:
     assert store.find_dataset_by_sha256("0" * 64) is None
 
 
-def test_duplicate_job_id_without_request_id_is_rejected(store: SqliteJobStore) -> None:
+def test_duplicate_job_id_without_request_id_is_rejected(store: JobStore) -> None:
     store.create_job(job_id="job-1", config=CONFIG, now=1.0)
     with pytest.raises(ValueError, match="already exists"):
         store.create_job(job_id="job-1", config={"other": True}, now=2.0)
@@ -106,7 +143,7 @@ def test_duplicate_job_id_without_request_id_is_rejected(store: SqliteJobStore) 
     assert store.get_job("job-1").last_sequence == 1
 
 
-def test_list_jobs_pages_newest_first_with_filters(store: SqliteJobStore) -> None:
+def test_list_jobs_pages_newest_first_with_filters(store: JobStore) -> None:
     # Two jobs share a create_time so the id must break the tie for stable paging.
     # job-c is inserted before job-b so insertion order and id order disagree.
     times = {"job-a": 1.0, "job-c": 2.0, "job-b": 2.0, "job-d": 3.0, "job-e": 4.0}
@@ -145,13 +182,13 @@ def test_list_jobs_pages_newest_first_with_filters(store: SqliteJobStore) -> Non
 
 
 @pytest.mark.parametrize("token", ["not base64 !!", "bm9wZQ", "WzEsMiwzXQ", "eyJhIjoxLCJiIjoyfQ", "WyJ4IiwieSJd"])
-def test_list_jobs_rejects_malformed_tokens(store: SqliteJobStore, token: str) -> None:
+def test_list_jobs_rejects_malformed_tokens(store: JobStore, token: str) -> None:
     # "nope", [1,2,3], {"a":1,"b":2}, ["x","y"]
     with pytest.raises(ValueError, match="page_token"):
         store.list_jobs(states=None, page_size=10, page_token=token)
 
 
-def test_list_jobs_rejects_non_positive_page_size(store: SqliteJobStore) -> None:
+def test_list_jobs_rejects_non_positive_page_size(store: JobStore) -> None:
     with pytest.raises(ValueError, match="page_size"):
         store.list_jobs(states=None, page_size=0, page_token="")
 
@@ -159,7 +196,7 @@ def test_list_jobs_rejects_non_positive_page_size(store: SqliteJobStore) -> None
 # -- request_id idempotency -----------------------------------------------------------------------------------------
 
 
-def test_request_id_makes_create_idempotent(store: SqliteJobStore) -> None:
+def test_request_id_makes_create_idempotent(store: JobStore) -> None:
     first, created = store.create_job(job_id="job-1", config=CONFIG, request_id="req", now=1.0)
     again, created_again = store.create_job(job_id="job-2", config={"other": 1}, request_id="req", now=2.0)
     assert created and not created_again
@@ -176,8 +213,8 @@ def test_request_id_makes_create_idempotent(store: SqliteJobStore) -> None:
 
 
 @pytest.mark.parametrize("connections", [1, 2])
-def test_racing_creates_with_one_request_id_make_one_job(db_path: Path, connections: int) -> None:
-    stores = [SqliteJobStore(db_path) for _ in range(connections)]
+def test_racing_creates_with_one_request_id_make_one_job(open_store: StoreFactory, connections: int) -> None:
+    stores = [open_store() for _ in range(connections)]
     barrier = threading.Barrier(8)
     results: list[tuple[str, bool]] = []
     errors: list[BaseException] = []
@@ -209,7 +246,7 @@ def test_racing_creates_with_one_request_id_make_one_job(db_path: Path, connecti
 # -- events ---------------------------------------------------------------------------------------------------------
 
 
-def test_append_event_numbers_events_and_keeps_progress(store: SqliteJobStore) -> None:
+def test_append_event_numbers_events_and_keeps_progress(store: JobStore) -> None:
     store.create_job(job_id="job-1", config=CONFIG, now=1.0)
     log = store.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "hello"}, now=2.0)
     progress = {"step": 3, "total_steps": 10, "loss": float("nan")}
@@ -227,7 +264,7 @@ def test_append_event_numbers_events_and_keeps_progress(store: SqliteJobStore) -
     assert store.get_job("job-1").progress["step"] == 3  # type: ignore[index]
 
 
-def test_events_after_returns_the_tail_in_order(store: SqliteJobStore) -> None:
+def test_events_after_returns_the_tail_in_order(store: JobStore) -> None:
     store.create_job(job_id="job-1", config=CONFIG, now=1.0)
     store.create_job(job_id="job-2", config=CONFIG, now=1.0)
     for i in range(2, 11):
@@ -244,8 +281,8 @@ def test_events_after_returns_the_tail_in_order(store: SqliteJobStore) -> None:
 
 
 @pytest.mark.parametrize("connections", [1, 2])
-def test_concurrent_appends_are_gap_free(db_path: Path, connections: int) -> None:
-    stores = [SqliteJobStore(db_path) for _ in range(connections)]
+def test_concurrent_appends_are_gap_free(open_store: StoreFactory, connections: int) -> None:
+    stores = [open_store() for _ in range(connections)]
     stores[0].create_job(job_id="job-1", config=CONFIG, now=0.0)
     per_thread = 20
     barrier = threading.Barrier(8)
@@ -280,7 +317,7 @@ def test_concurrent_appends_are_gap_free(db_path: Path, connections: int) -> Non
 # -- transitions ----------------------------------------------------------------------------------------------------
 
 
-def test_transition_sets_state_times_and_appends_state_change(store: SqliteJobStore) -> None:
+def test_transition_sets_state_times_and_appends_state_change(store: JobStore) -> None:
     store.create_job(job_id="job-1", config=CONFIG, now=1.0)
     job, event = store.transition("job-1", JobState.RUNNING, now=2.0, message="started", expect=[JobState.QUEUED])
     assert job.state is JobState.RUNNING
@@ -296,7 +333,7 @@ def test_transition_sets_state_times_and_appends_state_change(store: SqliteJobSt
     assert job.queue_position == 1
 
 
-def test_transition_rejects_unexpected_state_without_writing(store: SqliteJobStore) -> None:
+def test_transition_rejects_unexpected_state_without_writing(store: JobStore) -> None:
     store.create_job(job_id="job-1", config=CONFIG, now=1.0)
     with pytest.raises(InvalidTransition) as info:
         store.transition("job-1", JobState.SUCCEEDED, now=2.0, result={"x": 1}, expect=[JobState.RUNNING])
@@ -308,7 +345,7 @@ def test_transition_rejects_unexpected_state_without_writing(store: SqliteJobSto
     assert len(store.events_after("job-1", 0)) == 1
 
 
-def test_success_stores_result_and_ends_on_its_state_change(store: SqliteJobStore) -> None:
+def test_success_stores_result_and_ends_on_its_state_change(store: JobStore) -> None:
     store.create_job(job_id="job-1", config=CONFIG, now=1.0)
     store.transition("job-1", JobState.RUNNING, now=2.0)
     store.request_cancel("job-1")
@@ -328,7 +365,7 @@ def test_success_stores_result_and_ends_on_its_state_change(store: SqliteJobStor
     assert event.sequence == job.last_sequence == 4
 
 
-def test_failure_stores_error_in_job_and_event(store: SqliteJobStore) -> None:
+def test_failure_stores_error_in_job_and_event(store: JobStore) -> None:
     store.create_job(job_id="job-1", config=CONFIG, now=1.0)
     store.transition("job-1", JobState.RUNNING, now=2.0)
     error = {"reason": "OUT_OF_MEMORY", "message": "CUDA out of memory", "hint": "lower batch_size", "step": 7}
@@ -339,7 +376,7 @@ def test_failure_stores_error_in_job_and_event(store: SqliteJobStore) -> None:
     assert store.events_after("job-1", 0)[-1].kind is EventKind.STATE_CHANGE
 
 
-def test_request_cancel_and_record_attempt(store: SqliteJobStore) -> None:
+def test_request_cancel_and_record_attempt(store: JobStore) -> None:
     store.create_job(job_id="job-1", config=CONFIG, now=1.0)
     assert not store.get_job("job-1").cancel_requested
     assert store.request_cancel("job-1").cancel_requested
@@ -355,7 +392,7 @@ def test_request_cancel_and_record_attempt(store: SqliteJobStore) -> None:
     assert store.get_job("job-1").attempts == 2
 
 
-def test_queue_queries(store: SqliteJobStore) -> None:
+def test_queue_queries(store: JobStore) -> None:
     assert store.next_queued() is None
     for i in range(4):
         store.create_job(job_id=f"job-{i}", config=CONFIG, now=10.0 - i)  # newer ids get older timestamps
@@ -387,7 +424,7 @@ def _dataset(sha: str, filename: str = "data.jsonl") -> DatasetRecord:
     )
 
 
-def test_datasets_are_idempotent_on_sha256(store: SqliteJobStore) -> None:
+def test_datasets_are_idempotent_on_sha256(store: JobStore) -> None:
     sha = "ab" * 32
     stored, created = store.put_dataset(_dataset(sha))
     assert created
@@ -407,24 +444,25 @@ def test_datasets_are_idempotent_on_sha256(store: SqliteJobStore) -> None:
 # -- durability -----------------------------------------------------------------------------------------------------
 
 
-def test_reopen_after_close_keeps_everything(db_path: Path) -> None:
-    with SqliteJobStore(db_path) as s:
-        s.create_job(job_id="job-1", config=CONFIG, request_id="req", owner="o", now=1.0)
-        s.transition("job-1", JobState.RUNNING, now=2.0)
-        s.append_event("job-1", EventKind.PROGRESS, {"step": 1}, now=3.0)
-        s.record_attempt("job-1", resumed=True)
-        s.transition("job-1", JobState.SUCCEEDED, now=4.0, result={"ok": True})
-        s.put_dataset(_dataset("ef" * 32))
-        job_before = s.get_job("job-1")
-        events_before = s.events_after("job-1", 0)
+def test_reopen_after_close_keeps_everything(open_store: StoreFactory) -> None:
+    s = open_store()
+    s.create_job(job_id="job-1", config=CONFIG, request_id="req", owner="o", now=1.0)
+    s.transition("job-1", JobState.RUNNING, now=2.0)
+    s.append_event("job-1", EventKind.PROGRESS, {"step": 1}, now=3.0)
+    s.record_attempt("job-1", resumed=True)
+    s.transition("job-1", JobState.SUCCEEDED, now=4.0, result={"ok": True})
+    s.put_dataset(_dataset("ef" * 32))
+    job_before = s.get_job("job-1")
+    events_before = s.events_after("job-1", 0)
+    s.close()
 
-    with SqliteJobStore(db_path) as s:
-        assert s.get_job("job-1") == job_before
-        assert s.events_after("job-1", 0) == events_before
-        assert s.find_by_request_id("req", "o") == job_before
-        assert s.find_dataset_by_sha256("ef" * 32) is not None
-        assert s.integrity_check() == "ok"
-        assert s.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "x"}, now=5.0).sequence == 6
+    s = open_store()
+    assert s.get_job("job-1") == job_before
+    assert s.events_after("job-1", 0) == events_before
+    assert s.find_by_request_id("req", "o") == job_before
+    assert s.find_dataset_by_sha256("ef" * 32) is not None
+    assert s.integrity_check() == "ok"
+    assert s.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "x"}, now=5.0).sequence == 6
 
 
 _CHILD = """
@@ -445,7 +483,7 @@ while True:
 """
 
 
-def test_everything_acknowledged_survives_sigkill(db_path: Path) -> None:
+def test_sqlite_everything_acknowledged_survives_sigkill(db_path: Path) -> None:
     read_fd, write_fd = os.pipe()
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(db_path), str(write_fd)],
@@ -490,7 +528,7 @@ def _indexes(path: Path) -> set[str]:
         conn.close()
 
 
-def test_v1_database_is_migrated_and_reopening_is_idempotent(db_path: Path) -> None:
+def test_sqlite_v1_database_is_migrated_and_reopening_is_idempotent(db_path: Path) -> None:
     conn = sqlite3.connect(db_path, isolation_level=None)
     assert apply_migrations(conn, MIGRATIONS[:1]) == 0
     conn.execute(
@@ -503,7 +541,7 @@ def test_v1_database_is_migrated_and_reopening_is_idempotent(db_path: Path) -> N
 
     with SqliteJobStore(db_path) as s:
         assert s.get_job("job-old").state is JobState.QUEUED
-    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 4
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 6
     assert {"jobs_newest", "jobs_owner_newest", "jobs_state_queue", "jobs_request_id"} <= _indexes(db_path)
 
     # Reopening re-runs nothing (migration 2's CREATE INDEX would fail if it did).
@@ -512,7 +550,7 @@ def test_v1_database_is_migrated_and_reopening_is_idempotent(db_path: Path) -> N
     assert _pragma(db_path, "user_version") == SCHEMA_VERSION
 
 
-def test_failed_migration_rolls_back_entirely(db_path: Path) -> None:
+def test_sqlite_failed_migration_rolls_back_entirely(db_path: Path) -> None:
     conn = sqlite3.connect(db_path, isolation_level=None)
     apply_migrations(conn, MIGRATIONS[:1])
     broken = (*MIGRATIONS[:1], ("CREATE TABLE extra (x INTEGER)", "THIS IS NOT SQL"))
@@ -523,22 +561,26 @@ def test_failed_migration_rolls_back_entirely(db_path: Path) -> None:
     conn.close()
 
 
-def test_newer_schema_is_refused(db_path: Path) -> None:
-    SqliteJobStore(db_path).close()
-    conn = sqlite3.connect(db_path)
-    conn.execute("PRAGMA user_version = 99")
-    conn.close()
+def test_newer_schema_is_refused(open_store: StoreFactory, request: pytest.FixtureRequest, db_path: Path) -> None:
+    open_store().close()
+    if "postgres" in request.node.callspec.id:
+        postgres_cluster = request.getfixturevalue("postgres_cluster")
+        database = request.getfixturevalue("postgres_url").rsplit("/", 1)[1]
+        postgres_cluster.sql("UPDATE finetune_schema SET version = 99", database)
+    else:
+        conn = sqlite3.connect(db_path)
+        conn.execute("PRAGMA user_version = 99")
+        conn.close()
     with pytest.raises(SchemaTooNewError, match="99"):
-        SqliteJobStore(db_path)
-    assert _pragma(db_path, "user_version") == 99
+        open_store()
 
 
-def test_integrity_check_is_ok(store: SqliteJobStore) -> None:
+def test_integrity_check_is_ok(store: JobStore) -> None:
     store.create_job(job_id="job-1", config=CONFIG, now=1.0)
     assert store.integrity_check() == "ok"
 
 
-def test_artifacts_round_trip_and_replace(store: SqliteJobStore) -> None:
+def test_artifacts_round_trip_and_replace(store: JobStore) -> None:
     store.create_job(job_id="job-a", config={}, now=1.0)
     record = ArtifactRecord(
         id="art-1", job_id="job-a", format="ADAPTER", step=6, base_model="m", path="artifacts/art-1",
@@ -553,7 +595,7 @@ def test_artifacts_round_trip_and_replace(store: SqliteJobStore) -> None:
         store.get_artifact("art-missing")
 
 
-def test_a_schema_3_database_is_upgraded_and_keeps_its_keys(tmp_path: Path) -> None:
+def test_sqlite_schema_3_database_is_upgraded_and_keeps_its_keys(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
     conn = sqlite3.connect(path, isolation_level=None)
     apply_migrations(conn, MIGRATIONS[:3])
@@ -569,7 +611,7 @@ def test_a_schema_3_database_is_upgraded_and_keeps_its_keys(tmp_path: Path) -> N
         assert fresh and created.owner == "bob"
 
 
-def test_request_ids_are_scoped_to_their_owner_and_keys_record_what_they_made(store: SqliteJobStore) -> None:
+def test_request_ids_are_scoped_to_their_owner_and_keys_record_what_they_made(store: JobStore) -> None:
     alices, _ = store.create_job(job_id="job-a", config=CONFIG, request_id="k", owner="alice", now=1.0)
     bobs, created = store.create_job(job_id="job-b", config=CONFIG, request_id="k", owner="bob", now=2.0)
     assert created and bobs.id == "job-b" and store.find_by_request_id("k", "alice") == alices
@@ -578,3 +620,214 @@ def test_request_ids_are_scoped_to_their_owner_and_keys_record_what_they_made(st
     assert store.claim_request_key(**claim, fingerprint="f2", resource_id="art-2") == ("art-1", "f1")
     other = {**claim, "owner": "bob"}
     assert store.claim_request_key(**other, fingerprint="f2", resource_id="art-2") == ("art-2", "f2")
+
+
+def _dataset_record(n: int, owner: str = "", sha: str = "") -> DatasetRecord:
+    digest = sha or f"{n:064x}"
+    return DatasetRecord(
+        id=f"ds-{owner}{n}", filename=f"d{n}.jsonl", size_bytes=n, sha256=digest, path=f"datasets/d{n}.jsonl",
+        report={"num_valid": n}, create_time=float(n), owner=owner,
+    )  # fmt: skip
+
+
+def test_datasets_are_per_owner_paged_newest_first_and_deleted(store: JobStore) -> None:
+    for n in range(1, 6):
+        store.put_dataset(_dataset_record(n, owner="alice"))
+    shared = "f" * 64
+    alices, _ = store.put_dataset(_dataset_record(10, owner="alice", sha=shared))
+    bobs, created = store.put_dataset(_dataset_record(11, owner="bob", sha=shared))
+    assert created and bobs.id != alices.id, "the same content is one dataset per owner"
+    assert store.put_dataset(_dataset_record(12, owner="bob", sha=shared)) == (bobs, False)
+    assert store.find_dataset_by_sha256(shared, "bob") == bobs and store.find_dataset_by_sha256(shared) is None
+
+    pages, token = [], ""
+    while True:
+        page, token = store.list_datasets(page_size=2, page_token=token, owner="alice")
+        pages.append([d.id for d in page])
+        if not token:
+            break
+    assert pages == [["ds-alice10", "ds-alice5"], ["ds-alice4", "ds-alice3"], ["ds-alice2", "ds-alice1"]]
+    assert {d.id for d in store.list_datasets(page_size=100, page_token="", owner=None)[0]} >= {bobs.id, alices.id}
+
+    assert store.delete_dataset(bobs.id) == bobs
+    with pytest.raises(KeyError):
+        store.get_dataset(bobs.id)
+    with pytest.raises(KeyError):
+        store.delete_dataset(bobs.id)
+    assert store.get_dataset(alices.id) == alices
+
+
+def test_sqlite_a_schema_4_database_keeps_its_datasets_without_an_owner(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    apply_migrations(conn, MIGRATIONS[:4])
+    conn.execute(
+        "INSERT INTO datasets (id, filename, size_bytes, sha256, path, report, create_time)"
+        " VALUES ('ds-old', 'old.jsonl', 3, 'abc', 'datasets/ds-old.jsonl', '{}', 1.0)"
+    )
+    conn.close()
+    with SqliteJobStore(path) as store:
+        old = store.get_dataset("ds-old")
+        assert (old.owner, old.sha256, old.filename) == ("", "abc", "old.jsonl")
+        assert store.find_dataset_by_sha256("abc") == old
+
+
+# -- claims and leases ----------------------------------------------------------------------------------------------
+
+
+def test_concurrent_openers_migrate_once(open_store: StoreFactory) -> None:
+    # A fresh database opened by 4 servers at once: one migrates, the others find it done (a second CREATE TABLE
+    # would fail their start).
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+    stores: list[JobStore] = []
+
+    def start() -> None:
+        try:
+            barrier.wait()
+            stores.append(open_store())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(stores) == 4
+    stores[0].create_job(job_id="job-1", config=CONFIG, now=1.0)
+    assert all(s.get_job("job-1").queue_position == 1 for s in stores)
+
+
+def test_fifty_jobs_claimed_by_four_schedulers_each_exactly_once(open_store: StoreFactory) -> None:
+    first = open_store()
+    for i in range(50):
+        first.create_job(job_id=f"job-{i:02d}", config=CONFIG, now=float(i))
+    schedulers = [open_store() for _ in range(4)]
+    barrier = threading.Barrier(4)
+    claimed: dict[str, list[str]] = {f"server-{n}": [] for n in range(4)}
+    errors: list[BaseException] = []
+
+    def schedule(n: int) -> None:
+        try:
+            barrier.wait()
+            while (job := schedulers[n].claim_next(f"server-{n}", 30, now=100.0)) is not None:
+                claimed[f"server-{n}"].append(job.id)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=schedule, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    every = [job_id for ids in claimed.values() for job_id in ids]
+    assert sorted(every) == [f"job-{i:02d}" for i in range(50)]  # each exactly once
+    for server, ids in claimed.items():
+        assert ids == sorted(ids), "each scheduler takes the queue in order"
+        for job_id in ids:
+            job = first.get_job(job_id)
+            assert (job.state, job.lease_owner, job.lease_epoch) == (JobState.RUNNING, server, 1)
+            assert [e.sequence for e in first.events_after(job_id, 0)] == [1, 2]
+    assert first.count_in_state(JobState.QUEUED) == 0
+
+
+def test_a_claim_takes_the_queue_head_under_a_lease_by_the_database_clock(store: JobStore) -> None:
+    assert store.claim_next("server-a", 30, now=1.0) is None
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    store.create_job(job_id="job-2", config=CONFIG, now=2.0)
+    before = time.time()
+    job = store.claim_next("server-a", 30, now=3.0, message="a worker is starting on slot 0")
+    after = time.time()
+    assert job is not None and job.id == "job-1"
+    assert job.state is JobState.RUNNING and job.start_time == 3.0
+    assert job.lease == Lease("server-a", 1)
+    assert job.lease_expires is not None and before + 29 < job.lease_expires < after + 31
+    [_, event] = store.events_after("job-1", 0)
+    assert event.payload == {"previous": "QUEUED", "current": "RUNNING", "message": "a worker is starting on slot 0"}
+
+    renewed = store.renew_lease("job-1", job.lease, 60)
+    assert renewed.lease_expires is not None and renewed.lease_expires > job.lease_expires + 25
+    assert renewed.lease == job.lease
+
+
+def test_fenced_writes_of_a_lost_lease_write_nothing(store: JobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    first = store.claim_next("server-a", 0, now=2.0)  # expires at once
+    assert first is not None and first.lease is not None
+    lease = first.lease
+    store.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "a's line"}, now=3.0, lease=lease)
+    [requeued] = store.requeue_expired(now=4.0, message="the lease expired")
+    assert requeued.id == "job-1" and requeued.state is JobState.QUEUED and requeued.lease is None
+    assert requeued.queue_position == first.queue_position
+
+    second = store.claim_next("server-b", 30, now=5.0)
+    assert second is not None and second.lease == Lease("server-b", 2)
+    before = store.get_job("job-1").last_sequence
+    with pytest.raises(LeaseLost):
+        store.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "late"}, now=6.0, lease=lease)
+    with pytest.raises(LeaseLost):
+        store.append_event("job-1", EventKind.PROGRESS, {"step": 99}, now=6.0, lease=lease)
+    with pytest.raises(LeaseLost):
+        store.transition("job-1", JobState.SUCCEEDED, now=6.0, result={"steps": 1}, lease=lease)
+    with pytest.raises(LeaseLost):
+        store.renew_lease("job-1", lease, 30)
+    job = store.get_job("job-1")
+    assert (job.state, job.last_sequence, job.progress, job.result) == (JobState.RUNNING, before, None, None)
+
+    # The current lease writes on, and the re-run's events continue the sequence.
+    event = store.append_event("job-1", EventKind.LOG, {"level": "INFO", "message": "b"}, now=7.0, lease=second.lease)
+    assert event.sequence == before + 1
+    done, _ = store.transition("job-1", JobState.SUCCEEDED, now=8.0, result={"steps": 1}, lease=second.lease)
+    assert done.lease is None and done.lease_owner == ""
+    states = [e.payload["current"] for e in store.events_after("job-1", 0) if e.kind is EventKind.STATE_CHANGE]
+    assert states == ["QUEUED", "RUNNING", "QUEUED", "RUNNING", "SUCCEEDED"]
+    requeue_event = store.events_after("job-1", 0)[3]
+    assert requeue_event.payload["message"] == "the lease expired"
+    assert [e.sequence for e in store.events_after("job-1", 0)] == list(range(1, done.last_sequence + 1))
+
+
+def test_live_leases_are_not_requeued_unless_asked_for_everything(store: JobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    store.create_job(job_id="job-2", config=CONFIG, now=2.0)
+    store.claim_next("server-a", 300, now=3.0)
+    store.transition("job-2", JobState.RUNNING, now=3.0)  # RUNNING without a lease: an older server's job
+    assert [j.id for j in store.requeue_expired(now=4.0, message="expired")] == ["job-2"]
+    assert store.get_job("job-1").state is JobState.RUNNING
+    assert [j.id for j in store.requeue_expired(now=5.0, message="restarted", everything=True)] == ["job-1"]
+    assert store.count_in_state(JobState.QUEUED) == 2
+
+
+def test_a_released_lease_puts_the_job_back_at_its_place(store: JobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    store.create_job(job_id="job-2", config=CONFIG, now=2.0)
+    job = store.claim_next("server-a", 30, now=3.0)
+    assert job is not None and job.lease is not None
+    released = store.release_lease("job-1", job.lease, now=4.0, message="the server is stopping")
+    assert (released.state, released.lease) == (JobState.QUEUED, None)
+    with pytest.raises(LeaseLost):
+        store.release_lease("job-1", job.lease, now=5.0, message="again")
+    again = store.claim_next("server-b", 30, now=6.0)
+    assert again is not None and again.id == "job-1" and again.lease == Lease("server-b", 2)
+    assert again.start_time == 3.0
+
+
+def test_the_data_dir_binding_is_recorded_once(store: JobStore) -> None:
+    assert store.bind_data_dir("dir-1") == "dir-1"
+    assert store.bind_data_dir("dir-2") == "dir-1"
+
+
+def test_nan_and_infinity_round_trip_in_every_payload(store: JobStore) -> None:
+    store.create_job(job_id="job-1", config=CONFIG, now=1.0)
+    odd = {"loss": float("nan"), "grad_norm": float("inf"), "lr": float("-inf"), "nested": [float("nan")]}
+    store.append_event("job-1", EventKind.PROGRESS, odd, now=2.0)
+    store.transition("job-1", JobState.RUNNING, now=3.0)
+    store.transition("job-1", JobState.SUCCEEDED, now=4.0, result={"final_loss": float("nan")})
+    job = store.get_job("job-1")
+    assert job.progress is not None and math.isnan(job.progress["loss"]) and math.isnan(job.progress["nested"][0])
+    assert (job.progress["grad_norm"], job.progress["lr"]) == (math.inf, -math.inf)
+    assert job.result is not None and math.isnan(job.result["final_loss"])
+    stored = store.events_after("job-1", 1, limit=1)[0].payload
+    assert math.isnan(stored["loss"]) and stored["grad_norm"] == math.inf

@@ -293,9 +293,10 @@ def test_remove_dataset_removes_the_entries_of_that_content(tmp_path: Path, sett
     for max_length in (40, 41):
         build(cache, one, settings, max_length=max_length).close()
     kept = build(cache, two, settings)
+    sizes = {e.key: sum(f.stat().st_size for f in e.root.rglob("*") if f.is_file()) for e in cache.dir.entries()}
     removed = cache.remove_dataset(dataset_fingerprint(one))
-    assert len(removed) == 2
+    assert len(removed) == 2 and all(removed[key] == sizes[key] > 0 for key in removed)
     remaining = cache.dir.entries()
     assert [read_meta(e)["key"]["dataset"] for e in remaining] == [dataset_fingerprint(two)]
-    assert cache.remove_dataset(dataset_fingerprint(two)) == [], "an entry in use is kept"
+    assert cache.remove_dataset(dataset_fingerprint(two)) == {}, "an entry in use is kept"
     kept.close()

@@ -65,6 +65,7 @@ _MISSING: dict[str, tuple[str, str]] = {
     "ARTIFACT_NOT_FOUND": ("Artifact", "artifact_id"),
     "FILE_NOT_FOUND": ("ArtifactFile", "path"),
     "DATASET_NOT_FOUND": ("Dataset", "dataset"),
+    "UPLOADED_DATASET_NOT_FOUND": ("Dataset", "dataset_id"),
     "MODEL_NOT_FOUND": ("Model", "model_name"),
     "MODEL_NOT_CACHED_OFFLINE": ("Model", "model_name"),
 }

@@ -22,16 +22,18 @@ from finetune_server.api.convert import (
     report_to_proto,
 )
 from finetune_server.api.errors import map_errors
-from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.errors import ErrorKind, FinetuneError, field_error
 from finetune_server.host.server_info import ServerInfoProvider
 from finetune_server.jobs import idempotency
+from finetune_server.jobs.checkpoints import best_checkpoint, job_checkpoints
+from finetune_server.jobs.datasets import DatasetService
 from finetune_server.jobs.exports import ExportService, unknown_artifact
 from finetune_server.jobs.generation import ChatRequest, GenerateService, GenerationFinish, check_request
 from finetune_server.jobs.service import JobService
 from finetune_server.settings import ServerSettings
 from finetune_server.storage.dataset_uploads import store_upload
 from finetune_server.storage.job_store import JobStore
-from finetune_server.storage.records import ArtifactRecord, JobRecord, JobState
+from finetune_server.storage.records import ArtifactRecord, DatasetRecord, JobRecord, JobState
 from finetune_server.training import presets
 from finetune_server.training.data.checks import CheckStopped
 from finetune_server.training.validation import CheckHooks, ValidationReport, validate
@@ -48,6 +50,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         jobs: JobService,
         store: JobStore,
         exports: ExportService,
+        datasets: DatasetService,
         generation: GenerateService,
     ) -> None:
         self._settings = settings
@@ -55,6 +58,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         self._jobs = jobs
         self._store = store
         self._exports = exports
+        self._datasets = datasets
         self._generation = generation
 
     async def _job_of_caller(self, job_id: str) -> JobRecord:
@@ -127,6 +131,41 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             yield pb.StreamValidateConfigResponse(report=work.result())
         finally:
             work.cancel()  # the caller went: run_stoppable tells the checking thread to stop
+
+    async def _dataset_of_caller(self, dataset_id: str) -> DatasetRecord:
+        record = await self._datasets.get(dataset_id)
+        check_access(record.owner, f"dataset {dataset_id}")
+        return record
+
+    @map_errors
+    async def ListDatasets(  # noqa: N802 - gRPC method name
+        self, request: pb.ListDatasetsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDatasetsResponse:
+        records, next_token = await self._datasets.list(
+            page_size=request.page_size, page_token=request.page_token, owner=visible_owner()
+        )
+        response = pb.ListDatasetsResponse(next_page_token=next_token)
+        for record in records:
+            fill(response.datasets.add(), record)
+        return response
+
+    @map_errors
+    async def GetDataset(  # noqa: N802 - gRPC method name
+        self, request: pb.GetDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetDatasetResponse:
+        response = pb.GetDatasetResponse()
+        fill(response.dataset, await self._dataset_of_caller(request.dataset_id))
+        return response
+
+    @map_errors
+    async def DeleteDataset(  # noqa: N802 - gRPC method name
+        self, request: pb.DeleteDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteDatasetResponse:
+        record = await self._dataset_of_caller(request.dataset_id)
+        freed, entries = await self._datasets.delete(record)
+        response = pb.DeleteDatasetResponse(freed_bytes=freed, token_cache_entries_removed=entries)
+        fill(response.dataset, record)
+        return response
 
     @map_errors
     async def ListPresets(  # noqa: N802 - gRPC method name
@@ -223,6 +262,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             data_format=metadata.data_format,
             expected_sha256=metadata.sha256,
             chunks=chunks(),
+            owner=caller_name(),
         )
         await idempotency.claim(
             self._store,
@@ -244,11 +284,31 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         fmt = export_format_from_proto(request.format)
         step = request.checkpoint_step if request.HasField("checkpoint_step") else None
         job = await self._job_of_caller(request.job_id)
+        if request.best_checkpoint_by:
+            if step is not None:
+                raise field_error(
+                    ErrorKind.INVALID_ARGUMENT,
+                    "CONFLICTING_FIELDS",
+                    "best_checkpoint_by",
+                    "give checkpoint_step or best_checkpoint_by, not both",
+                )
+            checkpoints = await job_checkpoints(self._store, job.id, self._jobs.job_dir(job.id))
+            step = best_checkpoint(checkpoints, request.best_checkpoint_by, job.id).step
         async for item in self._exports.export(job.id, fmt, step, owner=caller_name(), request_id=request.request_id):
             if isinstance(item, ArtifactRecord):
                 yield pb.ExportResponse(artifact=fill(pb.Artifact(), item))
             else:
                 yield pb.ExportResponse(progress=fill(pb.ExportProgress(), item))
+
+    @map_errors
+    async def ListCheckpoints(  # noqa: N802 - gRPC method name
+        self, request: pb.ListCheckpointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCheckpointsResponse:
+        job = await self._job_of_caller(request.job_id)
+        response = pb.ListCheckpointsResponse()
+        for checkpoint in await job_checkpoints(self._store, job.id, self._jobs.job_dir(job.id)):
+            fill(response.checkpoints.add(), checkpoint)
+        return response
 
     @map_errors
     async def DownloadArtifact(  # noqa: N802 - gRPC method name

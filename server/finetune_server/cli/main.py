@@ -22,7 +22,12 @@ import typer
 
 from finetune_server.cli.options import ConfigArgument, JobArgument, JsonOption, Remote, SetOption, connects
 from finetune_server.host.cpu_policy import parse_cpu_list
-from finetune_server.settings import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_TOKEN_CACHE_MAX_BYTES, ServerSettings
+from finetune_server.settings import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_TOKEN_CACHE_MAX_BYTES,
+    ServerSettings,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -32,6 +37,8 @@ app = typer.Typer(
 )
 jobs_app = typer.Typer(no_args_is_help=True, help="List and inspect training jobs.")
 app.add_typer(jobs_app, name="jobs")
+datasets_app = typer.Typer(no_args_is_help=True, help="List, inspect and delete uploaded datasets.")
+app.add_typer(datasets_app, name="datasets")
 
 
 class JobStateName(StrEnum):
@@ -130,10 +137,30 @@ def serve(
     keepalive_time: KeepaliveTimeOption = ServerSettings.keepalive_time_s,
     keepalive_timeout: KeepaliveTimeoutOption = ServerSettings.keepalive_timeout_s,
     keepalive_min_ping_interval: MinPingIntervalOption = ServerSettings.keepalive_min_ping_interval_s,
+    store: Annotated[
+        str,
+        typer.Option(
+            envvar="FINETUNE_STORE",
+            help="The job store: sqlite:///path/file.db or postgresql://user@host:port/db (password from PGPASSWORD "
+            "or ~/.pgpass); default: SQLite in the data dir. Servers sharing a PostgreSQL store share one queue.",
+        ),
+    ] = "",
+    lease_seconds: Annotated[
+        float,
+        typer.Option(
+            min=0.1, help="How long a job's lease lasts unless renewed: a dead server's jobs wait this long to resume."
+        ),
+    ] = DEFAULT_LEASE_SECONDS,
     grace: Annotated[float, typer.Option(help="Seconds in-flight calls get on SIGTERM/SIGINT.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the gRPC server until SIGTERM or SIGINT."""
+    from finetune_server.storage.store_url import parse_store_url
+
+    try:  # before the server's modules load: a bad URL is a usage error at once
+        parse_store_url(store, data_dir)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--store") from None
     _prepare_server_process(log_level)
     try:  # a CPU list that does not parse, or names CPUs this machine lacks (ServerSettings checks that)
         pinned = parse_cpu_list(worker_cpus) if worker_cpus else []
@@ -160,6 +187,8 @@ def serve(
             metrics_port=metrics_port,
             worker_threads=worker_threads,
             worker_cpus=pinned,
+            store_url=store,
+            lease_seconds=lease_seconds,
             max_generate_workers=max_generate_workers,
             generate_idle_s=generate_idle,
             max_new_tokens_limit=max_new_tokens_limit,
@@ -169,9 +198,14 @@ def serve(
     if settings.hf_cache_dir is not None:  # workers inherit it: they reopen hub datasets from this cache
         os.environ["HF_HUB_CACHE"] = str(Path(settings.hf_cache_dir).expanduser().resolve())
     from finetune_server.app import serve as run_server
+    from finetune_server.storage.job_store import StoreRefusedError
 
     announced = {"on_bound": _announce("listening on"), "on_metrics_bound": _announce("metrics on")}
-    asyncio.run(run_server(settings, host, port, grace, **announced))
+    try:
+        asyncio.run(run_server(settings, host, port, grace, **announced))
+    except StoreRefusedError as exc:  # unreachable, too new, another data dir's: one line, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _prepare_server_process(log_level: str) -> None:
@@ -377,6 +411,21 @@ def jobs_show(
             common.console(stderr=json_output).print(written, soft_wrap=True)
 
 
+@jobs_app.command("checkpoints")
+@connects
+def jobs_checkpoints(remote: Remote, job_id: JobArgument, json_output: JsonOption = False) -> None:
+    """A job's checkpoints: step, size, and the evaluation at that step (export one with --checkpoint or --best-by)."""
+    from finetune_client import message_to_dict
+    from finetune_server.cli import common, render
+
+    with common.session(remote) as service:
+        checkpoints = service.list_checkpoints(job_id)
+    if json_output:
+        common.print_json([message_to_dict(c) for c in checkpoints])
+    else:
+        render.render_checkpoints(common.console(), checkpoints)
+
+
 @app.command()
 @connects
 def cancel(remote: Remote, job_id: JobArgument) -> None:
@@ -453,6 +502,9 @@ def export(
     checkpoint: Annotated[
         int | None, typer.Option(min=1, help="Export this checkpoint's step instead of the final adapter.")
     ] = None,
+    best_by: Annotated[
+        str, typer.Option("--best-by", help="Export the checkpoint that is best by this eval metric, e.g. eval_loss.")
+    ] = "",
     json_output: JsonOption = False,
 ) -> None:
     """Export a succeeded job's adapter or merged model, download it and verify every file's SHA-256."""
@@ -467,6 +519,7 @@ def export(
             format_.value,
             force=force,
             checkpoint_step=checkpoint,
+            best_checkpoint_by=best_by,
             console=common.console(stderr=json_output),
         )
     if json_output:
@@ -503,6 +556,61 @@ def upload(
         common.print_json(dataset)
     else:
         render.render_upload(common.console(), dataset)
+
+
+DatasetArgument = Annotated[str, typer.Argument(help="An uploaded dataset's id (ds-...).")]
+
+
+@datasets_app.command("list")
+@connects
+def datasets_list(
+    remote: Remote,
+    limit: Annotated[int, typer.Option(min=1, help="Most datasets to show, newest first.")] = 50,
+    json_output: JsonOption = False,
+) -> None:
+    """List your uploaded datasets, newest first."""
+    from itertools import islice
+
+    from finetune_client import message_to_dict
+    from finetune_server.cli import common, render
+
+    with common.session(remote) as service:
+        datasets = list(islice(service.list_datasets(page_size=min(limit, 1000)), limit))
+    if json_output:
+        common.print_json([message_to_dict(d) for d in datasets])
+    else:
+        render.render_datasets(common.console(), datasets)
+
+
+@datasets_app.command("show")
+@connects
+def datasets_show(remote: Remote, dataset_id: DatasetArgument, json_output: JsonOption = False) -> None:
+    """Show one uploaded dataset: file, size, checksum and the check made on upload."""
+    from finetune_client import message_to_dict
+    from finetune_server.cli import common, render
+
+    with common.session(remote) as service:
+        dataset = message_to_dict(service.get_dataset(dataset_id))
+    if json_output:
+        common.print_json(dataset)
+    else:
+        render.render_upload(common.console(), {**dataset, "already_existed": True}, title="dataset")
+
+
+@datasets_app.command("rm")
+@connects
+def datasets_rm(remote: Remote, dataset_id: DatasetArgument) -> None:
+    """Delete an uploaded dataset and its token cache entries (refused while a queued or running job uses it)."""
+    from finetune_server.cli import common
+
+    with common.session(remote) as service:
+        response = service.delete_dataset(dataset_id)
+    common.console().print(
+        f"[green]✓ deleted[/] [bold]{response.dataset.id}[/] ({response.dataset.filename}): "
+        f"{common.format_bytes(response.freed_bytes)} freed, {response.token_cache_entries_removed} token cache "
+        f"entr{'y' if response.token_cache_entries_removed == 1 else 'ies'} removed",
+        soft_wrap=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -340,8 +340,51 @@ def render_recommendations(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def render_upload(console: Console, dataset: Mapping[str, Any]) -> None:
-    verb = "already uploaded" if dataset.get("already_existed") else "uploaded"
+def render_checkpoints(console: Console, checkpoints: Sequence[pb.Checkpoint]) -> None:
+    if not checkpoints:
+        console.print("no checkpoints")
+        return
+    table = Table()
+    table.add_column("step", justify="right", no_wrap=True, style="bold")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("eval loss", justify="right")
+    table.add_column("perplexity", justify="right")
+    table.add_column("saved", no_wrap=True)
+    for checkpoint in checkpoints:
+        evaluated = checkpoint.HasField("eval")
+        table.add_row(
+            str(checkpoint.step),
+            format_bytes(checkpoint.size_bytes),
+            f"{checkpoint.eval.eval_loss:.4f}" + (" (best)" if checkpoint.eval.is_best else "") if evaluated else "",
+            f"{checkpoint.eval.perplexity:.2f}" if evaluated else "",
+            _time(checkpoint.create_time),
+        )
+    console.print(table)
+
+
+def render_datasets(console: Console, datasets: Sequence[pb.Dataset]) -> None:
+    if not datasets:
+        console.print("no datasets")
+        return
+    table = Table()
+    table.add_column("dataset", no_wrap=True, style="bold")
+    table.add_column("file")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("examples", justify="right")
+    table.add_column("uploaded", no_wrap=True)
+    for dataset in datasets:
+        table.add_row(
+            dataset.id,
+            escape(dataset.filename),
+            format_bytes(dataset.size_bytes),
+            format_count(dataset.report.num_valid),
+            _time(dataset.create_time) if dataset.HasField("create_time") else "",
+        )
+    console.print(table)
+
+
+def render_upload(console: Console, dataset: Mapping[str, Any], *, title: str = "") -> None:
+    verb = title or ("already uploaded" if dataset.get("already_existed") else "uploaded")
     console.print(f"[green]✓ {verb}[/] [bold]{escape(str(dataset.get('id', '')))}[/]")
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")

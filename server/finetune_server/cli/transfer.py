@@ -32,6 +32,7 @@ def export_with_progress(
     force: bool,
     checkpoint_step: int | None,
     console: Console,
+    best_checkpoint_by: str = "",
 ) -> ExportResult:
     """Run the export with a bar over the server's stages; the client then downloads each file and checks its
     SHA-256 before moving the folder into place (a mismatch raises DATA_LOSS and leaves nothing behind)."""
@@ -52,6 +53,7 @@ def export_with_progress(
                 job_id=job_id,
                 overwrite=force,
                 checkpoint_step=checkpoint_step,
+                best_checkpoint_by=best_checkpoint_by,
                 progress_callback=on_progress,
             )
         except FileExistsError as exc:  # the folder filled up while the export ran

@@ -21,6 +21,7 @@ class _JobChannel:
     recent: deque[JobEventRecord] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS_PER_JOB))
     latest: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: int = 0
 
 
 class EventHub:
@@ -62,8 +63,20 @@ class EventHub:
     async def wait_beyond(self, job_id: str, sequence: int) -> None:
         """Return once an event with a sequence greater than `sequence` has been published."""
         channel = self._channel(job_id)
-        while channel.latest <= sequence:
-            await channel.changed.wait()
+        channel.waiters += 1
+        try:
+            while channel.latest <= sequence:
+                await channel.changed.wait()
+        finally:
+            channel.waiters -= 1
+
+    def watched(self) -> list[str]:
+        """The jobs someone is waiting on (another server's writes to them must be read into the hub)."""
+        return [job_id for job_id, channel in self._channels.items() if channel.waiters]
+
+    def is_watched(self, job_id: str) -> bool:
+        channel = self._channels.get(job_id)
+        return channel is not None and channel.waiters > 0
 
     def forget(self, job_id: str) -> None:
         """Drop a finished job's buffer (watchers then read the store)."""

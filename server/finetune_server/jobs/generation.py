@@ -238,7 +238,7 @@ class GenerateService:
                     hint="Wait for the job to succeed, or name one of its checkpoints with checkpoint_step.",
                 )
         else:
-            steps = [step for step, _ in await asyncio.to_thread(layout.complete_checkpoints, job_dir)]
+            steps = [step for step, _ in await asyncio.to_thread(layout.JobDir(job_dir).complete_checkpoints)]
             if checkpoint_step not in steps:
                 listed = ", ".join(map(str, steps)) or "none"
                 error = field_error(

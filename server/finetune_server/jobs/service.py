@@ -3,12 +3,22 @@ records every event, and recovers after a crash. It knows the store and the exec
 
 Lifecycle of one job: QUEUED (persisted before Train answers) -> RUNNING (a worker is training) -> SUCCEEDED,
 FAILED or CANCELLED. A worker that dies without a final word is restarted from the newest checkpoint up to
-`max_attempts`; a server that dies leaves its RUNNING jobs to be re-queued by the next start, in their old place.
+`max_attempts`.
+
+Several servers may share one store: each has an id, claims queued jobs under a lease it renews every third of
+`lease_seconds`, and writes a job's events and transitions with that lease, so a server whose lease was taken away
+(it stalled, the job was re-queued and claimed elsewhere) writes nothing more and stops that attempt. Any server
+re-queues jobs whose lease expired (their server died); they resume from their newest checkpoint, their events
+continuing the sequence. A graceful stop gives the leases back, so another server takes the jobs at once. With a
+private store (SQLite) the one server re-queues every RUNNING job it finds at start, as before leases existed.
+Across servers, the store's notices wake schedulers, watchers and cancellations; a periodic re-read of the tables
+covers any notice that was lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,8 +36,16 @@ from finetune_server.jobs.event_hub import EventHub
 from finetune_server.observability.metrics import ServiceMetrics
 from finetune_server.settings import ServerSettings
 from finetune_server.storage import layout
-from finetune_server.storage.job_store import InvalidTransition, JobStore
-from finetune_server.storage.records import EventKind, JobEventRecord, JobRecord, JobState
+from finetune_server.storage.job_store import (
+    NOTICE_CANCEL,
+    NOTICE_EVENT,
+    NOTICE_QUEUED,
+    NOTICE_RESYNC,
+    InvalidTransition,
+    JobStore,
+    LeaseLost,
+)
+from finetune_server.storage.records import EventKind, JobEventRecord, JobRecord, JobState, Lease
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.dataset_source import training_refs
 from finetune_server.training.engine.errors import out_of_memory_hint
@@ -42,6 +60,14 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 MAX_ATTEMPTS = 3
+EVENTS_PAGE = 1000  # events read from the store per query
+SCHEDULER_RETRY_S = 1.0  # after a failed claim (the store unreachable)
+RESTARTED = "the server restarted; the job is queued again and resumes from its newest checkpoint"
+LEASE_EXPIRED = (
+    "the server running the job stopped renewing its lease; the job is queued again and resumes from its newest"
+    " checkpoint"
+)
+STOPPING = "the server is stopping; the job is queued again and resumes from its newest checkpoint on any server"
 
 
 def _same_request(job: JobRecord, digest: str) -> JobRecord:
@@ -59,8 +85,10 @@ def job_not_found(job_id: str) -> FinetuneError:
 class _Running:
     job_id: str
     slot: int
+    lease: Lease
     cancel: asyncio.Event
-    task: asyncio.Task[None]
+    task: asyncio.Task[None] | None = None
+    lost: bool = False  # the lease went to another attempt: write nothing more
 
 
 class JobService:
@@ -81,9 +109,16 @@ class JobService:
         self._max_attempts = max_attempts
         self._clock = clock
         self.hub = EventHub()
+        self.server_id = f"server-{uuid.uuid4().hex[:12]}"  # this process's leases
+        self._lease_s = settings.lease_seconds
         self._running: dict[str, _Running] = {}
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []  # lease renewal, the shared store's re-read
+        self._spawned: set[asyncio.Task[None]] = set()
+        self._refreshing: dict[str, bool] = {}  # job id -> read again once the current read is done
+        self._stop_listening: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
 
     # -- plumbing -------------------------------------------------------------------------------------------------
@@ -93,12 +128,19 @@ class JobService:
         return await asyncio.to_thread(partial(fn, *args, **kwargs))
 
     async def _published(self, job_id: str) -> None:
-        """Hand every stored event the hub has not seen yet to the hub (one store read per write, not per watcher)."""
-        events = await self._db(self._store.events_after, job_id, self.hub.latest(job_id))
-        self.hub.publish(events)
+        """Hand every stored event the hub has not seen yet to the hub (one store read per write, not per watcher);
+        a job's buffer goes once its final event is out."""
+        while True:
+            events = await self._db(self._store.events_after, job_id, self.hub.latest(job_id), EVENTS_PAGE)
+            self.hub.publish(events)
+            if any(e.kind is EventKind.STATE_CHANGE and JobState(e.payload["current"]).is_final for e in events):
+                self.hub.forget(job_id)
+                return
+            if len(events) < EVENTS_PAGE:
+                return
 
-    async def _append(self, job_id: str, kind: EventKind, payload: dict[str, Any]) -> None:
-        await self._db(self._store.append_event, job_id, kind, payload, now=self._clock())
+    async def _append(self, job_id: str, kind: EventKind, payload: dict[str, Any], lease: Lease | None = None) -> None:
+        await self._db(self._store.append_event, job_id, kind, payload, now=self._clock(), lease=lease)
         await self._published(job_id)
 
     async def _transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
@@ -106,8 +148,6 @@ class JobService:
         if state.is_final and self._metrics is not None:  # before publishing: a watcher that saw the end sees it
             self._metrics.job_ended(job_id)
         await self._published(job_id)
-        if state.is_final:
-            self.hub.forget(job_id)
         return job
 
     def job_dir(self, job_id: str) -> Path:
@@ -116,29 +156,141 @@ class JobService:
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await self._recover()
-        self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+        self._stop_listening = self._store.listen(self._notice_from_store)
+        self._scheduler = self._loop.create_task(self._schedule())
+        self._loops.append(self._loop.create_task(self._keep_leases()))
+        if self._store.shared:
+            self._loops.append(self._loop.create_task(self._reread_periodically()))
+        log.info("job_service.started", server_id=self.server_id, shared_store=self._store.shared)
 
     async def _recover(self) -> None:
-        """Re-queue the jobs a crashed server left RUNNING; they resume from their newest checkpoint."""
+        """Re-queue the jobs whose server died; they resume from their newest checkpoint. A private store's jobs
+        left RUNNING are all this server's own (it crashed): their workers are stopped and they are re-queued at
+        once. On a shared store only expired leases are (the others belong to live servers)."""
+        if self._store.shared:
+            await self._requeue_expired()
+            return
         for job in await self._db(self._store.jobs_in_state, JobState.RUNNING):
             await self._executor.stop_leftover(self.job_dir(job.id))
-            await self._transition(
-                job.id,
-                JobState.QUEUED,
-                expect=[JobState.RUNNING],
-                message="the server restarted; the job is queued again and resumes from its newest checkpoint",
-            )
+        for job in await self._db(self._store.requeue_expired, now=self._clock(), message=RESTARTED, everything=True):
+            await self._published(job.id)
             log.info("job.requeued_after_restart", job_id=job.id)
 
+    async def _requeue_expired(self) -> None:
+        requeued = await self._db(self._store.requeue_expired, now=self._clock(), message=LEASE_EXPIRED)
+        for job in requeued:
+            await self._published(job.id)
+            log.info("job.requeued_after_lease_expired", job_id=job.id)
+        if requeued:
+            self._wake.set()
+
     async def stop(self) -> None:
-        """Stop scheduling and stop the workers; their jobs stay RUNNING and resume at the next start."""
+        """Stop scheduling and stop the workers; their jobs go back to the queue (leases released) and resume from
+        their newest checkpoint on whichever server takes them."""
         self._draining = True
         if self._scheduler is not None:
             self._scheduler.cancel()
+        if self._stop_listening is not None:
+            await asyncio.to_thread(self._stop_listening)
         for running in list(self._running.values()):
             running.cancel.set()
-        await asyncio.gather(*(r.task for r in self._running.values()), return_exceptions=True)
+        await asyncio.gather(*(r.task for r in self._running.values() if r.task), return_exceptions=True)
+        for task in self._loops:  # leases are renewed until the workers are gone
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._spawned, return_exceptions=True)
+
+    # -- leases and other servers ---------------------------------------------------------------------------------
+
+    async def _keep_leases(self) -> None:
+        """Renew this server's leases every third of their length (also picking up cancellations), and re-queue
+        the jobs of servers that stopped renewing theirs."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            try:
+                for running in list(self._running.values()):
+                    if running.lost:
+                        continue
+                    try:
+                        job = await self._db(self._store.renew_lease, running.job_id, running.lease, self._lease_s)
+                    except LeaseLost:
+                        self._lose(running)
+                        continue
+                    if job.cancel_requested:
+                        running.cancel.set()
+                await self._requeue_expired()
+            except Exception:  # the store may be briefly unreachable: the next round tries again
+                log.exception("job_service.lease_renewal_failed")
+
+    def _lose(self, running: _Running) -> None:
+        """Another attempt owns the job now: stop this one's worker and write nothing more for it."""
+        if not running.lost:
+            log.warning("job.lease_lost", job_id=running.job_id, server_id=self.server_id, epoch=running.lease.epoch)
+        running.lost = True
+        running.cancel.set()
+
+    def _notice_from_store(self, kind: str, job_id: str) -> None:
+        """The store's listener thread hands a notice to the event loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._on_notice, kind, job_id)
+
+    def _on_notice(self, kind: str, job_id: str) -> None:
+        if kind == NOTICE_QUEUED:
+            self._wake.set()
+        elif kind == NOTICE_EVENT:  # written by another server (a cancel's log line, the job itself)
+            if self.hub.is_watched(job_id):
+                self._spawn(self._refresh(job_id))
+        elif kind == NOTICE_CANCEL:
+            running = self._running.get(job_id)
+            if running is not None:
+                running.cancel.set()
+        elif kind == NOTICE_RESYNC:
+            self._spawn(self._reread())
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._spawned.add(task)
+        task.add_done_callback(self._spawned.discard)
+
+    async def _refresh(self, job_id: str) -> None:
+        """Read another server's new events of a watched job into the hub; reads asked for meanwhile coalesce."""
+        if job_id in self._refreshing:
+            self._refreshing[job_id] = True
+            return
+        self._refreshing[job_id] = False
+        try:
+            while True:
+                await self._published(job_id)
+                if not self._refreshing[job_id]:
+                    return
+                self._refreshing[job_id] = False
+        except KeyError:
+            pass
+        finally:
+            del self._refreshing[job_id]
+
+    async def _reread(self) -> None:
+        """What notices would have said, from the tables: queued jobs, watched jobs' events, cancellations."""
+        self._wake.set()
+        for job_id in self.hub.watched():
+            await self._refresh(job_id)
+        for running in list(self._running.values()):
+            job = await self._db(self._store.get_job, running.job_id)
+            if job.cancel_requested:
+                running.cancel.set()
+
+    async def _reread_periodically(self) -> None:
+        """The fallback for lost notices: they then delay by at most this interval, never lose."""
+        while True:
+            await asyncio.sleep(self._settings.store_reread_s)
+            try:
+                await self._reread()
+            except Exception:
+                log.exception("job_service.reread_failed")
 
     # -- requests -------------------------------------------------------------------------------------------------
 
@@ -250,34 +402,46 @@ class JobService:
                     return
             if not events:
                 job = await self.get(job_id)
-                if job.state.is_final and job.last_sequence <= last:
+                if job.last_sequence > last:  # another server wrote them: bring the hub up to the store
+                    await self._published(job_id)
+                elif job.state.is_final:
                     return
-                if job.last_sequence <= last:
+                else:
                     await self.hub.wait_beyond(job_id, last)
 
     # -- scheduling -----------------------------------------------------------------------------------------------
 
     async def _schedule(self) -> None:
-        """FIFO over slots: start the oldest queued job whenever a slot is free."""
+        """FIFO over slots: claim the oldest queued job (of every server's queue) whenever a slot is free."""
         while not self._draining:
             self._wake.clear()
             free = sorted(set(range(self._settings.slots)) - {r.slot for r in self._running.values()})
-            for slot in free:
-                job = await self._db(self._store.next_queued)
-                if job is None:
-                    break
-                await self._launch(job, slot)
+            try:
+                for slot in free:
+                    job = await self._db(
+                        self._store.claim_next,
+                        self.server_id,
+                        self._lease_s,
+                        now=self._clock(),
+                        message=f"a worker is starting on slot {slot}",
+                    )
+                    if job is None:
+                        break
+                    self._launch(job, slot)
+                    await self._published(job.id)
+            except Exception:  # the store may be briefly unreachable: try again shortly, never stop scheduling
+                log.exception("job_service.claim_failed")
+                await asyncio.sleep(SCHEDULER_RETRY_S)
+                continue
             await self._wake.wait()
 
-    async def _launch(self, job: JobRecord, slot: int) -> None:
-        job = await self._transition(
-            job.id, JobState.RUNNING, expect=[JobState.QUEUED], message=f"a worker is starting on slot {slot}"
-        )
-        cancel = asyncio.Event()
+    def _launch(self, job: JobRecord, slot: int) -> None:
+        assert job.lease is not None  # claimed: the store gave it a lease
+        running = _Running(job.id, slot, job.lease, asyncio.Event())
         if job.cancel_requested:
-            cancel.set()
-        task = asyncio.get_running_loop().create_task(self._run(job, slot, cancel))
-        self._running[job.id] = _Running(job.id, slot, cancel, task)
+            running.cancel.set()
+        self._running[job.id] = running
+        running.task = asyncio.get_running_loop().create_task(self._run(job, running))
 
     def _spec(self, job: JobRecord, slot: int) -> WorkerSpec:
         config = TrainingConfig.from_dict(job.config)
@@ -298,60 +462,77 @@ class JobService:
             token_cache_max_bytes=self._settings.token_cache_max_bytes,
         )
 
-    async def _run(self, job: JobRecord, slot: int, cancel: asyncio.Event) -> None:
-        bound = log.bind(job_id=job.id)
+    async def _run(self, job: JobRecord, running: _Running) -> None:
+        bound = log.bind(job_id=job.id, lease_epoch=running.lease.epoch)
         try:
-            await self._attempts(job, slot, cancel, bound)
+            await self._attempts(job, running, bound)
+        except LeaseLost:
+            self._lose(running)
         except Exception as exc:  # the service must survive anything a job does
             bound.exception("job.supervision_failed")
-            await self._fail(job.id, {"reason": "INTERNAL", "message": f"the server could not run the job: {exc}"})
+            error = {"reason": "INTERNAL", "message": f"the server could not run the job: {exc}"}
+            try:
+                await self._fail(job.id, error, running.lease)
+            except LeaseLost:
+                self._lose(running)
         finally:
             self._running.pop(job.id, None)
             self._wake.set()
 
-    async def _attempts(self, job: JobRecord, slot: int, cancel: asyncio.Event, bound: Any) -> None:
+    async def _attempts(self, job: JobRecord, running: _Running, bound: Any) -> None:
         try:
-            spec = await asyncio.to_thread(self._spec, job, slot)
+            spec = await asyncio.to_thread(self._spec, job, running.slot)
         except FinetuneError as exc:  # the model or dataset vanished since the job was accepted
-            await self._fail(job.id, {"reason": exc.reason, "message": exc.message, "hint": exc.hint})
+            await self._fail(job.id, {"reason": exc.reason, "message": exc.message, "hint": exc.hint}, running.lease)
             return
         job_dir = self.job_dir(job.id)
         try:  # the disk may have filled while the job was queued
             ensure_free_space(job_dir, 0, self._settings.disk_reserve_bytes, "this job")
         except FinetuneError as exc:
-            await self._fail(job.id, {"reason": exc.reason, "message": exc.message, "hint": exc.hint})
+            await self._fail(job.id, {"reason": exc.reason, "message": exc.message, "hint": exc.hint}, running.lease)
             return
         while True:
             job = await self._db(self._store.record_attempt, job.id, resumed=False)
             outcome = await self._executor.run(
                 spec,
-                on_message=partial(self._on_worker_message, job.id),
-                cancel=cancel,
+                on_message=partial(self._on_worker_message, running),
+                cancel=running.cancel,
                 log_path=layout.JobDir(job_dir).worker_log,
             )
-            if await self._settle(job, outcome, cancel, bound):
+            if await self._settle(job, outcome, running, bound):
                 return
 
-    async def _settle(self, job: JobRecord, outcome: WorkerExit, cancel: asyncio.Event, bound: Any) -> bool:
+    async def _settle(self, job: JobRecord, outcome: WorkerExit, running: _Running, bound: Any) -> bool:
         """Record how a worker ended. True when the job is settled; False to start another attempt."""
-        final = outcome.final
+        if running.lost:  # another attempt owns the job: this one says nothing more
+            bound.warning("job.attempt_abandoned_after_lease_lost")
+            return True
+        final, cancel, lease = outcome.final, running.cancel, running.lease
         if isinstance(final, Result):
             result = dict(final.data)
             await self._transition(
-                job.id, JobState.SUCCEEDED, expect=[JobState.RUNNING], result=result, message="training finished"
+                job.id,
+                JobState.SUCCEEDED,
+                expect=[JobState.RUNNING],
+                result=result,
+                message="training finished",
+                lease=lease,
             )
             bound.info("job.succeeded", steps=result.get("steps"))
             return True
-        if self._draining:  # the server is stopping: leave the job RUNNING so the next start resumes it
-            bound.info("job.left_for_resume")
+        if self._draining:  # the server is stopping: another server (or the next start) resumes the job
+            await self._db(self._store.release_lease, job.id, lease, now=self._clock(), message=STOPPING)
+            await self._published(job.id)
+            bound.info("job.released_for_resume")
             return True
         if isinstance(final, Cancelled) or (cancel.is_set() and not isinstance(final, Error)):
-            await self._transition(job.id, JobState.CANCELLED, expect=[JobState.RUNNING], message="cancelled")
+            await self._transition(
+                job.id, JobState.CANCELLED, expect=[JobState.RUNNING], message="cancelled", lease=lease
+            )
             return True
         if isinstance(final, Error):
-            await self._fail(
-                job.id, {"reason": final.reason, "message": final.message, "hint": final.hint, "step": final.step}
-            )
+            error = {"reason": final.reason, "message": final.message, "hint": final.hint, "step": final.step}
+            await self._fail(job.id, error, lease)
             return True
         # No final word: the worker died. Retry from the newest checkpoint while attempts remain.
         how = f"signal {outcome.signal.name}" if outcome.signal else f"exit code {outcome.returncode}"
@@ -363,6 +544,7 @@ class JobService:
                     "message": f"the worker was killed for using too much memory ({how})",
                     "hint": out_of_memory_hint(TrainingConfig.from_dict(job.config)),
                 },
+                lease,
             )
             return True
         current = await self.get(job.id)
@@ -375,29 +557,36 @@ class JobService:
                     "message": f"the worker died ({how}) {current.attempts} times; last log lines:\n{tail}",
                     "hint": "Check the job's {layout.WORKER_LOG_FILE}; the newest checkpoint is kept.",
                 },
+                lease,
             )
             return True
         message = f"the worker died ({how}); restarting from the newest checkpoint (attempt {current.attempts + 1})"
-        await self._append(job.id, EventKind.LOG, {"level": "WARNING", "message": message})
+        await self._append(job.id, EventKind.LOG, {"level": "WARNING", "message": message}, lease)
         bound.warning("job.worker_died", how=how, attempts=current.attempts)
         return False
 
-    async def _fail(self, job_id: str, error: dict[str, Any]) -> None:
+    async def _fail(self, job_id: str, error: dict[str, Any], lease: Lease) -> None:
         await self._transition(
-            job_id, JobState.FAILED, expect=[JobState.RUNNING, JobState.QUEUED], error=error, message="failed"
+            job_id, JobState.FAILED, expect=[JobState.RUNNING], error=error, message="failed", lease=lease
         )
 
-    async def _on_worker_message(self, job_id: str, message: Message) -> None:
-        """Persist what the worker reports, in order, before reading its next message."""
-        if isinstance(message, Event):
-            if message.kind == EventKind.PROGRESS.value and self._metrics is not None:
-                self._metrics.on_progress(job_id, message.data)  # before publishing, like job_ended
-            await self._append(job_id, EventKind(message.kind), message.data)
-        elif isinstance(message, Started):
-            step = message.resumed_from_step
-            if step is None:
-                return
-            await self._db(self._store.record_resume, job_id)
-            await self._append(
-                job_id, EventKind.LOG, {"level": "INFO", "message": f"resumed from the checkpoint at step {step}"}
-            )
+    async def _on_worker_message(self, running: _Running, message: Message) -> None:
+        """Persist what the worker reports, in order, before reading its next message; nothing once the lease
+        is lost (the worker is being stopped)."""
+        if running.lost:
+            return
+        job_id, lease = running.job_id, running.lease
+        try:
+            if isinstance(message, Event):
+                if message.kind == EventKind.PROGRESS.value and self._metrics is not None:
+                    self._metrics.on_progress(job_id, message.data)  # before publishing, like job_ended
+                await self._append(job_id, EventKind(message.kind), message.data, lease)
+            elif isinstance(message, Started):
+                step = message.resumed_from_step
+                if step is None:
+                    return
+                await self._db(self._store.record_resume, job_id)
+                resumed = {"level": "INFO", "message": f"resumed from the checkpoint at step {step}"}
+                await self._append(job_id, EventKind.LOG, resumed, lease)
+        except LeaseLost:
+            self._lose(running)

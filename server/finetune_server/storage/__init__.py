@@ -1,1 +1,2 @@
-"""What the service keeps: the data dir's layout, the job store (jobs, events, datasets, artifacts), uploads."""
+"""What the service keeps: the data dir's layout and id, the job store (jobs, events, datasets, artifacts; SQLite for
+one server, PostgreSQL for several, picked by `store_url`), uploads."""

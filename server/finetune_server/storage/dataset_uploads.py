@@ -1,5 +1,5 @@
 """Dataset uploads: size-limited, checksummed, checked record by record before they are accepted, stored once per
-content. JSONL, JSON and Parquet files are accepted; their bad records are reported with their numbers.
+content and owner. JSONL, JSON and Parquet files are accepted; their bad records are reported with their numbers.
 
 The file is streamed to a temporary name under the uploads folder, fsynced, checked, then renamed to `<id><ext>`;
 the record is written last. A crash leaves at most a temporary file (removed at the next start) or a complete file
@@ -9,6 +9,7 @@ whose record a repeated upload writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -30,9 +31,23 @@ from finetune_server.util.stoppable import run_stoppable
 ALLOWED_SUFFIXES = {".jsonl": ".jsonl", ".ndjson": ".jsonl", ".json": ".json", ".parquet": ".parquet"}
 
 
-def remove_stale_uploads(settings: ServerSettings) -> None:
+def upload_id(sha256: str, owner: str) -> str:
+    """An upload's id: of its content alone without authentication (as ids always were), else of the owner and the
+    content, so two tokens uploading the same file get two datasets and neither learns of the other's."""
+    if not owner:
+        return f"ds-{sha256[:16]}"
+    digest = hashlib.sha256(owner.encode() + b"\0" + sha256.encode()).hexdigest()
+    return f"ds-{digest[:16]}"
+
+
+def remove_stale_uploads(settings: ServerSettings, *, older_than_s: float = 0.0) -> None:
+    """Remove uploads a crash left half-written. With other servers on the data dir, only those untouched for
+    `older_than_s` (an upload in progress on another server is written to continuously)."""
+    cutoff = time.time() - older_than_s
     for stale in settings.uploads_dir.glob(f"{layout.UPLOAD_TEMP_PREFIX}*"):
-        stale.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if older_than_s <= 0 or stale.stat().st_mtime < cutoff:
+                stale.unlink(missing_ok=True)
 
 
 def _suffix(filename: str) -> str:
@@ -54,6 +69,7 @@ async def store_upload(
     data_format: str,
     expected_sha256: str,
     chunks: AsyncIterator[bytes],
+    owner: str = "",
 ) -> tuple[DatasetRecord, bool]:
     check_name(filename, "metadata.filename")
     suffix = _suffix(filename)
@@ -89,7 +105,7 @@ async def store_upload(
                 "CHECKSUM_MISMATCH",
                 f"the received file has sha256 {sha256}, not the {expected_sha256} the metadata announced",
             )
-        existing = await asyncio.to_thread(store.find_dataset_by_sha256, sha256)
+        existing = await asyncio.to_thread(store.find_dataset_by_sha256, sha256, owner)
         if existing is not None:
             return existing, False
         report = await run_stoppable(  # stopped when the uploader goes: nothing of the upload is kept then
@@ -105,7 +121,7 @@ async def store_upload(
                 else f"the dataset cannot be used: {first.message}",
                 violations=report.violations,
             )
-        dataset_id = f"ds-{sha256[:16]}"
+        dataset_id = upload_id(sha256, owner)
         final = settings.layout.uploaded_dataset(dataset_id, suffix)
         temp.replace(final)  # noqa: ASYNC240 - one rename
         report_fields = {k: v for k, v in asdict(report).items() if k != "token_stats"}
@@ -117,6 +133,7 @@ async def store_upload(
             path=str(final.relative_to(settings.data_dir)),
             report=report_fields,
             create_time=time.time(),
+            owner=owner,
         )
         return await asyncio.to_thread(store.put_dataset, record)
     finally:

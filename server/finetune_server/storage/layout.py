@@ -3,6 +3,7 @@
 ```
 <data dir>/
     finetune.db                         the embedded job store (SQLite)
+    data-dir-id                         this data dir's id, written at first start; its job store records it
     datasets/<dataset id>.<ext>         uploaded datasets (.jsonl, .json, .parquet); `.upload-*` still arriving
     jobs/<job id>/                      one job (the worker's output folder)
         worker_spec.json                what the current attempt's worker was told
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STORE_FILE = "finetune.db"
+DATA_DIR_ID_FILE = "data-dir-id"
 DATASETS_DIR = "datasets"
 UPLOAD_TEMP_PREFIX = ".upload-"
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".parquet")  # an uploaded dataset's file is `<dataset id><suffix>`
@@ -100,6 +102,7 @@ class DataDir(_Folder):
     """The data dir's top level."""
 
     store = _Under(STORE_FILE)
+    data_dir_id = _Under(DATA_DIR_ID_FILE)
     datasets = _Under(DATASETS_DIR)
     jobs = _Under(JOBS_DIR)
     artifacts = _Under(ARTIFACTS_DIR)
@@ -141,6 +144,17 @@ class JobDir(_Folder):
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)
+
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints as (step, path), oldest first by integer step; temp and incomplete folders skipped."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for child in self.checkpoints.iterdir():
+            step = checkpoint_step(child.name)
+            if step is not None and child.is_dir() and (child / CHECKPOINT_COMPLETE_MARKER).is_file():
+                found.append((step, child))
+        return sorted(found, key=lambda item: item[0])
 
 
 @dataclass(frozen=True)
@@ -209,21 +223,6 @@ def checkpoint_step(name: str) -> int | None:
     """The step of a `step-<digits>` folder name; None for anything else (temp folders, strays)."""
     digits = name.removeprefix(CHECKPOINT_PREFIX)
     return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() and digits.isascii() else None
-
-
-def complete_checkpoints(job_dir: Path) -> list[tuple[int, Path]]:
-    """A job's complete checkpoints as (step, path), oldest first by integer step; temp and incomplete folders are
-    skipped."""
-    parent = JobDir(Path(job_dir)).checkpoints
-    if not parent.is_dir():
-        return []
-    found = []
-    for child in parent.iterdir():
-        step = checkpoint_step(child.name)
-        if step is not None and child.is_dir() and (child / CHECKPOINT_COMPLETE_MARKER).is_file():
-            found.append((step, child))
-    found.sort(key=lambda item: item[0])
-    return found
 
 
 def has_adapter(folder: Path) -> bool:

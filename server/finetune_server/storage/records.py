@@ -68,17 +68,36 @@ class JobRecord:
     last_sequence: int = 0
     cancel_requested: bool = False
     queue_position: int = 0  # FIFO order among queued jobs (a re-queued job keeps its original place)
+    lease_owner: str = ""  # the server running the job's current attempt ("" when none holds it)
+    lease_epoch: int = 0  # +1 per claim: fences the writes of an attempt whose lease was taken away
+    lease_expires: float | None = None  # unix seconds by the database's clock
+
+    @property
+    def lease(self) -> Lease | None:
+        """The lease of the current attempt, while one is held."""
+        if self.state is not JobState.RUNNING or not self.lease_owner:
+            return None
+        return Lease(self.lease_owner, self.lease_epoch)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who runs a job's attempt: the server's id and the claim's epoch. Writes carrying it are fenced by both."""
+
+    owner: str
+    epoch: int
 
 
 @dataclass(frozen=True)
 class DatasetRecord:
-    id: str  # "ds-" + first 16 hex digits of sha256
+    id: str  # "ds-" + 16 hex digits: of the sha256, or with an owner of sha256(owner, sha256) (dataset_id)
     filename: str
     size_bytes: int
     sha256: str
     path: str  # relative to the data dir
     report: dict[str, Any] = field(default_factory=dict)  # DatasetReport fields (no token stats)
     create_time: float = 0.0
+    owner: str = ""  # who uploaded it; each owner has its own copy of the same content
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Confinement of caller-named paths to configured roots.
+"""Confinement of caller-named paths to configured roots, and the size of a folder.
 
 A caller may name a local model folder or a server-side dataset, but only under the roots the operator configured.
 `..`, absolute paths outside the roots and symlinks that lead out are refused with PERMISSION_DENIED; `~` is a
@@ -7,6 +7,7 @@ plain character (never expanded), so `~/x` and `~user` name folders under a root
 
 from __future__ import annotations
 
+import contextlib
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,3 +108,13 @@ def _confine(name: str, roots: Sequence[Path], field_path: str) -> Path:
         if candidate.exists():
             return candidate
     return inside[0]
+
+
+def folder_bytes(folder: Path) -> int:
+    """The size of the files under `folder`; files that vanish while it is summed count nothing."""
+    total = 0
+    for path in Path(folder).rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total

@@ -34,6 +34,7 @@ import structlog
 from finetune_server.storage.layout import TokenCacheDir, TokenCacheEntry
 from finetune_server.training.data.sources import DatasetSource, as_source
 from finetune_server.util.hashing import sha256_file
+from finetune_server.util.paths import folder_bytes
 
 if TYPE_CHECKING:
     from finetune_server.training.config import TrainingConfig
@@ -209,7 +210,7 @@ class TokenCache:
         self._remove_abandoned_staging()
         if self.max_bytes is None:
             return []
-        sized = [(entry, _folder_bytes(entry.root), _last_used(entry)) for entry in self.dir.entries()]
+        sized = [(entry, folder_bytes(entry.root), _last_used(entry)) for entry in self.dir.entries()]
         total = sum(size for _, size, _ in sized)
         removed = []
         for entry, size, _ in sorted(sized, key=lambda item: item[2]):
@@ -222,19 +223,23 @@ class TokenCache:
             log.info("token cache evicted", removed=removed, cache_bytes=total, max_bytes=self.max_bytes)
         return removed
 
-    def remove_dataset(self, fingerprint: str) -> list[str]:
+    def remove_dataset(self, fingerprint: str) -> dict[str, int]:
         """Remove the entries built from the data with this content fingerprint (its dataset was deleted).
 
-        Entries in use are kept (their jobs still read them); the size cap removes them later. Returns the keys.
+        Entries in use are kept (their jobs still read them); the size cap removes them later. Returns the removed
+        entries' keys with the bytes each freed.
         """
-        removed = []
+        removed = {}
         for entry in self.dir.entries():
-            if read_meta(entry).get("key", {}).get("dataset") == fingerprint and self._remove_if_unused(entry):
-                removed.append(entry.key)
+            if read_meta(entry).get("key", {}).get("dataset") != fingerprint:
+                continue
+            size = folder_bytes(entry.root)
+            if self._remove_if_unused(entry):
+                removed[entry.key] = size
         return removed
 
     def total_bytes(self) -> int:
-        return sum(_folder_bytes(entry.root) for entry in self.dir.entries())
+        return sum(folder_bytes(entry.root) for entry in self.dir.entries())
 
     def _remove_if_unused(self, entry: TokenCacheEntry) -> bool:
         try:
@@ -277,15 +282,6 @@ def read_meta(entry: TokenCacheEntry) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _folder_bytes(folder: Path) -> int:
-    total = 0
-    for path in folder.rglob("*"):
-        with contextlib.suppress(OSError):
-            if path.is_file():
-                total += path.stat().st_size
-    return total
 
 
 def _last_used(entry: TokenCacheEntry) -> float:

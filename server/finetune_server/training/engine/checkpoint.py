@@ -31,6 +31,7 @@ import torch
 from finetune_server import faults
 from finetune_server.storage import layout
 from finetune_server.storage.layout import checkpoint_name
+from finetune_server.util.paths import folder_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -158,7 +159,7 @@ def save_checkpoint(
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints as (step, path), oldest first by integer step. Temp and incomplete folders are skipped."""
-    return layout.complete_checkpoints(output_dir)
+    return layout.JobDir(Path(output_dir)).complete_checkpoints()
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -167,11 +168,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
-def prune(output_dir: Path, keep: int) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond the newest `keep` (keep <= 0: keep all). Returns what went."""
+def prune(output_dir: Path, keep: int, *, best_step: int | None = None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond the newest `keep` (keep <= 0: keep all), except the one at
+    `best_step` (the best evaluation's), which is kept as well. Returns what went."""
     if keep <= 0:
         return []
-    doomed = [path for _step, path in list_checkpoints(output_dir)[:-keep]]
+    doomed = [path for step, path in list_checkpoints(output_dir)[:-keep] if step != best_step]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
@@ -189,7 +191,7 @@ def remove_stale_temp(output_dir: Path) -> list[Path]:
 
 
 def folder_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return folder_bytes(path)
 
 
 def load_checkpoint(path: Path, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> CheckpointState:

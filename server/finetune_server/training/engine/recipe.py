@@ -117,6 +117,7 @@ class TrainState:
     tokens_seen: int = 0
     elapsed_before_s: float = 0.0  # wall time of earlier attempts
     best_eval_loss: float | None = None
+    best_eval_step: int | None = None  # its checkpoint outlives save_total_limit's rotation
     evals_without_improvement: int = 0
     last_logged_step: int = 0
     last_eval_step: int = -1
@@ -128,6 +129,7 @@ class TrainState:
             "tokens_seen": self.tokens_seen,
             "elapsed_before_s": self.elapsed_before_s,
             "best_eval_loss": self.best_eval_loss,
+            "best_eval_step": self.best_eval_step,
             "evals_without_improvement": self.evals_without_improvement,
             "last_logged_step": self.last_logged_step,
             "last_eval_step": self.last_eval_step,
@@ -143,6 +145,7 @@ class TrainState:
             tokens_seen=int(extra.get("tokens_seen", 0)),
             elapsed_before_s=float(extra.get("elapsed_before_s", 0.0)),
             best_eval_loss=extra.get("best_eval_loss"),
+            best_eval_step=extra.get("best_eval_step"),
             evals_without_improvement=int(extra.get("evals_without_improvement", 0)),
             last_logged_step=int(extra.get("last_logged_step", state.step)),
             last_eval_step=int(extra.get("last_eval_step", -1)),
@@ -701,6 +704,7 @@ class LoRARecipe:
         is_best = state.best_eval_loss is None or eval_loss < state.best_eval_loss
         if is_best:
             state.best_eval_loss = eval_loss
+            state.best_eval_step = state.step
             state.evals_without_improvement = 0
         else:
             state.evals_without_improvement += 1
@@ -738,7 +742,7 @@ class LoRARecipe:
                 data_position=state.position,
                 extra={**state.to_extra(), "elapsed_before_s": state.elapsed_before_s + self.attempt.elapsed()},
             )
-        ckpt.prune(output_dir, int(self.config.save_total_limit or 0))
+        ckpt.prune(output_dir, int(self.config.save_total_limit or 0), best_step=state.best_eval_step)
         self._emit(CheckpointEvent(state.step, str(path.relative_to(output_dir)), ckpt.folder_size(path)))
 
     def _report_progress(self) -> None:

@@ -76,6 +76,11 @@ class FineTuneServiceStub:
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportRequest.SerializeToString,
                 response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportResponse.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/sage.finetune.v1.FineTuneService/ListCheckpoints',
+                request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
         self.DownloadArtifact = channel.unary_stream(
                 '/sage.finetune.v1.FineTuneService/DownloadArtifact',
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactRequest.SerializeToString,
@@ -90,6 +95,21 @@ class FineTuneServiceStub:
                 '/sage.finetune.v1.FineTuneService/UploadDataset',
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.UploadDatasetRequest.SerializeToString,
                 response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.UploadDatasetResponse.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/sage.finetune.v1.FineTuneService/ListDatasets',
+                request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.GetDataset = channel.unary_unary(
+                '/sage.finetune.v1.FineTuneService/GetDataset',
+                request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GetDatasetResponse.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/sage.finetune.v1.FineTuneService/DeleteDataset',
+                request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteDatasetResponse.FromString,
                 _registered_method=True)
         self.ListPresets = channel.unary_unary(
                 '/sage.finetune.v1.FineTuneService/ListPresets',
@@ -171,6 +191,13 @@ class FineTuneServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCheckpoints(self, request, context):
+        """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DownloadArtifact(self, request, context):
         """Streams the files of an artifact in chunks with offsets; resumable from an offset.
         """
@@ -192,6 +219,28 @@ class FineTuneServiceServicer:
 
     def UploadDataset(self, request_iterator, context):
         """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """Lists the caller's uploaded datasets, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataset(self, request, context):
+        """Returns one uploaded dataset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Deletes an uploaded dataset: its file, its record and its token cache entries. A dataset that a queued or
+        running job trains on gives FAILED_PRECONDITION naming the job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -254,6 +303,11 @@ def add_FineTuneServiceServicer_to_server(servicer, server):
                     request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportRequest.FromString,
                     response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportResponse.SerializeToString,
             ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
             'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadArtifact,
                     request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactRequest.FromString,
@@ -268,6 +322,21 @@ def add_FineTuneServiceServicer_to_server(servicer, server):
                     servicer.UploadDataset,
                     request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.UploadDatasetRequest.FromString,
                     response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.UploadDatasetResponse.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'GetDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataset,
+                    request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GetDatasetRequest.FromString,
+                    response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GetDatasetResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteDatasetResponse.SerializeToString,
             ),
             'ListPresets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListPresets,
@@ -509,6 +578,33 @@ class FineTuneService:
             _registered_method=True)
 
     @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.finetune.v1.FineTuneService/ListCheckpoints',
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsRequest.SerializeToString,
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DownloadArtifact(request,
             target,
             options=(),
@@ -579,6 +675,87 @@ class FineTuneService:
             '/sage.finetune.v1.FineTuneService/UploadDataset',
             sage_dot_finetune_dot_v1_dot_finetune__pb2.UploadDatasetRequest.SerializeToString,
             sage_dot_finetune_dot_v1_dot_finetune__pb2.UploadDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.finetune.v1.FineTuneService/ListDatasets',
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.ListDatasetsRequest.SerializeToString,
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.finetune.v1.FineTuneService/GetDataset',
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.GetDatasetRequest.SerializeToString,
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.GetDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.finetune.v1.FineTuneService/DeleteDataset',
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteDatasetRequest.SerializeToString,
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

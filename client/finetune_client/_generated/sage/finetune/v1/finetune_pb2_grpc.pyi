@@ -75,6 +75,8 @@ class FineTuneServiceStub:
     """Exports the adapter of a SUCCEEDED job (or one of its checkpoints) as an adapter folder or as merged weights.
     Streams progress and ends with the artifact. Exporting the same thing twice returns the stored artifact.
     """
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.ListCheckpointsRequest, _finetune_pb2.ListCheckpointsResponse]
+    """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step."""
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
     Generate: _grpc.UnaryStreamMultiCallable[_finetune_pb2.GenerateRequest, _finetune_pb2.GenerateResponse]
@@ -87,6 +89,14 @@ class FineTuneServiceStub:
     """
     UploadDataset: _grpc.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]
     """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
+    ListDatasets: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.ListDatasetsRequest, _finetune_pb2.ListDatasetsResponse]
+    """Lists the caller's uploaded datasets, newest first, a page at a time."""
+    GetDataset: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.GetDatasetRequest, _finetune_pb2.GetDatasetResponse]
+    """Returns one uploaded dataset."""
+    DeleteDataset: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.DeleteDatasetRequest, _finetune_pb2.DeleteDatasetResponse]
+    """Deletes an uploaded dataset: its file, its record and its token cache entries. A dataset that a queued or
+    running job trains on gives FAILED_PRECONDITION naming the job.
+    """
     ListPresets: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.ListPresetsRequest, _finetune_pb2.ListPresetsResponse]
     """Lists the training presets and the recommended models."""
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.GetServerInfoRequest, _finetune_pb2.GetServerInfoResponse]
@@ -126,6 +136,8 @@ class FineTuneServiceAsyncStub(FineTuneServiceStub):
     """Exports the adapter of a SUCCEEDED job (or one of its checkpoints) as an adapter folder or as merged weights.
     Streams progress and ends with the artifact. Exporting the same thing twice returns the stored artifact.
     """
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_finetune_pb2.ListCheckpointsRequest, _finetune_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step."""
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
     Generate: _aio.UnaryStreamMultiCallable[_finetune_pb2.GenerateRequest, _finetune_pb2.GenerateResponse]  # type: ignore[assignment]
@@ -138,6 +150,14 @@ class FineTuneServiceAsyncStub(FineTuneServiceStub):
     """
     UploadDataset: _aio.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]  # type: ignore[assignment]
     """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
+    ListDatasets: _aio.UnaryUnaryMultiCallable[_finetune_pb2.ListDatasetsRequest, _finetune_pb2.ListDatasetsResponse]  # type: ignore[assignment]
+    """Lists the caller's uploaded datasets, newest first, a page at a time."""
+    GetDataset: _aio.UnaryUnaryMultiCallable[_finetune_pb2.GetDatasetRequest, _finetune_pb2.GetDatasetResponse]  # type: ignore[assignment]
+    """Returns one uploaded dataset."""
+    DeleteDataset: _aio.UnaryUnaryMultiCallable[_finetune_pb2.DeleteDatasetRequest, _finetune_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
+    """Deletes an uploaded dataset: its file, its record and its token cache entries. A dataset that a queued or
+    running job trains on gives FAILED_PRECONDITION naming the job.
+    """
     ListPresets: _aio.UnaryUnaryMultiCallable[_finetune_pb2.ListPresetsRequest, _finetune_pb2.ListPresetsResponse]  # type: ignore[assignment]
     """Lists the training presets and the recommended models."""
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_finetune_pb2.GetServerInfoRequest, _finetune_pb2.GetServerInfoResponse]  # type: ignore[assignment]
@@ -224,6 +244,14 @@ class FineTuneServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _finetune_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.ListCheckpointsResponse, _abc.Awaitable[_finetune_pb2.ListCheckpointsResponse]]:
+        """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step."""
+
+    @_abc_1.abstractmethod
     def DownloadArtifact(
         self,
         request: _finetune_pb2.DownloadArtifactRequest,
@@ -252,6 +280,32 @@ class FineTuneServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_finetune_pb2.UploadDatasetResponse, _abc.Awaitable[_finetune_pb2.UploadDatasetResponse]]:
         """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
+
+    @_abc_1.abstractmethod
+    def ListDatasets(
+        self,
+        request: _finetune_pb2.ListDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.ListDatasetsResponse, _abc.Awaitable[_finetune_pb2.ListDatasetsResponse]]:
+        """Lists the caller's uploaded datasets, newest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetDataset(
+        self,
+        request: _finetune_pb2.GetDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.GetDatasetResponse, _abc.Awaitable[_finetune_pb2.GetDatasetResponse]]:
+        """Returns one uploaded dataset."""
+
+    @_abc_1.abstractmethod
+    def DeleteDataset(
+        self,
+        request: _finetune_pb2.DeleteDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.DeleteDatasetResponse, _abc.Awaitable[_finetune_pb2.DeleteDatasetResponse]]:
+        """Deletes an uploaded dataset: its file, its record and its token cache entries. A dataset that a queued or
+        running job trains on gives FAILED_PRECONDITION naming the job.
+        """
 
     @_abc_1.abstractmethod
     def ListPresets(
