@@ -106,6 +106,8 @@ class FinetuneServer:
         if self._transport is None or self._stopped.is_set():
             return
         log.info("server.draining", grace_s=self.grace)
+        if self.generation is not None:
+            self.generation.begin_stop()  # answers in progress end now (CANCELLED), not at the end of the grace
         await self._transport.drain()
         if self.generation is not None:
             await self.generation.stop()  # its workers exit (each holds a whole model)

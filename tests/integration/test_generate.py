@@ -1,13 +1,15 @@
 """Generate against a real server and real generation workers on the tiny model: streamed pieces from the base, a
 job's final adapter, one of its checkpoints and an exported artifact, each equal to plain transformers' (and peft's)
 greedy output with the template the adapter was trained with; the worker limit, a cancelled stream freeing its
-worker, the bad requests, and `finetune chat` driven through its stdin.
+worker, an idle worker exiting, a shutdown ending an answer CANCELLED, the bad requests, and `finetune chat` driven
+through its stdin.
 
 One job (6 steps, checkpoints at 3 and 6) is trained once for the module on the session server.
 """
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ import pytest
 from finetune_client import FinetuneServiceError, GrpcFineTuneService
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 
-from .conftest import RunningServer, wait_for_log_event
+from .conftest import RunningServer, start_server, stop_server, wait_for_log_event
 
 QUESTION = [{"role": "user", "content": "What is the secret code of agent 3?"}]
 NEW_TOKENS = 6
@@ -199,3 +201,24 @@ def test_chat_cli_streams_base_and_tuned_answers(server: RunningServer, job: dic
     assert output[base_at:tuned_at].removeprefix("base (tiny-qwen2)> ").startswith(base)
     assert output[tuned_at:].removeprefix(f"tuned ({job['id']})> ").startswith(tuned)
     assert output.count("> ") == 2, "one exchange: /exit ended the chat before the next line"
+
+
+def test_an_idle_worker_exits_and_a_shutdown_ends_an_answer_cancelled(
+    tmp_path: Path, server_roots: tuple[Path, Path]
+) -> None:
+    own = start_server(tmp_path, *server_roots, "--generate-idle", "1")
+    try:
+        with GrpcFineTuneService(own.address, timeout=120) as client:
+            streamed(client, model_name="tiny-qwen2")
+            retired = wait_for_log_event(own, "generate.worker_retired", timeout=30)
+            assert retired["why"] == "idle for 1 s"
+            wait_for_log_event(own, "worker exited", timeout=30, returncode=0)  # its stdin closed: it left by itself
+
+            answer = client.generate(QUESTION, model_name="tiny-qwen2", max_new_tokens=1000)
+            next(answer)
+            own.process.send_signal(signal.SIGTERM)
+            list(answer)  # the rest, until the server says why it ended
+            assert answer.finish is not None and answer.finish.reason == pb.FINISH_REASON_CANCELLED
+            assert answer.finish.completion_tokens < 1000
+    finally:
+        assert stop_server(own) == 0

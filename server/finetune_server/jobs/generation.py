@@ -206,7 +206,7 @@ class GenerateService:
         self._settings = settings
         self._workers: list[_Worker] = []  # alive, at most max_generate_workers
         self._leaving: set[asyncio.Task[Any]] = set()
-        self._numbers = itertools.count()
+        self._closing = False
 
     # --- what answers ----------------------------------------------------------------------------------------------
 
@@ -317,6 +317,10 @@ class GenerateService:
         deadline = loop.time() + FREEING_WAIT_S
         key = spec.key()
         while True:
+            if self._closing:
+                raise FinetuneError(
+                    ErrorKind.UNAVAILABLE, "SHUTTING_DOWN", "the server is shutting down", hint="Retry on another."
+                )
             idle = [w for w in self._workers if not w.busy and not w.ended]
             worker = next((w for w in idle if w.key == key), None)
             if worker is None and len(self._workers) >= self._settings.max_generate_workers and idle:
@@ -406,11 +410,17 @@ class GenerateService:
         self._leaving.add(task)
         task.add_done_callback(self._leaving.discard)
 
-    async def stop(self) -> None:
-        """At shutdown: every worker's stdin is closed (an answer in progress ends CANCELLED), then they exit."""
-        workers, self._workers = list(self._workers), []
-        for worker in workers:
+    def begin_stop(self) -> None:
+        """At shutdown, before the calls drain: no new generation starts, and every worker's stdin is closed, so an
+        answer in progress ends at once with CANCELLED (its caller hears why) and the worker exits."""
+        self._closing = True
+        for worker in self._workers:
             worker.close()
+
+    async def stop(self) -> None:
+        """After the calls drained: every worker has exited (or is killed)."""
+        self.begin_stop()
+        workers, self._workers = list(self._workers), []
         for worker in workers:
             with contextlib.suppress(Exception):
                 await self._reap(worker)
