@@ -6,7 +6,8 @@ time. A request goes to an idle worker that holds its model; else a new worker s
 busy the call is refused at once (RESOURCE_EXHAUSTED, GENERATE_BUSY, with a RetryInfo) rather than queued: a chat
 caller retries in a second or two, and a queue would hold its connection for an unknown time. The one wait is for a
 worker whose caller has just gone: it stops at its next token, so a request waits for it (up to FREEING_WAIT_S).
-A worker idle for `generate_idle_s` has its stdin closed and exits, freeing its memory.
+A worker idle for `generate_idle_s` has its stdin closed and exits, freeing its memory. At shutdown every worker's
+stdin is closed before the calls drain: an answer in progress ends at once with the finish reason `cancelled`.
 
 Workers are apart from the training slots (a busy slot never refuses a chat, and a chat never holds a slot); on a
 GPU host they share the first device with training.
