@@ -9,10 +9,12 @@ One job (6 steps, checkpoints at 3 and 6) is trained once for the module on the 
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,18 @@ def job(service: GrpcFineTuneService, server: RunningServer) -> dict[str, Any]:
     result = service.train(config)
     assert result["success"], result["error"]
     return {"id": result["job_id"], "dir": server.data_dir / "jobs" / result["job_id"]}
+
+
+def log_events(server: RunningServer, event: str) -> list[dict[str, Any]]:
+    lines = server.log_path.read_text().splitlines()
+    return [record for line in lines if line.startswith("{") and (record := json.loads(line)).get("event") == event]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.05)  # polling the server's log: there is no other signal to wait on
 
 
 def streamed(service: GrpcFineTuneService, **target: Any) -> tuple[list[str], pb.GenerateFinish]:
@@ -132,7 +146,11 @@ def test_a_busy_worker_refuses_and_a_cancelled_stream_frees_it(
         list(service.generate(QUESTION, max_new_tokens=2, **base))
     assert busy.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and busy.value.reason == "GENERATE_BUSY"
     assert busy.value.retry_delay is not None and busy.value.retry_delay > 0
+    stopping_before = len(log_events(server, "generate.stopping"))
     long.close()  # the caller goes: the worker stops at its next token and takes the next request
+    # The server hears of the cancel a moment later; a call before that would find the worker busy (and be told to
+    # retry): wait until the server has told the worker to stop.
+    wait_until(lambda: len(log_events(server, "generate.stopping")) > stopping_before)
     pieces, finish = streamed(service, **base)
     assert pieces and finish.reason == pb.FINISH_REASON_MAX_TOKENS
     wait_for_log_event(server, "generate.stopped", finish_reason="cancelled", timeout=30)
