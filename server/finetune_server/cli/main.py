@@ -269,8 +269,8 @@ def validate(
 
     with common.session(remote) as service:
         data = configs.load_config(config, set_ or [])
-        # The bar goes to stderr with --json, so stdout stays one JSON document.
-        bar = common.console(stderr=json_output)
+        # The bar is on stderr: stdout holds only the report (one JSON document with --json).
+        bar = common.console(stderr=True)
         result = transfer.validate_with_progress(service, data, target_device=target_device, console=bar)
     if json_output:
         common.print_json(result.to_dict())
