@@ -21,7 +21,7 @@ from finetune_server.observability.metrics import ServiceMetrics, store_state_co
 from finetune_server.settings import ServerSettings
 from finetune_server.storage.dataset_uploads import remove_stale_uploads
 from finetune_server.storage.job_store import SqliteJobStore
-from finetune_server.workers.executor import Executor, LocalSubprocessExecutor
+from finetune_server.workers.executor import Executor, open_executor
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +40,7 @@ class FinetuneServer:
         self.settings = settings
         self.metrics: ServiceMetrics | None = None
         self.metrics_port: int | None = None  # the bound /metrics port once started, when settings ask for one
-        self._executor = executor or LocalSubprocessExecutor()
+        self._executor = executor  # None: the one the settings name, opened at start
         self.store: SqliteJobStore | None = None
         self.jobs: JobService | None = None
         self.host = host
@@ -52,6 +52,8 @@ class FinetuneServer:
 
     async def start(self) -> int:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._executor is None:  # before the port is bound: a cluster that cannot run jobs stops the start
+            self._executor = await open_executor(self.settings)
         remove_stale_uploads(self.settings)
         self.store = SqliteJobStore(self.settings.layout.store)
         self.metrics = ServiceMetrics(store_state_counts(self.store))

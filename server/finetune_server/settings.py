@@ -13,6 +13,19 @@ DEFAULT_MAX_UPLOAD_BYTES = 1 << 30  # 1 GiB
 DEFAULT_TOKEN_CACHE_MAX_BYTES = 50 << 30  # 50 GiB: least recently used token cache entries beyond it are removed
 
 
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where `--executor ray` sends jobs and what each attempt's actor asks for."""
+
+    address: str = "auto"  # "auto" (the local cluster, or RAY_ADDRESS) or host:port of the head's GCS
+    namespace: str = "sage-finetune"  # the job actors' names are unique within it
+    gpus_per_job: int = 0
+    cpus_per_job: float = 1.0
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -45,6 +58,8 @@ class ServerSettings:
     metrics_port: int | None = None  # None: no Prometheus endpoint
     worker_threads: int = 0  # torch/OpenMP threads per worker; 0: see cpu_policy.worker_threads
     worker_cpus: list[int] = field(default_factory=list)  # CPUs workers are pinned to; empty: the server's own
+    executor: str = "local"  # one of EXECUTORS: worker subprocesses on this host, or actors on a Ray cluster
+    ray: RaySettings = field(default_factory=RaySettings)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -54,6 +69,8 @@ class ServerSettings:
         self.hf_endpoint = self.hf_endpoint or os.environ.get("HF_ENDPOINT", "")
         self.worker_cpus = sorted(set(self.worker_cpus))
         check_cpus(self.worker_cpus)
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r}; known: {', '.join(EXECUTORS)}")
 
     @property
     def threads_per_worker(self) -> int:

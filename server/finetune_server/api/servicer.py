@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -30,7 +29,6 @@ from finetune_server.storage.dataset_uploads import store_upload
 from finetune_server.storage.job_store import JobStore
 from finetune_server.storage.records import ArtifactRecord, JobRecord, JobState
 from finetune_server.training import presets
-from finetune_server.training.validation import validate
 
 
 class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
@@ -58,8 +56,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         self, request: pb.ValidateConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ValidateConfigResponse:
         config = config_from_proto(request.config)
-        # Reading the dataset and tokenizing it is CPU work: keep it off the event loop.
-        report = await asyncio.to_thread(validate, config, self._settings, target_device=request.target_device)
+        report = await self._jobs.validate(config, request.target_device)
         response = report_to_proto(report)
         if not report.valid:
             error = report.rejection()

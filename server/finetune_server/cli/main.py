@@ -22,7 +22,12 @@ import typer
 
 from finetune_server.cli.options import ConfigArgument, JobArgument, JsonOption, Remote, SetOption, connects
 from finetune_server.host.cpu_policy import parse_cpu_list
-from finetune_server.settings import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_TOKEN_CACHE_MAX_BYTES, ServerSettings
+from finetune_server.settings import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_TOKEN_CACHE_MAX_BYTES,
+    RaySettings,
+    ServerSettings,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -40,6 +45,11 @@ class JobStateName(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+
+
+class ExecutorName(StrEnum):
+    local = "local"
+    ray = "ray"
 
 
 class ExportFormatName(StrEnum):
@@ -66,6 +76,12 @@ KeepaliveTimeoutOption = Annotated[
 MinPingIntervalOption = Annotated[
     float, typer.Option(min=0.001, help="Shortest interval at which clients may ping; faster ones get GOAWAY.")
 ]
+RayAddressOption = Annotated[
+    str, typer.Option(help="With --executor ray: the cluster's head, host:port, or auto (RAY_ADDRESS, or this host's).")
+]
+RayNamespaceOption = Annotated[str, typer.Option(help="With --executor ray: the namespace of the job actors.")]
+RayGpusOption = Annotated[int, typer.Option(min=0, help="With --executor ray: GPUs each job's actor asks for.")]
+RayCpusOption = Annotated[float, typer.Option(min=0.01, help="With --executor ray: CPUs each job's actor asks for.")]
 
 
 @app.command()
@@ -121,6 +137,13 @@ def serve(
     keepalive_time: KeepaliveTimeOption = ServerSettings.keepalive_time_s,
     keepalive_timeout: KeepaliveTimeoutOption = ServerSettings.keepalive_timeout_s,
     keepalive_min_ping_interval: MinPingIntervalOption = ServerSettings.keepalive_min_ping_interval_s,
+    executor: Annotated[
+        ExecutorName, typer.Option(help="Where jobs run: worker subprocesses here, or actors on a Ray cluster.")
+    ] = ExecutorName.local,
+    ray_address: RayAddressOption = RaySettings.address,
+    ray_namespace: RayNamespaceOption = RaySettings.namespace,
+    ray_gpus_per_job: RayGpusOption = RaySettings.gpus_per_job,
+    ray_cpus_per_job: RayCpusOption = RaySettings.cpus_per_job,
     grace: Annotated[float, typer.Option(help="Seconds in-flight calls get on SIGTERM/SIGINT.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -151,15 +174,23 @@ def serve(
             metrics_port=metrics_port,
             worker_threads=worker_threads,
             worker_cpus=pinned,
+            executor=executor.value,
+            ray=RaySettings(ray_address, ray_namespace, ray_gpus_per_job, ray_cpus_per_job),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from None
     if settings.hf_cache_dir is not None:  # workers inherit it: they reopen hub datasets from this cache
         os.environ["HF_HUB_CACHE"] = str(Path(settings.hf_cache_dir).expanduser().resolve())
     from finetune_server.app import serve as run_server
+    from finetune_server.workers.executor import ExecutorUnavailableError
 
     announced = {"on_bound": _announce("listening on"), "on_metrics_bound": _announce("metrics on")}
-    asyncio.run(run_server(settings, host, port, grace, **announced))
+    try:
+        asyncio.run(run_server(settings, host, port, grace, **announced))
+    except ExecutorUnavailableError as exc:  # e.g. a Ray cluster that cannot be reached, or cannot see the data dir
+        from finetune_server.cli import common
+
+        common.fail(str(exc), common.EXIT_USAGE)
 
 
 def _prepare_server_process(log_level: str) -> None:

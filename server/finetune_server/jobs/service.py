@@ -31,7 +31,7 @@ from finetune_server.storage.records import EventKind, JobEventRecord, JobRecord
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.dataset_source import training_refs
 from finetune_server.training.engine.errors import out_of_memory_hint
-from finetune_server.training.validation import validate
+from finetune_server.training.validation import ValidationReport, validate
 from finetune_server.workers.executor import Executor
 from finetune_server.workers.protocol import Cancelled, Error, Event, Message, Result, Started
 from finetune_server.workers.supervisor import WorkerExit
@@ -151,7 +151,7 @@ class JobService:
             existing = await self._db(self._store.find_by_request_id, request_id, owner)
             if existing is not None:
                 return _same_request(existing, digest), False
-        report = await asyncio.to_thread(validate, config, self._settings)
+        report = await self.validate(config)
         if not report.valid:
             raise report.rejection()
         estimate = report.memory_estimate
@@ -182,6 +182,16 @@ class JobService:
         log.info("job.queued", job_id=job.id, model=config.model_name)
         self._wake.set()
         return job, created
+
+    async def validate(self, config: TrainingConfig, target_device: str = "") -> ValidationReport:
+        """What ValidateConfig answers and Train checks: the config's own checks, then whether the executor could
+        place a job at all. Off the event loop: it reads and tokenizes the dataset."""
+
+        def checked() -> ValidationReport:
+            problem = self._executor.placement_problem() or ""
+            return validate(config, self._settings, target_device=target_device, placement_problem=problem)
+
+        return await asyncio.to_thread(checked)
 
     async def get(self, job_id: str) -> JobRecord:
         try:
@@ -352,7 +362,7 @@ class JobService:
             )
             return True
         # No final word: the worker died. Retry from the newest checkpoint while attempts remain.
-        how = f"signal {outcome.signal.name}" if outcome.signal else f"exit code {outcome.returncode}"
+        how = outcome.how
         if outcome.oom_killed:
             await self._fail(
                 job.id,
