@@ -131,7 +131,12 @@ def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> 
     checkpoints = list_checkpoints(output_dir)
     resumed_from = checkpoints[-1][0] if checkpoints else None
     channel.send(Started(resumed_from_step=resumed_from, pid=os.getpid()))
-    log.info("worker started", resumed_from_step=resumed_from, pid=os.getpid())
+    log.info(
+        "worker started",
+        resumed_from_step=resumed_from,
+        pid=os.getpid(),
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),  # set by its executor: a slot, or Ray's GPUs
+    )
     if stop.is_set():  # cancelled (or orphaned) while importing: do not load the model at all
         channel.send(Cancelled(step=resumed_from or 0))
         return EXIT_OK
