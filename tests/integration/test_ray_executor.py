@@ -4,6 +4,7 @@ unreachable head and a data dir the cluster cannot see each behave as they shoul
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -13,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 import ray
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 from finetune_server.storage import layout
+from finetune_server.workers.protocol import ORPHAN_EXIT_S
 
 from .conftest import RunningServer, start_server, stop_server
 from .ray_cluster import RayHead, start_head, start_worker_node
@@ -75,6 +78,13 @@ def wait_until_gone(job_id: str) -> None:
     while not actor_gone(job_id):
         assert time.monotonic() < deadline, f"the actor of {job_id} is still there"
         time.sleep(0.2)  # polling the cluster's actor table, under a deadline
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def until(stream: Any, kind: str, contains: str = "") -> pb.JobEvent:
@@ -192,6 +202,31 @@ def test_a_job_needing_more_gpus_than_any_node_has_cannot_fit(
     finally:
         channel.close()
         stop_server(running)
+
+
+def test_a_dead_server_takes_its_actors_and_their_workers_with_it(
+    tmp_path: Path, server_roots: tuple[Path, Path], ray_head: RayHead, tiny_model_dir: Path
+) -> None:
+    running = ray_server(tmp_path, server_roots, ray_head)
+    channel, stub = running.stub()
+    try:
+        stream = stub.Train(pb.TrainRequest(config=job_config(tiny_model_dir.name, max_steps=100000, save_steps=0)))
+        job = next(stream).job
+        until(stream, "progress")
+        running.process.kill()  # kill -9: nothing of the server gets to clean up
+        running.process.wait(timeout=30)
+    finally:
+        channel.close()
+    wait_until_gone(job.id)  # the actor was owned by the server's Ray driver
+    worker = next(
+        json.loads(line)
+        for line in (running.data_dir / "jobs" / job.id / layout.WORKER_LOG_FILE).read_text().splitlines()
+        if '"worker started"' in line
+    )
+    deadline = time.monotonic() + ORPHAN_EXIT_S + GONE_TIMEOUT_S
+    while alive(worker["pid"]):
+        assert time.monotonic() < deadline, "the worker of a dead server's actor is still running"
+        time.sleep(0.2)  # polling the process table, under a deadline
 
 
 def serve_fails(tmp: Path, roots: tuple[Path, Path], *flags: str) -> subprocess.CompletedProcess[str]:
