@@ -158,17 +158,18 @@ class RayExecutor:
         self, spec: WorkerSpec, *, on_message: OnMessage, cancel: asyncio.Event, log_path: Path
     ) -> WorkerExit:
         bound = log.bind(job_id=spec.job_id)
-        actor = await self._create(spec.job_id, on_message, cancel, bound)
-        if actor is None:
-            return _lost(None, log_path, "the job was cancelled before its Ray actor started")
+        try:
+            actor = await self._create(spec.job_id, on_message, cancel, bound)
+        except _NotStarted as why:
+            return _lost(None, log_path, str(why))
         try:
             node = await self._placed(actor, on_message, cancel)
-            if node is None:
-                return _lost(None, log_path, "the job was cancelled while it waited for the Ray cluster")
             resources = f"{_amount(self._options.gpus_per_job, 'GPU')}, {_amount(self._options.cpus_per_job, 'CPU')}"
             await on_message(_log_event("INFO", f"the attempt runs on the Ray node {node} ({resources})"))
             bound.info("ray.attempt_started", node=node)
             return await self._relay(actor, self._on_node(spec), on_message, cancel, log_path, bound)
+        except _NotStarted as why:
+            return _lost(None, log_path, str(why))
         finally:
             ray.kill(actor, no_restart=True)  # frees its name and resources now, not when its handle is collected
 
@@ -194,7 +195,7 @@ class RayExecutor:
                 return await asyncio.to_thread(lambda: _Attempt.options(**options).remote())  # type: ignore[attr-defined]
             except ValueError:  # the name is taken
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"an earlier attempt of {job_id} still holds its Ray actor") from None
+                    raise _NotStarted(f"an earlier attempt's Ray actor still held the name {job_id}") from None
                 if not told:
                     told = True
                     bound.info("ray.waiting_for_previous_attempt")
@@ -202,10 +203,10 @@ class RayExecutor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(cancel.wait(), 0.5)
             if cancel.is_set():
-                return None
+                raise _NotStarted("the job was cancelled before its Ray actor started")
 
-    async def _placed(self, actor: Any, on_message: OnMessage, cancel: asyncio.Event) -> str | None:
-        """The node the actor started on, once the cluster placed it; None if cancelled before."""
+    async def _placed(self, actor: Any, on_message: OnMessage, cancel: asyncio.Event) -> str:
+        """The node the actor started on, once the cluster placed it; _NotStarted if cancelled or lost before."""
         ready: asyncio.Future[str] = asyncio.ensure_future(actor.node.remote())
         cancelled: asyncio.Future[Any] = asyncio.ensure_future(cancel.wait())
         try:
@@ -214,7 +215,12 @@ class RayExecutor:
             if not done:
                 await on_message(_log_event("INFO", self._waiting_message()))
                 done, _ = await asyncio.wait({ready, cancelled}, return_when=first)
-            return ready.result() if ready in done else None
+            if ready not in done:
+                raise _NotStarted("the job was cancelled while it waited for the Ray cluster")
+            try:
+                return ready.result()
+            except RayError as exc:  # e.g. its node died, or its worker process could not start
+                raise _NotStarted(_death_cause(exc)) from None
         finally:
             cancelled.cancel()
             if not ready.done():
@@ -276,6 +282,10 @@ class RayExecutor:
         if not done:
             bound.warning("ray.killing_actor", waited_s=wait_s)
             ray.kill(actor, no_restart=True)
+
+
+class _NotStarted(Exception):  # noqa: N818 - an outcome: the attempt ended before its worker started
+    """The attempt ends before its worker started; the message says why."""
 
 
 def _lost(started: Started | None, log_path: Path, cause: str) -> WorkerExit:
