@@ -22,8 +22,9 @@ class RaySettings:
 
     address: str = "auto"  # "auto" (the local cluster, or RAY_ADDRESS) or host:port of the head's GCS
     namespace: str = "sage-finetune"  # the job actors' names are unique within it
-    gpus_per_job: int = 0
-    cpus_per_job: float = 1.0
+    gpus_per_job: int = 0  # per Ray Train worker when workers_per_job > 1
+    cpus_per_job: float = 1.0  # likewise
+    workers_per_job: int = 1  # > 1: one DDP attempt over that many Ray Train workers, on any nodes
 
 
 def _env_flag(name: str) -> bool:

@@ -23,6 +23,8 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_
 from finetune_server.storage import layout
 from finetune_server.workers.protocol import ORPHAN_EXIT_S
 
+from ..unit.test_ddp import COMMON as DDP_COMMON
+from ..unit.test_ddp import _facts as facts
 from .conftest import RunningServer, start_server, stop_server
 from .ray_cluster import RayHead, start_head, start_worker_node
 from .test_jobs import assert_gap_free, job_config, log_lines, states_of, train_to_end
@@ -227,6 +229,39 @@ def test_a_dead_server_takes_its_actors_and_their_workers_with_it(
     while alive(worker["pid"]):
         assert time.monotonic() < deadline, "the worker of a dead server's actor is still running"
         time.sleep(0.2)  # polling the process table, under a deadline
+
+
+def test_two_ray_train_workers_follow_one_process_with_double_accumulation(
+    tmp_path: Path, server_roots: tuple[Path, Path], ray_head: RayHead, server: RunningServer, tiny_model_dir: Path
+) -> None:
+    """The trajectory check of tests/unit/test_ddp.py, through servers: 2 Ray Train workers over gloo vs 1 local
+    worker accumulating 2 micro-batches, the same data and tolerance."""
+    facts(server_roots[1] / "ddp-facts.jsonl")
+    fields = {**DDP_COMMON, "dataset": "ddp-facts.jsonl"}
+    running = ray_server(tmp_path, server_roots, ray_head, "--ray-workers-per-job", "2")
+    channel, stub = running.stub()
+    try:
+        job, two = train_to_end(stub, job_config(tiny_model_dir.name, **fields, gradient_accumulation_steps=1))
+    finally:
+        channel.close()
+        stop_server(running)
+    local_channel, local_stub = server.stub()
+    try:
+        _, one = train_to_end(local_stub, job_config(tiny_model_dir.name, **fields, gradient_accumulation_steps=2))
+    finally:
+        local_channel.close()
+    assert states_of(two)[-1] == pb.JOB_STATE_SUCCEEDED, log_lines(two)
+    assert any(line.startswith("the attempt runs on 2 Ray Train workers") for line in log_lines(two))
+    progress = [[e.progress for e in run if e.WhichOneof("kind") == "progress"] for run in (one, two)]
+    assert [p.step for p in progress[1]] == [1, 2, 3, 4]
+    for a, b in zip(*progress, strict=True):
+        assert a.step == b.step and a.tokens_seen == b.tokens_seen
+        assert b.loss == pytest.approx(a.loss, rel=1e-5)
+    evals = [[e.eval for e in run if e.WhichOneof("kind") == "eval"] for run in (one, two)]
+    assert [e.step for e in evals[1]] == [2, 4]
+    for a, b in zip(*evals, strict=True):
+        assert b.eval_loss == pytest.approx(a.eval_loss, rel=1e-5)
+    wait_until_gone(job.id)
 
 
 def serve_fails(tmp: Path, roots: tuple[Path, Path], *flags: str) -> subprocess.CompletedProcess[str]:

@@ -82,6 +82,13 @@ RayAddressOption = Annotated[
 RayNamespaceOption = Annotated[str, typer.Option(help="With --executor ray: the namespace of the job actors.")]
 RayGpusOption = Annotated[int, typer.Option(min=0, help="With --executor ray: GPUs each job's actor asks for.")]
 RayCpusOption = Annotated[float, typer.Option(min=0.01, help="With --executor ray: CPUs each job's actor asks for.")]
+RayWorkersOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="With --executor ray: Ray Train workers per job (DDP; each asks for the GPUs and CPUs above).",
+    ),
+]
 
 
 @app.command()
@@ -144,6 +151,7 @@ def serve(
     ray_namespace: RayNamespaceOption = RaySettings.namespace,
     ray_gpus_per_job: RayGpusOption = RaySettings.gpus_per_job,
     ray_cpus_per_job: RayCpusOption = RaySettings.cpus_per_job,
+    ray_workers_per_job: RayWorkersOption = RaySettings.workers_per_job,
     grace: Annotated[float, typer.Option(help="Seconds in-flight calls get on SIGTERM/SIGINT.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -175,7 +183,7 @@ def serve(
             worker_threads=worker_threads,
             worker_cpus=pinned,
             executor=executor.value,
-            ray=RaySettings(ray_address, ray_namespace, ray_gpus_per_job, ray_cpus_per_job),
+            ray=RaySettings(ray_address, ray_namespace, ray_gpus_per_job, ray_cpus_per_job, ray_workers_per_job),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from None

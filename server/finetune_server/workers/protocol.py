@@ -64,7 +64,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar, Self
+from typing import IO, Any, ClassVar, Protocol, Self
 
 from finetune_server.errors import ErrorKind, FinetuneError
 
@@ -278,6 +278,12 @@ class Spec:
 
 
 # --- the worker's side -----------------------------------------------------------------------------------------------
+
+
+class MessageSink(Protocol):
+    """Where a worker's messages go: the events pipe (`Channel`), or a cluster executor's queue."""
+
+    def send(self, message: Message) -> None: ...
 
 
 class Channel:

@@ -73,6 +73,20 @@ class _Attempt:
     async def cancel(self) -> None:
         self._cancel.set()
 
+    async def stopping(self) -> bool:
+        """Whether the attempt is being cancelled (the ranks of a multi-worker attempt poll it)."""
+        return self._cancel.is_set()
+
+    async def run_ddp(
+        self, spec: WorkerSpec, log_path: str, options: RaySettings
+    ) -> AsyncIterator[Message | WorkerExit]:
+        """Like `run`, over `options.workers_per_job` Ray Train workers (see `ray_train`)."""
+        from finetune_server.workers.ray_train import ddp_attempt
+
+        me = ray.get_runtime_context().current_actor
+        async for item in ddp_attempt(me, spec, log_path, options):
+            yield item
+
     async def run(
         self, spec: WorkerSpec, log_path: str, cancel_grace_s: float, term_grace_s: float
     ) -> AsyncIterator[Message | WorkerExit]:
@@ -165,7 +179,13 @@ class RayExecutor:
         try:
             node = await self._placed(actor, on_message, cancel)
             resources = f"{_amount(self._options.gpus_per_job, 'GPU')}, {_amount(self._options.cpus_per_job, 'CPU')}"
-            await on_message(_log_event("INFO", f"the attempt runs on the Ray node {node} ({resources})"))
+            workers = self._options.workers_per_job
+            where = (
+                f"{workers} Ray Train workers ({resources} each), led from the Ray node {node}"
+                if workers > 1
+                else f"the Ray node {node} ({resources})"
+            )
+            await on_message(_log_event("INFO", f"the attempt runs on {where}"))
             bound.info("ray.attempt_started", node=node)
             return await self._relay(actor, self._on_node(spec), on_message, cancel, log_path, bound)
         except _NotStarted as why:
@@ -182,11 +202,12 @@ class RayExecutor:
 
     async def _create(self, job_id: str, on_message: OnMessage, cancel: asyncio.Event, bound: Any) -> Any:
         """The attempt's actor; while an earlier attempt's actor still holds the name, wait (bounded) for it."""
+        ddp = self._options.workers_per_job > 1  # the actor only relays: its Ray Train workers hold the resources
         options = {
             "name": job_id,
             "namespace": self._options.namespace,
-            "num_gpus": self._options.gpus_per_job,
-            "num_cpus": self._options.cpus_per_job,
+            "num_gpus": 0 if ddp else self._options.gpus_per_job,
+            "num_cpus": 0 if ddp else self._options.cpus_per_job,
         }
         deadline = time.monotonic() + NAME_WAIT_S
         told = False
@@ -246,9 +267,12 @@ class RayExecutor:
         started: list[Started] = []
 
         async def consume() -> WorkerExit:
-            stream = actor.run.options(num_returns="streaming").remote(
-                spec, str(log_path), self._cancel_grace_s, self._term_grace_s
-            )
+            if self._options.workers_per_job > 1:
+                stream = actor.run_ddp.options(num_returns="streaming").remote(spec, str(log_path), self._options)
+            else:
+                stream = actor.run.options(num_returns="streaming").remote(
+                    spec, str(log_path), self._cancel_grace_s, self._term_grace_s
+                )
             async for ref in stream:
                 item = await ref
                 if isinstance(item, WorkerExit):
