@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,12 @@ class RayHead(RayNode):
     temp_dir: Path = Path()
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def _ray_command() -> list[str]:
     return [str(Path(sys.executable).with_name("ray")), "start", "--block", "--disable-usage-stats"]
 
@@ -62,6 +69,8 @@ def start_head(num_cpus: int) -> RayHead:
     command = [
         *_ray_command(), "--head", "--port=0", f"--num-cpus={num_cpus}", "--num-gpus=0",
         "--include-dashboard=false", f"--temp-dir={temp_dir}", f"--object-store-memory={OBJECT_STORE_BYTES}",
+        # Ports that default to fixed numbers: free ones, so that another cluster on this host does not collide.
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
     ]  # fmt: skip
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=log, env=_env(), start_new_session=True)
@@ -85,6 +94,7 @@ def start_worker_node(head: RayHead, num_cpus: int, *, wrapper: list[str] | None
     before = sum(1 for node in ray.nodes() if node["Alive"])
     command = [*(wrapper or []), *_ray_command(), f"--address={head.address}", f"--num-cpus={num_cpus}"]
     command += ["--num-gpus=0", f"--object-store-memory={OBJECT_STORE_BYTES}"]
+    command += [f"--dashboard-agent-listen-port={free_port()}"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=log, env=_env(), start_new_session=True)
     node = RayNode(process, log_path)

@@ -252,6 +252,9 @@ def test_two_ray_train_workers_follow_one_process_with_double_accumulation(
         local_channel.close()
     assert states_of(two)[-1] == pb.JOB_STATE_SUCCEEDED, log_lines(two)
     assert any(line.startswith("the attempt runs on 2 Ray Train workers") for line in log_lines(two))
+    worker_log = (running.data_dir / "jobs" / job.id / layout.WORKER_LOG_FILE).read_text().splitlines()
+    started = [json.loads(line)["rank"] for line in worker_log if '"worker started"' in line]
+    assert sorted(started) == [0, 1], "both ranks log into the job's worker log, each line once"
     progress = [[e.progress for e in run if e.WhichOneof("kind") == "progress"] for run in (one, two)]
     assert [p.step for p in progress[1]] == [1, 2, 3, 4]
     for a, b in zip(*progress, strict=True):

@@ -8,7 +8,9 @@ driver: a server that dies takes its actors with it, and a worker whose actor di
 
 Cancel: the actor's worker gets the local escalation (a "cancel" line, SIGTERM, SIGKILL); an actor still there after
 those graces is killed. An actor or node that dies is a crash (no final word), so the job resumes from its newest
-checkpoint within the usual retry limit. Only this module imports ray, and only `--executor ray` imports it.
+checkpoint within the usual retry limit. With `workers_per_job` > 1 the actor only relays: the attempt runs over Ray
+Train workers that hold the resources (`ray_train.py`). Only these two modules import ray, and only `--executor ray`
+imports them.
 """
 
 from __future__ import annotations
@@ -152,14 +154,17 @@ class RayExecutor:
         return executor
 
     def placement_problem(self) -> str | None:
-        gpus, cpus = self._options.gpus_per_job, self._options.cpus_per_job
+        gpus, cpus, workers = self._options.gpus_per_job, self._options.cpus_per_job, self._options.workers_per_job
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-        if any(node.get("GPU", 0) >= gpus and node.get("CPU", 0) >= cpus for node in nodes):
+        room = sum(min(_times(node.get("GPU", 0), gpus), _times(node.get("CPU", 0), cpus)) for node in nodes)
+        if room >= workers:
             return None
+        asks = f"{_amount(gpus, 'GPU')} and {_amount(cpus, 'CPU')} on one node (--ray-gpus-per-job, --ray-cpus-per-job)"
+        if room > 0:  # each worker fits somewhere, not all of them at once
+            return f"a job asks for {workers} Ray Train workers of {asks}; this Ray cluster has room for {room}"
         largest: dict[str, float] = max(nodes, key=lambda node: (node.get("GPU", 0), node.get("CPU", 0)), default={})
         return (
-            f"a job asks for {_amount(gpus, 'GPU')} and {_amount(cpus, 'CPU')} on one node (--ray-gpus-per-job,"
-            f" --ray-cpus-per-job) and no node of this Ray cluster has that much; the largest has"
+            f"a job asks for {asks} and no node of this Ray cluster has that much; the largest has"
             f" {_amount(largest.get('GPU', 0), 'GPU')} and {_amount(largest.get('CPU', 0), 'CPU')}"
         )
 
@@ -334,6 +339,11 @@ def _death_cause(exc: RayError) -> str:
 
 def _log_event(level: str, message: str) -> Event:
     return Event(kind="log", data={"level": level, "message": message})
+
+
+def _times(have: float, need: float) -> int:
+    """How many `need` fit in `have` (any number of nothing: capped, it only has to reach a worker count)."""
+    return 1 << 20 if need <= 0 else int(have // need)
 
 
 def _amount(value: float, unit: str) -> str:

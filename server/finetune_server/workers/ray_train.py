@@ -87,6 +87,8 @@ async def ddp_attempt(
     attempt: Any, spec: WorkerSpec, log_path: str, options: RaySettings
 ) -> AsyncIterator[Message | WorkerExit]:
     """Rank 0's messages as they come, then the attempt's WorkerExit (pid 0: no single process ran it)."""
+    # Ray Train would also copy every print (structlog's lines) into its own log, doubling each line in the job's log.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # set here, it reaches every rank
     queue = Queue(actor_options={"num_cpus": 0})
     use_gpu = options.gpus_per_job > 0
     per_worker: dict[str, float] = {"CPU": options.cpus_per_job}
