@@ -5,6 +5,7 @@ unreachable head and a data dir the cluster cannot see each behave as they shoul
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def ray_head() -> Iterator[RayHead]:
     finally:
         ray.shutdown()
         head.stop()
+        shutil.rmtree(head.temp_dir, ignore_errors=True)  # its sockets, session files and logs
 
 
 def ray_server(tmp: Path, roots: tuple[Path, Path], head: RayHead, *extra: str) -> RunningServer:
