@@ -86,10 +86,11 @@ class ValidationReport:
         first = self.violations[0]
         more = f" (and {len(self.violations) - 1} more)" if len(self.violations) > 1 else ""
         line = f" line {first.line}:" if first.line else ""
+        where = f" {first.field}:" if first.field else ""  # no field: the config as a whole
         return FinetuneError(
             self.error_kind or ErrorKind.INVALID_ARGUMENT,
             "INVALID_CONFIG",
-            f"the training config is not valid: {first.field}:{line} {first.message}{more}",
+            f"the training config is not valid:{where}{line} {first.message}{more}",
             violations=self.violations,
         )
 
@@ -466,11 +467,20 @@ def _device_capacities(target_device: str) -> list[tuple[str, int]]:
 
 
 def validate(
-    config: TrainingConfig, settings: ServerSettings, *, target_device: str = "", hooks: CheckHooks | None = None
+    config: TrainingConfig,
+    settings: ServerSettings,
+    *,
+    target_device: str = "",
+    placement_problem: str = "",
+    hooks: CheckHooks | None = None,
 ) -> ValidationReport:
-    """The whole report on a config. `hooks` lets a caller follow the dataset checks and stop them (CheckStopped)."""
+    """Everything Train checks before accepting a job. `placement_problem`: why the executor could place no job now
+    (e.g. no Ray node has the GPUs a job asks for), a FAILED_PRECONDITION of the whole config. `hooks` lets a caller
+    follow the dataset checks and stop them (CheckStopped)."""
     hooks = hooks or CheckHooks()
     out = _Collector()
+    if placement_problem:
+        out.violation("", "DOES_NOT_FIT_CLUSTER", placement_problem, ErrorKind.FAILED_PRECONDITION)
     preset_values: dict[str, Any] = {}
     if config.preset:
         try:

@@ -1,9 +1,9 @@
 """The executor: the seam between the scheduler and whatever runs a job.
 
 `LocalSubprocessExecutor` runs each job attempt in a worker subprocess on this host (`supervisor.run_worker`, on the
-host-local plumbing of `process.py`). A later executor can hand jobs to a cluster engine (Ray: one task per job with
-its GPU resources) behind the same `Executor` protocol and reuse the worker entry points and `protocol.py`; the
-scheduler only sees `run(...) -> WorkerExit`, `stop_leftover(...)` and the protocol's typed messages.
+host-local plumbing of `process.py`). `ray_executor.RayExecutor` runs each attempt in an actor on a Ray cluster, which
+runs that same worker on its node. The scheduler only sees `run(...) -> WorkerExit`, `stop_leftover(...)`,
+`placement_problem()` and the protocol's typed messages; `open_executor` is the one place that picks one.
 """
 
 from __future__ import annotations
@@ -15,11 +15,17 @@ from pathlib import Path
 from typing import Protocol
 
 from finetune_server.host.devices import detect_devices
+from finetune_server.settings import ServerSettings
 from finetune_server.storage.layout import JobDir
 from finetune_server.workers.process import kill_process_group
 from finetune_server.workers.protocol import Message, Started
 from finetune_server.workers.supervisor import OnMessage, WorkerExit, run_worker
 from finetune_server.workers.train import WorkerSpec
+
+
+class ExecutorUnavailableError(Exception):
+    """The executor cannot run jobs at all (its cluster is unreachable, or cannot see the data dir): the server
+    must not start. The message is one line that says what is wrong."""
 
 
 class Executor(Protocol):
@@ -32,6 +38,19 @@ class Executor(Protocol):
     async def stop_leftover(self, job_dir: Path) -> None:
         """A server that crashed may have left this job's worker running: make sure it stops before a new attempt."""
         ...
+
+    def placement_problem(self) -> str | None:
+        """Why no job could be placed now (it asks for more than any machine has), or None. May block briefly."""
+        ...
+
+
+async def open_executor(settings: ServerSettings) -> Executor:
+    """The executor the settings name, connected and checked; ExecutorUnavailableError when it cannot run jobs."""
+    if settings.executor == "ray":
+        from finetune_server.workers.ray_executor import RayExecutor  # ray is imported only here
+
+        return await RayExecutor.connect(settings)
+    return LocalSubprocessExecutor()
 
 
 class LocalSubprocessExecutor:
@@ -73,6 +92,9 @@ class LocalSubprocessExecutor:
         if pid_file.is_file():
             kill_process_group(int(pid_file.read_text().strip() or 0))
             pid_file.unlink(missing_ok=True)
+
+    def placement_problem(self) -> str | None:
+        return None  # the slots are this host's
 
     @staticmethod
     async def _place(spec: WorkerSpec) -> WorkerSpec:

@@ -68,6 +68,14 @@ class WorkerExit:
     log_tail: list[str] = field(default_factory=list)
     oom_killed: bool = False
     started: Started | None = None  # the "started" message, if the worker got that far
+    cause: str = ""  # how it ended when no exit status tells (a cluster executor lost it with its actor)
+
+    @property
+    def how(self) -> str:
+        """How it ended, for a message: its cause, else the signal that killed it, else its exit code."""
+        if self.cause:
+            return self.cause
+        return f"signal {self.signal.name}" if self.signal else f"exit code {self.returncode}"
 
     @property
     def crashed(self) -> bool:
