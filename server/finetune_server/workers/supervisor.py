@@ -28,6 +28,7 @@ from finetune_server.storage.layout import JobDir
 from finetune_server.workers import export as export_worker
 from finetune_server.workers import train as train_worker
 from finetune_server.workers.export import ExportSpec
+from finetune_server.workers.gpu_slots import CUDA_VISIBLE_DEVICES
 from finetune_server.workers.process import (
     MessagePipe,
     cgroup_oom_kills,
@@ -244,10 +245,11 @@ def spec_path_for(spec: WorkerSpec) -> Path:
 
 
 def worker_env(spec: WorkerSpec, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The training worker's environment: `env` (default: ours), its GPU slot as CUDA_VISIBLE_DEVICES, unbuffered."""
+    """The training worker's environment: `env` (default: ours), its slot's GPU as CUDA_VISIBLE_DEVICES (which the
+    executor derived from the server's own list, `gpu_slots`), unbuffered."""
     out = _unbuffered_env(env)
-    if spec.gpu_slot is not None:
-        out["CUDA_VISIBLE_DEVICES"] = str(spec.gpu_slot)
+    if spec.cuda_visible_devices is not None:
+        out[CUDA_VISIBLE_DEVICES] = spec.cuda_visible_devices
     return out
 
 

@@ -62,9 +62,19 @@ def dist_info() -> DistInfo:
 
 
 def pick_device(device: torch.device | str | None, dist: DistInfo) -> torch.device:
-    """The caller's device, else this rank's GPU, else the CPU."""
+    """The caller's device, else this rank's GPU, else the CPU. A CUDA device asked for where CUDA is unusable is
+    an error (CUDA_UNAVAILABLE), never a quiet fall back to hours of fp32 on the CPU."""
     if device is not None:
-        return torch.device(device)
+        chosen = torch.device(device)
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise TrainingError(
+                ErrorKind.FAILED_PRECONDITION,
+                "CUDA_UNAVAILABLE",
+                f"training was placed on {chosen} but this worker sees no usable CUDA device "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})",
+                hint="Check the driver with nvidia-smi, and that the server's --slots do not exceed its GPUs.",
+            )
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
