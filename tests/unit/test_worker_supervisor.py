@@ -360,3 +360,19 @@ async def test_cancelled_caller_does_not_orphan_the_worker(tmp_path: Path, tiny_
         await task
     await asyncio.gather(*supervisor._background)  # the worker stops on stdin EOF, long before any escalation
     assert_gone(pids[0])
+
+
+async def test_out_of_memory_at_model_load_is_reported_as_out_of_memory_not_a_crash(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A crash would be retried into the same failure; OUT_OF_MEMORY fails the job at once with the hints."""
+    spec = make_spec(tmp_path, tiny_model_dir)
+    recorder = Recorder()
+    env = {**os.environ, "FINETUNE_FAULTS": "oom_at_model_load=1"}
+    exit_ = await run_worker(
+        spec, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "job" / "worker.log", env=env
+    )
+    assert not exit_.crashed, exit_.log_tail
+    assert isinstance(exit_.final, Error) and exit_.final.reason == "OUT_OF_MEMORY", exit_.final
+    assert "while loading the model" in exit_.final.message and exit_.final.step == 0
+    assert "per_device_train_batch_size" in exit_.final.hint

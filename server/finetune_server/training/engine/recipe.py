@@ -75,7 +75,7 @@ from finetune_server.training.engine.distributed import (
 from finetune_server.training.engine.errors import (
     TrainingCancelled,
     disk_full_as_error,
-    out_of_memory_error,
+    out_of_memory_as_error,
     raise_if_not_finite,
 )
 from finetune_server.training.engine.events import (
@@ -366,10 +366,15 @@ class LoRARecipe:
         self.model_dir = resolve_model_dir(self.model_ref, cache_dir=self.hub_cache_dir, offline=self.hub_offline)
         self.tokens = self.setup_tokenizer()
         self.data = self.setup_data()
-        self.model = self.setup_model()  # after the data, so data errors come before minutes of loading
-        self.plan = self.setup_batch_plan()
-        self.optim = self.setup_optimizer()
-        resume = self.setup_resume()
+        # Model load, DDP wrap and checkpoint load allocate on the device too: an OOM there is as final as one in a
+        # step (a retry would fail the same way), so it is the same typed error.
+        with out_of_memory_as_error(
+            lambda: 0, str(self.device), self.config, during="while loading the model, optimizer or checkpoint"
+        ):
+            self.model = self.setup_model()  # after the data, so data errors come before minutes of loading
+            self.plan = self.setup_batch_plan()
+            self.optim = self.setup_optimizer()
+            resume = self.setup_resume()
         self.state, self._rng_to_restore = resume.state, resume.rng_states
         threads = torch.get_num_threads()
         self._say(
@@ -471,6 +476,7 @@ class LoRARecipe:
     def setup_model(self) -> ModelSetup:
         """The base model with LoRA on the device, wrapped for DDP with several processes, and its precision."""
         peft_model, _ = load_for_training(self.config, self.model_dir, device=self.device)
+        faults.after_model_load()  # FINETUNE_FAULTS=oom_at_model_load=N (tests, chaos drills)
         # The adapter names its base as the caller did (a hub id, not this machine's cache path), for serving elsewhere.
         peft_model.peft_config["default"].base_model_name_or_path = str(self.model_ref)
         ddp = wrap_ddp(peft_model, self.dist, self.device)
@@ -548,20 +554,16 @@ class LoRARecipe:
         self.model.train_module.train()
         stream = self.plan.batches.stream(self.state.position)
         try:
-            while self.state.step < self.plan.total_steps and not self.attempt.stopped_early:
-                if self.dist.world_size > 1 and any_rank(self.should_stop(), self.device):
-                    raise TrainingCancelled(self.state.step)
-                self._train_step([next(stream) for _ in range(self.plan.window)])
-                self._after_step()
-            self._after_last_step()
+            with out_of_memory_as_error(lambda: self.state.step + 1, str(self.device), self.config):
+                while self.state.step < self.plan.total_steps and not self.attempt.stopped_early:
+                    if self.dist.world_size > 1 and any_rank(self.should_stop(), self.device):
+                        raise TrainingCancelled(self.state.step)
+                    self._train_step([next(stream) for _ in range(self.plan.window)])
+                    self._after_step()
+                self._after_last_step()
         except TrainingCancelled:
             self._say(LogLevel.INFO, f"cancelled at step {self.state.step}")
             raise
-        except (MemoryError, RuntimeError) as exc:
-            oom = out_of_memory_error(exc, step=self.state.step + 1, device=str(self.device), config=self.config)
-            if oom is None:
-                raise
-            raise oom from exc
         return self._finish()
 
     def _train_step(self, window: Sequence[tuple[ckpt.DataPosition, list[int]]]) -> None:
