@@ -133,6 +133,15 @@ def sum_tensors_across(dist: DistInfo, *tensors: torch.Tensor) -> None:
         torch_dist.all_reduce(tensor)
 
 
+def gather_objects(dist: DistInfo, value: object) -> list[object]:
+    """Every rank's `value` (picklable), in rank order, on every rank (a collective: every rank must call it)."""
+    if dist.world_size == 1:
+        return [value]
+    gathered: list[object] = [None] * dist.world_size
+    torch_dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether `flag` is True on at least one rank (a collective: every rank must call it)."""
     tensor = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)

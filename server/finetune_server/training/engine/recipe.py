@@ -65,6 +65,7 @@ from finetune_server.training.engine.distributed import (
     any_rank,
     barrier,
     dist_info,
+    gather_objects,
     on_main_rank,
     pick_device,
     process_group_from_env,
@@ -534,14 +535,18 @@ class LoRARecipe:
         if latest is None:
             return Resume(TrainState(), None)
         loaded = ckpt.load_checkpoint(
-            latest, model=self.model.peft_model, optimizer=self.optim.optimizer, scheduler=self.optim.scheduler
+            latest,
+            model=self.model.peft_model,
+            optimizer=self.optim.optimizer,
+            scheduler=self.optim.scheduler,
+            scaler=self.model.scaler,
         )
         state = TrainState.from_checkpoint(loaded)
         self._say(
             LogLevel.INFO,
             f"resumed from {latest.relative_to(self.output_dir)} (step {state.step} of {self.plan.total_steps})",
         )
-        return Resume(state, loaded.rng_states)
+        return Resume(state, ckpt.rng_states_for_rank(loaded.rng_states, self.dist.rank))
 
     # --- the loop ----------------------------------------------------------------------------------------------------
 
@@ -550,7 +555,7 @@ class LoRARecipe:
         self.attempt = Attempt(start_step=self.state.step)
         # RNG is restored last, after everything in setup that drew random numbers (LoRA init).
         if self._rng_to_restore is not None:
-            ckpt.restore_rng_states(self._rng_to_restore)
+            ckpt.restore_rng_states(self._rng_to_restore, self.device)
         self.model.train_module.train()
         stream = self.plan.batches.stream(self.state.position)
         try:
@@ -675,8 +680,12 @@ class LoRARecipe:
         pending.clear()
 
     def _eval_loss(self) -> float:
-        """The token-weighted mean loss over the eval set (each rank its share, summed)."""
-        module, dev = self.model.train_module, self.device
+        """The token-weighted mean loss over the eval set (each rank its share, summed).
+
+        Through the bare model, not the DDP wrapper: DDP's forward broadcasts buffers (a collective), and a rank
+        with fewer eval batches than the others (or none) would leave them waiting in it forever.
+        """
+        module, dev = self.model.peft_model, self.device
         module.eval()
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         count = torch.zeros((), device=dev, dtype=torch.float64)
@@ -692,7 +701,7 @@ class LoRARecipe:
                 loss_sum += token_loss_sum(logits, batch.labels).double()
                 count += batch.num_trainable
         sum_tensors_across(self.dist, loss_sum, count)
-        module.train()
+        self.model.train_module.train()
         return float(loss_sum.item() / max(1.0, count.item()))
 
     def _run_eval(self) -> None:
@@ -717,10 +726,14 @@ class LoRARecipe:
 
     def _save_checkpoint(self) -> None:
         self._flush()  # never save weights that a NaN already spoiled
-        on_main_rank(self.dist, self.device, self.state.step, "the checkpoint", self._write_checkpoint)
+        # Each rank's own generators (dropout draws differ by rank): rank 0 writes them all, each resumes its own.
+        rng_states = gather_objects(self.dist, ckpt.capture_rng_states(self.device))
+        on_main_rank(
+            self.dist, self.device, self.state.step, "the checkpoint", lambda: self._write_checkpoint(rng_states)
+        )
         self.state.last_saved_step = self.state.step
 
-    def _write_checkpoint(self) -> None:
+    def _write_checkpoint(self, rng_states: list[Any]) -> None:
         state, output_dir = self.state, self.output_dir
         with disk_full_as_error(
             state.step,
@@ -735,9 +748,10 @@ class LoRARecipe:
                 model=self.model.peft_model,
                 optimizer=self.optim.optimizer,
                 scheduler=self.optim.scheduler,
-                rng_states=ckpt.capture_rng_states(),
+                rng_states=rng_states,
                 data_position=state.position,
                 extra={**state.to_extra(), "elapsed_before_s": state.elapsed_before_s + self.attempt.elapsed()},
+                scaler=self.model.scaler,
             )
         ckpt.prune(output_dir, int(self.config.save_total_limit or 0))
         self._emit(CheckpointEvent(state.step, str(path.relative_to(output_dir)), ckpt.folder_size(path)))
