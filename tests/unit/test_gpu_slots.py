@@ -41,3 +41,14 @@ def test_a_cuda_device_without_cuda_is_an_error_not_the_cpu() -> None:
             pick_device("cuda:0", DistInfo())
         assert caught.value.reason == "CUDA_UNAVAILABLE"
     assert pick_device("cpu", DistInfo()).type == "cpu"
+
+
+def test_an_export_merges_without_the_gpus_unless_it_names_one() -> None:
+    """A merge on cuda:0 outside any slot could push a running job out of memory."""
+    from finetune_server.workers.export import ExportSpec
+    from finetune_server.workers.supervisor import export_env
+
+    spec = ExportSpec(job_dir="j", config={}, model_ref="m", fmt="merged", target_dir="t")
+    assert export_env(spec, {"CUDA_VISIBLE_DEVICES": "0,1"})["CUDA_VISIBLE_DEVICES"] == ""
+    on_gpu = ExportSpec(job_dir="j", config={}, model_ref="m", fmt="merged", target_dir="t", device="cuda:0")
+    assert export_env(on_gpu, {"CUDA_VISIBLE_DEVICES": "1"})["CUDA_VISIBLE_DEVICES"] == "1"

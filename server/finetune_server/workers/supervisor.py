@@ -313,7 +313,7 @@ async def run_export(
             spec_path,
             on_message=relay_progress,
             log_path=log_path,
-            env=_unbuffered_env(env),
+            env=export_env(checked, env),
             bound=bound,
         )
     except BaseException:
@@ -328,6 +328,15 @@ async def run_export(
     remove_staging(target_dir)  # a killed worker cannot clean up after itself
     bound.warning("export worker crashed", returncode=exit_.returncode)
     raise _export_crashed(exit_, log_path)
+
+
+def export_env(spec: ExportSpec, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The export worker's environment: a merge on the CPU (the default) sees no GPU at all, so neither it nor a
+    library it imports makes a CUDA context on a GPU a training job is using."""
+    out = _unbuffered_env(env)
+    if not (spec.device or "cpu").startswith("cuda"):
+        out[CUDA_VISIBLE_DEVICES] = ""
+    return out
 
 
 def _export_crashed(exit_: WorkerExit, log_path: Path) -> FinetuneError:
