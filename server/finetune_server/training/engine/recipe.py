@@ -597,6 +597,7 @@ class LoRARecipe:
                 self.data.train.rows(indices),
                 packing=self.settings.packing,
                 pad_token_id=self.tokens.pad_token_id,
+                max_length=self.settings.max_length,
             )
             loss_sum = self._forward_backward(batch, window_tokens, sync_grads=k == len(mine) - 1)
             window_loss += loss_sum.detach() / window_tokens
@@ -695,6 +696,7 @@ class LoRARecipe:
                     self.data.eval.rows(indices),
                     packing=self.settings.packing,
                     pad_token_id=self.tokens.pad_token_id,
+                    max_length=self.settings.max_length,
                 )
                 batch = batch.to(dev, non_blocking=True)
                 logits = module(**batch.model_inputs(include_labels=False)).logits
