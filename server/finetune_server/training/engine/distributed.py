@@ -11,12 +11,15 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
 from finetune_server.errors import ErrorKind
 from finetune_server.training.engine.errors import TrainingError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,11 @@ def sum_tensors_across(dist: DistInfo, *tensors: torch.Tensor) -> None:
         torch_dist.all_reduce(tensor)
 
 
-def gather_objects(dist: DistInfo, value: object) -> list[object]:
+def gather_objects(dist: DistInfo, value: T) -> list[T]:
     """Every rank's `value` (picklable), in rank order, on every rank (a collective: every rank must call it)."""
     if dist.world_size == 1:
         return [value]
-    gathered: list[object] = [None] * dist.world_size
+    gathered: list[Any] = [None] * dist.world_size
     torch_dist.all_gather_object(gathered, value)
     return gathered
 

@@ -735,7 +735,7 @@ class LoRARecipe:
         )
         self.state.last_saved_step = self.state.step
 
-    def _write_checkpoint(self, rng_states: list[Any]) -> None:
+    def _write_checkpoint(self, rng_states: list[dict[str, Any]]) -> None:
         state, output_dir = self.state, self.output_dir
         with disk_full_as_error(
             state.step,
