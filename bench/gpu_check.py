@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -109,7 +110,10 @@ def check_imports() -> tuple[list[str], dict[str, str]]:
             if not optional:
                 problems.append(line)
             continue
-        versions[dist] = str(getattr(imported, "__version__", ""))
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:  # this repository's folders, a wheel unpacked by hand
+            versions[dist] = str(getattr(imported, "__version__", ""))
     return problems, versions
 
 

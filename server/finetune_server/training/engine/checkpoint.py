@@ -63,12 +63,11 @@ def capture_rng_states(device: torch.device | None = None) -> dict[str, Any]:
     """
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    on_cuda = device is not None and device.type == "cuda"
     return {
         "python": [version, list(internal), gauss],
         "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if on_cuda else None,
+        "cuda": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
     }
 
 
