@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -217,3 +218,21 @@ def test_each_rank_resumes_its_own_generators(tmp_path: Path, lora_model) -> Non
         draw = torch.rand(3)
         torch.manual_seed(seed)
         assert torch.equal(draw, torch.rand(3)), rank
+
+
+def test_a_checkpoint_from_before_per_rank_generators_still_resumes(tmp_path: Path, lora_model) -> None:
+    optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=0.1)
+    torch.manual_seed(3)
+    rng = ckpt.capture_rng_states()
+    path = _save(tmp_path, lora_model, optimizer, rng_states=[rng])
+    # The earlier layout: one set, torch and every GPU's CUDA state in rng.pt, python/numpy in trainer_state.json.
+    torch.save({"torch": rng["torch"], "cuda": []}, path / layout.RNG_FILE)
+    state = json.loads((path / layout.TRAINER_STATE_FILE).read_text())
+    state["rng"] = {"python": rng["python"], "numpy": rng["numpy"]}
+    (path / layout.TRAINER_STATE_FILE).write_text(json.dumps(state))
+    loaded = _load(path, lora_model, optimizer)
+    assert len(loaded.rng_states) == 1 and loaded.rng_states[0]["cuda"] is None
+    ckpt.restore_rng_states(loaded.rng_states[0])
+    draw = torch.rand(3)
+    torch.manual_seed(3)
+    assert torch.equal(draw, torch.rand(3))

@@ -257,11 +257,17 @@ def load_checkpoint(
         step=int(state["step"]),
         path=path,
         data_position=DataPosition(epoch=int(position["epoch"]), batch_index=int(position["batch_index"])),
-        rng_states=[
-            {**host, **device_rng} for host, device_rng in zip(state["rng"]["ranks"], torch_rng["ranks"], strict=True)
-        ],
+        rng_states=_rank_rng_states(state["rng"], torch_rng),
         extra=state.get("extra", {}),
     )
+
+
+def _rank_rng_states(host: dict[str, Any], device: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each rank's generators; a checkpoint written before they were per rank holds one set (its CUDA list is
+    dropped: it was every visible GPU's, not this rank's)."""
+    if "ranks" not in host:
+        return [{"python": host["python"], "numpy": host["numpy"], "torch": device["torch"], "cuda": None}]
+    return [{**h, **d} for h, d in zip(host["ranks"], device["ranks"], strict=True)]
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
