@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from finetune_server.errors import ConfigWarning, ErrorKind, FinetuneError, Violation, ViolationList
-from finetune_server.host.devices import detect_devices
+from finetune_server.host.devices import Device, detect_devices
 from finetune_server.settings import ServerSettings
 from finetune_server.training.config import (
     DATA_FORMATS,
@@ -456,6 +456,21 @@ def _dataset_step(
     return report
 
 
+def bf16_by_default(raw: TrainingConfig, preset_values: dict[str, Any], devices: list[Device]) -> bool:
+    """Whether a run that sets neither fp16 nor bf16 (nor does its preset) trains in bf16: on a server whose GPUs
+    all have bf16 in hardware (compute capability 8.0+), yes.
+
+    Why not fp32 there: bf16 keeps fp32's exponent range (no loss scaling, unlike fp16), halves the frozen base's
+    memory (the largest part of a LoRA run) and the activations', and runs on the tensor cores (A100: 312 TFLOPS
+    bf16 against 19.5 plain fp32). The LoRA parameters, their gradients and AdamW's states stay fp32, so updates do
+    not round away. An explicit `bf16: false` keeps fp32; a CPU-only server or an older GPU keeps fp32 too.
+    """
+    if any(getattr(raw, name) is not None or name in preset_values for name in ("bf16", "fp16")):
+        return False
+    gpus = [d for d in devices if d.name.startswith("cuda")]
+    return bool(gpus) and all(d.bf16_supported for d in gpus)
+
+
 def _device_capacities(target_device: str) -> list[tuple[str, int]]:
     devices = detect_devices()
     gpus = [d for d in devices if d.name.startswith("cuda")]
@@ -493,6 +508,8 @@ def validate(
         )
         target_device = ""
     resolved, filled = resolve(config, preset_values)
+    if bf16_by_default(config, preset_values, detect_devices()):
+        resolved.bf16 = True
     _check_ranges(resolved, out)
     fields_in_range = not out.violations  # the memory estimate needs sane numbers
     _check_device_support(config, resolved, out)

@@ -28,6 +28,7 @@ from finetune_server.storage.layout import JobDir
 from finetune_server.workers import export as export_worker
 from finetune_server.workers import train as train_worker
 from finetune_server.workers.export import ExportSpec
+from finetune_server.workers.gpu_slots import CUDA_VISIBLE_DEVICES
 from finetune_server.workers.process import (
     MessagePipe,
     cgroup_oom_kills,
@@ -252,10 +253,11 @@ def spec_path_for(spec: WorkerSpec) -> Path:
 
 
 def worker_env(spec: WorkerSpec, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The training worker's environment: `env` (default: ours), its GPU slot as CUDA_VISIBLE_DEVICES, unbuffered."""
+    """The training worker's environment: `env` (default: ours), its slot's GPU as CUDA_VISIBLE_DEVICES (which the
+    executor derived from the server's own list, `gpu_slots`), unbuffered."""
     out = _unbuffered_env(env)
-    if spec.gpu_slot is not None:
-        out["CUDA_VISIBLE_DEVICES"] = str(spec.gpu_slot)
+    if spec.cuda_visible_devices is not None:
+        out[CUDA_VISIBLE_DEVICES] = spec.cuda_visible_devices
     return out
 
 
@@ -319,7 +321,7 @@ async def run_export(
             spec_path,
             on_message=relay_progress,
             log_path=log_path,
-            env=_unbuffered_env(env),
+            env=export_env(checked, env),
             bound=bound,
         )
     except BaseException:
@@ -334,6 +336,15 @@ async def run_export(
     remove_staging(target_dir)  # a killed worker cannot clean up after itself
     bound.warning("export worker crashed", returncode=exit_.returncode)
     raise _export_crashed(exit_, log_path)
+
+
+def export_env(spec: ExportSpec, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The export worker's environment: a merge on the CPU (the default) sees no GPU at all, so neither it nor a
+    library it imports makes a CUDA context on a GPU a training job is using."""
+    out = _unbuffered_env(env)
+    if not (spec.device or "cpu").startswith("cuda"):
+        out[CUDA_VISIBLE_DEVICES] = ""
+    return out
 
 
 def _export_crashed(exit_: WorkerExit, log_path: Path) -> FinetuneError:

@@ -52,7 +52,8 @@ class WorkerSpec(Spec):
     hub_cache_dir: str | None = None
     hub_offline: bool | None = None
     device: str | None = None  # e.g. "cpu", "cuda:0"; None: the engine picks
-    gpu_slot: int | None = None  # host GPU index -> CUDA_VISIBLE_DEVICES (set by the supervisor, not the worker)
+    gpu_slot: int | None = None  # the job slot (the scheduler's number; slot k trains on the server's k-th GPU)
+    cuda_visible_devices: str | None = None  # the slot's GPU as the worker's CUDA_VISIBLE_DEVICES (`gpu_slots`)
     data_dir: str | None = None  # adapter_location is reported relative to it when set
     cpu_threads: int | None = None  # torch/OpenMP threads; None: torch's default
     cpus: list[int] | None = None  # CPUs to run on; None: the server's
