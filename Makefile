@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, from this machine's disk (CPU build), so nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[server,dev,bench,postgres]'
+	$(PY) -m pip install -q -e '.[server,dev,bench,postgres,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -34,7 +34,7 @@ from bench.common import RssSampler, release_memory, write_json
 METHODS = ("ours", "ours_packing", "hf_padded", "hf_dynamic", "hf_grouped", "trl_packing", "trl_padding_free", "raw")
 DESCRIPTIONS = {
     "ours": "our engine (run_training): length-grouped dynamic padding, loss on answers",
-    "ours_packing": "our engine with packing=true (one row per batch, no cross-example attention)",
+    "ours_packing": "our engine with packing=true (rows of max_length, no cross-example attention)",
     "ours_int8": "our engine, base loaded in 8-bit (bitsandbytes LLM.int8)",
     "ours_nf4": "our engine, base loaded in 4-bit NF4 (QLoRA)",
     "ours_int8_packing": "our engine, 8-bit base, packing",

@@ -357,12 +357,13 @@ class GrpcFineTuneService(IFineTuneService):
     def list_jobs(self, states: Iterable[str | int] = (), page_size: int = 0) -> Iterator[pb.Job]:
         """Every job in `states` (names like "running" or JobState values; empty: all), newest first, all pages."""
         request = dict_to_message({"states": list(states), "page_size": page_size}, pb.ListJobsRequest)
-        return self._pages(request)
+        return self._pages("ListJobs", request, "jobs")
 
-    def _pages(self, request: pb.ListJobsRequest) -> Iterator[pb.Job]:
+    def _pages(self, method_name: str, request: Any, items: str) -> Iterator[Any]:
+        """Every item of a paged list call (AIP-158): the pages one after another until the last."""
         while True:
-            response: pb.ListJobsResponse = self._unary("ListJobs", request)
-            yield from response.jobs
+            response = self._unary(method_name, request)
+            yield from getattr(response, items)
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
@@ -375,13 +376,7 @@ class GrpcFineTuneService(IFineTuneService):
 
     def list_datasets(self, page_size: int = 0) -> Iterator[pb.Dataset]:
         """The caller's uploaded datasets, newest first, all pages."""
-        request = pb.ListDatasetsRequest(page_size=page_size)
-        while True:
-            response: pb.ListDatasetsResponse = self._unary("ListDatasets", request)
-            yield from response.datasets
-            if not response.next_page_token:
-                return
-            request.page_token = response.next_page_token
+        return self._pages("ListDatasets", pb.ListDatasetsRequest(page_size=page_size), "datasets")
 
     def get_dataset(self, dataset_id: str) -> pb.Dataset:
         response: pb.GetDatasetResponse = self._unary("GetDataset", pb.GetDatasetRequest(dataset_id=dataset_id))

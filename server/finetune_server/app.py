@@ -25,7 +25,7 @@ from finetune_server.storage.data_dir_id import check_data_dir
 from finetune_server.storage.dataset_uploads import remove_stale_uploads
 from finetune_server.storage.job_store import JobStore
 from finetune_server.storage.store_url import open_job_store, redact
-from finetune_server.workers.executor import Executor, LocalSubprocessExecutor
+from finetune_server.workers.executor import Executor, open_executor
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +46,7 @@ class FinetuneServer:
         self.settings = settings
         self.metrics: ServiceMetrics | None = None
         self.metrics_port: int | None = None  # the bound /metrics port once started, when settings ask for one
-        self._executor = executor or LocalSubprocessExecutor()
+        self._executor = executor  # None: the one the settings name, opened at start
         self.store: JobStore | None = None
         self.jobs: JobService | None = None
         self.generation: GenerateService | None = None
@@ -59,6 +59,8 @@ class FinetuneServer:
 
     async def start(self) -> int:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._executor is None:  # before the port is bound: a cluster that cannot run jobs stops the start
+            self._executor = await open_executor(self.settings)
         store_url = self.settings.store
         self.store = open_job_store(store_url)  # StoreRefusedError: unreachable, too new
         try:

@@ -10,6 +10,8 @@ Set `FINETUNE_FAULTS` in the server's environment (workers inherit it), as comma
   the staging folder), as a power cut or the OOM killer would stop it. Once per job: a marker in the job's folder
   keeps the resumed attempt from dying the same way, so the drill shows the recovery.
 - `oom_at_step=N`: the forward pass of optimizer step N raises torch.OutOfMemoryError, as a failed allocation would.
+- `oom_at_model_load=N`: the Nth model load of a training worker raises torch.OutOfMemoryError once the weights are
+  on the device (N=1: the first), as a model too big for the GPU would during setup.
 - `unavailable_first_calls=N`: the server answers the first N calls of each FineTuneService method UNAVAILABLE
   before the servicer sees them, as a restarting server behind a proxy would (so callers' retry policies are tested).
 
@@ -39,6 +41,7 @@ class Faults:
     disk_full_at_checkpoint: int = 0  # 0: never
     kill_at_checkpoint: int = 0
     oom_at_step: int = 0
+    oom_at_model_load: int = 0
     unavailable_first_calls: int = 0
 
     @property
@@ -125,3 +128,20 @@ def before_forward(step: int) -> None:
 
         log.warning("injecting an out-of-memory error", step=step)
         raise torch.OutOfMemoryError(f"injected out of memory at step {step} ({ENV_VAR}); tried to allocate 2.00 GiB")
+
+
+_model_loads = 0
+
+
+def after_model_load() -> None:
+    """Called by the training setup once the base model and its adapter are on the device."""
+    global _model_loads  # noqa: PLW0603 - a per-process counter is exactly what the faults count
+    target = active().oom_at_model_load
+    if not target:
+        return
+    _model_loads += 1
+    if _model_loads == target:
+        import torch
+
+        log.warning("injecting an out-of-memory error at model load", load=_model_loads)
+        raise torch.OutOfMemoryError(f"injected out of memory at model load ({ENV_VAR}); tried to allocate 4.00 GiB")

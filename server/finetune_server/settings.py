@@ -15,6 +15,20 @@ DEFAULT_TOKEN_CACHE_MAX_BYTES = 50 << 30  # 50 GiB: least recently used token ca
 DEFAULT_LEASE_SECONDS = 30.0
 
 
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where `--executor ray` sends jobs and what each attempt's actor asks for."""
+
+    address: str = "auto"  # "auto" (the local cluster, or RAY_ADDRESS) or host:port of the head's GCS
+    namespace: str = "sage-finetune"  # the job actors' names are unique within it
+    gpus_per_job: int = 0  # per Ray Train worker when workers_per_job > 1
+    cpus_per_job: float = 1.0  # likewise
+    workers_per_job: int = 1  # > 1: one DDP attempt over that many Ray Train workers, on any nodes
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -55,6 +69,8 @@ class ServerSettings:
     # re-queued, and how long a stalled server may go quiet before its jobs are taken from it.
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     store_reread_s: float = 1.0  # shared store: how often the tables are re-read in case a notice was lost
+    executor: str = "local"  # one of EXECUTORS: worker subprocesses on this host, or actors on a Ray cluster
+    ray: RaySettings = field(default_factory=RaySettings)
     # Generate: worker processes (each holds one model; apart from the training slots, sharing a GPU with them),
     # how long an idle one stays loaded for the next request with the same model, the largest max_new_tokens.
     max_generate_workers: int = 1
@@ -72,6 +88,8 @@ class ServerSettings:
         if self.lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
         self.store  # noqa: B018 - a URL that cannot be used is refused here, not at start
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r}; known: {', '.join(EXECUTORS)}")
 
     @property
     def store(self) -> StoreUrl:

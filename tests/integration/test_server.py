@@ -126,7 +126,7 @@ def test_server_info_describes_devices_and_versions(channel: grpc.Channel) -> No
     assert info.worker_threads == max(1, len(available_cpus()) - 1) and info.worker_cpus == ""  # the defaults
 
 
-def test_the_rpc_path_does_not_import_torch(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_the_rpc_path_does_not_import_torch_nor_ray(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Server assembly plus a whole validation in a fresh interpreter, then a look at what got imported."""
     import json
     import subprocess
@@ -143,7 +143,7 @@ settings = ServerSettings(data_dir={str(tmp_path / "data")!r}, model_roots=[{str
                           dataset_roots=[{str(tmp_path)!r}])
 report = validate(TrainingConfig(model_name={tiny_model_dir.name!r}, dataset="d.jsonl"), settings)
 assert report.valid, report.violations
-HEAVY = {{"torch", "transformers", "peft", "bitsandbytes", "datasets"}}
+HEAVY = {{"torch", "transformers", "peft", "bitsandbytes", "datasets", "ray"}}  # ray: only --executor ray
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
 print(heavy)
 """

@@ -132,6 +132,29 @@ def test_collate_packed() -> None:
     assert batch.input_ids.numel() - batch.num_tokens == 0  # no padding
 
 
+def test_collate_packs_rows_of_at_most_max_length_tokens() -> None:
+    """Not one row of the whole batch: sdpa would get a dense (batch x max_length)^2 mask and that much work."""
+    examples = [_example(4, 0), _example(3, 0, start=10), _example(2, 1, start=20)]
+    batch = collate(examples, packing=True, pad_token_id=PAD, max_length=6)
+    assert batch.attention_mask is None
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, PAD], [10, 11, 12, 20, 21]]
+    # Row 0's padding tail restarts its positions: a segment of its own, no labels.
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert batch.labels.tolist() == [[IGNORE_INDEX, 2, 3, 4, IGNORE_INDEX], [IGNORE_INDEX, 11, 12, IGNORE_INDEX, 21]]
+    assert batch.segments == ((0, 0), (1, 0), (1, 3)) and batch.num_tokens == 9 and batch.num_trainable == 6
+
+
+def test_planned_packed_batches_fit_in_batch_size_rows_of_max_length() -> None:
+    lengths = _long_tailed(300)
+    batch_size, max_length = 4, 512
+    plan = plan_batches(lengths, batch_size=batch_size, packing=True, max_length=max_length, seed=3, epoch=1)
+    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+    for indices in plan:
+        examples = [_example(lengths[i], 0) for i in indices]
+        batch = collate(examples, packing=True, pad_token_id=PAD, max_length=max_length)
+        assert batch.input_ids.shape[0] <= batch_size and batch.input_ids.shape[1] <= max_length
+
+
 def test_packed_and_padded_train_on_the_same_tokens() -> None:
     rng = random.Random(5)
     examples = [_example(rng.randint(1, 40), rng.randint(0, 5), start=rng.randint(1, 100)) for _ in range(9)]

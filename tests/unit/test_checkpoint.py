@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def test_save_and_load_restore_everything(tmp_path: Path, lora_model) -> None:
         model=lora_model,
         optimizer=optimizer,
         scheduler=scheduler,
-        rng_states=rng,
+        rng_states=[rng],
         data_position=ckpt.DataPosition(epoch=1, batch_index=3),
         extra={"history": [{"step": 1, "loss": 2.5}]},
     )
@@ -125,7 +126,7 @@ def test_save_and_load_restore_everything(tmp_path: Path, lora_model) -> None:
     moments = [s["exp_avg"] for s in fresh_optimizer.state.values()]
     assert len(moments) == len(params) and all(torch.isfinite(m).all() for m in moments)
     assert int(next(iter(fresh_optimizer.state.values()))["step"]) == 1
-    ckpt.restore_rng_states(state.rng_states)
+    ckpt.restore_rng_states(ckpt.rng_states_for_rank(state.rng_states, 0))
     draws = (random.random(), float(np.random.rand()), torch.rand(3))
     assert draws[:2] == expected_draws[:2]
     assert torch.equal(draws[2], expected_draws[2])
@@ -151,8 +152,96 @@ def test_a_failed_save_leaves_no_checkpoint_and_keeps_the_previous(tmp_path: Pat
             model=_BrokenAdapter(),
             optimizer=optimizer,
             scheduler=scheduler,
-            rng_states=ckpt.capture_rng_states(),
+            rng_states=[ckpt.capture_rng_states()],
             data_position=ckpt.DataPosition(0, 0),
         )
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000010"]
     assert ckpt.latest_checkpoint(tmp_path) == previous
+
+
+def _save(tmp_path: Path, model: object, optimizer: torch.optim.Optimizer, **kwargs: object) -> Path:
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return ckpt.save_checkpoint(
+        tmp_path,
+        1,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data_position=ckpt.DataPosition(0, 1),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _load(path: Path, model: object, optimizer: torch.optim.Optimizer, **kwargs: object) -> ckpt.CheckpointState:
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return ckpt.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_fp16_loss_scalers_state_survives_a_resume(tmp_path: Path, lora_model) -> None:
+    """A resumed fp16 run goes on with the scale it had; a fresh 65536 would skip steps while it backs off."""
+    params = [p for p in lora_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    for grad in (float("inf"), 1.0, 1.0):  # one overflow halves the scale, then two good steps count to growth
+        scaler.scale(torch.zeros(())).item()  # the scaler starts its scale lazily, at the first scale()
+        for p in params:
+            p.grad = torch.full_like(p, grad)
+        scaler.step(optimizer)
+        scaler.update()
+    saved = scaler.state_dict()
+    assert saved["scale"] == 2.0**15 and saved["_growth_tracker"] == 2
+    path = _save(tmp_path, lora_model, optimizer, rng_states=[ckpt.capture_rng_states()], scaler=scaler)
+
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    _load(path, lora_model, torch.optim.AdamW(params, lr=0.1), scaler=fresh)
+    assert fresh.state_dict() == saved
+
+
+def test_optimizer_step_counters_are_loaded_on_the_cpu_wherever_the_parameters_are(tmp_path: Path) -> None:
+    """Loaded onto the parameters' device (a GPU), AdamW's step counters cost a host sync per parameter per step."""
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / layout.OPTIMIZER_FILE)
+
+    on_meta = torch.nn.Parameter(torch.ones(2, 2, device="meta"))  # a device other than the CPU, as a GPU would be
+    resumed = torch.optim.AdamW([on_meta], lr=0.1)
+    ckpt.load_optimizer_state(resumed, tmp_path / layout.OPTIMIZER_FILE)
+    state = resumed.state[on_meta]
+    assert state["step"].device.type == "cpu" and int(state["step"]) == 1
+    assert state["exp_avg"].device.type == "meta"  # the moments follow their parameter, as torch moves them
+
+
+def test_each_rank_resumes_its_own_generators(tmp_path: Path, lora_model) -> None:
+    optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=0.1)
+    torch.manual_seed(1)
+    rank0 = ckpt.capture_rng_states()
+    torch.manual_seed(2)
+    rank1 = ckpt.capture_rng_states()
+    assert rank0["cuda"] is None  # the CPU: no CUDA generator is touched (nor a CUDA context made)
+    loaded = _load(_save(tmp_path, lora_model, optimizer, rng_states=[rank0, rank1]), lora_model, optimizer)
+    assert len(loaded.rng_states) == 2
+    for rank, seed in ((0, 1), (1, 2), (2, 1)):  # a rank the checkpoint did not know takes rank 0's
+        ckpt.restore_rng_states(ckpt.rng_states_for_rank(loaded.rng_states, rank))
+        draw = torch.rand(3)
+        torch.manual_seed(seed)
+        assert torch.equal(draw, torch.rand(3)), rank
+
+
+def test_a_checkpoint_from_before_per_rank_generators_still_resumes(tmp_path: Path, lora_model) -> None:
+    optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=0.1)
+    torch.manual_seed(3)
+    rng = ckpt.capture_rng_states()
+    path = _save(tmp_path, lora_model, optimizer, rng_states=[rng])
+    # The earlier layout: one set, torch and every GPU's CUDA state in rng.pt, python/numpy in trainer_state.json.
+    torch.save({"torch": rng["torch"], "cuda": []}, path / layout.RNG_FILE)
+    state = json.loads((path / layout.TRAINER_STATE_FILE).read_text())
+    state["rng"] = {"python": rng["python"], "numpy": rng["numpy"]}
+    (path / layout.TRAINER_STATE_FILE).write_text(json.dumps(state))
+    loaded = _load(path, lora_model, optimizer)
+    assert len(loaded.rng_states) == 1 and loaded.rng_states[0]["cuda"] is None
+    ckpt.restore_rng_states(loaded.rng_states[0])
+    draw = torch.rand(3)
+    torch.manual_seed(3)
+    assert torch.equal(draw, torch.rand(3))

@@ -13,7 +13,7 @@ import sys
 import finetune_client
 from finetune_client import GrpcFineTuneService, FinetuneManager, IFineTuneService, config_from_dict
 import finetune_client.studio, finetune_client.remote, finetune_client.errors, finetune_client.convert
-banned = {'torch', 'transformers', 'peft', 'bitsandbytes', 'finetune_server'}
+banned = {'torch', 'transformers', 'peft', 'bitsandbytes', 'ray', 'finetune_server'}
 heavy = sorted({m.split('.')[0] for m in sys.modules} & banned)
 assert not heavy, heavy
 assert 'grpc' in sys.modules

@@ -8,7 +8,9 @@ This file is also the worker script that torchrun starts (see `__main__` below).
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -132,9 +134,19 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path: Path, tiny_m
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
 
 
-def _torchrun(script_args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _torchrun(script_args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """torchrun in its own process group: a hang that runs past `timeout` takes both ranks down with it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *script_args]
-    return subprocess.run(command, check=False, env=env, timeout=300, capture_output=True, text=True)
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
@@ -156,6 +168,27 @@ def test_a_full_disk_on_rank_0_stops_every_rank_instead_of_leaving_them_at_a_bar
     assert Path(f"{outcome}.rank0").read_text() == "DISK_FULL"
     assert Path(f"{outcome}.rank1").read_text() == "PEER_FAILED"
     assert not (tmp_path / "two" / "checkpoints").exists() or not any((tmp_path / "two" / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_eval_with_an_empty_slice_on_one_rank_and_each_ranks_own_generators(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """One eval batch for two ranks: rank 1 evaluates nothing. Through the DDP wrapper, rank 0's forward would enter
+    a buffer broadcast that rank 1 never joins (a hang under NCCL, a mismatched collective under gloo)."""
+    dataset = _facts(tmp_path / "facts.jsonl")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # 16 x 0.125 = 2 eval examples = 1 batch of 2; dropout makes each rank's generator move its own way.
+    overrides = {**COMMON, "eval_split": 0.125, "gradient_accumulation_steps": 1, "lora": {"r": 8, "dropout": 0.1}}
+    outcome = tmp_path / "two.json"
+    args = [str(Path(__file__).resolve()), str(tiny_model_dir), str(dataset), str(tmp_path / "two")]
+    finished = _torchrun([*args, json.dumps(overrides), str(outcome)], env, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    evals = json.loads(outcome.read_text())["evals"]
+    assert [e["step"] for e in evals] == [2, 4] and all(math.isfinite(e["eval_loss"]) for e in evals)
+    rng = torch.load(tmp_path / "two" / "checkpoints" / "step-00000002" / "rng.pt", weights_only=True)
+    assert len(rng["ranks"]) == 2  # each rank's own, not rank 0's for all
+    assert not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@ from safetensors.torch import load_file
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
 from finetune_server.training.engine.errors import (
+    GpuFacts,
     NanLossError,
     NoUsableExamplesError,
     OutOfMemoryError,
     TrainingCancelled,
+    out_of_memory_error,
+    out_of_memory_hint,
 )
 from finetune_server.training.engine.events import CheckpointEvent, EvalEvent, Event, LogEvent, LogLevel, ProgressEvent
 from finetune_server.training.engine.recipe import TrainingOutcome, run_training
@@ -293,6 +296,48 @@ def test_out_of_memory_becomes_an_actionable_error(tmp_path: Path, tiny_model_di
     )
     assert outcome.__cause__ is error
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_out_of_memory_while_loading_the_model_is_the_same_typed_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Building the model registers its parameters: failing there is what a model too big for the device does."""
+    dataset = write_facts(tmp_path / "facts.jsonl")
+    config = make_config(tiny_model_dir, dataset, max_steps=2)
+
+    def allocate(_module: torch.nn.Module, _name: str, _param: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(allocate)
+    try:
+        outcome, _ = train(config, tiny_model_dir, tmp_path / "out")
+    finally:
+        handle.remove()
+    assert isinstance(outcome, OutOfMemoryError), outcome  # before: the raw torch error, a crash the server retries
+    assert outcome.reason == "OUT_OF_MEMORY" and outcome.step == 0
+    assert "while loading the model" in outcome.message and "gradient_checkpointing" in outcome.hint
+
+
+def test_cublas_failing_to_allocate_is_out_of_memory() -> None:
+    error = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    oom = out_of_memory_error(error, step=1, device="cpu", config=TrainingConfig())
+    assert oom is not None and oom.reason == "OUT_OF_MEMORY"
+    assert (
+        out_of_memory_error(
+            RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"), step=1, device="cpu", config=TrainingConfig()
+        )
+        is None
+    )
+
+
+def test_out_of_memory_hints_on_a_gpu_offer_16_bit_and_the_8_bit_optimizer() -> None:
+    fp32, _ = resolve(TrainingConfig(per_device_train_batch_size=1, max_length=64))
+    ampere = out_of_memory_hint(fp32, gpu=GpuFacts(bf16_supported=True))
+    assert "bf16=true" in ampere and "optim=paged_adamw_8bit" in ampere and "CUDA only" not in ampere
+    turing = out_of_memory_hint(fp32, gpu=GpuFacts(bf16_supported=False))
+    assert "fp16=true" in turing and "bf16" not in turing  # no bf16 where it is only emulated
+    on_cpu = out_of_memory_hint(fp32)
+    assert "bf16" not in on_cpu and "paged_adamw_8bit" not in on_cpu
+    bf16, _ = resolve(TrainingConfig(bf16=True, optim="paged_adamw_8bit", load_in_4bit=True, max_length=64))
+    assert "=true (16-bit" not in out_of_memory_hint(bf16, gpu=GpuFacts(True))
 
 
 def test_early_stopping_when_eval_stops_improving(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from finetune_server.demo.tiny_model import CHATML_TEMPLATE
 from finetune_server.errors import ErrorKind, FinetuneError
-from finetune_server.export.package import ArtifactManifest, export_artifact, generation_settings
+from finetune_server.export.package import ArtifactManifest, export_artifact, generation_settings, merge_dtype
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
 from finetune_server.training.engine.recipe import run_training
 from finetune_server.workers.protocol import ExportProgress
@@ -332,6 +332,28 @@ def test_modules_to_save_lm_head_on_a_tied_model_is_saved_untied(tiny_model_dir:
     assert manifest.vllm.compatible  # merged weights carry the lm_head; the adapter itself would not be
     adapter_manifest, _ = export((job_dir, {}), tiny_model_dir, tmp_path / "art-adapter", "adapter")
     assert any("modules_to_save" in p for p in adapter_manifest.vllm.problems)
+
+
+def test_merge_keeps_the_bases_dtype(job: tuple[Path, dict[str, Any]], tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A bf16 base ships bf16 (it was fp32 from a CPU merge and bf16 from a GPU one, whatever the base)."""
+    from transformers import AutoModelForCausalLM
+
+    assert merge_dtype({"dtype": "bfloat16"}) == "bfloat16"
+    assert merge_dtype({"torch_dtype": "float16"}) == "float16"  # configs written before transformers 5
+    assert merge_dtype({"dtype": "float32"}) == "float32"
+    assert merge_dtype({}) == "auto"  # transformers reads it off the weights
+    bf16_base = tmp_path / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(bf16_base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, bf16_base / name)
+    manifest, progress = export(job, bf16_base, tmp_path / "art", "merged")
+    assert "loading the base model in bfloat16 on cpu" in [message for _, _, message in progress]
+    dtypes = {
+        tensor.dtype
+        for name in (f.path for f in manifest.files if f.path.endswith(".safetensors"))
+        for tensor in load_file(tmp_path / "art" / name).values()
+    }
+    assert dtypes == {torch.bfloat16}
 
 
 # --- the worker subprocess -----------------------------------------------------------------------------------------

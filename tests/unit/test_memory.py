@@ -91,12 +91,32 @@ def test_weights_by_load_dtype() -> None:
     int8 = _estimate(QWEN25_7B, GPU, bf16=True, load_in_8bit=True).weights_bytes
     nf4 = _estimate(QWEN25_7B, GPU, bf16=True, load_in_4bit=True).weights_bytes
     assert fp32 == 2 * bf16
-    embeddings = 2 * 152064 * 3584  # embed_tokens + untied lm_head stay 16-bit
+    embeddings = 2 * 152064 * 3584  # embed_tokens + untied lm_head: fp32 after prepare_model_for_kbit_training
     linear = 7_615_616_512 - embeddings - (28 * (3584 + 512 + 512) + 28 * 2 * 3584 + 3584)  # minus biases, norms
-    assert int8 == pytest.approx(linear * 1 + embeddings * 2, rel=0.01)
-    assert nf4 == pytest.approx(linear * 0.516 + embeddings * 2, rel=0.01)
+    assert int8 == pytest.approx(linear * 1 + embeddings * 4, rel=0.01)
+    assert nf4 == pytest.approx(linear * 0.516 + embeddings * 4, rel=0.01)
     # The CPU trains in fp32 whatever bf16 says (bf16 is ~58x slower there).
     assert _estimate(QWEN25_7B, [("cpu", 64 * GIB)], bf16=True).weights_bytes == fp32
+
+
+def test_a_quantised_base_keeps_fp32_activations() -> None:
+    """Its fp32 embeddings make the residual stream fp32; bitsandbytes' layers return their input's dtype."""
+    bf16 = _estimate(QWEN25_05B, GPU, bf16=True, gradient_checkpointing=True)
+    nf4 = _estimate(QWEN25_05B, GPU, bf16=True, gradient_checkpointing=True, load_in_4bit=True)
+    fp32 = _estimate(QWEN25_05B, GPU, gradient_checkpointing=True)
+    assert bf16.activations_bytes < nf4.activations_bytes <= fp32.activations_bytes
+
+
+def test_the_attention_mask_term_grows_with_the_square_of_the_sequence() -> None:
+    """A padded or packed batch carries a dense rows x T x T mask, and SDPA keeps a float copy of it per layer."""
+    short = _estimate(QWEN25_05B, GPU, seq=1024, bf16=True).activations_bytes
+    long = _estimate(QWEN25_05B, GPU, seq=2048, bf16=True).activations_bytes
+    layers = QWEN25_05B["num_hidden_layers"]
+    mask = 4 * (2048**2 - 2 * 1024**2) * (1 + layers * 2)  # batch 4 (the default), bf16 copies
+    assert long - 2 * short == mask  # all the rest is linear in tokens
+    # The a100 preset (8 x 4096, bf16, no checkpointing) on a 28-layer 7B: 8 x 4096^2 x (1 + 28 x 2) bytes, 7.1 GiB.
+    a100 = _estimate(QWEN25_7B, GPU, seq=4096, bf16=True, per_device_train_batch_size=8).activations_bytes
+    assert a100 > 8 * 4096**2 * (1 + 28 * 2)
 
 
 def test_activations_scale_with_tokens_and_checkpointing() -> None:
@@ -110,8 +130,9 @@ def test_activations_scale_with_tokens_and_checkpointing() -> None:
 
 
 def test_fit_and_suggestions_most_effective_first() -> None:
+    # 16 GB: 12 no longer fits a 7B even with every change (4-bit keeps fp32 embeddings and activations).
     e = _estimate(
-        QWEN25_7B, [("rtx_3060", 12 * GIB), ("a100_80gb", 80 * GIB)], bf16=True, per_device_train_batch_size=2
+        QWEN25_7B, [("rtx_4080", 16 * GIB), ("a100_80gb", 80 * GIB)], bf16=True, per_device_train_batch_size=2
     )
     small, big = e.fits
     assert (big.fits, big.suggestions) == (True, [])

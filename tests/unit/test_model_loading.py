@@ -11,7 +11,7 @@ import torch
 
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
-from finetune_server.training.engine.model_loading import linear_module_names, load_for_training
+from finetune_server.training.engine.model_loading import add_lora, linear_module_names, load_for_training
 from finetune_server.training.model_source import resolve_model_dir
 
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -126,3 +126,28 @@ def test_local_folder_without_config_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(FinetuneError) as info:
         resolve_model_dir(tmp_path)
     assert info.value.reason == "MODEL_INVALID"
+
+
+def test_every_trainable_parameter_is_fp32_on_a_16_bit_base_so_fp16_loss_scaling_works(tiny_model_dir: Path) -> None:
+    """modules_to_save copies the fp16 module; GradScaler refuses fp16 gradients at the first step."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float16)
+    config = _config(tiny_model_dir, lora=LoraSettings(r=4, dropout=0.0, modules_to_save=["lm_head"]))
+    model = add_lora(base, config, ["q_proj", "v_proj"])
+    trainable = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    assert any("modules_to_save" in name for name in trainable)
+    assert set(trainable.values()) == {torch.float32}, trainable
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.float16}  # the base stays 16-bit
+
+    # One fp16 step with loss scaling, as on a GPU (GradScaler works on the CPU too).
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(input_ids=ids, labels=ids).loss
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # raised "Attempting to unscale FP16 gradients" before
+    scaler.step(optimizer)
+    scaler.update()

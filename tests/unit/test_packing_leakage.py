@@ -52,12 +52,11 @@ def _alone(model: Any, examples: list[Example]) -> list[torch.Tensor]:
 def _packed_segments(model: Any, batch: Batch, **override: object) -> list[torch.Tensor]:
     inputs = batch.model_inputs(include_labels=False) | override
     with torch.no_grad():
-        logits = model(**inputs).logits[0]
-    out, start = [], 0
-    for n in batch.seq_lens:
-        out.append(_token_losses(logits[start : start + n], batch.labels[0, start : start + n]))
-        start += n
-    return out
+        logits = model(**inputs).logits
+    return [
+        _token_losses(logits[row, start : start + n], batch.labels[row, start : start + n])
+        for n, (row, start) in zip(batch.seq_lens, batch.segments, strict=True)
+    ]
 
 
 def _load(model_dir: Path, attn: str) -> Any:
@@ -82,10 +81,10 @@ def lora_model(tiny_model_dir: Path) -> Any:
     return get_peft_model(base, config).eval()
 
 
-def _assert_packed_matches_alone(model: Any, pad_token_id: int) -> None:
+def _assert_packed_matches_alone(model: Any, pad_token_id: int, max_length: int | None = None) -> None:
     examples = _examples(model.config.vocab_size)
     alone = _alone(model, examples)
-    batch = collate(examples, packing=True, pad_token_id=pad_token_id)
+    batch = collate(examples, packing=True, pad_token_id=pad_token_id, max_length=max_length)
     packed = _packed_segments(model, batch)
     for ref, got in zip(alone, packed, strict=True):
         torch.testing.assert_close(got, ref, atol=TOL, rtol=0)
@@ -100,6 +99,16 @@ def _assert_packed_matches_alone(model: Any, pad_token_id: int) -> None:
 
 def test_packed_row_matches_each_example_alone(model: Any) -> None:
     _assert_packed_matches_alone(model, model.config.pad_token_id)
+
+
+def test_packed_rows_with_padding_tails_match_each_example_alone(model: Any) -> None:
+    """Rows of at most max_length tokens (11 | 23 | 6 in rows of 30: [11], [23, 6]), the short row padded: the
+    padding tail is a segment of its own that no example attends to."""
+    batch = collate(
+        _examples(model.config.vocab_size), packing=True, pad_token_id=model.config.pad_token_id, max_length=30
+    )
+    assert batch.input_ids.shape == (2, 29) and batch.segments == ((0, 0), (1, 0), (1, 23))
+    _assert_packed_matches_alone(model, model.config.pad_token_id, max_length=30)
 
 
 def test_wrong_pack_with_cross_attention_does_not_match(model: Any) -> None:

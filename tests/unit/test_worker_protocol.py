@@ -6,6 +6,9 @@ import asyncio
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from finetune_server.workers import train as train_worker
 from finetune_server.workers.export import ExportSpec
 from finetune_server.workers.process import read_messages
 from finetune_server.workers.protocol import (
+    EXIT_CRASH,
     Artifact,
     Cancelled,
     Channel,
@@ -209,3 +213,27 @@ def test_a_refused_request_keeps_its_kind_reason_and_field_violations() -> None:
     assert [(v.field, v.reason) for v in again.violations] == [("messages", "PROMPT_TOO_LONG")]
     with pytest.raises(ValueError, match="finish reason"):
         decode({"type": "done", "finish_reason": "tired", "prompt_tokens": 1, "completion_tokens": 1})
+
+
+_STUCK_WORKER = """
+import sys, threading, structlog
+from finetune_server.workers.protocol import watch_stdin
+stop = threading.Event()
+threading.Thread(target=watch_stdin, args=(sys.stdin, stop, structlog.get_logger(), 0.2), daemon=True).start()
+print("watching", flush=True)
+threading.Event().wait()  # stuck: never checks `stop`, like a long step or a save
+"""
+
+
+def test_a_worker_whose_stdin_closed_exits_by_itself_even_when_stuck() -> None:
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _STUCK_WORKER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert worker.stdin is not None and worker.stdout is not None
+    assert worker.stdout.readline() == b"watching\n"
+    worker.stdin.close()  # its server, or the Ray actor that started it, is gone
+    assert worker.wait(timeout=30) == EXIT_CRASH

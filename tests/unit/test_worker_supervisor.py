@@ -276,30 +276,48 @@ def test_kill_process_group_of_a_gone_worker_is_harmless() -> None:
         kill_process_group(1)
 
 
-async def test_executor_drops_the_gpu_slot_without_gpus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+async def test_executor_maps_slots_through_the_servers_own_gpus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from finetune_server.host.devices import Device
+
     seen: list[WorkerSpec] = []
 
     async def fake_run_worker(spec: WorkerSpec, **_: Any) -> WorkerExit:
         seen.append(spec)
         return WorkerExit(pid=0, returncode=0, signal=None, final=None)
 
-    monkeypatch.setattr(executor_module, "run_worker", fake_run_worker)
-    spec = WorkerSpec("j", {}, "m", "d", str(tmp_path), gpu_slot=1, device="cuda:1")
-    executor = LocalSubprocessExecutor()
-
     async def noop(_: Message) -> None:
         return None
 
-    monkeypatch.setattr(executor_module, "detect_devices", lambda: [])
-    await executor.run(spec, on_message=noop, cancel=asyncio.Event(), log_path=tmp_path / "l")
-    assert seen[-1].gpu_slot is None
+    async def place(slot: int, gpus: int, env: dict[str, str]) -> WorkerExit:
+        monkeypatch.setattr(executor_module, "detect_devices", lambda: [Device(name=f"cuda:{i}") for i in range(gpus)])
+        spec = WorkerSpec("j", {}, "m", "d", str(tmp_path), gpu_slot=slot, device="cuda:1")
+        return await LocalSubprocessExecutor(env=env).run(
+            spec, on_message=noop, cancel=asyncio.Event(), log_path=tmp_path / "l"
+        )
 
-    from finetune_server.host.devices import Device
+    monkeypatch.setattr(executor_module, "run_worker", fake_run_worker)
+    await place(1, 0, {})  # no GPU on the host: a slot only counts jobs
+    assert seen[-1].gpu_slot is None and seen[-1].cuda_visible_devices is None
+    assert "CUDA_VISIBLE_DEVICES" not in worker_env(seen[-1], {})
 
-    monkeypatch.setattr(executor_module, "detect_devices", lambda: [Device(name="cuda:0"), Device(name="cuda:1")])
-    await executor.run(spec, on_message=noop, cancel=asyncio.Event(), log_path=tmp_path / "l")
+    await place(1, 2, {})
     assert seen[-1].gpu_slot == 1 and seen[-1].device == "cuda:0"
     assert worker_env(seen[-1], {})["CUDA_VISIBLE_DEVICES"] == "1"
+
+    # A server started on GPU 3 sends slot 0 to GPU 3, not to GPU 0 (nvidia-smi shows it one GPU, as cuda:0).
+    await place(0, 1, {"CUDA_VISIBLE_DEVICES": "3"})
+    assert worker_env(seen[-1], {"CUDA_VISIBLE_DEVICES": "3"})["CUDA_VISIBLE_DEVICES"] == "3"
+    await place(1, 2, {"CUDA_VISIBLE_DEVICES": "2,5"})
+    assert seen[-1].cuda_visible_devices == "5"
+
+    # --slots 2 on one GPU: slot 1 is refused, it does not train on the CPU.
+    runs = len(seen)
+    refused = await place(1, 1, {"CUDA_VISIBLE_DEVICES": "3"})
+    assert len(seen) == runs, "no worker was started"
+    assert isinstance(refused.final, Error) and refused.final.reason == "NO_GPU_FOR_SLOT"
+    assert "1 GPU (3)" in refused.final.message and "--slots 1" in refused.final.hint
 
 
 def test_oom_heuristic(tmp_path: Path) -> None:
@@ -342,3 +360,19 @@ async def test_cancelled_caller_does_not_orphan_the_worker(tmp_path: Path, tiny_
         await task
     await asyncio.gather(*supervisor._background)  # the worker stops on stdin EOF, long before any escalation
     assert_gone(pids[0])
+
+
+async def test_out_of_memory_at_model_load_is_reported_as_out_of_memory_not_a_crash(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A crash would be retried into the same failure; OUT_OF_MEMORY fails the job at once with the hints."""
+    spec = make_spec(tmp_path, tiny_model_dir)
+    recorder = Recorder()
+    env = {**os.environ, "FINETUNE_FAULTS": "oom_at_model_load=1"}
+    exit_ = await run_worker(
+        spec, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "job" / "worker.log", env=env
+    )
+    assert not exit_.crashed, exit_.log_tail
+    assert isinstance(exit_.final, Error) and exit_.final.reason == "OUT_OF_MEMORY", exit_.final
+    assert "while loading the model" in exit_.final.message and exit_.final.step == 0
+    assert "per_device_train_batch_size" in exit_.final.hint

@@ -36,8 +36,6 @@ from finetune_server.storage.job_store import JobStore
 from finetune_server.storage.records import ArtifactRecord, DatasetRecord, JobRecord, JobState
 from finetune_server.training import presets
 from finetune_server.training.data.checks import CheckStopped
-from finetune_server.training.validation import CheckHooks, ValidationReport, validate
-from finetune_server.util.stoppable import run_stoppable
 
 PROGRESS_INTERVAL_S = 1.0  # StreamValidateConfig's pace: often enough for a bar, rarely enough to cost nothing
 
@@ -75,14 +73,10 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
     ) -> pb.ValidateConfigResponse:
         """The report of ValidateConfig and StreamValidateConfig; a rejection raises with the report as detail."""
         config = config_from_proto(config_message)
-
-        def check(should_stop: Callable[[], bool]) -> ValidationReport:
-            hooks = CheckHooks(should_stop=should_stop, on_progress=on_progress)
-            return validate(config, self._settings, target_device=target_device, hooks=hooks)
-
-        # Reading the dataset and tokenizing it is CPU work: off the event loop, and stopped when the caller goes.
-        try:
-            report = await run_stoppable(check, timeout_s=context.time_remaining())
+        try:  # off the event loop, and stopped when the caller goes
+            report = await self._jobs.validate(
+                config, target_device, on_progress=on_progress, timeout_s=context.time_remaining()
+            )
         except CheckStopped:
             raise FinetuneError(
                 ErrorKind.DEADLINE_EXCEEDED,

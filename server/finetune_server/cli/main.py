@@ -26,6 +26,7 @@ from finetune_server.settings import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_UPLOAD_BYTES,
     DEFAULT_TOKEN_CACHE_MAX_BYTES,
+    RaySettings,
     ServerSettings,
 )
 
@@ -47,6 +48,11 @@ class JobStateName(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+
+
+class ExecutorName(StrEnum):
+    local = "local"
+    ray = "ray"
 
 
 class ExportFormatName(StrEnum):
@@ -72,6 +78,19 @@ KeepaliveTimeoutOption = Annotated[
 ]
 MinPingIntervalOption = Annotated[
     float, typer.Option(min=0.001, help="Shortest interval at which clients may ping; faster ones get GOAWAY.")
+]
+RayAddressOption = Annotated[
+    str, typer.Option(help="With --executor ray: the cluster's head, host:port, or auto (RAY_ADDRESS, or this host's).")
+]
+RayNamespaceOption = Annotated[str, typer.Option(help="With --executor ray: the namespace of the job actors.")]
+RayGpusOption = Annotated[int, typer.Option(min=0, help="With --executor ray: GPUs each job's actor asks for.")]
+RayCpusOption = Annotated[float, typer.Option(min=0.01, help="With --executor ray: CPUs each job's actor asks for.")]
+RayWorkersOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="With --executor ray: Ray Train workers per job (DDP; each asks for the GPUs and CPUs above).",
+    ),
 ]
 
 
@@ -151,6 +170,14 @@ def serve(
             min=0.1, help="How long a job's lease lasts unless renewed: a dead server's jobs wait this long to resume."
         ),
     ] = DEFAULT_LEASE_SECONDS,
+    executor: Annotated[
+        ExecutorName, typer.Option(help="Where jobs run: worker subprocesses here, or actors on a Ray cluster.")
+    ] = ExecutorName.local,
+    ray_address: RayAddressOption = RaySettings.address,
+    ray_namespace: RayNamespaceOption = RaySettings.namespace,
+    ray_gpus_per_job: RayGpusOption = RaySettings.gpus_per_job,
+    ray_cpus_per_job: RayCpusOption = RaySettings.cpus_per_job,
+    ray_workers_per_job: RayWorkersOption = RaySettings.workers_per_job,
     grace: Annotated[float, typer.Option(help="Seconds in-flight calls get on SIGTERM/SIGINT.")] = 10.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -189,6 +216,8 @@ def serve(
             worker_cpus=pinned,
             store_url=store,
             lease_seconds=lease_seconds,
+            executor=executor.value,
+            ray=RaySettings(ray_address, ray_namespace, ray_gpus_per_job, ray_cpus_per_job, ray_workers_per_job),
             max_generate_workers=max_generate_workers,
             generate_idle_s=generate_idle,
             max_new_tokens_limit=max_new_tokens_limit,
@@ -198,14 +227,17 @@ def serve(
     if settings.hf_cache_dir is not None:  # workers inherit it: they reopen hub datasets from this cache
         os.environ["HF_HUB_CACHE"] = str(Path(settings.hf_cache_dir).expanduser().resolve())
     from finetune_server.app import serve as run_server
+    from finetune_server.cli import common
     from finetune_server.storage.job_store import StoreRefusedError
+    from finetune_server.workers.executor import ExecutorUnavailableError
 
     announced = {"on_bound": _announce("listening on"), "on_metrics_bound": _announce("metrics on")}
     try:
         asyncio.run(run_server(settings, host, port, grace, **announced))
-    except StoreRefusedError as exc:  # unreachable, too new, another data dir's: one line, no traceback
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    # One line and exit 2, no traceback: a store that is unreachable, too new or another data dir's; a Ray cluster
+    # that cannot be reached or cannot see the data dir.
+    except (StoreRefusedError, ExecutorUnavailableError) as exc:
+        common.fail(str(exc), common.EXIT_USAGE)
 
 
 def _prepare_server_process(log_level: str) -> None:
@@ -281,8 +313,8 @@ def validate(
 
     with common.session(remote) as service:
         data = configs.load_config(config, set_ or [])
-        # The bar goes to stderr with --json, so stdout stays one JSON document.
-        bar = common.console(stderr=json_output)
+        # The bar is on stderr: stdout holds only the report (one JSON document with --json).
+        bar = common.console(stderr=True)
         result = transfer.validate_with_progress(service, data, target_device=target_device, console=bar)
     if json_output:
         common.print_json(result.to_dict())

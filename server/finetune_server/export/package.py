@@ -3,9 +3,11 @@
 ADAPTER: adapter_config.json + adapter_model.safetensors, the tokenizer files, `chat_template.jinja` (the template
 trained with, also in tokenizer_config.json) and a `generation_config.json` whose eos includes the template's
 end-of-turn token.
-MERGED: the adapter folded into a 16-bit copy of the base (bf16 where the GPU supports it, else fp16; fp32 on CPU),
-never a quantised one even when training used 8-bit or 4-bit (merging into rounded weights degrades the model),
-saved as safetensors shards with the same tokenizer files, template and generation config. It loads with plain
+MERGED: the adapter folded into a copy of the base in the base's own dtype (a bf16 base merges and ships as bf16,
+an fp32 one as fp32, whatever device merges it), on the CPU unless the caller names a device (a GPU is the training
+slots': a merge there could push a running job out of memory), never a quantised one even when training used
+8-bit or 4-bit (merging into rounded weights degrades the model), saved as safetensors shards with the same
+tokenizer files, template and generation config. It loads with plain
 `AutoModelForCausalLM.from_pretrained(dir)`: no peft, no bitsandbytes.
 
 Why the generation config: a base model's eos is often `<|endoftext|>` while the chat template ends a turn with
@@ -126,8 +128,8 @@ def export_artifact(
     """Build the artifact at `target_dir` (replacing one there) and return its manifest.
 
     `fmt` is an ExportFormat or its value. `config` is the job's resolved TrainingConfig as a dict (its
-    chat_template settings count when the job has no final adapter to take the template from). `device` None: CUDA
-    when available, else CPU. `artifact_name` and `serve_path` only shape the vLLM serve command (defaults: the target
+    chat_template settings count when the job has no final adapter to take the template from). `device` where a merge
+    runs, None: the CPU. `artifact_name` and `serve_path` only shape the vLLM serve command (defaults: the target
     folder's name, `./NAME`); `base_model` is the base's name for people and for `vllm serve` (default `model_ref`,
     which may be this server's local path).
     Raises FinetuneError: NOT_FOUND (ADAPTER_NOT_FOUND, CHECKPOINT_NOT_FOUND), INVALID_ARGUMENT (EXPORT_FORMAT),
@@ -356,13 +358,17 @@ def _write_generation_config(dest: Path, base: Mapping[str, Any], tokenizer_dir:
 # --- merging ---------------------------------------------------------------------------------------------------------
 
 
-def merge_dtype(device: Any) -> Any:
-    """fp32 on CPU; bf16 on a GPU that supports it, else fp16."""
-    import torch
+_FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+def merge_dtype(base_config: Mapping[str, Any]) -> str:
+    """The dtype the merged model is built and saved in: the base's own, as its config.json says (`dtype`, or
+    `torch_dtype` before transformers 5); "auto" (transformers reads it off the weights) when it says none."""
+    for key in ("dtype", "torch_dtype"):
+        value = str(base_config.get(key) or "").removeprefix("torch.")
+        if value in _FLOAT_DTYPES:
+            return value
+    return "auto"
 
 
 def _merge(
@@ -386,11 +392,11 @@ def _merge(
             f"{model_dir.name} is a quantised checkpoint: merging into rounded weights degrades the model",
             hint="Train on the full-precision base (load_in_4bit quantises it while loading), or export the ADAPTER.",
         )
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = merge_dtype(dev)
-    on_progress("loading_base", 0.0, f"loading the base model in {str(dtype).removeprefix('torch.')} on {dev}")
+    dev = torch.device(device or "cpu")
+    dtype_name = merge_dtype(base_config)
+    on_progress("loading_base", 0.0, f"loading the base model in {dtype_name} on {dev}")
     # No quantization_config: always the full-precision weights, whatever the training used.
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype_name, "auto"))
     base = base.to(dev)  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
     on_progress("merging", 0.35, "applying the adapter")
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)

@@ -49,7 +49,7 @@ from finetune_server.storage.records import EventKind, JobEventRecord, JobRecord
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.dataset_source import training_refs
 from finetune_server.training.engine.errors import out_of_memory_hint
-from finetune_server.training.validation import CheckHooks, validate
+from finetune_server.training.validation import CheckHooks, ValidationReport, validate
 from finetune_server.util.stoppable import run_stoppable
 from finetune_server.workers.executor import Executor
 from finetune_server.workers.protocol import Cancelled, Error, Event, Message, Result, Started
@@ -304,8 +304,7 @@ class JobService:
             existing = await self._db(self._store.find_by_request_id, request_id, owner)
             if existing is not None:
                 return _same_request(existing, digest), False
-        # Stopped, like ValidateConfig, when the caller goes before the job exists.
-        report = await run_stoppable(lambda stop: validate(config, self._settings, hooks=CheckHooks(should_stop=stop)))
+        report = await self.validate(config)  # stopped, like ValidateConfig, when the caller goes
         if not report.valid:
             raise report.rejection()
         estimate = report.memory_estimate
@@ -336,6 +335,25 @@ class JobService:
         log.info("job.queued", job_id=job.id, model=config.model_name)
         self._wake.set()
         return job, created
+
+    async def validate(
+        self,
+        config: TrainingConfig,
+        target_device: str = "",
+        *,
+        on_progress: Callable[[str, int, int | None], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> ValidationReport:
+        """What ValidateConfig answers and Train checks: the config's own checks, then whether the executor could
+        place a job at all. Off the event loop (it reads and tokenizes the dataset), and stopped when the awaiting
+        caller is cancelled or `timeout_s` passes (CheckStopped)."""
+
+        def checked(should_stop: Callable[[], bool]) -> ValidationReport:
+            problem = self._executor.placement_problem() or ""
+            hooks = CheckHooks(should_stop=should_stop, on_progress=on_progress)
+            return validate(config, self._settings, target_device=target_device, placement_problem=problem, hooks=hooks)
+
+        return await run_stoppable(checked, timeout_s=timeout_s)
 
     async def get(self, job_id: str) -> JobRecord:
         try:
@@ -535,7 +553,7 @@ class JobService:
             await self._fail(job.id, error, lease)
             return True
         # No final word: the worker died. Retry from the newest checkpoint while attempts remain.
-        how = f"signal {outcome.signal.name}" if outcome.signal else f"exit code {outcome.returncode}"
+        how = outcome.how
         if outcome.oom_killed:
             await self._fail(
                 job.id,

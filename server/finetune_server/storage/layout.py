@@ -58,6 +58,7 @@ ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
 LOSS_CURVE_FILE = "loss_curve.png"
 TENSORBOARD_DIR = "tensorboard"
+RAY_TRAIN_DIR = "ray-train"  # Ray Train's run folders of a job's multi-worker attempts
 
 # Inside a checkpoint folder.
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -140,6 +141,7 @@ class JobDir(_Folder):
     metrics = _Under(METRICS_FILE)
     loss_curve = _Under(LOSS_CURVE_FILE)
     tensorboard = _Under(TENSORBOARD_DIR)
+    ray_train = _Under(RAY_TRAIN_DIR)
     resolved_config = _Under(RESOLVED_CONFIG_FILE)
 
     def checkpoint(self, step: int) -> Path:

@@ -2,11 +2,13 @@
 
 Notation: P base parameters, P_lin those in the decoder blocks' linear layers (the ones bitsandbytes quantises),
 T = batch x sequence tokens, h hidden, i intermediate, q = heads x head_dim, kv = kv_heads x head_dim, L layers,
-V vocab, a the activation dtype size (4 on the CPU, 2 with bf16/fp16 on a GPU, else 4), r the LoRA rank.
+V vocab, a the activation dtype size (4 on the CPU, 2 with bf16/fp16 on a GPU, else 4; 4 for a quantised base: its
+fp32 embeddings make the residual stream fp32, and bitsandbytes' layers return their input's dtype), r the LoRA rank.
 
 - weights: 16-bit or fp32 as above: P x a. int8 (LLM.int8): P_lin x 1 + one fp32 scale per output row, the rest
-  (embeddings, norms, lm_head) 16-bit on a GPU. NF4 with double quantisation: P_lin x (0.5 + 1/64 + 4/(64*256)), the
-  rest 16-bit. (peft's prepare_model_for_kbit_training upcasts that rest to fp32: +2 bytes each if it is called.)
+  (embeddings, norms, lm_head) fp32: peft's prepare_model_for_kbit_training, which every quantised run calls, upcasts
+  every non-quantised parameter to fp32 (~2 GB more than 16-bit for an 8B model's embeddings and lm_head). NF4 with
+  double quantisation: P_lin x (0.5 + 1/64 + 4/(64*256)), the rest fp32 likewise.
 - adapter: r x (in + out) per targeted linear per layer (+ out per layer for DoRA's magnitude; + full copies of
   `modules_to_save`), fp32: 4 bytes each. gradients: the same count x 4. optimizer: AdamW keeps 2 fp32 states (8
   bytes per trainable parameter); paged 8-bit AdamW 2 bytes.
@@ -17,6 +19,12 @@ V vocab, a the activation dtype size (4 on the CPU, 2 with bf16/fp16 on a GPU, e
   T x (L x A + 3h) x a, plus one layer of gradients in flight during backward (T x A x a). With it: T x L x h x a
   (each layer's input) + two layers' worth (one recomputed, one of gradients). The logits add T x V x 4 bytes x 4
   (fp32 logits, log-softmax kept by the loss, and both gradients during backward); on small models they dominate.
+- attention mask, the T^2 term: a batch with padding or packed rows gets a dense boolean mask, rows x seq^2 bytes,
+  and SDPA converts it to a float bias (rows x seq^2 x s, s = 2 under 16-bit autocast on a GPU, else 4) in every
+  layer, which autograd keeps for the backward pass: L copies, 2 with checkpointing. Measured on this CPU (tiny
+  model, 4 x 2048 tokens, 2 layers): a padded batch kept 131 MiB more than an unpadded one, where this predicts 144.
+  An unpadded, unpacked batch needs no mask (an upper bound, then). Packing keeps rows at max_length (batching.py),
+  so seq is max_length there too.
 - overhead: on a GPU 0.5 GiB CUDA context + 10% of the rest for allocator fragmentation; on the CPU the resident set
   of importing torch + transformers + peft, ~0.4 GiB (measured 405 MB here), + 30% of the rest for glibc's arenas,
   which keep freed blocks (measured: the same step peaks 22% lower with MALLOC_ARENA_MAX=1).
@@ -108,6 +116,11 @@ class _Run:
 
     @property
     def act_bytes(self) -> int:
+        return 4 if self.quant else self.attention_bytes
+
+    @property
+    def attention_bytes(self) -> int:
+        """What SDPA computes in (autocast casts its inputs to 16-bit even where the residual stream is fp32)."""
         return 2 if self.on_gpu and self.half else 4
 
 
@@ -181,7 +194,7 @@ def _estimate(run: _Run, model: ModelSummary, model_config: dict[str, Any]) -> M
     a = run.act_bytes
     linear_params = min(base, sum(s.in_features * s.out_features * s.count for s in shapes.values()))
     if run.quant:
-        rest_bytes = 2 if run.on_gpu else 4
+        rest_bytes = 4  # prepare_model_for_kbit_training upcasts every non-quantised parameter to fp32
         per_param = 1.0 if run.quant == "int8" else NF4_BYTES_PER_PARAM
         scales = sum(s.out_features * s.count for s in shapes.values()) * 4 if run.quant == "int8" else 0
         weights = int(linear_params * per_param) + scales + (base - linear_params) * rest_bytes
@@ -199,7 +212,7 @@ def _estimate(run: _Run, model: ModelSummary, model_config: dict[str, Any]) -> M
     lora_bytes = lora_values * a + (sum(s.in_features for s in targeted.values()) * (a + 1) if run.dropout else 0)
     layer_bytes = per_layer * a + lora_bytes
     kept = d.layers * hidden * a + 2 * layer_bytes if run.checkpointing else (d.layers + 1) * layer_bytes
-    activations = tokens * (kept + 3 * hidden * a + LOGITS_COPIES * vocab * 4)
+    activations = tokens * (kept + 3 * hidden * a + LOGITS_COPIES * vocab * 4) + attention_mask_bytes(run, d.layers)
 
     subtotal = weights + adapter + gradients + optimizer + activations
     if run.on_gpu:
@@ -219,6 +232,12 @@ def _estimate(run: _Run, model: ModelSummary, model_config: dict[str, Any]) -> M
         sequence_length=run.seq,
         method=METHOD,
     )
+
+
+def attention_mask_bytes(run: _Run, layers: int) -> int:
+    """The dense mask of a padded or packed batch, and the float bias SDPA keeps per layer for backward."""
+    copies = 2 if run.checkpointing else layers
+    return run.batch * run.seq * run.seq * (1 + copies * run.attention_bytes)
 
 
 def _fits(total: int, capacity: int) -> bool:

@@ -1,25 +1,34 @@
 """The executor: the seam between the scheduler and whatever runs a job.
 
 `LocalSubprocessExecutor` runs each job attempt in a worker subprocess on this host (`supervisor.run_worker`, on the
-host-local plumbing of `process.py`). A later executor can hand jobs to a cluster engine (Ray: one task per job with
-its GPU resources) behind the same `Executor` protocol and reuse the worker entry points and `protocol.py`; the
-scheduler only sees `run(...) -> WorkerExit`, `stop_leftover(...)` and the protocol's typed messages.
+host-local plumbing of `process.py`). `ray_executor.RayExecutor` runs each attempt in an actor on a Ray cluster, which
+runs that same worker on its node. The scheduler only sees `run(...) -> WorkerExit`, `stop_leftover(...)`,
+`placement_problem()` and the protocol's typed messages; `open_executor` is the one place that picks one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
+from finetune_server.errors import FinetuneError
 from finetune_server.host.devices import detect_devices
+from finetune_server.settings import ServerSettings
 from finetune_server.storage.layout import JobDir
+from finetune_server.workers.gpu_slots import worker_visible_devices
 from finetune_server.workers.process import kill_process_group
-from finetune_server.workers.protocol import Message, Started
+from finetune_server.workers.protocol import EXIT_ERROR, Error, Message, Started
 from finetune_server.workers.supervisor import OnMessage, WorkerExit, run_worker
 from finetune_server.workers.train import WorkerSpec
+
+
+class ExecutorUnavailableError(Exception):
+    """The executor cannot run jobs at all (its cluster is unreachable, or cannot see the data dir): the server
+    must not start. The message is one line that says what is wrong."""
 
 
 class Executor(Protocol):
@@ -32,6 +41,19 @@ class Executor(Protocol):
     async def stop_leftover(self, job_dir: Path) -> None:
         """A server that crashed may have left this job's worker running: make sure it stops before a new attempt."""
         ...
+
+    def placement_problem(self) -> str | None:
+        """Why no job could be placed now (it asks for more than any machine has), or None. May block briefly."""
+        ...
+
+
+async def open_executor(settings: ServerSettings) -> Executor:
+    """The executor the settings name, connected and checked; ExecutorUnavailableError when it cannot run jobs."""
+    if settings.executor == "ray":
+        from finetune_server.workers.ray_executor import RayExecutor  # ray is imported only here
+
+        return await RayExecutor.connect(settings)
+    return LocalSubprocessExecutor()
 
 
 class LocalSubprocessExecutor:
@@ -55,8 +77,12 @@ class LocalSubprocessExecutor:
             await on_message(message)
 
         try:
+            placed = await self._place(spec)
+        except FinetuneError as exc:  # no GPU for this slot: the job fails with that, it is not retried
+            return WorkerExit(pid=0, returncode=EXIT_ERROR, signal=None, final=Error.from_exception(exc))
+        try:
             return await run_worker(
-                await self._place(spec),
+                placed,
                 on_message=relay,
                 cancel=cancel,
                 log_path=log_path,
@@ -74,16 +100,22 @@ class LocalSubprocessExecutor:
             kill_process_group(int(pid_file.read_text().strip() or 0))
             pid_file.unlink(missing_ok=True)
 
-    @staticmethod
-    async def _place(spec: WorkerSpec) -> WorkerSpec:
-        """Without GPUs a slot means nothing (the CPU is shared): drop it rather than hide devices that do not exist.
+    def placement_problem(self) -> str | None:
+        return None  # the slots are this host's
 
-        With one, the worker sees only its GPU, as cuda:0.
+    async def _place(self, spec: WorkerSpec) -> WorkerSpec:
+        """The slot's GPU, numbered within the server's own CUDA_VISIBLE_DEVICES; the worker sees it as cuda:0.
+
+        Without GPUs a slot means nothing (the CPU is shared): drop it rather than hide devices that do not exist.
+        A slot beyond the server's GPUs raises NO_GPU_FOR_SLOT instead of training on the CPU.
         """
         if spec.gpu_slot is None:
             return spec
         devices = await asyncio.to_thread(detect_devices)  # nvidia-smi: keep it off the event loop
-        if not any(d.name.startswith("cuda") for d in devices):
-            return dataclasses.replace(spec, gpu_slot=None)
-        device = spec.device if spec.device in (None, "cpu") else "cuda:0"
-        return dataclasses.replace(spec, device=device)
+        gpu_count = sum(1 for d in devices if d.name.startswith("cuda"))
+        visible = worker_visible_devices(spec.gpu_slot, os.environ if self._env is None else self._env, gpu_count)
+        if visible is None:
+            return dataclasses.replace(spec, gpu_slot=None, cuda_visible_devices=None)
+        # cuda:0 said outright: a worker whose GPU is unusable fails with CUDA_UNAVAILABLE instead of using the CPU.
+        device = "cpu" if spec.device == "cpu" else "cuda:0"
+        return dataclasses.replace(spec, device=device, cuda_visible_devices=visible)

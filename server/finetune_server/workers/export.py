@@ -49,7 +49,7 @@ class ExportSpec(Spec):
     checkpoint_step: int | None = None  # None: the final adapter
     hub_cache_dir: str | None = None
     hub_offline: bool | None = None
-    device: str | None = None
+    device: str | None = None  # where the merge runs; None: the CPU (a GPU only when named, e.g. "cuda:0")
     artifact_name: str | None = None
     serve_path: str | None = None
     base_model: str | None = None  # the base's name as people know it (a hub id), for the manifest and vllm serve

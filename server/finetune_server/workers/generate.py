@@ -157,7 +157,11 @@ def load(spec: GenerateSpec) -> Loaded:
 
     device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log.info("loading model", model=spec.model_ref, adapter=str(adapter_dir), device=str(device))
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=merge_dtype(device))
+    # fp32 on the CPU (exact, and bf16 there is slow); on a GPU the base's own dtype, as a merged export ships it.
+    dtype = getattr(torch, merge_dtype(_read_json(model_dir / "config.json")), "auto")
+    if device.type != "cuda":
+        dtype = torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = model.to(device)
     if adapter_dir is not None:
         from peft import PeftModel

@@ -53,10 +53,11 @@ raises ValueError and the server logs and drops the line.
 
 Stopping
 --------
-The training worker reads stdin: a line ``cancel`` sets its stop flag, and so does EOF (the server died), so an
-orphaned worker never keeps training beside a restarted server (`watch_stdin`). Training stops between micro-steps,
-keeping the checkpoints already written; the next attempt resumes from the newest one. The server escalates to
-SIGTERM, then SIGKILL, of the process group. The export worker has no stdin: stopping it means killing its group.
+The training worker reads stdin: a line ``cancel`` sets its stop flag, and so does EOF (the server, or the Ray
+actor that started it, died), so an orphaned worker never keeps training beside a restarted server (`watch_stdin`);
+one still running `ORPHAN_EXIT_S` after EOF exits by itself. Training stops between micro-steps, keeping the
+checkpoints already written; the next attempt resumes from the newest one. The server escalates to SIGTERM, then
+SIGKILL, of the process group. The export worker has no stdin: stopping it means killing its group.
 The generation worker reads one JSON request per line (`GenerateCommand`); a line ``cancel`` stops the generation in
 progress at its next token (it then sends ``done`` with `cancelled`) and EOF makes it exit once that is done.
 """
@@ -70,10 +71,11 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar, Self
+from typing import IO, Any, ClassVar, Protocol, Self
 
 from finetune_server.errors import ErrorKind, FinetuneError, Violation
 
@@ -81,6 +83,7 @@ EXIT_OK = 0  # a final message that is not an error: result, cancelled, artifact
 EXIT_ERROR = 1  # a typed error, reported
 EXIT_CRASH = 2  # an unexpected exception, not reported
 EVENT_KINDS = frozenset({"progress", "eval", "checkpoint", "log"})
+ORPHAN_EXIT_S = 30.0  # how long a worker whose stdin closed may take to stop by itself before it exits anyway
 
 
 # --- messages --------------------------------------------------------------------------------------------------------
@@ -363,6 +366,12 @@ class Spec:
 # --- the worker's side -----------------------------------------------------------------------------------------------
 
 
+class MessageSink(Protocol):
+    """Where a worker's messages go: the events pipe (`Channel`), or a cluster executor's queue."""
+
+    def send(self, message: Message) -> None: ...
+
+
 class Channel:
     """The events pipe. A broken pipe means the server is gone: set `stop` and drop further messages."""
 
@@ -393,8 +402,10 @@ class Channel:
             self._stream.close()
 
 
-def watch_stdin(stdin: IO[str], stop: threading.Event, log: Any) -> None:
-    """Set `stop` on a "cancel" line or on EOF (the server died); runs in a daemon thread."""
+def watch_stdin(stdin: IO[str], stop: threading.Event, log: Any, orphan_exit_s: float = ORPHAN_EXIT_S) -> None:
+    """Set `stop` on a "cancel" line or on EOF (the server, or the Ray actor that started us, died); runs in a
+    daemon thread. After EOF nobody will escalate: a worker still running `orphan_exit_s` later (stuck in a long
+    step or a save) exits by itself, so no orphan keeps a GPU. A worker that ends in time never gets there."""
     try:
         for line in stdin:
             if line.strip() == "cancel":
@@ -405,6 +416,9 @@ def watch_stdin(stdin: IO[str], stop: threading.Event, log: Any) -> None:
     if not stop.is_set():
         log.warning("stdin closed: the server is gone, stopping")
     stop.set()
+    time.sleep(orphan_exit_s)
+    log.error("stdin closed and still running: exiting", waited_s=orphan_exit_s)
+    os._exit(EXIT_CRASH)
 
 
 def start_stdin_watch(stop: threading.Event, log: Any) -> None:

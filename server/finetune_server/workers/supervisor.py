@@ -30,6 +30,7 @@ from finetune_server.workers import generate as generate_worker
 from finetune_server.workers import train as train_worker
 from finetune_server.workers.export import ExportSpec
 from finetune_server.workers.generate import GenerateSpec
+from finetune_server.workers.gpu_slots import CUDA_VISIBLE_DEVICES
 from finetune_server.workers.process import (
     MessagePipe,
     cgroup_oom_kills,
@@ -70,6 +71,14 @@ class WorkerExit:
     log_tail: list[str] = field(default_factory=list)
     oom_killed: bool = False
     started: Started | None = None  # the "started" message, if the worker got that far
+    cause: str = ""  # how it ended when no exit status tells (a cluster executor lost it with its actor)
+
+    @property
+    def how(self) -> str:
+        """How it ended, for a message: its cause, else the signal that killed it, else its exit code."""
+        if self.cause:
+            return self.cause
+        return f"signal {self.signal.name}" if self.signal else f"exit code {self.returncode}"
 
     @property
     def crashed(self) -> bool:
@@ -264,10 +273,11 @@ def spec_path_for(spec: WorkerSpec) -> Path:
 
 
 def worker_env(spec: WorkerSpec, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The training worker's environment: `env` (default: ours), its GPU slot as CUDA_VISIBLE_DEVICES, unbuffered."""
+    """The training worker's environment: `env` (default: ours), its slot's GPU as CUDA_VISIBLE_DEVICES (which the
+    executor derived from the server's own list, `gpu_slots`), unbuffered."""
     out = _unbuffered_env(env)
-    if spec.gpu_slot is not None:
-        out["CUDA_VISIBLE_DEVICES"] = str(spec.gpu_slot)
+    if spec.cuda_visible_devices is not None:
+        out[CUDA_VISIBLE_DEVICES] = spec.cuda_visible_devices
     return out
 
 
@@ -331,7 +341,7 @@ async def run_export(
             spec_path,
             on_message=relay_progress,
             log_path=log_path,
-            env=_unbuffered_env(env),
+            env=export_env(checked, env),
             bound=bound,
         )
     except BaseException:
@@ -346,6 +356,15 @@ async def run_export(
     remove_staging(target_dir)  # a killed worker cannot clean up after itself
     bound.warning("export worker crashed", returncode=exit_.returncode)
     raise _export_crashed(exit_, log_path)
+
+
+def export_env(spec: ExportSpec, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The export worker's environment: a merge on the CPU (the default) sees no GPU at all, so neither it nor a
+    library it imports makes a CUDA context on a GPU a training job is using."""
+    out = _unbuffered_env(env)
+    if not (spec.device or "cpu").startswith("cuda"):
+        out[CUDA_VISIBLE_DEVICES] = ""
+    return out
 
 
 def _export_crashed(exit_: WorkerExit, log_path: Path) -> FinetuneError:

@@ -28,6 +28,7 @@ from finetune_server.workers.protocol import (
     Channel,
     Error,
     Event,
+    MessageSink,
     Result,
     Spec,
     Started,
@@ -51,7 +52,8 @@ class WorkerSpec(Spec):
     hub_cache_dir: str | None = None
     hub_offline: bool | None = None
     device: str | None = None  # e.g. "cpu", "cuda:0"; None: the engine picks
-    gpu_slot: int | None = None  # host GPU index -> CUDA_VISIBLE_DEVICES (set by the supervisor, not the worker)
+    gpu_slot: int | None = None  # the job slot (the scheduler's number; slot k trains on the server's k-th GPU)
+    cuda_visible_devices: str | None = None  # the slot's GPU as the worker's CUDA_VISIBLE_DEVICES (`gpu_slots`)
     data_dir: str | None = None  # adapter_location is reported relative to it when set
     cpu_threads: int | None = None  # torch/OpenMP threads; None: torch's default
     cpus: list[int] | None = None  # CPUs to run on; None: the server's
@@ -115,8 +117,10 @@ def _adapter_location(adapter_dir: Path, data_dir: str | None) -> str:
     return str(adapter_dir)
 
 
-def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> int:
-    """Train one attempt and send the final message; returns the exit code (typed errors included)."""
+def run(spec: WorkerSpec, channel: MessageSink, stop: threading.Event, log: Any, *, tensorboard: bool = True) -> int:
+    """Train one attempt and send the final message; returns the exit code (typed errors included).
+
+    `tensorboard`: whether this process writes the job's TensorBoard files (only one rank of a DDP attempt does)."""
     # Heavy imports here, not at module level: the supervisor imports WorkerSpec without torch.
     from finetune_server.errors import FinetuneError
     from finetune_server.observability.tensorboard import tensorboard_sink
@@ -131,19 +135,23 @@ def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> 
     checkpoints = list_checkpoints(output_dir)
     resumed_from = checkpoints[-1][0] if checkpoints else None
     channel.send(Started(resumed_from_step=resumed_from, pid=os.getpid()))
-    log.info("worker started", resumed_from_step=resumed_from, pid=os.getpid())
+    log.info(
+        "worker started",
+        resumed_from_step=resumed_from,
+        pid=os.getpid(),
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),  # set by its executor: a slot, or Ray's GPUs
+    )
     if stop.is_set():  # cancelled (or orphaned) while importing: do not load the model at all
         channel.send(Cancelled(step=resumed_from or 0))
         return EXIT_OK
-    tensorboard = tensorboard_sink(
-        JobDir(output_dir).tensorboard, resumed_from_step=resumed_from
-    )  # None: not installed
+    # None: not installed, or not this rank's job
+    board = tensorboard_sink(JobDir(output_dir).tensorboard, resumed_from_step=resumed_from) if tensorboard else None
 
     def on_event(event: Any) -> None:
         message = event_message(event)
         channel.send(message)
-        if tensorboard is not None:
-            tensorboard(message)
+        if board is not None:
+            board(message)
 
     try:
         outcome = run_training(
@@ -171,8 +179,8 @@ def run(spec: WorkerSpec, channel: Channel, stop: threading.Event, log: Any) -> 
         channel.send(Error.from_exception(exc))
         return EXIT_ERROR
     finally:
-        if tensorboard is not None:
-            tensorboard.close()
+        if board is not None:
+            board.close()
     channel.send(_result(outcome, spec.data_dir))
     return EXIT_OK
 

@@ -6,12 +6,17 @@ Two steps, kept apart so a resumed run can rebuild exactly the same epoch and sk
   of its arguments and keeps numpy arrays, not a Python list per batch.
 - `collate` turns one micro-batch of encoded examples into tensors.
 
-Packing puts a micro-batch into ONE row with `position_ids` restarting at 0 for each example and no attention mask.
-transformers 5 then derives a block-diagonal causal mask from the position ids (`find_packed_sequence_indices` in
-`masking_utils`) for eager, sdpa, flex and flash attention alike, but ONLY when the model runs without a KV cache:
-with a cache (`config.use_cache` is True by default, even in train mode) the detection is skipped and examples
-silently attend to each other. `Batch.model_inputs()` therefore always passes `use_cache=False`; call the model with
-it. tests/unit/test_packing_leakage.py proves per-token losses of a packed row equal those of each example alone.
+Packing fills rows of at most `max_length` tokens (best-fit decreasing) and puts `batch_size` rows in a micro-batch,
+with `position_ids` restarting at 0 for each example and no attention mask. transformers 5 then derives a
+block-diagonal causal mask per row from the position ids (`find_packed_sequence_indices` in `masking_utils`) for
+eager, sdpa, flex and flash attention alike, but ONLY when the model runs without a KV cache: with a cache
+(`config.use_cache` is True by default, even in train mode) the detection is skipped and examples silently attend to
+each other. `Batch.model_inputs()` therefore always passes `use_cache=False`; call the model with it.
+tests/unit/test_packing_leakage.py proves per-token losses of packed rows equal those of each example alone.
+Rows, not one row for the whole micro-batch: for sdpa and eager that mask is dense, rows x T x T, and attention costs
+T^2 per row; one row of batch x max_length tokens (32768 at 8 x 4096) would cost a 1 GiB mask and batch times the
+attention work of the same tokens as rows of max_length. A row's padding tail is a segment of its own (positions from
+0, no labels), so no example attends to it.
 
 Measured on a CPU, packing (and any padding-free layout without a variable-length attention kernel) trains ~3x
 slower than dynamic padding, and grouping examples by length removes most of padding's waste, so length-grouped
@@ -55,10 +60,10 @@ class EncodedLike(Protocol):
 class Batch:
     """One micro-batch ready for the model.
 
-    `attention_mask` is the 2-D padding mask, or None for a packed row (the packed-sequence detection needs None).
+    `attention_mask` is the 2-D padding mask, or None for packed rows (the packed-sequence detection needs None).
     `num_tokens` counts non-padding tokens; `num_trainable` counts the labels the loss averages over after the causal
     shift (what `num_items_in_batch` must sum to across gradient-accumulation steps). `seq_lens` are the example
-    lengths in order (for a packed row, the segment lengths).
+    lengths in order (for packed rows, the segment lengths); `segments` where each starts, as (row, offset).
     """
 
     input_ids: torch.Tensor
@@ -69,6 +74,7 @@ class Batch:
     num_trainable: int
     packed: bool
     seq_lens: tuple[int, ...]
+    segments: tuple[tuple[int, int], ...]
 
     @property
     def num_examples(self) -> int:
@@ -165,8 +171,10 @@ def plan_epoch(
 
     A pure, deterministic function of its arguments, so a resumed run rebuilds the same epoch and skips the batches
     already done. Padding mode: batches of `batch_size` examples, grouped by length unless `group_by_length` is False.
-    Packing mode: bins of at most `batch_size * max_length` tokens (best-fit decreasing), one packed row each. In both
-    modes the batch with the most tokens comes first, so an out-of-memory shows at step 1, not hours later.
+    Packing mode: rows of at most `max_length` tokens (best-fit decreasing), `batch_size` rows a batch (so a batch
+    holds at most `batch_size * max_length` tokens, as a padded one does); `collate` with the same `max_length`
+    rebuilds the rows. In both modes the batch with the most tokens comes first, so an out-of-memory shows at step 1,
+    not hours later.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -180,7 +188,7 @@ def plan_epoch(
     if not len(order):
         return EpochPlan(order, np.zeros(1, dtype=np.int64), order)
     if packing:
-        flat, starts = _pack_best_fit_decreasing(order, sizes, budget=batch_size * max_length)
+        flat, starts = _rows_into_batches(*_pack_best_fit_decreasing(order, sizes, budget=max_length), batch_size, rng)
     elif group_by_length:
         flat, starts = _length_grouped(order, sizes, batch_size), _every(batch_size, len(order))
     else:
@@ -244,8 +252,40 @@ def _pack_best_fit_decreasing(order: np.ndarray, lengths: np.ndarray, *, budget:
     return flat, starts
 
 
-def collate(examples: Sequence[EncodedLike], *, packing: bool, pad_token_id: int) -> Batch:
-    """Tensors for one micro-batch: right-padded rows, or one packed row (see the module docstring)."""
+def _rows_into_batches(
+    flat: np.ndarray, row_starts: np.ndarray, batch_size: int, rng: random.Random
+) -> tuple[np.ndarray, np.ndarray]:
+    """Packed rows (examples grouped by row, as `_pack_best_fit_decreasing` returns them) shuffled and taken
+    `batch_size` at a time: the examples grouped by batch, and the batches' start offsets."""
+    rows = len(row_starts) - 1
+    row_order = shuffled_range(rng, rows)
+    pieces = [flat[row_starts[r] : row_starts[r + 1]] for r in row_order.tolist()]
+    sizes = np.diff(row_starts)[row_order]
+    batch_ends = np.cumsum(sizes)[np.minimum(np.arange(batch_size, rows + batch_size, batch_size), rows) - 1]
+    return np.concatenate(pieces) if pieces else flat, np.concatenate([[0], batch_ends]).astype(np.int64)
+
+
+def next_fit_rows(seq_lens: Sequence[int], max_length: int | None) -> list[list[int]]:
+    """Consecutive examples into rows of at most `max_length` tokens (None: all in one row); an example longer than
+    that gets a row of its own. Over a batch that `plan_epoch` packed (rows concatenated), this never makes more rows
+    than the plan had: each planned row adds at most one."""
+    rows: list[list[int]] = []
+    used = 0
+    for k, n in enumerate(seq_lens):
+        if rows and (max_length is None or used + n <= max_length):
+            rows[-1].append(k)
+            used += n
+        else:
+            rows.append([k])
+            used = n
+    return rows
+
+
+def collate(
+    examples: Sequence[EncodedLike], *, packing: bool, pad_token_id: int, max_length: int | None = None
+) -> Batch:
+    """Tensors for one micro-batch: right-padded rows, or packed rows of at most `max_length` tokens (None: one row)
+    (see the module docstring)."""
     if not examples:
         raise ValueError("cannot collate an empty batch")
     seq_lens = tuple(len(e.input_ids) for e in examples)
@@ -254,27 +294,42 @@ def collate(examples: Sequence[EncodedLike], *, packing: bool, pad_token_id: int
             raise ValueError("cannot collate an example without tokens")
         if len(e.labels) != n:
             raise ValueError(f"labels ({len(e.labels)}) and input_ids ({n}) differ in length")
-    return _collate_packed(examples, seq_lens) if packing else _collate_padded(examples, seq_lens, pad_token_id)
+    if packing:
+        return _collate_packed(examples, seq_lens, next_fit_rows(seq_lens, max_length), pad_token_id)
+    return _collate_padded(examples, seq_lens, pad_token_id)
 
 
-def _collate_packed(examples: Sequence[EncodedLike], seq_lens: tuple[int, ...]) -> Batch:
-    total = sum(seq_lens)
-    input_ids = torch.from_numpy(np.concatenate([np.asarray(e.input_ids, dtype=np.int64) for e in examples]))
-    labels = torch.from_numpy(np.concatenate([np.asarray(e.labels, dtype=np.int64) for e in examples]))
-    starts = torch.tensor([0, *accumulate(seq_lens[:-1])], dtype=torch.long)
-    # Positions restart at 0 at each segment start (one arange per example, not a loop per token).
-    position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in seq_lens])
-    # The first token of each segment is never a target, so the last token of one example never predicts the next.
-    labels[starts] = IGNORE_INDEX
+def _collate_packed(
+    examples: Sequence[EncodedLike], seq_lens: tuple[int, ...], rows: list[list[int]], pad_token_id: int
+) -> Batch:
+    row_tokens = [sum(seq_lens[k] for k in row) for row in rows]
+    width = max(row_tokens)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segments: list[tuple[int, int]] = [(0, 0)] * len(seq_lens)
+    for r, row in enumerate(rows):
+        offsets = [0, *accumulate(seq_lens[k] for k in row)]
+        for k, start in zip(row, offsets, strict=False):
+            n = seq_lens[k]
+            input_ids[r, start : start + n] = torch.as_tensor(np.asarray(examples[k].input_ids, dtype=np.int64))
+            labels[r, start + 1 : start + n] = torch.as_tensor(np.asarray(examples[k].labels[1:], dtype=np.int64))
+            # Positions restart at 0 at each segment start; the first token of a segment is never a target, so the
+            # last token of one example never predicts the next.
+            position_ids[r, start : start + n] = torch.arange(n, dtype=torch.long)
+            segments[k] = (r, start)
+        # The padding tail is one more segment (positions from 0 again): attended by nothing before it.
+        position_ids[r, row_tokens[r] :] = torch.arange(width - row_tokens[r], dtype=torch.long)
     return Batch(
-        input_ids=input_ids.unsqueeze(0),
-        labels=labels.unsqueeze(0),
+        input_ids=input_ids,
+        labels=labels,
         attention_mask=None,
-        position_ids=position_ids.unsqueeze(0),
-        num_tokens=total,
-        num_trainable=_count_trainable(labels.unsqueeze(0)),
+        position_ids=position_ids,
+        num_tokens=sum(seq_lens),
+        num_trainable=_count_trainable(labels),
         packed=True,
         seq_lens=seq_lens,
+        segments=tuple(segments),
     )
 
 
@@ -298,6 +353,7 @@ def _collate_padded(examples: Sequence[EncodedLike], seq_lens: tuple[int, ...], 
         num_trainable=_count_trainable(labels),
         packed=False,
         seq_lens=seq_lens,
+        segments=tuple((row, 0) for row in range(rows)),
     )
 
 

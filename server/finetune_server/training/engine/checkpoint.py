@@ -4,8 +4,9 @@ Layout of `output_dir/checkpoints/step-00000100/`:
     adapter/              the LoRA adapter (PEFT save_pretrained, safetensors)
     optimizer.pt          optimizer state dict
     scheduler.pt          LR scheduler state dict
-    rng.pt                torch CPU and CUDA generator states
-    trainer_state.json    step, data position, python/numpy RNG states and `extra` (loss history, counters)
+    rng.pt                each rank's torch CPU generator and its own GPU's generator
+    trainer_state.json    step, data position, each rank's python/numpy RNG states, the fp16 loss scaler's state
+                          and `extra` (loss history, counters)
     complete              written last
 
 A checkpoint is written into a temp folder next to the others, every file fsynced, then renamed into place and the
@@ -51,31 +52,41 @@ class CheckpointState:
     step: int
     path: Path
     data_position: DataPosition
-    rng_states: dict[str, Any]
+    rng_states: list[dict[str, Any]]  # one per rank that saved it, in rank order (`rng_states_for_rank`)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def capture_rng_states() -> dict[str, Any]:
-    """Every generator the loop may draw from: python, numpy, torch CPU and each CUDA device."""
+def capture_rng_states(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's generators: python, numpy, torch CPU, and the CUDA generator of `device` only.
+
+    Only this rank's own GPU: the `*_all` calls would create a CUDA context on every visible GPU (hundreds of MiB
+    each, on GPUs other jobs use) and a rank would restore another rank's state.
+    """
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": [version, list(internal), gauss],
         "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
     }
 
 
-def restore_rng_states(states: dict[str, Any]) -> None:
+def restore_rng_states(states: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore what `capture_rng_states` took (the CUDA generator onto `device`, when both are there)."""
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
-    cuda_states = states.get("cuda") or []
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
+    cuda_state = states.get("cuda")
+    if isinstance(cuda_state, torch.Tensor) and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+def rng_states_for_rank(states: list[dict[str, Any]], rank: int) -> dict[str, Any]:
+    """This rank's saved generators; a rank the checkpoint did not have (more processes now) takes rank 0's."""
+    return states[rank] if rank < len(states) else states[0]
 
 
 def _fsync_tree(root: Path) -> None:
@@ -126,11 +137,16 @@ def save_checkpoint(
     model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    rng_states: dict[str, Any],
+    rng_states: list[dict[str, Any]],
     data_position: DataPosition,
     extra: dict[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """Write `checkpoints/step-{step:08d}` atomically and return its path. `extra` must be JSON-serialisable."""
+    """Write `checkpoints/step-{step:08d}` atomically and return its path. `extra` must be JSON-serialisable.
+
+    `rng_states`: `capture_rng_states()` of every rank, in rank order. `scaler`: fp16's loss scaler, whose scale
+    and growth counter a resume needs to continue exactly (a fresh scale would skip steps while it backs off).
+    """
     parent = layout.JobDir(Path(output_dir)).checkpoints
     parent.mkdir(parents=True, exist_ok=True)
     target = parent / checkpoint_name(step)
@@ -140,11 +156,14 @@ def save_checkpoint(
         faults.on_checkpoint_write(staging)  # FINETUNE_FAULTS=disk_full_at_checkpoint=N (tests, chaos drills)
         _torch_save(optimizer.state_dict(), staging / layout.OPTIMIZER_FILE)
         _torch_save(scheduler.state_dict(), staging / layout.SCHEDULER_FILE)
-        _torch_save({"torch": rng_states["torch"], "cuda": rng_states.get("cuda") or []}, staging / layout.RNG_FILE)
+        _torch_save(
+            {"ranks": [{"torch": r["torch"], "cuda": r.get("cuda")} for r in rng_states]}, staging / layout.RNG_FILE
+        )
         state = {
             "step": step,
             "data_position": {"epoch": data_position.epoch, "batch_index": data_position.batch_index},
-            "rng": {"python": rng_states["python"], "numpy": rng_states["numpy"]},
+            "rng": {"ranks": [{"python": r["python"], "numpy": r["numpy"]} for r in rng_states]},
+            "scaler": scaler.state_dict() if scaler is not None else None,  # plain numbers
             "extra": extra or {},
         }
         (staging / layout.TRAINER_STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
@@ -194,8 +213,16 @@ def folder_size(path: Path) -> int:
     return folder_bytes(path)
 
 
-def load_checkpoint(path: Path, *, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> CheckpointState:
-    """Restore the adapter weights, optimizer and scheduler in place; return the step, data position, RNG and extra.
+def load_checkpoint(
+    path: Path,
+    *,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None = None,
+) -> CheckpointState:
+    """Restore the adapter weights, optimizer, scheduler and loss scaler in place; return the step, data position,
+    RNG and extra.
 
     RNG states are returned, not applied: the caller restores them right before the loop, after everything that
     draws random numbers during setup (model init, LoRA init).
@@ -212,15 +239,35 @@ def load_checkpoint(path: Path, *, model: Any, optimizer: torch.optim.Optimizer,
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "modules_to_save" in k]
     if unexpected:
         raise ValueError(f"checkpoint {path.name} does not match the model: unexpected {unexpected[:5]}")
-    optimizer.load_state_dict(torch.load(path / layout.OPTIMIZER_FILE, map_location=device, weights_only=True))
+    load_optimizer_state(optimizer, path / layout.OPTIMIZER_FILE)
     scheduler.load_state_dict(torch.load(path / layout.SCHEDULER_FILE, weights_only=True))
     torch_rng = torch.load(path / layout.RNG_FILE, weights_only=True)
     state = json.loads((path / layout.TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     position = state["data_position"]
     return CheckpointState(
         step=int(state["step"]),
         path=path,
         data_position=DataPosition(epoch=int(position["epoch"]), batch_index=int(position["batch_index"])),
-        rng_states={**state["rng"], "torch": torch_rng["torch"], "cuda": torch_rng["cuda"]},
+        rng_states=_rank_rng_states(state["rng"], torch_rng),
         extra=state.get("extra", {}),
     )
+
+
+def _rank_rng_states(host: dict[str, Any], device: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each rank's generators; a checkpoint written before they were per rank holds one set (its CUDA list is
+    dropped: it was every visible GPU's, not this rank's)."""
+    if "ranks" not in host:
+        return [{"python": host["python"], "numpy": host["numpy"], "torch": device["torch"], "cuda": None}]
+    return [{**h, **d} for h, d in zip(host["ranks"], device["ranks"], strict=True)]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Load an optimizer state saved by `save_checkpoint`, read onto the CPU.
+
+    `Optimizer.load_state_dict` moves the moments to their parameters' device and dtype itself but leaves AdamW's
+    `step` counters where the file was mapped; mapped to a GPU, each step would then read every counter back to
+    the host (one sync per parameter per step). Read on the CPU, they stay there as a fresh run keeps them.
+    """
+    optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

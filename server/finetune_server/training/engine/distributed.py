@@ -11,12 +11,15 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
 from finetune_server.errors import ErrorKind
 from finetune_server.training.engine.errors import TrainingError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,19 @@ def dist_info() -> DistInfo:
 
 
 def pick_device(device: torch.device | str | None, dist: DistInfo) -> torch.device:
-    """The caller's device, else this rank's GPU, else the CPU."""
+    """The caller's device, else this rank's GPU, else the CPU. A CUDA device asked for where CUDA is unusable is
+    an error (CUDA_UNAVAILABLE), never a quiet fall back to hours of fp32 on the CPU."""
     if device is not None:
-        return torch.device(device)
+        chosen = torch.device(device)
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise TrainingError(
+                ErrorKind.FAILED_PRECONDITION,
+                "CUDA_UNAVAILABLE",
+                f"training was placed on {chosen} but this worker sees no usable CUDA device "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})",
+                hint="Check the driver with nvidia-smi, and that the server's --slots do not exceed its GPUs.",
+            )
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
@@ -121,6 +134,15 @@ def sum_tensors_across(dist: DistInfo, *tensors: torch.Tensor) -> None:
         return
     for tensor in tensors:
         torch_dist.all_reduce(tensor)
+
+
+def gather_objects(dist: DistInfo, value: T) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, on every rank (a collective: every rank must call it)."""
+    if dist.world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -12,7 +12,8 @@ import contextlib
 import errno
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,18 +57,38 @@ def raise_if_not_finite(loss: float, *, step: int, learning_rate: float) -> None
 
 
 class OutOfMemoryError(TrainingError):
-    def __init__(self, step: int, device: str, detail: str, config: TrainingConfig | None = None) -> None:
+    def __init__(
+        self,
+        step: int,
+        device: str,
+        detail: str,
+        config: TrainingConfig | None = None,
+        *,
+        during: str = "",
+        gpu: GpuFacts | None = None,
+    ) -> None:
         super().__init__(
             ErrorKind.RESOURCE_EXHAUSTED,
             "OUT_OF_MEMORY",
-            f"{device} ran out of memory at step {step}: {detail}",
+            f"{device} ran out of memory {during or f'at step {step}'}: {detail}",
             step=step,
-            hint=out_of_memory_hint(config),
+            hint=out_of_memory_hint(config, gpu=gpu),
         )
 
 
-def out_of_memory_hint(config: TrainingConfig | None) -> str:
-    """Settings to try next, computed from the run's own values (halve the micro-batch, keep the effective batch)."""
+@dataclass(frozen=True)
+class GpuFacts:
+    """What the hints need to know of the GPU a run failed on."""
+
+    bf16_supported: bool  # compute capability 8.0+ (emulated bf16 on older cards is slower than fp32)
+
+
+def out_of_memory_hint(config: TrainingConfig | None, *, gpu: GpuFacts | None = None) -> str:
+    """Settings to try next, computed from the run's own values (halve the micro-batch, keep the effective batch).
+
+    `gpu`: the GPU the run failed on; None when it was the CPU or is not known (then GPU-only savings are offered
+    as "CUDA only" only when the device is not known).
+    """
     if config is None:
         return (
             "Use a smaller per_device_train_batch_size (raise gradient_accumulation_steps to keep the effective "
@@ -85,32 +106,71 @@ def out_of_memory_hint(config: TrainingConfig | None) -> str:
         )
     if not config.gradient_checkpointing:
         tries.append("gradient_checkpointing=true")
+    quantized = bool(config.load_in_4bit or config.load_in_8bit)
+    if gpu is not None and not (config.bf16 or config.fp16) and not quantized:
+        # fp32 weights take twice the memory of 16-bit ones; bf16 needs no loss scaling, fp16 does (older GPUs).
+        tries.append("bf16=true (16-bit weights)" if gpu.bf16_supported else "fp16=true (16-bit weights)")
     if max_length > 64:
         tries.append(f"max_length={max_length // 2} (longer examples are truncated)")
     if not config.load_in_4bit:
-        tries.append("load_in_4bit=true (QLoRA, CUDA only)")
+        tries.append("load_in_4bit=true (QLoRA" + (")" if gpu is not None else ", CUDA only)"))
+    if gpu is not None and config.optim != "paged_adamw_8bit":
+        tries.append("optim=paged_adamw_8bit (8-bit optimizer states, paged to host memory under pressure)")
     if not tries:
         return "Every memory saving is already on: choose a smaller model, or a device with more memory."
     return "Try, one at a time: " + "; ".join(tries) + "."
 
 
+# A failed allocation as a RuntimeError: the CPU allocator's, CUDA's own, and cuBLAS/cuDNN failing to allocate their
+# workspace (`CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)`: the GPU was full before the first matmul).
+_OOM_WORDS = ("out of memory", "can't allocate memory", "_STATUS_ALLOC_FAILED")
+
+
 def out_of_memory_error(
-    exc: BaseException, *, step: int, device: str, config: TrainingConfig
+    exc: BaseException, *, step: int, device: str, config: TrainingConfig, during: str = ""
 ) -> OutOfMemoryError | None:
     """The OUT_OF_MEMORY error that `exc` amounts to, or None when it is no failed allocation.
 
     torch raises torch.OutOfMemoryError on CUDA, but a plain RuntimeError ("can't allocate memory") when the CPU
-    allocator fails; Python itself raises MemoryError.
+    allocator fails, or a cuBLAS status; Python itself raises MemoryError.
     """
     import torch  # only the training worker calls this; the server imports this module without torch
 
-    if isinstance(exc, torch.OutOfMemoryError):
-        return OutOfMemoryError(step, device, str(exc).splitlines()[0], config)
+    gpu = gpu_facts(device)
     if isinstance(exc, MemoryError):
-        return OutOfMemoryError(step, device, "the process could not allocate host memory", config)
-    if isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc)):
-        return OutOfMemoryError(step, device, str(exc).splitlines()[0], config)
-    return None
+        detail = "the process could not allocate host memory"
+    elif isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(words in str(exc) for words in _OOM_WORDS)
+    ):
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    else:
+        return None
+    return OutOfMemoryError(step, device, detail, config, during=during, gpu=gpu)
+
+
+def gpu_facts(device: str) -> GpuFacts | None:
+    """The hints' facts of `device` when it is a usable CUDA device, else None."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    major, _ = torch.cuda.get_device_capability(torch.device(device))
+    return GpuFacts(bf16_supported=major >= 8)
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(
+    step: Callable[[], int], device: str, config: TrainingConfig, *, during: str = ""
+) -> Iterator[None]:
+    """A failed allocation in the block becomes OUT_OF_MEMORY (a typed error: the job fails at once with the hints,
+    it is not retried into the same failure); anything else passes through. `step()` says at which step."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        oom = out_of_memory_error(exc, step=step(), device=device, config=config, during=during)
+        if oom is None:
+            raise
+        raise oom from exc
 
 
 class DiskFullError(TrainingError):

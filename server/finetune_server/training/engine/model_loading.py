@@ -89,7 +89,7 @@ def load_for_training(
     cache_dir: Path | None = None,
 ) -> tuple[Any, Path]:
     """The PEFT model on `device` in train mode (only the adapter trainable), and the folder with the tokenizer."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
@@ -123,6 +123,22 @@ def load_for_training(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_GC_KWARGS)
 
+    peft_model = add_lora(model, config, targets)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("lora ready", targets=targets, trainable_params=trainable, total_params=total)
+    return peft_model, model_dir
+
+
+def add_lora(model: nn.Module, config: TrainingConfig, targets: list[str]) -> Any:
+    """The PEFT model in train mode, with every trainable parameter in fp32.
+
+    peft upcasts the LoRA matrices of a 16-bit base itself, but not the full copies `modules_to_save` makes: those
+    stay fp16/bf16, and under fp16 `GradScaler.unscale_` refuses their gradients ("Attempting to unscale FP16
+    gradients") at the first step; in bf16 their small AdamW updates would round away. The optimizer's master
+    weights are fp32 in every case; autocast runs the matmuls in 16-bit.
+    """
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(
         r=int(config.lora.r or 16),
         lora_alpha=int(config.lora.alpha or 2 * int(config.lora.r or 16)),
@@ -134,7 +150,8 @@ def load_for_training(
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
+    for param in peft_model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
     peft_model.train()
-    trainable, total = peft_model.get_nb_trainable_parameters()
-    log.info("lora ready", targets=targets, trainable_params=trainable, total_params=total)
-    return peft_model, model_dir
+    return peft_model

@@ -65,6 +65,7 @@ from finetune_server.training.engine.distributed import (
     any_rank,
     barrier,
     dist_info,
+    gather_objects,
     on_main_rank,
     pick_device,
     process_group_from_env,
@@ -75,7 +76,7 @@ from finetune_server.training.engine.distributed import (
 from finetune_server.training.engine.errors import (
     TrainingCancelled,
     disk_full_as_error,
-    out_of_memory_error,
+    out_of_memory_as_error,
     raise_if_not_finite,
 )
 from finetune_server.training.engine.events import (
@@ -369,10 +370,15 @@ class LoRARecipe:
         self.model_dir = resolve_model_dir(self.model_ref, cache_dir=self.hub_cache_dir, offline=self.hub_offline)
         self.tokens = self.setup_tokenizer()
         self.data = self.setup_data()
-        self.model = self.setup_model()  # after the data, so data errors come before minutes of loading
-        self.plan = self.setup_batch_plan()
-        self.optim = self.setup_optimizer()
-        resume = self.setup_resume()
+        # Model load, DDP wrap and checkpoint load allocate on the device too: an OOM there is as final as one in a
+        # step (a retry would fail the same way), so it is the same typed error.
+        with out_of_memory_as_error(
+            lambda: 0, str(self.device), self.config, during="while loading the model, optimizer or checkpoint"
+        ):
+            self.model = self.setup_model()  # after the data, so data errors come before minutes of loading
+            self.plan = self.setup_batch_plan()
+            self.optim = self.setup_optimizer()
+            resume = self.setup_resume()
         self.state, self._rng_to_restore = resume.state, resume.rng_states
         threads = torch.get_num_threads()
         self._say(
@@ -475,6 +481,7 @@ class LoRARecipe:
     def setup_model(self) -> ModelSetup:
         """The base model with LoRA on the device, wrapped for DDP with several processes, and its precision."""
         peft_model, _ = load_for_training(self.config, self.model_dir, device=self.device)
+        faults.after_model_load()  # FINETUNE_FAULTS=oom_at_model_load=N (tests, chaos drills)
         # The adapter names its base as the caller did (a hub id, not this machine's cache path), for serving elsewhere.
         peft_model.peft_config["default"].base_model_name_or_path = str(self.model_ref)
         ddp = wrap_ddp(peft_model, self.dist, self.device)
@@ -532,14 +539,18 @@ class LoRARecipe:
         if latest is None:
             return Resume(TrainState(), None)
         loaded = ckpt.load_checkpoint(
-            latest, model=self.model.peft_model, optimizer=self.optim.optimizer, scheduler=self.optim.scheduler
+            latest,
+            model=self.model.peft_model,
+            optimizer=self.optim.optimizer,
+            scheduler=self.optim.scheduler,
+            scaler=self.model.scaler,
         )
         state = TrainState.from_checkpoint(loaded)
         self._say(
             LogLevel.INFO,
             f"resumed from {latest.relative_to(self.output_dir)} (step {state.step} of {self.plan.total_steps})",
         )
-        return Resume(state, loaded.rng_states)
+        return Resume(state, ckpt.rng_states_for_rank(loaded.rng_states, self.dist.rank))
 
     # --- the loop ----------------------------------------------------------------------------------------------------
 
@@ -548,24 +559,20 @@ class LoRARecipe:
         self.attempt = Attempt(start_step=self.state.step)
         # RNG is restored last, after everything in setup that drew random numbers (LoRA init).
         if self._rng_to_restore is not None:
-            ckpt.restore_rng_states(self._rng_to_restore)
+            ckpt.restore_rng_states(self._rng_to_restore, self.device)
         self.model.train_module.train()
         stream = self.plan.batches.stream(self.state.position)
         try:
-            while self.state.step < self.plan.total_steps and not self.attempt.stopped_early:
-                if self.dist.world_size > 1 and any_rank(self.should_stop(), self.device):
-                    raise TrainingCancelled(self.state.step)
-                self._train_step([next(stream) for _ in range(self.plan.window)])
-                self._after_step()
-            self._after_last_step()
+            with out_of_memory_as_error(lambda: self.state.step + 1, str(self.device), self.config):
+                while self.state.step < self.plan.total_steps and not self.attempt.stopped_early:
+                    if self.dist.world_size > 1 and any_rank(self.should_stop(), self.device):
+                        raise TrainingCancelled(self.state.step)
+                    self._train_step([next(stream) for _ in range(self.plan.window)])
+                    self._after_step()
+                self._after_last_step()
         except TrainingCancelled:
             self._say(LogLevel.INFO, f"cancelled at step {self.state.step}")
             raise
-        except (MemoryError, RuntimeError) as exc:
-            oom = out_of_memory_error(exc, step=self.state.step + 1, device=str(self.device), config=self.config)
-            if oom is None:
-                raise
-            raise oom from exc
         return self._finish()
 
     def _train_step(self, window: Sequence[tuple[ckpt.DataPosition, list[int]]]) -> None:
@@ -594,6 +601,7 @@ class LoRARecipe:
                 self.data.train.rows(indices),
                 packing=self.settings.packing,
                 pad_token_id=self.tokens.pad_token_id,
+                max_length=self.settings.max_length,
             )
             loss_sum = self._forward_backward(batch, window_tokens, sync_grads=k == len(mine) - 1)
             window_loss += loss_sum.detach() / window_tokens
@@ -677,8 +685,12 @@ class LoRARecipe:
         pending.clear()
 
     def _eval_loss(self) -> float:
-        """The token-weighted mean loss over the eval set (each rank its share, summed)."""
-        module, dev = self.model.train_module, self.device
+        """The token-weighted mean loss over the eval set (each rank its share, summed).
+
+        Through the bare model, not the DDP wrapper: DDP's forward broadcasts buffers (a collective), and a rank
+        with fewer eval batches than the others (or none) would leave them waiting in it forever.
+        """
+        module, dev = self.model.peft_model, self.device
         module.eval()
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         count = torch.zeros((), device=dev, dtype=torch.float64)
@@ -688,13 +700,14 @@ class LoRARecipe:
                     self.data.eval.rows(indices),
                     packing=self.settings.packing,
                     pad_token_id=self.tokens.pad_token_id,
+                    max_length=self.settings.max_length,
                 )
                 batch = batch.to(dev, non_blocking=True)
                 logits = module(**batch.model_inputs(include_labels=False)).logits
                 loss_sum += token_loss_sum(logits, batch.labels).double()
                 count += batch.num_trainable
         sum_tensors_across(self.dist, loss_sum, count)
-        module.train()
+        self.model.train_module.train()
         return float(loss_sum.item() / max(1.0, count.item()))
 
     def _run_eval(self) -> None:
@@ -720,10 +733,14 @@ class LoRARecipe:
 
     def _save_checkpoint(self) -> None:
         self._flush()  # never save weights that a NaN already spoiled
-        on_main_rank(self.dist, self.device, self.state.step, "the checkpoint", self._write_checkpoint)
+        # Each rank's own generators (dropout draws differ by rank): rank 0 writes them all, each resumes its own.
+        rng_states = gather_objects(self.dist, ckpt.capture_rng_states(self.device))
+        on_main_rank(
+            self.dist, self.device, self.state.step, "the checkpoint", lambda: self._write_checkpoint(rng_states)
+        )
         self.state.last_saved_step = self.state.step
 
-    def _write_checkpoint(self) -> None:
+    def _write_checkpoint(self, rng_states: list[dict[str, Any]]) -> None:
         state, output_dir = self.state, self.output_dir
         with disk_full_as_error(
             state.step,
@@ -738,9 +755,10 @@ class LoRARecipe:
                 model=self.model.peft_model,
                 optimizer=self.optim.optimizer,
                 scheduler=self.optim.scheduler,
-                rng_states=ckpt.capture_rng_states(),
+                rng_states=rng_states,
                 data_position=state.position,
                 extra={**state.to_extra(), "elapsed_before_s": state.elapsed_before_s + self.attempt.elapsed()},
+                scaler=self.model.scaler,
             )
         ckpt.prune(output_dir, int(self.config.save_total_limit or 0), best_step=state.best_eval_step)
         self._emit(CheckpointEvent(state.step, str(path.relative_to(output_dir)), ckpt.folder_size(path)))

@@ -306,7 +306,10 @@ class TrainingConfig(_message.Message):
     fp16: _builtins.bool
     """Compute in float16 on the GPU. Default false. Exclusive with bf16."""
     bf16: _builtins.bool
-    """Compute in bfloat16 on the GPU (needs compute capability 8.0 or later). Default false."""
+    """Compute in bfloat16 on the GPU (needs compute capability 8.0 or later). Default: true when neither fp16 nor bf16
+    is set (by the caller or the preset) and every GPU of the server has bfloat16 in hardware; false otherwise (a
+    CPU-only server trains in fp32). The resolved config says which.
+    """
     optim: _builtins.str
     """Optimizer: `adamw_torch` (default) or `paged_adamw_8bit` (bitsandbytes, CUDA only)."""
     seed: _builtins.int
