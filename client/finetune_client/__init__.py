@@ -21,7 +21,7 @@ from finetune_client.interface import (
     TrainResult,
     ValidationResult,
 )
-from finetune_client.remote import GrpcFineTuneService
+from finetune_client.remote import GrpcFineTuneService, TextStream
 from finetune_client.studio import FinetuneManager, TaskInfo, TaskNotFoundError, TaskStateError, TaskStatus
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "TaskNotFoundError",
     "TaskStateError",
     "TaskStatus",
+    "TextStream",
     "TrainResult",
     "ValidationResult",
     "channel_options",

@@ -50,7 +50,7 @@ from finetune_client.interface import (
     ValidationResult,
 )
 
-__all__ = ["CHUNK_SIZE", "GrpcFineTuneService"]
+__all__ = ["CHUNK_SIZE", "GrpcFineTuneService", "TextStream"]
 
 logger = logging.getLogger(__name__)
 
@@ -403,6 +403,49 @@ class GrpcFineTuneService(IFineTuneService):
         return response
 
     # ----------------------------------------------------------------------------------------------------------
+    # generation
+    # ----------------------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        job_id: str | None = None,
+        model_name: str | None = None,
+        checkpoint_step: int | None = None,
+        artifact_id: str | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> TextStream:
+        """The next assistant turn of `messages` ({"role", "content"} dicts), as text pieces while they are made.
+
+        Name one of `job_id` (its final adapter, or `checkpoint_step`'s checkpoint), `model_name` (a base model) or
+        `artifact_id` (an export). temperature 0 is greedy; `max_new_tokens` None takes the server's default (256).
+        The returned iterator's `finish` holds the GenerateFinish (reason, token counts) once it is exhausted;
+        closing it (or leaving a `with` block) early cancels the call, which stops the generation on the server.
+        A dropped stream is not resumed (an answer cannot be continued): it raises FinetuneServiceError.
+        """
+        request = pb.GenerateRequest(
+            messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+            model_name=model_name or "",
+            job_id=job_id or "",
+            artifact_id=artifact_id or "",
+            temperature=temperature,
+            top_p=top_p,
+            stop=list(stop or []),
+        )
+        if checkpoint_step is not None:
+            request.checkpoint_step = checkpoint_step
+        if max_new_tokens is not None:
+            request.max_new_tokens = max_new_tokens
+        if seed is not None:
+            request.seed = seed
+        return TextStream(self._stub.Generate(request, metadata=self._metadata), self._address)
+
+    # ----------------------------------------------------------------------------------------------------------
     # datasets
     # ----------------------------------------------------------------------------------------------------------
 
@@ -522,6 +565,48 @@ class GrpcFineTuneService(IFineTuneService):
                 reason="CHECKSUM_MISMATCH",
                 hint="the download was corrupted or the artifact changed on the server; export again",
             )
+
+
+class TextStream(Iterator[str]):
+    """The text pieces of one Generate call; `finish` is its GenerateFinish once the last piece was read."""
+
+    def __init__(self, call: Any, address: str) -> None:
+        self._call = call
+        self._address = address
+        self._done = False
+        self.finish: pb.GenerateFinish | None = None
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        try:
+            response: pb.GenerateResponse = next(self._call)
+        except StopIteration:
+            self._done = True
+            raise FinetuneServiceError(grpc.StatusCode.INTERNAL, "the Generate stream ended without a finish") from None
+        except grpc.RpcError as exc:
+            self._done = True
+            raise from_rpc_error(exc, address=self._address) from exc
+        if response.WhichOneof("kind") == "finish":
+            self.finish = response.finish
+            self._done = True
+            raise StopIteration
+        return response.text
+
+    def close(self) -> None:
+        """Cancel the call if it is still open: the server stops generating at its next token."""
+        if not self._done:
+            self._done = True
+            self._call.cancel()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _to_config(config: Mapping[str, Any] | pb.TrainingConfig) -> pb.TrainingConfig:

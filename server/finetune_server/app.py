@@ -1,6 +1,6 @@
-"""Server assembly: the job store, the job and export services, the executor, metrics and server info, wired to the
-FineTuneService servicer and carried by the gRPC transport (`finetune_server.api.transport`), in start-up order and
-back down in shutdown order."""
+"""Server assembly: the job store, the job, export and generation services, the executor, metrics and server info,
+wired to the FineTuneService servicer and carried by the gRPC transport (`finetune_server.api.transport`), in
+start-up order and back down in shutdown order."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from finetune_server.api.transport import GrpcTransport, on_termination_signals
 from finetune_server.host.server_info import ServerInfoProvider
 from finetune_server.jobs.datasets import DatasetService
 from finetune_server.jobs.exports import ExportService
+from finetune_server.jobs.generation import GenerateService
 from finetune_server.jobs.service import JobService
 from finetune_server.observability.metrics import ServiceMetrics, store_state_counts
 from finetune_server.settings import ServerSettings
@@ -48,6 +49,7 @@ class FinetuneServer:
         self._executor = executor  # None: the one the settings name, opened at start
         self.store: JobStore | None = None
         self.jobs: JobService | None = None
+        self.generation: GenerateService | None = None
         self.host = host
         self.port = port
         self.grace = grace
@@ -84,7 +86,10 @@ class FinetuneServer:
             interceptors.append(UnavailableFaultInterceptor(faults.active().unavailable_first_calls))
         exports = ExportService(self.settings, self.store)
         datasets = DatasetService(self.settings, self.store)
-        servicer = FineTuneServicer(self.settings, self._info, self.jobs, self.store, exports, datasets)
+        self.generation = GenerateService(self.settings)
+        servicer = FineTuneServicer(
+            self.settings, self._info, self.jobs, self.store, exports, datasets, self.generation
+        )
         transport = GrpcTransport(
             servicer, interceptors, self.settings, host=self.host, port=self.port, grace=self.grace
         )
@@ -103,7 +108,11 @@ class FinetuneServer:
         if self._transport is None or self._stopped.is_set():
             return
         log.info("server.draining", grace_s=self.grace)
+        if self.generation is not None:
+            self.generation.begin_stop()  # answers in progress end now (CANCELLED), not at the end of the grace
         await self._transport.drain()
+        if self.generation is not None:
+            await self.generation.stop()  # its workers exit (each holds a whole model)
         if self.jobs is not None:
             await self.jobs.stop()  # running jobs go back to the queue and resume on any server
         if self.metrics is not None:

@@ -71,6 +71,11 @@ class ServerSettings:
     store_reread_s: float = 1.0  # shared store: how often the tables are re-read in case a notice was lost
     executor: str = "local"  # one of EXECUTORS: worker subprocesses on this host, or actors on a Ray cluster
     ray: RaySettings = field(default_factory=RaySettings)
+    # Generate: worker processes (each holds one model; apart from the training slots, sharing a GPU with them),
+    # how long an idle one stays loaded for the next request with the same model, the largest max_new_tokens.
+    max_generate_workers: int = 1
+    generate_idle_s: float = 60.0
+    max_new_tokens_limit: int = 1024
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()

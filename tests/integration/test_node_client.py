@@ -1,10 +1,10 @@
 """A Node.js caller (@grpc/grpc-js + proto-loader, the proto read at run time) against a real server.
 
 Proves that the contract works outside Python: plain unary calls, rich error details decoded from the
-`grpc-status-details-bin` trailer, a server stream, and the published service config's retry policies (grpc-js
-retries what it names, and not Train) against a server that refuses each method's first call. The npm packages
-come from tests/xlang/node/package-lock.json; `make test` installs them, and this test runs `npm ci` itself when they
-are missing. Node is required, never skipped.
+`grpc-status-details-bin` trailer, server streams (Train's events, Generate's text), and the published service
+config's retry policies (grpc-js retries what it names, and not Train) against a server that refuses each method's
+first call. The npm packages come from tests/xlang/node/package-lock.json; `make test` installs them, and this test
+runs `npm ci` itself when they are missing. Node is required, never skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from google.rpc import status_pb2
 
+from finetune_client import GrpcFineTuneService
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 
 from .conftest import RunningServer
@@ -104,6 +105,17 @@ def test_node_trains_and_follows_the_stream_to_the_end(observed: dict[str, Any],
         job = stub.GetJob(pb.GetJobRequest(job_id=train["job"]["id"]), timeout=10).job
     assert job.state == pb.JOB_STATE_SUCCEEDED and job.last_sequence == len(events)
     assert job.display_name == "node-client" and job.result.steps == 3
+
+
+def test_node_streams_generated_text_from_the_job(observed: dict[str, Any], server: RunningServer) -> None:
+    generated = observed["generate"]
+    finish = generated["finish"]
+    assert (generated["pieces"] and finish["completion_tokens"] == 4) or finish["reason"] == "FINISH_REASON_EOS"
+    assert finish["step"] == 3 and finish["prompt_tokens"] > 0
+    request = generated["request"]
+    with GrpcFineTuneService(server.address, timeout=120) as client:  # the same request from Python
+        answer = "".join(client.generate(request["messages"], job_id=request["job_id"], max_new_tokens=4))
+    assert "".join(generated["pieces"]) == answer
 
 
 def test_node_retries_what_the_service_config_names_and_not_train(

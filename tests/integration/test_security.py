@@ -60,11 +60,15 @@ def test_a_token_sees_only_its_own_jobs_and_an_admin_sees_all(auth_server: Runni
         events = [m.event for m in stream]
         assert events[-1].state_change.current == pb.JOB_STATE_SUCCEEDED
 
+        hello = pb.ChatMessage(role="user", content="hello")
         denied = [
             lambda: stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=as_token(BOB), timeout=10),
             lambda: list(stub.WatchJob(pb.WatchJobRequest(job_id=job.id), metadata=as_token(BOB), timeout=10)),
             lambda: stub.CancelJob(pb.CancelJobRequest(job_id=job.id), metadata=as_token(BOB), timeout=10),
             lambda: list(stub.Export(pb.ExportRequest(job_id=job.id, format=1), metadata=as_token(BOB), timeout=60)),
+            lambda: list(
+                stub.Generate(pb.GenerateRequest(messages=[hello], job_id=job.id), metadata=as_token(BOB), timeout=10)
+            ),
         ]
         for call in denied:
             with pytest.raises(grpc.RpcError) as caught:
@@ -81,6 +85,13 @@ def test_a_token_sees_only_its_own_jobs_and_an_admin_sees_all(auth_server: Runni
         with pytest.raises(grpc.RpcError) as download:
             list(stub.DownloadArtifact(pb.DownloadArtifactRequest(artifact_id=artifact.id), metadata=as_token(BOB)))
         assert download.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as generate:
+            list(
+                stub.Generate(
+                    pb.GenerateRequest(messages=[hello], artifact_id=artifact.id), metadata=as_token(BOB), timeout=10
+                )
+            )
+        assert generate.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_the_client_sends_its_token(auth_server: RunningServer, tiny_model_dir: Path) -> None:

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import structlog
 
-from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.errors import ErrorKind, FinetuneError, field_error
 from finetune_server.training.engine.errors import NanLossError
 from finetune_server.workers import export as export_worker
+from finetune_server.workers import generate as generate_worker
 from finetune_server.workers import train as train_worker
 from finetune_server.workers.export import ExportSpec
 from finetune_server.workers.process import read_messages
@@ -30,6 +31,10 @@ from finetune_server.workers.protocol import (
     Error,
     Event,
     ExportProgress,
+    GenerateDone,
+    GeneratedText,
+    GenerateReady,
+    GenerateRefused,
     Message,
     Result,
     Started,
@@ -59,6 +64,12 @@ WIRE: list[tuple[Message, dict[str, Any]]] = [
         {"type": "artifact", "data": {"format": "adapter", "files": []}},
     ),
     (Cancelled(step=3), {"type": "cancelled", "step": 3}),
+    (GenerateReady(context_length=2048, step=6), {"type": "ready", "context_length": 2048, "step": 6}),
+    (GeneratedText(text="Paris"), {"type": "text", "text": "Paris"}),
+    (
+        GenerateDone(finish_reason="eos", prompt_tokens=13, completion_tokens=4),
+        {"type": "done", "finish_reason": "eos", "prompt_tokens": 13, "completion_tokens": 4},
+    ),
     (
         Error(reason="NAN_LOSS", message="m", hint="h", step=2, kind="FAILED_PRECONDITION", metadata={"step": "2"}),
         {
@@ -190,6 +201,18 @@ def test_a_broken_events_pipe_stops_the_worker_and_drops_the_rest() -> None:
 def test_the_started_module_names_are_the_modules() -> None:
     assert train_worker.__name__ == train_worker.WORKER_MODULE
     assert export_worker.__name__ == export_worker.WORKER_MODULE
+    assert generate_worker.__name__ == generate_worker.WORKER_MODULE
+
+
+def test_a_refused_request_keeps_its_kind_reason_and_field_violations() -> None:
+    error = field_error(ErrorKind.INVALID_ARGUMENT, "PROMPT_TOO_LONG", "messages", "too long", hint="shorter")
+    message = decode_line(GenerateRefused.from_exception(error).encode())
+    assert isinstance(message, GenerateRefused)
+    again = message.to_exception()
+    assert (again.kind, again.reason, again.hint) == (ErrorKind.INVALID_ARGUMENT, "PROMPT_TOO_LONG", "shorter")
+    assert [(v.field, v.reason) for v in again.violations] == [("messages", "PROMPT_TOO_LONG")]
+    with pytest.raises(ValueError, match="finish reason"):
+        decode({"type": "done", "finish_reason": "tired", "prompt_tokens": 1, "completion_tokens": 1})
 
 
 _STUCK_WORKER = """

@@ -46,11 +46,14 @@ _PLAIN = " !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~"  # what grpc-message leaves unenco
 # blip or an unreachable hub (seconds); a full queue empties only as running jobs end (minutes).
 UNAVAILABLE_RETRY_DELAY_S = 1.0
 QUEUE_FULL_RETRY_DELAY_S = 30.0
+GENERATE_BUSY_RETRY_DELAY_S = 2.0  # a chat answer takes seconds
+_RETRY_DELAYS_S = {"QUEUE_FULL": QUEUE_FULL_RETRY_DELAY_S, "GENERATE_BUSY": GENERATE_BUSY_RETRY_DELAY_S}
 
 # The server limits a request can run into, by reason: the server setting that sets the limit, and what it counts.
 _QUOTAS: dict[str, tuple[str, str]] = {
     "QUEUE_FULL": ("max_queued_jobs", f"{DOMAIN}/queued_jobs"),
     "UPLOAD_TOO_LARGE": ("max_upload_bytes", f"{DOMAIN}/upload_bytes"),
+    "GENERATE_BUSY": ("max_generate_workers", f"{DOMAIN}/generate_workers"),
 }
 
 # What a NOT_FOUND is about, by reason: the resource type and the request field whose value named it. The request,
@@ -74,8 +77,8 @@ _NOT_FOUND_VIOLATIONS = frozenset({"NOT_FOUND", *_MISSING})
 def _retry_info(error: FinetuneError) -> error_details_pb2.RetryInfo | None:
     if error.kind is ErrorKind.UNAVAILABLE:
         delay = UNAVAILABLE_RETRY_DELAY_S
-    elif error.reason == "QUEUE_FULL":
-        delay = QUEUE_FULL_RETRY_DELAY_S
+    elif error.reason in _RETRY_DELAYS_S:
+        delay = _RETRY_DELAYS_S[error.reason]
     else:
         return None
     retry_delay = duration_pb2.Duration()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -26,7 +27,8 @@ from finetune_server.host.server_info import ServerInfoProvider
 from finetune_server.jobs import idempotency
 from finetune_server.jobs.checkpoints import best_checkpoint, job_checkpoints
 from finetune_server.jobs.datasets import DatasetService
-from finetune_server.jobs.exports import ExportService
+from finetune_server.jobs.exports import ExportService, unknown_artifact
+from finetune_server.jobs.generation import ChatRequest, GenerateService, GenerationFinish, check_request
 from finetune_server.jobs.service import JobService
 from finetune_server.settings import ServerSettings
 from finetune_server.storage.dataset_uploads import store_upload
@@ -47,6 +49,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         store: JobStore,
         exports: ExportService,
         datasets: DatasetService,
+        generation: GenerateService,
     ) -> None:
         self._settings = settings
         self._info = info
@@ -54,6 +57,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         self._store = store
         self._exports = exports
         self._datasets = datasets
+        self._generation = generation
 
     async def _job_of_caller(self, job_id: str) -> JobRecord:
         job = await self._jobs.get(job_id)
@@ -308,3 +312,48 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         check_access(owner, f"artifact {request.artifact_id}")
         async for chunk in self._exports.download(request.artifact_id, request.path, request.offset):
             yield pb.DownloadArtifactResponse(**chunk)
+
+    @map_errors
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        chat = ChatRequest(
+            messages=[(m.role, m.content) for m in request.messages],
+            model_name=request.model_name,
+            job_id=request.job_id,
+            checkpoint_step=request.checkpoint_step if request.HasField("checkpoint_step") else None,
+            artifact_id=request.artifact_id,
+            temperature=request.temperature if request.HasField("temperature") else None,
+            top_p=request.top_p if request.HasField("top_p") else None,
+            seed=request.seed if request.HasField("seed") else None,
+            max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens") else None,
+            stop=tuple(request.stop),
+        )
+        command = check_request(chat, self._settings)
+        if chat.job_id:
+            job = await self._job_of_caller(chat.job_id)
+            target = await self._generation.job_target(job, chat.checkpoint_step)
+        elif chat.artifact_id:
+            owner = await self._exports.owner_of(chat.artifact_id)
+            check_access(owner, f"artifact {chat.artifact_id}")
+            try:
+                artifact = await asyncio.to_thread(self._store.get_artifact, chat.artifact_id)
+            except KeyError:
+                raise unknown_artifact(chat.artifact_id) from None
+            target = await self._generation.artifact_target(artifact, await self._jobs.get(artifact.job_id))
+        else:
+            target = await self._generation.base_target(chat.model_name)
+        # aclosing: a caller that goes while this stream waits to send still stops the generation at once.
+        async with contextlib.aclosing(self._generation.generate(target, command)) as answer:
+            async for item in answer:
+                if isinstance(item, GenerationFinish):
+                    finish = pb.GenerateFinish(
+                        reason=pb.FinishReason.Value(f"FINISH_REASON_{item.reason.upper()}"),
+                        prompt_tokens=item.prompt_tokens,
+                        completion_tokens=item.completion_tokens,
+                        base_model=item.base_model,
+                        step=item.step,
+                    )
+                    yield pb.GenerateResponse(finish=finish)
+                else:
+                    yield pb.GenerateResponse(text=item)

@@ -1,6 +1,6 @@
 """The `finetune` command: `serve` runs the server, `demo` shows the whole service on an embedded default, and the
-other commands drive a server (`--server`, or FINETUNE_SERVER): validate, train, watch, jobs, cancel, export, upload,
-presets, recommend.
+other commands drive a server (`--server`, or FINETUNE_SERVER): validate, train, watch, jobs, cancel, chat, export,
+upload, presets, recommend.
 
 Exit codes: 0 ok; 1 a failed or invalid result (an invalid config, a failed or cancelled job, a refused upload);
 2 a usage error or a server that cannot be reached; 130 when Ctrl-C detached from a job (which keeps running).
@@ -144,6 +144,15 @@ def serve(
     worker_cpus: Annotated[
         str | None, typer.Option(help="Pin workers to these CPUs, e.g. 2-7 (default: the server's CPUs).")
     ] = None,
+    max_generate_workers: Annotated[
+        int, typer.Option(min=1, help="Generate calls answered at once, each by a worker holding its model.")
+    ] = ServerSettings.max_generate_workers,
+    generate_idle: Annotated[
+        float, typer.Option(min=0, help="Seconds an idle generation worker keeps its model for the next request.")
+    ] = ServerSettings.generate_idle_s,
+    max_new_tokens_limit: Annotated[
+        int, typer.Option(min=1, help="Largest max_new_tokens a Generate call may ask for.")
+    ] = ServerSettings.max_new_tokens_limit,
     keepalive_time: KeepaliveTimeOption = ServerSettings.keepalive_time_s,
     keepalive_timeout: KeepaliveTimeoutOption = ServerSettings.keepalive_timeout_s,
     keepalive_min_ping_interval: MinPingIntervalOption = ServerSettings.keepalive_min_ping_interval_s,
@@ -209,6 +218,9 @@ def serve(
             lease_seconds=lease_seconds,
             executor=executor.value,
             ray=RaySettings(ray_address, ray_namespace, ray_gpus_per_job, ray_cpus_per_job, ray_workers_per_job),
+            max_generate_workers=max_generate_workers,
+            generate_idle_s=generate_idle,
+            max_new_tokens_limit=max_new_tokens_limit,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--worker-cpus") from None
@@ -463,6 +475,45 @@ def cancel(remote: Remote, job_id: JobArgument) -> None:
         )
     else:
         out.print(f"[magenta]job [bold]{job.id}[/] cancelled[/]", soft_wrap=True)
+
+
+@app.command()
+@connects
+def chat(
+    remote: Remote,
+    job_id: JobArgument,
+    checkpoint: Annotated[
+        int | None, typer.Option(min=1, help="Talk to this checkpoint's step instead of the final adapter.")
+    ] = None,
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="Let the base model answer each message too, before the tuned one.")
+    ] = False,
+    system: Annotated[str, typer.Option(help="A system message to start the conversation with.")] = "",
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Most tokens per answer (default: the server's, 256).")
+    ] = None,
+    temperature: Annotated[float, typer.Option(min=0, help="0: greedy; above: sampled.")] = 0.0,
+) -> None:
+    """Chat with a job's model in the terminal: each line you type is a message, the answer streams back.
+
+    Ends at EOF (Ctrl-D) or /exit.
+    """
+    from finetune_server.cli import chat as chat_session
+    from finetune_server.cli import common
+
+    out = common.console()
+    with common.session(remote) as service:
+        job = service.get_job(job_id)
+        chosen = chat_session.speakers(job, checkpoint, compare_base, system)
+        chat_session.run_chat(
+            service,
+            chosen,
+            sys.stdin,
+            out,
+            prompt=sys.stdin.isatty(),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def _write_artifact(
 ) -> None:
     """The artifact's files in `staging`: the weights (adapter or merged), tokenizer files, template and generation
     config."""
-    tokenizer_dir, template = _tokenizer_source(source.job_dir, source.config, source.base_dir)
+    tokenizer_dir, template = tokenizer_source(source.job_dir, source.config, source.base_dir)
     if fmt is ExportFormat.MERGED:
         base_dir = source.base_dir()
         _merge(base_dir, source.adapter_dir, staging, on_progress, device=device, max_shard_size=max_shard_size)
@@ -261,7 +261,7 @@ def _final_step(job_dir: Path) -> int:
     return checkpoints[-1][0] if checkpoints else 0
 
 
-def _tokenizer_source(job_dir: Path, config: Mapping[str, Any], base_dir: Callable[[], Path]) -> tuple[Path, str]:
+def tokenizer_source(job_dir: Path, config: Mapping[str, Any], base_dir: Callable[[], Path]) -> tuple[Path, str]:
     """Where the tokenizer files come from and the chat template trained with.
 
     The final adapter folder holds both (written by training). Without it (a checkpoint of an unfinished job) the

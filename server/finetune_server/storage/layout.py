@@ -18,6 +18,7 @@
     artifacts/<artifact id>/            one export: the adapter or merged model, with generation_config.json
     artifacts/<artifact id>.log         its export worker's log
     artifacts/.export-spec-*.json       an export worker's spec, while it runs
+    generate/worker-<n>.log, .json      the generation workers' logs, and the spec of the one running as worker n
     token-cache/<key>/                  one dataset tokenized for one model, template and max_length (token_cache)
         tokens.arrow                    input_ids, labels, length, trainable, num_tokens, row (Arrow IPC stream)
         meta.json                       what the key is made of, and counts (truncated, unusable, token stats)
@@ -45,6 +46,7 @@ JOBS_DIR = "jobs"
 ARTIFACTS_DIR = "artifacts"
 EXPORT_SPEC_TEMP_PREFIX = ".export-spec-"
 TOKEN_CACHE_DIR = "token-cache"
+GENERATE_DIR = "generate"
 
 WORKER_SPEC_FILE = "worker_spec.json"
 WORKER_PID_FILE = "worker.pid"
@@ -121,6 +123,10 @@ class DataDir(_Folder):
 
     def artifact_log(self, artifact_id: str) -> Path:
         return self.artifacts / f"{artifact_id}.log"
+
+    def generate_log(self, worker: int) -> Path:
+        """Generation worker `worker`'s log (every run of that worker number); its spec is beside it, as .json."""
+        return self.root / GENERATE_DIR / f"worker-{worker}.log"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,15 @@ Export worker:
 - then exactly one final message: ``{"type": "artifact", "data": ArtifactManifest.to_dict()}`` and exit 0, or an
   error and exit 1.
 
+Generation worker (long-lived: one model, many requests; `generate.py`):
+
+- ``{"type": "ready", "context_length": int, "step": int}`` once, when the model is loaded;
+- per request: ``{"type": "text", "text": str}`` pieces, then ``{"type": "done", "finish_reason": "eos" |
+  "max_tokens" | "stop" | "cancelled", "prompt_tokens": int, "completion_tokens": int}``, or instead
+  ``{"type": "refused", "error": {reason, message, hint, step, kind, metadata, violations}}`` for a request it
+  cannot answer (violations: [{field, reason, message}]);
+- a failure to load the model is an error (below) and exit 1; EOF of stdin ends it with exit 0.
+
 Both: ``{"type": "error", "reason", "message", "hint", "step", "kind", "metadata"}`` for a typed error (a
 FinetuneError: `kind` is its ErrorKind value, `step` the training step it happened at, 0 when it has none). A reader
 takes a missing `step` as 0 and a missing `metadata` as empty, and ignores keys it does not know, so workers and
@@ -49,6 +58,8 @@ actor that started it, died), so an orphaned worker never keeps training beside 
 one still running `ORPHAN_EXIT_S` after EOF exits by itself. Training stops between micro-steps, keeping the
 checkpoints already written; the next attempt resumes from the newest one. The server escalates to SIGTERM, then
 SIGKILL, of the process group. The export worker has no stdin: stopping it means killing its group.
+The generation worker reads one JSON request per line (`GenerateCommand`); a line ``cancel`` stops the generation in
+progress at its next token (it then sends ``done`` with `cancelled`) and EOF makes it exit once that is done.
 """
 
 from __future__ import annotations
@@ -66,7 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Protocol, Self
 
-from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.errors import ErrorKind, FinetuneError, Violation
 
 EXIT_OK = 0  # a final message that is not an error: result, cancelled, artifact
 EXIT_ERROR = 1  # a typed error, reported
@@ -174,6 +185,58 @@ class Error(Message):
         return FinetuneError(kind, self.reason, self.message, hint=self.hint, metadata=dict(self.metadata))
 
 
+@dataclass(frozen=True)
+class GenerateReady(Message):
+    """The generation worker has its model loaded: `context_length` tokens (0: unknown), the adapter's `step`."""
+
+    TYPE: ClassVar[str] = "ready"
+    context_length: int
+    step: int
+
+
+@dataclass(frozen=True)
+class GeneratedText(Message):
+    """The next piece of an answer's text."""
+
+    TYPE: ClassVar[str] = "text"
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerateDone(Message):
+    """One generation ended: `finish_reason` is one of FINISH_REASONS; the worker waits for the next request."""
+
+    TYPE: ClassVar[str] = "done"
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateRefused(Message):
+    """One request was refused (its prompt does not fit, ...): `error` holds an Error's fields; the worker goes on."""
+
+    TYPE: ClassVar[str] = "refused"
+    error: dict[str, Any]
+
+    @classmethod
+    def from_exception(cls, exc: FinetuneError) -> GenerateRefused:
+        fields = Error.from_exception(exc).to_dict()
+        fields.pop("type")
+        fields["violations"] = [dataclasses.asdict(v) for v in exc.violations]  # the request fields at fault
+        return cls(error=fields)
+
+    def to_exception(self) -> FinetuneError:
+        error = _error({**self.error, "type": Error.TYPE}).to_exception()
+        error.violations = [
+            Violation(str(v.get("field", "")), str(v.get("reason", "")), str(v.get("message", "")))
+            for v in self.error.get("violations") or []
+            if isinstance(v, dict)
+        ]
+        return error
+
+
+FINISH_REASONS = frozenset({"eos", "max_tokens", "stop", "cancelled"})
 FinalMessage = Result | Cancelled | Error | Artifact  # exactly one of these ends a worker that was not killed
 FINAL_MESSAGES = (Result, Cancelled, Error, Artifact)
 
@@ -221,7 +284,30 @@ def _error(data: Mapping[str, Any]) -> Error:
     )
 
 
+def _done(data: Mapping[str, Any]) -> GenerateDone:
+    reason = _get(data, "finish_reason", str)
+    if reason not in FINISH_REASONS:
+        raise ValueError(f"unknown finish reason {reason!r}")
+    return GenerateDone(
+        finish_reason=reason,
+        prompt_tokens=_get(data, "prompt_tokens", int),
+        completion_tokens=_get(data, "completion_tokens", int),
+    )
+
+
+def _refused(data: Mapping[str, Any]) -> GenerateRefused:
+    error = _get(data, "error", dict)
+    _error({**error, "type": Error.TYPE})  # checked as an error's fields
+    return GenerateRefused(error=dict(error))
+
+
 _DECODERS: dict[str, Callable[[Mapping[str, Any]], Message]] = {
+    GenerateReady.TYPE: lambda data: GenerateReady(
+        context_length=_get(data, "context_length", int), step=_get(data, "step", int)
+    ),
+    GeneratedText.TYPE: lambda data: GeneratedText(text=_get(data, "text", str)),
+    GenerateDone.TYPE: _done,
+    GenerateRefused.TYPE: _refused,
     Started.TYPE: _started,
     Event.TYPE: _event,
     ExportProgress.TYPE: _progress,

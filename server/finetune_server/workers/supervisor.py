@@ -1,9 +1,9 @@
 """The server half of a worker: spawn it, relay its messages in order, stop it, and tell how it ended.
 
-`supervise` runs any worker module of the protocol (`protocol.py`); `run_worker` (a training attempt) and
-`run_export` (one export) are its two uses. A worker's death is noticed at once (EOF of the pipe, then wait()),
-whatever the cause: a final message, a typed error, a traceback, SIGKILL from the kernel's OOM killer or from us.
-This module never imports torch.
+`supervise` runs any worker module of the protocol (`protocol.py`); `run_worker` (a training attempt), `run_export`
+(one export) and `run_generate` (a generation worker, many requests) are its uses. A worker's death is noticed at
+once (EOF of the pipe, then wait()), whatever the cause: a final message, a typed error, a traceback, SIGKILL from
+the kernel's OOM killer or from us. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from finetune_server.export.package import remove_staging
 from finetune_server.storage import layout
 from finetune_server.storage.layout import JobDir
 from finetune_server.workers import export as export_worker
+from finetune_server.workers import generate as generate_worker
 from finetune_server.workers import train as train_worker
 from finetune_server.workers.export import ExportSpec
+from finetune_server.workers.generate import GenerateSpec
 from finetune_server.workers.gpu_slots import CUDA_VISIBLE_DEVICES
 from finetune_server.workers.process import (
     MessagePipe,
@@ -106,8 +108,11 @@ async def supervise(
     cancel: asyncio.Event | None = None,
     cancel_grace_s: float = 15,
     term_grace_s: float = 5,
+    commands: asyncio.Queue[bytes | None] | None = None,
 ) -> WorkerExit:
     """Run `python -m module` on `spec_path` to its end, awaiting `on_message` for each message in order.
+
+    With `commands` (and no `cancel`), the worker's stdin gets each line put in the queue, in order; None closes it.
 
     With `cancel`, the worker takes commands on stdin. When `cancel` is set: "cancel" on stdin; still running after
     `cancel_grace_s`: SIGTERM to the group; after `term_grace_s` more: SIGKILL. If this coroutine is itself
@@ -118,7 +123,9 @@ async def supervise(
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     oom_before = cgroup_oom_kills()
-    stdin = asyncio.subprocess.DEVNULL if cancel is None else asyncio.subprocess.PIPE
+    if cancel is not None and commands is not None:
+        raise ValueError("a worker takes either cancel or commands on its stdin")
+    stdin = asyncio.subprocess.DEVNULL if cancel is None and commands is None else asyncio.subprocess.PIPE
     pipe = await spawn_with_pipe(module, spec_path, log_path=log_path, env=env, stdin=stdin)
     process, pid = pipe.process, pipe.pid
     bound.info("worker spawned", module=module, pid=pid, log=str(log_path))
@@ -127,6 +134,8 @@ async def supervise(
     cancel_task: asyncio.Task[None] | None = None
     if cancel is not None:
         cancel_task = asyncio.create_task(_stop_on_cancel(cancel, process, cancel_grace_s, term_grace_s, bound))
+    elif commands is not None:
+        cancel_task = asyncio.create_task(_write_commands(commands, process))
     try:
         returncode = await wait_for_exit(pipe, relay_task, bound)
     except BaseException:
@@ -158,6 +167,17 @@ async def _relay(pipe: MessagePipe, on_message: OnMessage, seen: _Seen, bound: A
                 continue
             seen.final = message
         await on_message(message)
+
+
+async def _write_commands(commands: asyncio.Queue[bytes | None], process: asyncio.subprocess.Process) -> None:
+    assert process.stdin is not None
+    while (line := await commands.get()) is not None:
+        try:
+            process.stdin.write(line)
+            await process.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):  # it died: supervise notices by the pipe's EOF
+            return
+    process.stdin.close()
 
 
 async def _stop_on_cancel(
@@ -357,3 +377,34 @@ def _export_crashed(exit_: WorkerExit, log_path: Path) -> FinetuneError:
         hint="Out of memory is the usual cause of a merge that dies: export the ADAPTER, or free memory and retry.",
         metadata={"returncode": str(exit_.returncode), "log": str(log_path)},
     )
+
+
+# --- a generation worker ---------------------------------------------------------------------------------------------
+
+
+async def run_generate(
+    spec: GenerateSpec,
+    *,
+    on_message: OnMessage,
+    commands: asyncio.Queue[bytes | None],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+) -> WorkerExit:
+    """Run one generation worker until its stdin closes (None in `commands`) or it dies; requests go in through
+    `commands` (`generate_worker.command_line`), its messages come out through `on_message`. Cancelling this
+    coroutine kills the worker's group. On a GPU host it sees every device and uses the first: it shares it with the
+    training slots."""
+    log_path = Path(log_path)
+    spec_path = spec.write(log_path.with_suffix(".json"))
+    try:
+        return await supervise(
+            generate_worker.WORKER_MODULE,
+            spec_path,
+            on_message=on_message,
+            log_path=log_path,
+            env=_unbuffered_env(env),
+            bound=log.bind(worker=log_path.stem, model=spec.model_ref, job_id=spec.job_id),
+            commands=commands,
+        )
+    finally:
+        spec_path.unlink(missing_ok=True)

@@ -6,7 +6,8 @@
 //   1. ValidateConfig with a good config: prints the resolved lora.r and the memory estimate total;
 //   2. ValidateConfig with a bad config: decodes the google.rpc.Status from the `grpc-status-details-bin` trailer
 //      (ErrorInfo and BadRequest, packed in google.protobuf.Any);
-//   3. Train with a tiny config: the first message is the job, then every event until the stream ends.
+//   3. Train with a tiny config: the first message is the job, then every event until the stream ends;
+//   4. Generate with that job's adapter: prints the text pieces as they stream, then the finish message.
 // Scenario `retries`, against a server that refuses the first call of each method with UNAVAILABLE:
 //   1. GetServerInfo succeeds: grpc-js retried it, as the service config says;
 //   2. Train (with a config validation refuses, so no job is made) is not retried: UNAVAILABLE, then the refusal.
@@ -206,6 +207,32 @@ function train(client, options) {
   });
 }
 
+/** Generate with the trained job's adapter: the text pieces as they stream (echoed to stderr), then the finish. */
+function generate(client, options, jobId) {
+  const request = {
+    messages: [{ role: "user", content: "What is the secret code of agent 1?" }],
+    job_id: jobId,
+    max_new_tokens: 4,
+  };
+  return new Promise((resolve, reject) => {
+    const observed = { request, pieces: [], finish: null };
+    const call = client.Generate(request, { deadline: Date.now() + options.timeoutMs });
+    process.stderr.write("Generate: ");
+    call.on("data", (message) => {
+      if (message.kind === "text") {
+        observed.pieces.push(message.text);
+        process.stderr.write(JSON.stringify(message.text));
+      } else if (message.kind === "finish") {
+        const { reason, prompt_tokens, completion_tokens, step } = message.finish;
+        observed.finish = { reason, prompt_tokens, completion_tokens, step };
+        console.error(` (${reason}, ${completion_tokens} tokens)`);
+      }
+    });
+    call.on("error", reject);
+    call.on("end", () => resolve(observed));
+  });
+}
+
 /** The status code (by name) a Train stream's first message brings, without retrying it here. */
 function firstTrainCode(client, config, options) {
   return new Promise((resolve) => {
@@ -229,11 +256,12 @@ async function retries(client, _detailsRoot, options) {
 }
 
 async function contract(client, detailsRoot, options) {
-  return {
+  const validated = {
     validate_good: await validateGood(client, options),
     validate_bad: await validateBad(client, detailsRoot, options),
-    train: await train(client, options),
   };
+  const trained = await train(client, options);
+  return { ...validated, train: trained, generate: await generate(client, options, trained.job.id) };
 }
 
 const SCENARIOS = { contract, retries };

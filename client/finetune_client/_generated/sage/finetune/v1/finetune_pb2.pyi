@@ -174,6 +174,38 @@ EXPORT_FORMAT_MERGED: ExportFormat.ValueType  # 2
 """The adapter merged into a 16-bit copy of the base model (fp32 on CPU), safetensors shards, tokenizer, template."""
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
+class _FinishReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FINISH_REASON_UNSPECIFIED: _FinishReason.ValueType  # 0
+    """Not set."""
+    FINISH_REASON_EOS: _FinishReason.ValueType  # 1
+    """The model ended its turn (the template's end-of-turn token or the tokenizer's EOS)."""
+    FINISH_REASON_MAX_TOKENS: _FinishReason.ValueType  # 2
+    """max_new_tokens were generated."""
+    FINISH_REASON_STOP: _FinishReason.ValueType  # 3
+    """One of the stop strings appeared."""
+    FINISH_REASON_CANCELLED: _FinishReason.ValueType  # 4
+    """The server stopped the generation before its end (it is shutting down)."""
+
+class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
+    """FinishReason is why a generation ended."""
+
+FINISH_REASON_UNSPECIFIED: FinishReason.ValueType  # 0
+"""Not set."""
+FINISH_REASON_EOS: FinishReason.ValueType  # 1
+"""The model ended its turn (the template's end-of-turn token or the tokenizer's EOS)."""
+FINISH_REASON_MAX_TOKENS: FinishReason.ValueType  # 2
+"""max_new_tokens were generated."""
+FINISH_REASON_STOP: FinishReason.ValueType  # 3
+"""One of the stop strings appeared."""
+FINISH_REASON_CANCELLED: FinishReason.ValueType  # 4
+"""The server stopped the generation before its end (it is shutting down)."""
+Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
+
 @_typing.final
 class TrainingConfig(_message.Message):
     """---------------------------------------------------------------------------------------------------------------
@@ -2300,6 +2332,194 @@ class DownloadArtifactResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DownloadArtifactResponse: _TypeAlias = DownloadArtifactResponse  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    """---------------------------------------------------------------------------------------------------------------
+    Generate
+    ---------------------------------------------------------------------------------------------------------------
+
+    ChatMessage is one turn of a conversation.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """`system`, `user` or `assistant`."""
+    content: _builtins.str
+    """The text of the turn."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class GenerateRequest(_message.Message):
+    """GenerateRequest asks for the next assistant turn of a conversation. Exactly one of model_name, job_id and
+    artifact_id names what answers.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """A base model (as TrainingConfig.model_name), answering with its own chat template."""
+    job_id: _builtins.str
+    """A job: its final adapter (the job must have succeeded), or the checkpoint of `checkpoint_step`."""
+    checkpoint_step: _builtins.int
+    """With job_id: a checkpoint step (see CheckpointSaved) instead of the final adapter."""
+    artifact_id: _builtins.str
+    """An artifact of Export: an adapter on its base model, or a merged model."""
+    temperature: _builtins.float
+    """Sampling temperature, >= 0. Unset or 0: greedy decoding (always the most likely token)."""
+    top_p: _builtins.float
+    """Nucleus sampling with temperature > 0: sample from the smallest set of tokens whose probability reaches it, in
+    (0, 1]. Default 1 (no cut).
+    """
+    seed: _builtins.int
+    """Seed of the sampler with temperature > 0, so a sampled answer can be repeated. Unset: a random seed."""
+    max_new_tokens: _builtins.int
+    """Most tokens to generate, 1 to the server's limit (`finetune serve --max-new-tokens-limit`). Default 256, or the limit
+    when it is lower. The prompt and this many tokens must fit the model's context.
+    """
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """The conversation so far, oldest first; the answer is the next assistant turn. At least one message."""
+
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Generation ends before the first of these strings appears in the answer (which does not contain it); at most
+        16, each 1 to 256 characters.
+        """
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        model_name: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        checkpoint_step: _builtins.int | None = ...,
+        artifact_id: _builtins.str = ...,
+        temperature: _builtins.float | None = ...,
+        top_p: _builtins.float | None = ...,
+        seed: _builtins.int | None = ...,
+        max_new_tokens: _builtins.int | None = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "_max_new_tokens", b"_max_new_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "checkpoint_step", b"checkpoint_step", "max_new_tokens", b"max_new_tokens", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "_max_new_tokens", b"_max_new_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "artifact_id", b"artifact_id", "checkpoint_step", b"checkpoint_step", "job_id", b"job_id", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "model_name", b"model_name", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__checkpoint_step: _TypeAlias = _typing.Literal["checkpoint_step"]  # noqa: Y015
+    _WhichOneofArgType__checkpoint_step: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step"]  # noqa: Y015
+    _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
+    _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__checkpoint_step) -> _WhichOneofReturnType__checkpoint_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_new_tokens) -> _WhichOneofReturnType__max_new_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
+
+Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class GenerateResponse(_message.Message):
+    """GenerateResponse is one message of the Generate stream: text pieces in order, then exactly one finish."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    FINISH_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The next piece of the answer's text; the pieces concatenated are the answer."""
+    @_builtins.property
+    def finish(self) -> Global___GenerateFinish:
+        """Why generation ended and how many tokens it took; the last message."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        finish: Global___GenerateFinish | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finish", b"finish", "kind", b"kind", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish", b"finish", "kind", b"kind", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "finish"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class GenerateFinish(_message.Message):
+    """GenerateFinish ends a Generate stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    reason: Global___FinishReason.ValueType
+    """Why generation ended. Output only."""
+    prompt_tokens: _builtins.int
+    """Tokens of the rendered prompt. Output only."""
+    completion_tokens: _builtins.int
+    """Tokens generated, the end-of-turn token included. Output only."""
+    base_model: _builtins.str
+    """The base model that answered (a hub id or a local folder's name). Output only."""
+    step: _builtins.int
+    """The optimizer step of the adapter that answered; 0 for a base model. Output only."""
+    def __init__(
+        self,
+        *,
+        reason: Global___FinishReason.ValueType = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        base_model: _builtins.str = ...,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "reason", b"reason", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateFinish: _TypeAlias = GenerateFinish  # noqa: Y015
 
 @_typing.final
 class UploadDatasetRequest(_message.Message):

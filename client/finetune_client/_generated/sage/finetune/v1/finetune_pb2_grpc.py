@@ -86,6 +86,11 @@ class FineTuneServiceStub:
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/sage.finetune.v1.FineTuneService/Generate',
+                request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/sage.finetune.v1.FineTuneService/UploadDataset',
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.UploadDatasetRequest.SerializeToString,
@@ -200,6 +205,18 @@ class FineTuneServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Answers a chat with the base model, a job's final adapter or one of its checkpoints, or an exported artifact,
+        streaming the text as it is produced and ending with a message that says why generation ended. The prompt is
+        rendered with the chat template the job trained with, and generation stops at its end-of-turn token. It runs in
+        a worker process that stays loaded for the next request with the same model for a short idle time; when every
+        generation worker is busy the call is refused at once with RESOURCE_EXHAUSTED and a RetryInfo. Cancelling the
+        stream stops the generation at the next token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadDataset(self, request_iterator, context):
         """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted.
         """
@@ -295,6 +312,11 @@ def add_FineTuneServiceServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GenerateRequest.FromString,
+                    response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GenerateResponse.SerializeToString,
             ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
@@ -599,6 +621,33 @@ class FineTuneService:
             '/sage.finetune.v1.FineTuneService/DownloadArtifact',
             sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactRequest.SerializeToString,
             sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sage.finetune.v1.FineTuneService/Generate',
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.GenerateRequest.SerializeToString,
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,14 @@ class FineTuneServiceStub:
     """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step."""
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
+    Generate: _grpc.UnaryStreamMultiCallable[_finetune_pb2.GenerateRequest, _finetune_pb2.GenerateResponse]
+    """Answers a chat with the base model, a job's final adapter or one of its checkpoints, or an exported artifact,
+    streaming the text as it is produced and ending with a message that says why generation ended. The prompt is
+    rendered with the chat template the job trained with, and generation stops at its end-of-turn token. It runs in
+    a worker process that stays loaded for the next request with the same model for a short idle time; when every
+    generation worker is busy the call is refused at once with RESOURCE_EXHAUSTED and a RetryInfo. Cancelling the
+    stream stops the generation at the next token.
+    """
     UploadDataset: _grpc.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]
     """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.ListDatasetsRequest, _finetune_pb2.ListDatasetsResponse]
@@ -132,6 +140,14 @@ class FineTuneServiceAsyncStub(FineTuneServiceStub):
     """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step."""
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
+    Generate: _aio.UnaryStreamMultiCallable[_finetune_pb2.GenerateRequest, _finetune_pb2.GenerateResponse]  # type: ignore[assignment]
+    """Answers a chat with the base model, a job's final adapter or one of its checkpoints, or an exported artifact,
+    streaming the text as it is produced and ending with a message that says why generation ended. The prompt is
+    rendered with the chat template the job trained with, and generation stops at its end-of-turn token. It runs in
+    a worker process that stays loaded for the next request with the same model for a short idle time; when every
+    generation worker is busy the call is refused at once with RESOURCE_EXHAUSTED and a RetryInfo. Cancelling the
+    stream stops the generation at the next token.
+    """
     UploadDataset: _aio.StreamUnaryMultiCallable[_finetune_pb2.UploadDatasetRequest, _finetune_pb2.UploadDatasetResponse]  # type: ignore[assignment]
     """Uploads a dataset: first a message with metadata, then chunks. Checked record by record before it is accepted."""
     ListDatasets: _aio.UnaryUnaryMultiCallable[_finetune_pb2.ListDatasetsRequest, _finetune_pb2.ListDatasetsResponse]  # type: ignore[assignment]
@@ -242,6 +258,20 @@ class FineTuneServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_finetune_pb2.DownloadArtifactResponse], _abc.AsyncIterator[_finetune_pb2.DownloadArtifactResponse]]:
         """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _finetune_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_finetune_pb2.GenerateResponse], _abc.AsyncIterator[_finetune_pb2.GenerateResponse]]:
+        """Answers a chat with the base model, a job's final adapter or one of its checkpoints, or an exported artifact,
+        streaming the text as it is produced and ending with a message that says why generation ended. The prompt is
+        rendered with the chat template the job trained with, and generation stops at its end-of-turn token. It runs in
+        a worker process that stays loaded for the next request with the same model for a short idle time; when every
+        generation worker is busy the call is refused at once with RESOURCE_EXHAUSTED and a RetryInfo. Cancelling the
+        stream stops the generation at the next token.
+        """
 
     @_abc_1.abstractmethod
     def UploadDataset(
