@@ -52,7 +52,7 @@ breaking: $(STAMP)
 	else echo "buf breaking against $$base"; $(VENV)/bin/buf breaking --against ".git#ref=$$base"; fi
 
 test: $(STAMP) node-deps proto-check lint breaking
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 # Chaos and load soaks (they write bench/results/reliability.md) and >= 10,000 fuzz cases; not part of `make test`.
 test-soak: $(STAMP)
