@@ -3,8 +3,9 @@ job on 3k rows.
 
 A real server and real workers; the peak is the worker's own (its progress events carry the process's peak resident
 set on the CPU). Why 800 bytes a row: keeping the encoded examples in memory costs more than that (one's two lists of
-Python ints alone are ~1 KB), while what legitimately grows with the rows (per-example lengths, the batch plan) is
-~100 bytes. It is the bound the first version of this test set as 1.5x the ~530 MB worker at 300k rows
+Python ints alone are ~1 KB), while what legitimately grows with the rows (per-example lengths, the batch plan)
+measured ~270 bytes here (the junit property peak_bytes_per_extra_row).
+It is the bound the first version of this test set as 1.5x the ~530 MB worker at 300k rows
 (264 MB over 297k rows), so 60k rows prove the same at a fifth of the tokenizing. A difference within one run, never
 an absolute peak, and nothing timed.
 """
