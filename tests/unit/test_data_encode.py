@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +205,8 @@ def test_plain_text_starts_with_bos_when_the_tokenizer_adds_one(tmp_path: Path, 
 # ------------------------------------------------------------------------------------------------------------ batch
 
 
-def test_encode_many_equals_one_by_one_and_is_fast(tokenizer: TextTokenizer, template: str) -> None:
+def test_encode_many_equals_one_by_one(tokenizer: TextTokenizer, template: str) -> None:
+    """Its speed is measured in `make bench` (the data benchmark's encoding ratio), not asserted here."""
     examples = [
         Example(
             "messages",
@@ -215,10 +215,7 @@ def test_encode_many_equals_one_by_one_and_is_fast(tokenizer: TextTokenizer, tem
         for i in range(10_000)
     ]
     examples.append(Example("text", text="Just some words."))
-    started = time.perf_counter()
     batch = encode_many(examples, tokenizer, template, max_length=256)
-    elapsed = time.perf_counter() - started
     assert len(batch) == len(examples)
     for index in (0, 4321, len(examples) - 1):
         assert batch[index] == encode_example(examples[index], tokenizer, template, max_length=256)
-    assert elapsed < 5.0, f"10k examples took {elapsed:.2f}s"
