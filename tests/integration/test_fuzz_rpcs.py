@@ -42,6 +42,7 @@ CALLER_ERRORS = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,  # a request_id reused for a different request (AIP-155)
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.OUT_OF_RANGE,
@@ -261,7 +262,9 @@ def write_fuzz_report(counts: Tally, wall_s: float, load_at_start: float, health
 distinct cases: GetServerInfo and ListPresets take empty requests). Random and boundary values, strings up to 5,000
 characters, nested messages, lists, invalid UTF-8 in bytes fields, path tricks; nearly valid requests (a valid
 config with random fields overridden; the ids of a real job, artifact and dataset with random other fields); uploads
-as random message sequences or as proper metadata followed by good and malformed dataset lines.
+as random message sequences or as proper metadata followed by good and malformed dataset lines; and every field that
+names a job, artifact, dataset, metric or a path inside an artifact given names past the OS limits (NAME_MAX,
+PATH_MAX), of every byte class and up to 100 levels deep.
 
 | figure | value |
 |---|---|
