@@ -36,6 +36,7 @@ from finetune_server.storage.job_store import JobStore
 from finetune_server.storage.records import ArtifactRecord, DatasetRecord, JobRecord, JobState
 from finetune_server.training import presets
 from finetune_server.training.data.checks import CheckStopped
+from finetune_server.util.aio import get_unless_done
 
 PROGRESS_INTERVAL_S = 1.0  # StreamValidateConfig's pace: often enough for a bar, rarely enough to cost nothing
 
@@ -116,12 +117,9 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         work = asyncio.ensure_future(self._validated(request.config, request.target_device, context, on_progress))
         try:
             while not work.done():
-                waiter = asyncio.ensure_future(updates.get())
-                await asyncio.wait((work, waiter), return_when=asyncio.FIRST_COMPLETED)
-                if waiter.done():
-                    yield pb.StreamValidateConfigResponse(progress=waiter.result())
-                else:
-                    waiter.cancel()
+                update = await get_unless_done(updates, work)
+                if update is not None:
+                    yield pb.StreamValidateConfigResponse(progress=update)
             yield pb.StreamValidateConfigResponse(report=work.result())
         finally:
             work.cancel()  # the caller went: run_stoppable tells the checking thread to stop

@@ -32,6 +32,7 @@ from finetune_server.storage.records import ArtifactRecord, JobState
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.model_info import summarize_model
 from finetune_server.training.model_source import ResolvedModel, resolve_model
+from finetune_server.util.aio import get_unless_done
 from finetune_server.workers.protocol import ExportProgress
 from finetune_server.workers.supervisor import run_export
 
@@ -66,14 +67,9 @@ class _RunningExport:
         self._followers.append(queue)
         try:
             while not self.task.done() or not queue.empty():
-                getter = asyncio.ensure_future(queue.get())
-                try:
-                    await asyncio.wait({getter, self.task}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if not getter.done():
-                        getter.cancel()
-                if getter.done() and not getter.cancelled():
-                    yield getter.result()
+                progress = await get_unless_done(queue, self.task)
+                if progress is not None:
+                    yield progress
             yield await asyncio.shield(self.task)  # raises the export's FinetuneError
         finally:
             self._followers.remove(queue)

@@ -31,6 +31,7 @@ from finetune_server.storage.records import ArtifactRecord, JobRecord, JobState
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.data.formats import ROLES
 from finetune_server.training.model_source import resolve_model
+from finetune_server.util.aio import get_unless_done
 from finetune_server.workers.generate import CANCEL_LINE, GenerateCommand, GenerateSpec
 from finetune_server.workers.protocol import (
     Error,
@@ -162,14 +163,9 @@ class _Worker:
     async def next(self) -> Message | None:
         """The worker's next message; None once it has ended and every message it sent was read."""
         if self._messages.empty() and not self.task.done():
-            getter = asyncio.ensure_future(self._messages.get())
-            try:
-                await asyncio.wait({getter, self.task}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not getter.done():
-                    getter.cancel()
-            if getter.done() and not getter.cancelled():
-                return getter.result()
+            message = await get_unless_done(self._messages, self.task)
+            if message is not None:
+                return message
         return None if self._messages.empty() else self._messages.get_nowait()
 
     async def wait_ready(self) -> GenerateReady:
