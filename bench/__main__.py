@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import data, engine, memory, rpc, service
+from bench import data, engine, memory, rpc, service, startup
 from bench.common import (
     DEFAULT_SIZES,
     DEFAULT_WORK_DIR,
@@ -32,7 +32,7 @@ from bench.common import (
 )
 from bench.report import render
 
-BENCHMARKS = ("engine", "service", "rpc", "memory", "data")
+BENCHMARKS = ("engine", "startup", "service", "rpc", "memory", "data")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,6 +69,9 @@ def plan(args: argparse.Namespace) -> dict[str, Callable[[], Section]]:
             reps=reps,
             threads=args.threads,
             methods=engine.QUICK_METHODS if quick else engine.DEFAULT_METHODS,
+        ),
+        "startup": lambda: startup.run(
+            size=QUICK_SIZE if quick else SIZES["0.1M"], work_dir=work, reps=1 if quick else 5
         ),
         "service": lambda: service.run(
             size=QUICK_SIZE if quick else dataclasses.replace(SIZES["0.1M"], samples=48, batch_size=4),

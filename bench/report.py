@@ -57,7 +57,14 @@ def render(results: dict[str, Any]) -> str:
         if section.get("error"):
             lines += ["", f"## {name}: FAILED", "", "```", section["error"][-2000:], "```"]
             continue
-        renderer = {"engine": _engine, "service": _service, "rpc": _rpc, "memory": _memory, "data": _data}.get(name)
+        renderer = {
+            "engine": _engine,
+            "startup": _startup,
+            "service": _service,
+            "rpc": _rpc,
+            "memory": _memory,
+            "data": _data,
+        }.get(name)
         if renderer is not None:
             lines += ["", *renderer(section["data"]), "", f"({name}: {section['wall_s']:.0f} s)"]
     return "\n".join(lines) + "\n"
@@ -93,6 +100,24 @@ def _engine(data: dict[str, Any]) -> list[str]:
             "|---|---|---|",
         ]
         out += [f"| {label} | {_f(value)}x | {_f(cpu.get(label))}x |" for label, value in s["ratios"].items()]
+    return out
+
+
+def _startup(data: dict[str, Any]) -> list[str]:
+    out = [
+        "## Start-up: Train -> first step, warm pool and fresh workers",
+        "",
+        f"Model {data['model']}, {data['samples']} examples, {data['repetitions']} jobs per server after an untimed "
+        "one, alternating: `pool` is a server with its default warm pool (each worker forked from a fork server that "
+        "imported torch, transformers and peft), `fresh` one with `--warm-workers 0` (each worker a fresh process).",
+        "",
+        "| server | Train -> first step s | Train -> job done s |",
+        "|---|---|---|",
+    ]
+    for mode, m in data["medians"].items():
+        out.append(f"| {mode} | {_f(m['first_progress_s'])} | {_f(m['wall_s'])} |")
+    out += ["", "| ratio (medians) | value |", "|---|---|"]
+    out += [f"| {label} | {_f(value, 3)} |" for label, value in data["ratios"].items()]
     return out
 
 

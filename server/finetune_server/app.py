@@ -5,6 +5,7 @@ start-up order and back down in shutdown order."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import grpc
 import structlog
@@ -26,6 +27,7 @@ from finetune_server.storage.dataset_uploads import remove_stale_uploads
 from finetune_server.storage.job_store import JobStore
 from finetune_server.storage.store_url import open_job_store, redact
 from finetune_server.workers.executor import Executor, open_executor
+from finetune_server.workers.warm_pool import open_launcher
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +49,9 @@ class FinetuneServer:
         self.metrics: ServiceMetrics | None = None
         self.metrics_port: int | None = None  # the bound /metrics port once started, when settings ask for one
         self._executor = executor  # None: the one the settings name, opened at start
+        self._launcher = open_launcher(
+            settings.warm_workers, settings.layout.forkserver_logs(socket.gethostname())
+        )  # how local workers start: warm (forked) or fresh
         self.store: JobStore | None = None
         self.jobs: JobService | None = None
         self.generation: GenerateService | None = None
@@ -60,7 +65,7 @@ class FinetuneServer:
     async def start(self) -> int:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         if self._executor is None:  # before the port is bound: a cluster that cannot run jobs stops the start
-            self._executor = await open_executor(self.settings)
+            self._executor = await open_executor(self.settings, self._launcher)
         store_url = self.settings.store
         self.store = open_job_store(store_url)  # StoreRefusedError: unreachable, too new
         try:
@@ -84,9 +89,9 @@ class FinetuneServer:
             interceptors.append(AuthInterceptor(TokenTable.from_file(self.settings.auth_token_file)))
         if faults.active().unavailable_first_calls:
             interceptors.append(UnavailableFaultInterceptor(faults.active().unavailable_first_calls))
-        exports = ExportService(self.settings, self.store)
+        exports = ExportService(self.settings, self.store, self._launcher)
         datasets = DatasetService(self.settings, self.store)
-        self.generation = GenerateService(self.settings)
+        self.generation = GenerateService(self.settings, self._launcher)
         servicer = FineTuneServicer(
             self.settings, self._info, self.jobs, self.store, exports, datasets, self.generation
         )
@@ -95,6 +100,8 @@ class FinetuneServer:
         )
         self.port = await transport.start()
         self._transport = transport
+        if self.settings.prewarm_workers:  # before the first job: it then starts warm
+            await self._executor.prewarm(min(self.settings.slots, self.settings.warm_workers))
         await self.jobs.start()  # re-queues jobs a crash (or an expired lease) left RUNNING, then schedules
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.start_http_server(self.settings.metrics_port, self.host)
@@ -115,6 +122,7 @@ class FinetuneServer:
             await self.generation.stop()  # its workers exit (each holds a whole model)
         if self.jobs is not None:
             await self.jobs.stop()  # running jobs go back to the queue and resume on any server
+        await self._launcher.close()  # after the workers it started
         if self.metrics is not None:
             self.metrics.stop_http_server()  # before the store it reads closes
         if self.store is not None:

@@ -73,6 +73,11 @@ class ServerSettings:
     ray: RaySettings = field(default_factory=RaySettings)
     # Generate: worker processes (each holds one model; apart from the training slots, sharing a GPU with them),
     # how long an idle one stays loaded for the next request with the same model, the largest max_new_tokens.
+    # Warm workers: fork servers kept with torch, transformers and peft imported (one per worker environment: a GPU
+    # slot's, CPU exports'), so a worker starts in well under a second instead of ~10 s; 0: every worker starts
+    # fresh. `prewarm_workers` starts the training slots' ones with the server, not with the first job.
+    warm_workers: int = 2
+    prewarm_workers: bool = True
     max_generate_workers: int = 1
     generate_idle_s: float = 60.0
     max_new_tokens_limit: int = 1024
@@ -85,6 +90,8 @@ class ServerSettings:
         self.hf_endpoint = self.hf_endpoint or os.environ.get("HF_ENDPOINT", "")
         self.worker_cpus = sorted(set(self.worker_cpus))
         check_cpus(self.worker_cpus)
+        if self.warm_workers < 0:
+            raise ValueError("warm_workers must be 0 (off) or more")
         if self.lease_seconds <= 0:
             raise ValueError("lease_seconds must be positive")
         self.store  # noqa: B018 - a URL that cannot be used is refused here, not at start

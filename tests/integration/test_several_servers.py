@@ -50,13 +50,23 @@ def pair(
         stop_server(server)
 
 
+def ancestors(pid: int) -> list[int]:
+    """The pids above `pid`, nearest first, up to init."""
+    found = []
+    while pid > 1:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        found.append(pid)
+    return found
+
+
 def running_on(job_id: str, servers: tuple[RunningServer, ...]) -> tuple[RunningServer, RunningServer]:
-    """(the server whose worker trains the job, the other one): the worker process is a child of its server."""
+    """(the server whose worker trains the job, the other one): the worker descends from its server (a child of the
+    fork server of its warm pool, which is the server's child)."""
     pid_file = JobDir(DataDir(servers[0].data_dir).jobs / job_id).worker_pid
     wait_for(pid_file.exists, "the job's worker has started")
-    stat = Path(f"/proc/{int(pid_file.read_text())}/stat").read_text()
-    parent = int(stat.rsplit(")", 1)[1].split()[1])
-    [owner] = [s for s in servers if s.process.pid == parent]
+    lineage = ancestors(int(pid_file.read_text()))
+    [owner] = [s for s in servers if s.process.pid in lineage]
     [other] = [s for s in servers if s is not owner]
     return owner, other
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-BENCHMARKS = ("engine", "service", "rpc", "memory", "data")
+BENCHMARKS = ("engine", "startup", "service", "rpc", "memory", "data")
 
 pytestmark = pytest.mark.slow  # ~1-2 minutes: four benchmarks, each with fresh processes that import torch
 
@@ -57,6 +57,7 @@ def test_every_benchmark_ran_and_reported_its_targets(quick_results: tuple[dict[
     for heading in (
         "## Targets",
         "## Engine throughput",
+        "## Start-up",
         "## Service overhead",
         "## RPC latency",
         "## Memory",
@@ -75,6 +76,15 @@ def test_engine_methods_train_the_same_tokens(quick_results: tuple[dict[str, Any
     # The bare loop runs our batch plan from the same seed: the same work, so the same final loss.
     assert methods["raw"]["final_loss"] == pytest.approx(methods["ours"]["final_loss"], rel=1e-3)
     assert all(isinstance(v, float) and v > 0 for v in size["ratios"].values())
+
+
+def test_startup_times_the_same_job_on_both_servers(quick_results: tuple[dict[str, Any], str]) -> None:
+    data = quick_results[0]["sections"]["startup"]["data"]
+    runs = data["runs"]
+    assert sorted(r["mode"] for r in runs) == ["fresh", "pool"]
+    assert len({r["steps"] for r in runs}) == 1 and len({r["tokens"] for r in runs}) == 1
+    assert all(0 < r["first_progress_s"] < r["wall_s"] for r in runs)
+    assert data["ratios"]["first step: fresh / pool"] > 0
 
 
 def test_service_runs_the_same_job_every_way(quick_results: tuple[dict[str, Any], str]) -> None:

@@ -141,15 +141,20 @@ async def test_run_to_completion(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert_gone(exit_.pid)
 
 
-async def test_cancel_mid_run(tmp_path: Path, tiny_model_dir: Path) -> None:
-    spec = make_spec(tmp_path, tiny_model_dir, max_steps=200)
-    cancel = asyncio.Event()
+def cancel_at_first_progress(cancel: asyncio.Event) -> Recorder:
+    """A recorder that sets `cancel` when the first progress event arrives."""
 
     def on_progress(message: Message) -> None:
         if isinstance(message, Event) and message.kind == "progress":
             cancel.set()
 
-    recorder = Recorder(on_progress)
+    return Recorder(on_progress)
+
+
+async def test_cancel_mid_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+    spec = make_spec(tmp_path, tiny_model_dir, max_steps=200)
+    cancel = asyncio.Event()
+    recorder = cancel_at_first_progress(cancel)
     exit_ = await run_worker(spec, on_message=recorder, cancel=cancel, log_path=tmp_path / "worker.log")
 
     assert exit_.returncode == 0 and exit_.signal is None

@@ -144,6 +144,17 @@ def serve(
     worker_cpus: Annotated[
         str | None, typer.Option(help="Pin workers to these CPUs, e.g. 2-7 (default: the server's CPUs).")
     ] = None,
+    warm_workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Fork servers kept with torch, transformers and peft imported, so workers start in well under a "
+            "second (one per worker environment: a GPU slot, CPU exports); 0: every worker starts fresh (~10 s).",
+        ),
+    ] = ServerSettings.warm_workers,
+    prewarm_workers: Annotated[
+        bool, typer.Option(help="Start the training slots' fork servers with the server, not with the first job.")
+    ] = ServerSettings.prewarm_workers,
     max_generate_workers: Annotated[
         int, typer.Option(min=1, help="Generate calls answered at once, each by a worker holding its model.")
     ] = ServerSettings.max_generate_workers,
@@ -218,6 +229,8 @@ def serve(
             lease_seconds=lease_seconds,
             executor=executor.value,
             ray=RaySettings(ray_address, ray_namespace, ray_gpus_per_job, ray_cpus_per_job, ray_workers_per_job),
+            warm_workers=warm_workers,
+            prewarm_workers=prewarm_workers,
             max_generate_workers=max_generate_workers,
             generate_idle_s=generate_idle,
             max_new_tokens_limit=max_new_tokens_limit,

@@ -11,6 +11,7 @@ This module never imports torch.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from finetune_server.host.cgroups import cgroup_files
@@ -79,12 +80,16 @@ def check_cpus(cpus: list[int]) -> None:
 
 
 def apply_in_worker(threads: int | None, cpus: list[int] | None) -> None:
-    """In a worker, before torch is imported: pin to `cpus` and size the thread pools to `threads`."""
+    """In a worker, before its first computation: pin to `cpus` and size the thread pools to `threads`. The pools read
+    the variables when torch loads; a worker forked from a warm pool has torch loaded already, so it is told too."""
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
     if threads:
         for name in THREAD_VARIABLES:
             os.environ[name] = str(threads)
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(threads)
 
 
 def format_cpu_list(cpus: list[int]) -> str:

@@ -35,6 +35,7 @@ from finetune_server.training.model_source import ResolvedModel, resolve_model
 from finetune_server.util.aio import get_unless_done
 from finetune_server.workers.protocol import ExportProgress
 from finetune_server.workers.supervisor import run_export
+from finetune_server.workers.warm_pool import FreshLauncher, WorkerLauncher
 
 log = structlog.get_logger(__name__)
 
@@ -76,9 +77,10 @@ class _RunningExport:
 
 
 class ExportService:
-    def __init__(self, settings: ServerSettings, store: JobStore) -> None:
+    def __init__(self, settings: ServerSettings, store: JobStore, launcher: WorkerLauncher | None = None) -> None:
         self._settings = settings
         self._store = store
+        self._launcher = launcher or FreshLauncher()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._running: dict[str, _RunningExport] = {}  # by artifact id; an export outlives the call that began it
 
@@ -171,6 +173,7 @@ class ExportService:
             spec,
             on_progress=functools.partial(self._publish, art_id),
             log_path=self._settings.layout.artifact_log(art_id),
+            launcher=self._launcher,
         )
         record = ArtifactRecord(
             id=art_id,

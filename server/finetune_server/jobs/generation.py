@@ -42,6 +42,7 @@ from finetune_server.workers.protocol import (
     Message,
 )
 from finetune_server.workers.supervisor import CRASH_TAIL_LINES, WorkerExit, run_generate
+from finetune_server.workers.warm_pool import FreshLauncher, WorkerLauncher
 
 log = structlog.get_logger(__name__)
 
@@ -139,7 +140,7 @@ def _invalid(violations: list[Violation]) -> FinetuneError:
 class _Worker:
     """One generation worker process and the request it is answering, if any."""
 
-    def __init__(self, number: int, spec: GenerateSpec, settings: ServerSettings) -> None:
+    def __init__(self, number: int, spec: GenerateSpec, settings: ServerSettings, launcher: WorkerLauncher) -> None:
         self.number = number
         self.key = spec.key()
         self.spec = spec
@@ -153,7 +154,9 @@ class _Worker:
         self.log_path = settings.layout.generate_log(number)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.task: asyncio.Task[WorkerExit] = asyncio.create_task(
-            run_generate(spec, on_message=self._messages.put, commands=self.commands, log_path=self.log_path)
+            run_generate(
+                spec, on_message=self._messages.put, commands=self.commands, log_path=self.log_path, launcher=launcher
+            )
         )
 
     @property
@@ -199,8 +202,9 @@ class _Worker:
 
 
 class GenerateService:
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, launcher: WorkerLauncher | None = None) -> None:
         self._settings = settings
+        self._launcher = launcher or FreshLauncher()
         self._workers: list[_Worker] = []  # alive, at most max_generate_workers
         self._leaving: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -348,7 +352,7 @@ class GenerateService:
     def _start(self, spec: GenerateSpec) -> _Worker:
         used = {w.number for w in self._workers}
         number = next(n for n in itertools.count() if n not in used)  # so worker logs stay few: worker-0.log, ...
-        worker = _Worker(number, spec, self._settings)
+        worker = _Worker(number, spec, self._settings, self._launcher)
         self._workers.append(worker)
         worker.task.add_done_callback(lambda _: self._ended(worker))
         log.info("generate.worker_started", worker=number, model=spec.model_ref, job_id=spec.job_id)

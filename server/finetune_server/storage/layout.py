@@ -47,6 +47,7 @@ ARTIFACTS_DIR = "artifacts"
 EXPORT_SPEC_TEMP_PREFIX = ".export-spec-"
 TOKEN_CACHE_DIR = "token-cache"
 GENERATE_DIR = "generate"
+FORKSERVER_DIR = "forkservers"
 
 WORKER_SPEC_FILE = "worker_spec.json"
 WORKER_PID_FILE = "worker.pid"
@@ -124,8 +125,13 @@ class DataDir(_Folder):
     def artifact_log(self, artifact_id: str) -> Path:
         return self.artifacts / f"{artifact_id}.log"
 
+    def forkserver_logs(self, host: str) -> Path:
+        """Where the warm pool's fork servers of the server on `host` log (their preload; each worker logs apart)."""
+        return self.root / FORKSERVER_DIR / host
+
     def generate_log(self, worker: int) -> Path:
-        """Generation worker `worker`'s log (every run of that worker number); its spec is beside it, as .json."""
+        """Generation worker `worker`'s log (every run of that worker number); each run's spec is beside it while it
+        runs, as `.worker-N-spec-*.json`."""
         return self.root / GENERATE_DIR / f"worker-{worker}.log"
 
 

@@ -22,8 +22,9 @@ from finetune_server.storage.layout import JobDir
 from finetune_server.workers.gpu_slots import worker_visible_devices
 from finetune_server.workers.process import kill_process_group
 from finetune_server.workers.protocol import EXIT_ERROR, Error, Message, Started
-from finetune_server.workers.supervisor import OnMessage, WorkerExit, run_worker
+from finetune_server.workers.supervisor import OnMessage, WorkerExit, run_worker, training_env
 from finetune_server.workers.train import WorkerSpec
+from finetune_server.workers.warm_pool import FreshLauncher, WorkerLauncher
 
 
 class ExecutorUnavailableError(Exception):
@@ -46,25 +47,36 @@ class Executor(Protocol):
         """Why no job could be placed now (it asks for more than any machine has), or None. May block briefly."""
         ...
 
+    async def prewarm(self, slots: int) -> None:
+        """Get the first `slots` slots' workers ready to start fast (the warm pool), if this executor can."""
+        ...
 
-async def open_executor(settings: ServerSettings) -> Executor:
-    """The executor the settings name, connected and checked; ExecutorUnavailableError when it cannot run jobs."""
+
+async def open_executor(settings: ServerSettings, launcher: WorkerLauncher | None = None) -> Executor:
+    """The executor the settings name, connected and checked; ExecutorUnavailableError when it cannot run jobs.
+    `launcher` starts the local executor's workers (default: fresh processes)."""
     if settings.executor == "ray":
         from finetune_server.workers.ray_executor import RayExecutor  # ray is imported only here
 
         return await RayExecutor.connect(settings)
-    return LocalSubprocessExecutor()
+    return LocalSubprocessExecutor(launcher=launcher)
 
 
 class LocalSubprocessExecutor:
     """One worker subprocess per attempt, pinned to its GPU slot via CUDA_VISIBLE_DEVICES when the host has GPUs."""
 
     def __init__(
-        self, *, env: Mapping[str, str] | None = None, cancel_grace_s: float = 15, term_grace_s: float = 5
+        self,
+        *,
+        env: Mapping[str, str] | None = None,
+        cancel_grace_s: float = 15,
+        term_grace_s: float = 5,
+        launcher: WorkerLauncher | None = None,
     ) -> None:
         self._env = env
         self._cancel_grace_s = cancel_grace_s
         self._term_grace_s = term_grace_s
+        self._launcher = launcher or FreshLauncher()
 
     async def run(
         self, spec: WorkerSpec, *, on_message: OnMessage, cancel: asyncio.Event, log_path: Path
@@ -89,6 +101,7 @@ class LocalSubprocessExecutor:
                 env=self._env,
                 cancel_grace_s=self._cancel_grace_s,
                 term_grace_s=self._term_grace_s,
+                launcher=self._launcher,
             )
         finally:
             pid_file.unlink(missing_ok=True)
@@ -103,6 +116,16 @@ class LocalSubprocessExecutor:
     def placement_problem(self) -> str | None:
         return None  # the slots are this host's
 
+    async def prewarm(self, slots: int) -> None:
+        for slot in range(slots):
+            visible = await self._visible_devices(slot)
+            self._launcher.prewarm(training_env(visible, self._env))
+
+    async def _visible_devices(self, slot: int) -> str | None:
+        devices = await asyncio.to_thread(detect_devices)  # nvidia-smi: keep it off the event loop
+        gpu_count = sum(1 for d in devices if d.name.startswith("cuda"))
+        return worker_visible_devices(slot, os.environ if self._env is None else self._env, gpu_count)
+
     async def _place(self, spec: WorkerSpec) -> WorkerSpec:
         """The slot's GPU, numbered within the server's own CUDA_VISIBLE_DEVICES; the worker sees it as cuda:0.
 
@@ -111,9 +134,7 @@ class LocalSubprocessExecutor:
         """
         if spec.gpu_slot is None:
             return spec
-        devices = await asyncio.to_thread(detect_devices)  # nvidia-smi: keep it off the event loop
-        gpu_count = sum(1 for d in devices if d.name.startswith("cuda"))
-        visible = worker_visible_devices(spec.gpu_slot, os.environ if self._env is None else self._env, gpu_count)
+        visible = await self._visible_devices(spec.gpu_slot)
         if visible is None:
             return dataclasses.replace(spec, gpu_slot=None, cuda_visible_devices=None)
         # cuda:0 said outright: a worker whose GPU is unusable fails with CUDA_UNAVAILABLE instead of using the CPU.

@@ -13,7 +13,7 @@ import signal
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -27,11 +27,26 @@ MAX_MESSAGE_BYTES = 16 << 20  # one protocol line; metrics dicts are small, but 
 DRAIN_AFTER_EXIT_S = 5.0  # a grandchild that inherited the pipe must not keep us waiting for EOF
 
 
+class WorkerProcess(Protocol):
+    """What the supervisor uses of a worker's process: asyncio's Process, or one forked by a fork server."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def stdin(self) -> asyncio.StreamWriter | None: ...
+
+    async def wait(self) -> int: ...
+
+
 @dataclass
 class MessagePipe:
     """A spawned worker (own process group, output to its log) and the pipe its JSON-line messages arrive on."""
 
-    process: asyncio.subprocess.Process
+    process: WorkerProcess
     reader: asyncio.StreamReader
     transport: asyncio.ReadTransport
 
@@ -62,11 +77,17 @@ async def spawn_with_pipe(
         raise
     finally:
         os.close(write_fd)
+    reader, transport = await open_message_reader(read_fd)
+    return MessagePipe(process, reader, transport)
+
+
+async def open_message_reader(read_fd: int) -> tuple[asyncio.StreamReader, asyncio.ReadTransport]:
+    """A stream over the read end of a worker's message pipe (taken over: closing the transport closes it)."""
     reader = asyncio.StreamReader(limit=MAX_MESSAGE_BYTES)
     transport, _ = await asyncio.get_running_loop().connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
     )
-    return MessagePipe(process, reader, transport)
+    return reader, transport
 
 
 async def read_messages(reader: asyncio.StreamReader, bound: Any) -> AsyncIterator[Message]:

@@ -429,8 +429,13 @@ def start_stdin_watch(stop: threading.Event, log: Any) -> None:
 
 
 def module_command(module: str, spec_path: Path, events_fd: int) -> list[str]:
-    """How every worker module is started: its spec file and the inherited fd its messages go to."""
-    return [sys.executable, "-m", module, "--spec", str(spec_path), "--events-fd", str(events_fd)]
+    """How every worker module is started fresh: its spec file and the inherited fd its messages go to."""
+    return [sys.executable, "-m", module, *worker_args(spec_path, str(events_fd))]
+
+
+def worker_args(spec_path: Path, events_fd: str) -> list[str]:
+    """The arguments of every worker module's `main`, started fresh or forked (`forkserver.py`)."""
+    return ["--spec", str(spec_path), "--events-fd", events_fd]
 
 
 def parse_worker_args(module: str, description: str, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -153,6 +153,9 @@ class RayExecutor:
             log.warning("ray.jobs_do_not_fit_yet", problem=problem)
         return executor
 
+    async def prewarm(self, slots: int) -> None:
+        """Nothing to do: each attempt's actor starts its worker on its node."""
+
     def placement_problem(self) -> str | None:
         gpus, cpus, workers = self._options.gpus_per_job, self._options.cpus_per_job, self._options.workers_per_job
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]

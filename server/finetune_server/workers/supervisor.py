@@ -33,11 +33,11 @@ from finetune_server.workers.generate import GenerateSpec
 from finetune_server.workers.gpu_slots import CUDA_VISIBLE_DEVICES
 from finetune_server.workers.process import (
     MessagePipe,
+    WorkerProcess,
     cgroup_oom_kills,
     kill_process_group,
     read_log_tail,
     read_messages,
-    spawn_with_pipe,
     wait_for_exit,
 )
 from finetune_server.workers.protocol import (
@@ -50,6 +50,7 @@ from finetune_server.workers.protocol import (
     Started,
 )
 from finetune_server.workers.train import WorkerSpec
+from finetune_server.workers.warm_pool import FreshLauncher, WorkerLauncher
 
 log = structlog.get_logger(__name__)
 
@@ -109,8 +110,10 @@ async def supervise(
     cancel_grace_s: float = 15,
     term_grace_s: float = 5,
     commands: asyncio.Queue[bytes | None] | None = None,
+    launcher: WorkerLauncher | None = None,
 ) -> WorkerExit:
-    """Run `python -m module` on `spec_path` to its end, awaiting `on_message` for each message in order.
+    """Run worker `module` on `spec_path` to its end, awaiting `on_message` for each message in order. `launcher`
+    starts it (default: a fresh `python -m`; `warm_pool.WarmPool` forks it from a warm fork server).
 
     With `commands` (and no `cancel`), the worker's stdin gets each line put in the queue, in order; None closes it.
 
@@ -126,7 +129,7 @@ async def supervise(
     if cancel is not None and commands is not None:
         raise ValueError("a worker takes either cancel or commands on its stdin")
     stdin = asyncio.subprocess.DEVNULL if cancel is None and commands is None else asyncio.subprocess.PIPE
-    pipe = await spawn_with_pipe(module, spec_path, log_path=log_path, env=env, stdin=stdin)
+    pipe = await (launcher or FreshLauncher()).spawn(module, spec_path, log_path=log_path, env=env, stdin=stdin)
     process, pid = pipe.process, pipe.pid
     bound.info("worker spawned", module=module, pid=pid, log=str(log_path))
     seen = _Seen()
@@ -169,7 +172,7 @@ async def _relay(pipe: MessagePipe, on_message: OnMessage, seen: _Seen, bound: A
         await on_message(message)
 
 
-async def _write_commands(commands: asyncio.Queue[bytes | None], process: asyncio.subprocess.Process) -> None:
+async def _write_commands(commands: asyncio.Queue[bytes | None], process: WorkerProcess) -> None:
     assert process.stdin is not None
     while (line := await commands.get()) is not None:
         try:
@@ -181,7 +184,7 @@ async def _write_commands(commands: asyncio.Queue[bytes | None], process: asynci
 
 
 async def _stop_on_cancel(
-    cancel: asyncio.Event, process: asyncio.subprocess.Process, grace_s: float, term_s: float, bound: Any
+    cancel: asyncio.Event, process: WorkerProcess, grace_s: float, term_s: float, bound: Any
 ) -> None:
     await cancel.wait()
     bound.info("cancelling worker", pid=process.pid)
@@ -189,7 +192,7 @@ async def _stop_on_cancel(
     await _escalate(process, grace_s, term_s, bound)
 
 
-async def _send_cancel(process: asyncio.subprocess.Process) -> None:
+async def _send_cancel(process: WorkerProcess) -> None:
     if process.stdin is None:
         return
     try:
@@ -199,7 +202,7 @@ async def _send_cancel(process: asyncio.subprocess.Process) -> None:
         pass
 
 
-async def _escalate(process: asyncio.subprocess.Process, grace_s: float, term_s: float, bound: Any) -> None:
+async def _escalate(process: WorkerProcess, grace_s: float, term_s: float, bound: Any) -> None:
     """Wait `grace_s` for a clean exit, then SIGTERM the group, then SIGKILL it."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, term_s)):
         try:
@@ -213,7 +216,7 @@ async def _escalate(process: asyncio.subprocess.Process, grace_s: float, term_s:
 _background: set[asyncio.Task[None]] = set()
 
 
-def _abandon(process: asyncio.subprocess.Process, grace_s: float, term_s: float, bound: Any) -> None:
+def _abandon(process: WorkerProcess, grace_s: float, term_s: float, bound: Any) -> None:
     """Our caller went away mid-run: close stdin so the worker stops itself, and make sure it does."""
     if process.stdin is not None:
         process.stdin.close()
@@ -275,9 +278,14 @@ def spec_path_for(spec: WorkerSpec) -> Path:
 def worker_env(spec: WorkerSpec, env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The training worker's environment: `env` (default: ours), its slot's GPU as CUDA_VISIBLE_DEVICES (which the
     executor derived from the server's own list, `gpu_slots`), unbuffered."""
+    return training_env(spec.cuda_visible_devices, env)
+
+
+def training_env(cuda_visible_devices: str | None, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`worker_env` for a slot whose GPUs are `cuda_visible_devices` (None: the server's own)."""
     out = _unbuffered_env(env)
-    if spec.cuda_visible_devices is not None:
-        out[CUDA_VISIBLE_DEVICES] = spec.cuda_visible_devices
+    if cuda_visible_devices is not None:
+        out[CUDA_VISIBLE_DEVICES] = cuda_visible_devices
     return out
 
 
@@ -290,6 +298,7 @@ async def run_worker(
     env: Mapping[str, str] | None = None,
     cancel_grace_s: float = 15,
     term_grace_s: float = 5,
+    launcher: WorkerLauncher | None = None,
 ) -> WorkerExit:
     """Run one training attempt to its end (see `supervise` for how `cancel` stops it). The spec is left in the job's
     folder, beside its log."""
@@ -303,6 +312,7 @@ async def run_worker(
         cancel=cancel,
         cancel_grace_s=cancel_grace_s,
         term_grace_s=term_grace_s,
+        launcher=launcher,
     )
 
 
@@ -315,6 +325,7 @@ async def run_export(
     on_progress: OnProgress,
     log_path: Path,
     env: Mapping[str, str] | None = None,
+    launcher: WorkerLauncher | None = None,
 ) -> dict[str, Any]:
     """Run one export in a worker subprocess; await `on_progress` for each progress message, in order.
 
@@ -343,6 +354,7 @@ async def run_export(
             log_path=log_path,
             env=export_env(checked, env),
             bound=bound,
+            launcher=launcher,
         )
     except BaseException:
         remove_staging(target_dir)
@@ -389,13 +401,17 @@ async def run_generate(
     commands: asyncio.Queue[bytes | None],
     log_path: Path,
     env: Mapping[str, str] | None = None,
+    launcher: WorkerLauncher | None = None,
 ) -> WorkerExit:
     """Run one generation worker until its stdin closes (None in `commands`) or it dies; requests go in through
     `commands` (`generate_worker.command_line`), its messages come out through `on_message`. Cancelling this
     coroutine kills the worker's group. On a GPU host it sees every device and uses the first: it shares it with the
     training slots."""
     log_path = Path(log_path)
-    spec_path = spec.write(log_path.with_suffix(".json"))
+    # A name of its own: a worker of the same number may be starting while this one's run still ends.
+    fd, name = tempfile.mkstemp(dir=log_path.parent, prefix=f".{log_path.stem}-spec-", suffix=".json")
+    os.close(fd)
+    spec_path = spec.write(Path(name))
     try:
         return await supervise(
             generate_worker.WORKER_MODULE,
@@ -405,6 +421,7 @@ async def run_generate(
             env=_unbuffered_env(env),
             bound=log.bind(worker=log_path.stem, model=spec.model_ref, job_id=spec.job_id),
             commands=commands,
+            launcher=launcher,
         )
     finally:
         spec_path.unlink(missing_ok=True)
