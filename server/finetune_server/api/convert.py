@@ -174,6 +174,7 @@ def job_to_proto(job: JobRecord) -> pb.Job:
             "last_sequence": job.last_sequence,
             "cancel_requested": job.cancel_requested,
             "owner": job.owner,
+            "labels": job.labels,
         },
     )
     message.config.CopyFrom(config_to_proto(TrainingConfig.from_dict(job.config)))

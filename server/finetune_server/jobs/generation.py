@@ -253,15 +253,16 @@ class GenerateService:
         )
         return GenerationTarget(spec, base)
 
-    async def artifact_target(self, artifact: ArtifactRecord, job: JobRecord) -> GenerationTarget:
-        """An exported artifact: a merged model loads alone, an adapter on the base its job trained."""
+    async def artifact_target(self, artifact: ArtifactRecord) -> GenerationTarget:
+        """An exported artifact: a merged model loads alone, an adapter on the base its job trained (the artifact
+        records it, so this works after the job was deleted)."""
         folder = self._settings.data_dir / artifact.path
         if not folder.is_dir():
             raise FinetuneError(ErrorKind.DATA_LOSS, "FILE_MISSING", f"artifact {artifact.id} is missing on the server")
-        fields = {"job_id": job.id, "artifact_dir": str(folder), "artifact_step": artifact.step}
+        fields = {"job_id": artifact.job_id, "artifact_dir": str(folder), "artifact_step": artifact.step}
         if artifact.format == "MERGED":
             return GenerationTarget(self._spec(str(folder), **fields), artifact.base_model)
-        model = await asyncio.to_thread(resolve_model, TrainingConfig.from_dict(job.config).model_name, self._settings)
+        model = await asyncio.to_thread(resolve_model, artifact.base_model, self._settings)
         return GenerationTarget(self._spec(model.load_ref, **fields), artifact.base_model)
 
     # --- answering -------------------------------------------------------------------------------------------------

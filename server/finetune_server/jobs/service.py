@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +33,7 @@ from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.host.diskspace import ensure_free_space, job_disk_bytes
 from finetune_server.jobs import idempotency
 from finetune_server.jobs.event_hub import EventHub
+from finetune_server.jobs.labels import check_labels
 from finetune_server.observability.metrics import ServiceMetrics
 from finetune_server.settings import ServerSettings
 from finetune_server.storage import layout
@@ -50,6 +51,7 @@ from finetune_server.training.config import TrainingConfig
 from finetune_server.training.dataset_source import training_refs
 from finetune_server.training.engine.errors import out_of_memory_hint
 from finetune_server.training.validation import CheckHooks, ValidationReport, validate
+from finetune_server.util.paths import remove_folder
 from finetune_server.util.stoppable import run_stoppable
 from finetune_server.workers.executor import Executor
 from finetune_server.workers.protocol import Cancelled, Error, Event, Message, Result, Started
@@ -295,10 +297,17 @@ class JobService:
     # -- requests -------------------------------------------------------------------------------------------------
 
     async def submit(
-        self, config: TrainingConfig, *, request_id: str = "", display_name: str = "", owner: str = ""
+        self,
+        config: TrainingConfig,
+        *,
+        request_id: str = "",
+        display_name: str = "",
+        owner: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Validate exactly as ValidateConfig does, then persist the job as QUEUED. Idempotent on the owner's
         request_id: a retry returns its job; the key with another config is ALREADY_EXISTS naming that job."""
+        labels = check_labels(labels or {})
         digest = idempotency.fingerprint(config.to_dict()) if request_id else ""
         if request_id:
             existing = await self._db(self._store.find_by_request_id, request_id, owner)
@@ -327,6 +336,7 @@ class JobService:
             request_fingerprint=digest,
             display_name=display_name,
             owner=owner,
+            labels=labels,
             now=self._clock(),
         )
         if not created:  # a concurrent call with the same key won the race
@@ -362,10 +372,17 @@ class JobService:
             raise job_not_found(job_id) from None
 
     async def list(
-        self, *, states: list[JobState], page_size: int, page_token: str, owner: str | None = None
+        self,
+        *,
+        states: list[JobState],
+        page_size: int,
+        page_token: str,
+        owner: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> tuple[list[JobRecord], str]:
         if not 0 <= page_size <= 1000:
             raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", "page_size must be in 0..1000")
+        wanted = check_labels(labels or {})
         try:
             return await self._db(
                 self._store.list_jobs,
@@ -373,9 +390,36 @@ class JobService:
                 page_size=page_size or 50,
                 page_token=page_token,
                 owner=owner,
+                labels=wanted,
             )
         except ValueError:
             raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", "page_token is not valid") from None
+
+    @staticmethod
+    def check_deletable(job: JobRecord) -> None:
+        """FAILED_PRECONDITION, naming the state, for a job that has not ended (its worker may still write)."""
+        if not job.state.is_final:
+            raise FinetuneError(
+                ErrorKind.FAILED_PRECONDITION,
+                "JOB_NOT_FINISHED",
+                f"job {job.id} is {job.state.value}; only a job that has ended (SUCCEEDED, FAILED or CANCELLED) can"
+                " be deleted",
+                hint=f"Cancel job {job.id} first, or wait for it to end.",
+                metadata={"job_id": job.id, "state": job.state.value},
+            )
+
+    async def delete(self, job: JobRecord) -> int:
+        """Delete an ended job: its folder first (a crash after it leaves a record whose retried delete finishes
+        the work, never a folder nothing names), then its record with its events. Returns the bytes freed."""
+        self.check_deletable(job)
+        freed = await asyncio.to_thread(remove_folder, self.job_dir(job.id))
+        try:
+            await self._db(self._store.delete_job, job.id)
+        except KeyError:
+            raise job_not_found(job.id) from None  # deleted meanwhile by another call
+        self.hub.forget(job.id)
+        log.info("job.deleted", job_id=job.id, freed_bytes=freed)
+        return freed
 
     async def cancel(self, job_id: str) -> JobRecord:
         job = await self.get(job_id)
