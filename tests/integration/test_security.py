@@ -111,6 +111,9 @@ def test_a_token_sees_and_deletes_only_its_own_jobs_and_artifacts_and_an_admin_s
         download_all = pb.DownloadArtifactRequest(artifact_id=artifact.id)
         chunks = list(stub.DownloadArtifact(download_all, metadata=as_token(ALICE), timeout=60))
         assert {c.path for c in chunks} == {f.path for f in artifact.files}
+        request = pb.GenerateRequest(messages=[hello], artifact_id=artifact.id, max_new_tokens=2)
+        answer = list(stub.Generate(request, metadata=as_token(ALICE), timeout=120))
+        assert answer[-1].finish.step == artifact.step, "it still answers: the artifact names its base model"
 
         held = folder_bytes(data.artifact(artifact.id)) + data.artifact_log(artifact.id).stat().st_size
         removed = stub.DeleteArtifact(pb.DeleteArtifactRequest(artifact_id=artifact.id), metadata=as_token(ALICE))
