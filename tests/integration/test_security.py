@@ -93,6 +93,18 @@ def test_a_token_sees_only_its_own_jobs_and_an_admin_sees_all(auth_server: Runni
             )
         assert generate.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
+        # Continuing another token's job: as unknown as a job that does not exist; the owner and an admin may.
+        continued = job_config(tiny_model_dir.name, init_from_job=job.id)
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.ValidateConfig(pb.ValidateConfigRequest(config=continued), metadata=as_token(BOB), timeout=60)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert [(v.field, v.reason) for v in from_rpc_error(unknown.value).violations] == [
+            ("init_from_job", "JOB_NOT_FOUND")
+        ]
+        for token in (ALICE, ADMIN):
+            request = pb.ValidateConfigRequest(config=continued)
+            assert stub.ValidateConfig(request, metadata=as_token(token), timeout=60).valid
+
 
 def test_the_client_sends_its_token(auth_server: RunningServer, tiny_model_dir: Path) -> None:
     with GrpcFineTuneService(auth_server.address, token=ALICE) as client:
