@@ -365,7 +365,8 @@ class TrainingConfig(_message.Message):
     """Continue another job: the id of a job of the same caller whose LoRA adapter this job starts from (its final
     adapter, or the checkpoint named by init_from_checkpoint), to train it on new data or for more steps. The base
     model must be the same, and the adapter's shape too (lora.r, lora.target_modules, lora.use_dora and
-    lora.modules_to_save): the LoRA fields left unset take that job's values. Empty: a fresh adapter.
+    lora.modules_to_save); those, lora.alpha and chat_template take that job's values when left unset. Empty: a
+    fresh adapter.
     """
     init_from_checkpoint: _builtins.int
     """The step of one of init_from_job's checkpoints (see ListCheckpoints) to start from. Unset: its final adapter
