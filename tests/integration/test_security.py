@@ -85,6 +85,18 @@ def test_a_token_sees_and_deletes_only_its_own_jobs_and_artifacts_and_an_admin_s
         assert job.id in {j.id for j in admins}
         assert stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=as_token(ADMIN), timeout=10).job.owner == "alice"
 
+        # Continuing another token's job: as unknown as a job that does not exist; the owner and an admin may.
+        continued = job_config(tiny_model_dir.name, init_from_job=job.id)
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.ValidateConfig(pb.ValidateConfigRequest(config=continued), metadata=as_token(BOB), timeout=60)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert [(v.field, v.reason) for v in from_rpc_error(unknown.value).violations] == [
+            ("init_from_job", "JOB_NOT_FOUND")
+        ]
+        for token in (ALICE, ADMIN):
+            request = pb.ValidateConfigRequest(config=continued)
+            assert stub.ValidateConfig(request, metadata=as_token(token), timeout=60).valid
+
         artifact = list(stub.Export(pb.ExportRequest(job_id=job.id, format=1), metadata=as_token(ALICE)))[-1].artifact
         with pytest.raises(grpc.RpcError) as download:
             list(stub.DownloadArtifact(pb.DownloadArtifactRequest(artifact_id=artifact.id), metadata=as_token(BOB)))

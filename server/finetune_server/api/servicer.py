@@ -77,7 +77,11 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         config = config_from_proto(config_message)
         try:  # off the event loop, and stopped when the caller goes
             report = await self._jobs.validate(
-                config, target_device, on_progress=on_progress, timeout_s=context.time_remaining()
+                config,
+                target_device,
+                on_progress=on_progress,
+                timeout_s=context.time_remaining(),
+                visible_owner=visible_owner(),
             )
         except CheckStopped:
             raise FinetuneError(
@@ -189,6 +193,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             display_name=request.display_name,
             owner=caller_name(),
             labels=dict(request.labels),
+            visible_owner=visible_owner(),
         )
         yield pb.TrainResponse(job=job_to_proto(job))
         async for event in self._jobs.watch(job.id, 0):

@@ -202,6 +202,8 @@ def render_job(console: Console, job: pb.Job) -> None:
         rows.append(("owner", escape(job.owner)))
     if job.labels:
         rows.append(("labels", escape(labels_text(job.labels))))
+    if job.HasField("lineage"):
+        rows.append(("continues", escape(lineage_text(job.lineage))))
     for label, is_set, moment in (
         ("created", job.HasField("create_time"), job.create_time),
         ("started", job.HasField("start_time"), job.start_time),
@@ -245,6 +247,16 @@ def render_job(console: Console, job: pb.Job) -> None:
     for label, value in rows:
         grid.add_row(label, value)
     console.print(grid)
+
+
+def lineage_text(lineage: pb.JobLineage) -> str:
+    """`job-1a2b's checkpoint at step 4, with its optimizer state` or `job-1a2b's final adapter`."""
+    source = lineage.source_job_id
+    if lineage.HasField("source_checkpoint_step"):
+        text = f"{source}'s checkpoint at step {lineage.source_checkpoint_step}"
+    else:
+        text = f"{source}'s final adapter"
+    return text + (", with its optimizer state" if lineage.optimizer_resumed else "")
 
 
 def error_text(error: pb.JobError) -> str:

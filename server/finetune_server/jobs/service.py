@@ -29,9 +29,10 @@ from typing import Any, TypeVar
 
 import structlog
 
-from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.errors import ErrorKind, FinetuneError, field_error
 from finetune_server.host.diskspace import ensure_free_space, job_disk_bytes
 from finetune_server.jobs import idempotency
+from finetune_server.jobs.checkpoints import job_adapter
 from finetune_server.jobs.event_hub import EventHub
 from finetune_server.jobs.labels import check_labels
 from finetune_server.observability.metrics import ServiceMetrics
@@ -48,6 +49,7 @@ from finetune_server.storage.job_store import (
 )
 from finetune_server.storage.records import EventKind, JobEventRecord, JobRecord, JobState, Lease
 from finetune_server.training.config import TrainingConfig
+from finetune_server.training.continuation import SourceAdapter, SourceLookup
 from finetune_server.training.dataset_source import training_refs
 from finetune_server.training.engine.errors import out_of_memory_hint
 from finetune_server.training.validation import CheckHooks, ValidationReport, validate
@@ -304,16 +306,19 @@ class JobService:
         display_name: str = "",
         owner: str = "",
         labels: Mapping[str, str] | None = None,
+        visible_owner: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Validate exactly as ValidateConfig does, then persist the job as QUEUED. Idempotent on the owner's
-        request_id: a retry returns its job; the key with another config is ALREADY_EXISTS naming that job."""
+        request_id: a retry returns its job; the key with another config is ALREADY_EXISTS naming that job.
+        `visible_owner`: whose jobs init_from_job may name (None: anyone's)."""
         labels = check_labels(labels or {})
         digest = idempotency.fingerprint(config.to_dict()) if request_id else ""
         if request_id:
             existing = await self._db(self._store.find_by_request_id, request_id, owner)
             if existing is not None:
                 return _same_request(existing, digest), False
-        report = await self.validate(config)  # stopped, like ValidateConfig, when the caller goes
+        # Stopped, like ValidateConfig, when the caller goes.
+        report = await self.validate(config, visible_owner=visible_owner)
         if not report.valid:
             raise report.rejection()
         estimate = report.memory_estimate
@@ -353,17 +358,45 @@ class JobService:
         *,
         on_progress: Callable[[str, int, int | None], None] | None = None,
         timeout_s: float | None = None,
+        visible_owner: str | None = None,
     ) -> ValidationReport:
         """What ValidateConfig answers and Train checks: the config's own checks, then whether the executor could
         place a job at all. Off the event loop (it reads and tokenizes the dataset), and stopped when the awaiting
-        caller is cancelled or `timeout_s` passes (CheckStopped)."""
+        caller is cancelled or `timeout_s` passes (CheckStopped). init_from_job may name a job of `visible_owner`
+        only (None: of anyone); another's is reported as unknown, as if it did not exist."""
 
         def checked(should_stop: Callable[[], bool]) -> ValidationReport:
             problem = self._executor.placement_problem() or ""
             hooks = CheckHooks(should_stop=should_stop, on_progress=on_progress)
-            return validate(config, self._settings, target_device=target_device, placement_problem=problem, hooks=hooks)
+            return validate(
+                config,
+                self._settings,
+                target_device=target_device,
+                placement_problem=problem,
+                hooks=hooks,
+                source_lookup=self._source_lookup(visible_owner),
+            )
 
         return await run_stoppable(checked, timeout_s=timeout_s)
+
+    def _source_lookup(self, visible_owner: str | None) -> SourceLookup:
+        """Find the adapter a continued job starts from (in a thread: it reads the store and the disk)."""
+
+        def lookup(job_id: str, step: int | None) -> SourceAdapter:
+            try:
+                job = self._store.get_job(job_id)
+            except KeyError:
+                job = None
+            if job is None or (visible_owner is not None and job.owner != visible_owner):
+                unknown = f"no job has the id {job_id!r}"
+                raise field_error(ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", "init_from_job", unknown)
+            found = job_adapter(
+                job, self.job_dir(job.id), step, job_field="init_from_job", step_field="init_from_checkpoint"
+            )
+            config = TrainingConfig.from_dict(job.config)
+            return SourceAdapter(job.id, step, config, found.adapter_dir, found.checkpoint_dir)
+
+        return lookup
 
     async def get(self, job_id: str) -> JobRecord:
         try:
@@ -508,6 +541,13 @@ class JobService:
     def _spec(self, job: JobRecord, slot: int) -> WorkerSpec:
         config = TrainingConfig.from_dict(job.config)
         model_ref, dataset_ref, eval_dataset_ref = training_refs(config, self._settings)
+        init_adapter = init_optimizer = None
+        # A continued job starts from its source's adapter until it has a checkpoint of its own to resume from.
+        if config.init_from_job and not layout.JobDir(self.job_dir(job.id)).complete_checkpoints():
+            source = self._source_lookup(None)(config.init_from_job, config.init_from_checkpoint)
+            init_adapter = str(source.adapter_dir)
+            if config.resume_optimizer and source.checkpoint_dir is not None:
+                init_optimizer = str(source.checkpoint_dir)
         return WorkerSpec(
             job_id=job.id,
             config=job.config,
@@ -522,6 +562,8 @@ class JobService:
             cpu_threads=self._settings.threads_per_worker,
             cpus=self._settings.worker_cpus or None,
             token_cache_max_bytes=self._settings.token_cache_max_bytes,
+            init_adapter_dir=init_adapter,
+            init_optimizer_dir=init_optimizer,
         )
 
     async def _run(self, job: JobRecord, running: _Running) -> None:
