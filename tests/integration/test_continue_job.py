@@ -154,3 +154,21 @@ def test_a_job_without_an_adapter_yet_is_a_failed_precondition(service: GrpcFine
         service.cancel_job(unfinished.id)
         for _ in stream:  # to its end: the next test's jobs get the slot
             pass
+
+
+def test_a_job_that_another_one_continues_from_cannot_be_deleted_until_that_one_ends(
+    service: GrpcFineTuneService, source: tuple[TrainResult, list[float]]
+) -> None:
+    source_id = source[0].job_id
+    stream = service.iter_train({**BASE, "lora": {}, "init_from_job": source_id, "max_steps": 10_000})
+    continuing = next(stream).job
+    try:
+        with pytest.raises(FinetuneServiceError) as refused:
+            service.delete_job(source_id)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and refused.value.reason == "JOB_IN_USE"
+        assert continuing.id in refused.value.message
+        assert service.get_job(source_id).state == pb.JOB_STATE_SUCCEEDED, "a refused delete removes nothing"
+    finally:
+        service.cancel_job(continuing.id)
+        for _ in stream:
+            pass

@@ -24,6 +24,7 @@ async def delete_job(
     """FAILED_PRECONDITION for a job that has not ended, or while it (or, `with_artifacts`, one of its artifacts)
     is exported or downloaded. Without `with_artifacts` its artifacts stay, downloadable as before."""
     jobs.check_deletable(job)
+    await jobs.check_not_continued(job)
     with exports.deleting(job.id, []):  # from here no export of the job starts: the list below is complete
         artifacts = await exports.of_job(job.id) if with_artifacts else []
         with exports.deleting("", [a.id for a in artifacts]):

@@ -32,6 +32,7 @@ import structlog
 from finetune_server.errors import ErrorKind, FinetuneError, field_error
 from finetune_server.host.diskspace import ensure_free_space, job_disk_bytes
 from finetune_server.jobs import idempotency
+from finetune_server.jobs.active import refuse_while_used
 from finetune_server.jobs.checkpoints import job_adapter
 from finetune_server.jobs.event_hub import EventHub
 from finetune_server.jobs.labels import check_labels
@@ -440,6 +441,17 @@ class JobService:
                 hint=f"Cancel job {job.id} first, or wait for it to end.",
                 metadata={"job_id": job.id, "state": job.state.value},
             )
+
+    async def check_not_continued(self, job: JobRecord) -> None:
+        """FAILED_PRECONDITION `JOB_IN_USE`, naming it, while a queued or running job continues from this one's
+        adapter (each attempt of it reads that adapter at its start)."""
+        await refuse_while_used(
+            self._store,
+            lambda other: other.config.get("init_from_job") == job.id,
+            what=f"job {job.id}",
+            reason="JOB_IN_USE",
+            how="continued by",
+        )
 
     async def delete(self, job: JobRecord) -> int:
         """Delete an ended job: its folder first (a crash after it leaves a record whose retried delete finishes
