@@ -1,14 +1,15 @@
 """The client's side of the connection as gRPC channel options: keepalive, and the published service config.
 
 `service_config.json` (shipped in this package, for callers in any language) gives the unary methods that only read
-or check (ValidateConfig, GetJob, ListJobs, ListPresets, GetServerInfo) a retry policy: gRPC itself repeats them on
-UNAVAILABLE, within the call's deadline. Nothing else has one, each for a reason:
+or check (ValidateConfig, GetJob, ListJobs, ListPresets, GetServerInfo, the List and Get of checkpoints, datasets and
+artifacts) a retry policy: gRPC itself repeats them on UNAVAILABLE, within the call's deadline. Nothing else has one,
+each for a reason:
 - Train creates a job: only a Train with a request_id may be repeated, and a per-method policy cannot see the request.
 - WatchJob and DownloadArtifact are streams: gRPC never retries a call once a response arrived, and resuming one needs
   what the caller has already seen (the last event's sequence, the bytes written), so the caller resumes them.
-- CancelJob answers FAILED_PRECONDITION when repeated after it succeeded; Export and UploadDataset do work and are
-  streams. The typed client (`remote.py`) resumes Train (with a request_id), WatchJob and downloads itself, so every
-  method is retried by exactly one mechanism.
+- CancelJob answers FAILED_PRECONDITION, and the Delete methods NOT_FOUND, when repeated after they succeeded;
+  Export and UploadDataset do work and are streams. The typed client (`remote.py`) resumes Train (with a
+  request_id), WatchJob and downloads itself, so every method is retried by exactly one mechanism.
 
 Keepalive pings let both ends notice a connection that died silently (a load balancer or NAT that dropped it sends
 no FIN or RST): a WatchJob on a queued job may carry nothing for hours, and without pings it would wait forever.

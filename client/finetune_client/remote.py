@@ -193,6 +193,7 @@ class GrpcFineTuneService(IFineTuneService):
         *,
         display_name: str = "",
         request_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> TrainResult:
         """Start a job and follow it to its end; returns its result (success=False for a failed or cancelled job).
 
@@ -200,7 +201,7 @@ class GrpcFineTuneService(IFineTuneService):
         rejects the config or cannot be reached. A callback that raises is logged and does not stop the watch.
         """
         job = pb.Job()
-        for response in self.iter_train(config, display_name=display_name, request_id=request_id):
+        for response in self.iter_train(config, display_name=display_name, request_id=request_id, labels=labels):
             if response.WhichOneof("kind") == "job":
                 job.CopyFrom(response.job)
                 continue
@@ -272,16 +273,18 @@ class GrpcFineTuneService(IFineTuneService):
         *,
         display_name: str = "",
         request_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Iterator[pb.TrainResponse]:
         """The Train stream: first the job, then each event once, reconnecting through WatchJob when it drops.
 
         `request_id` None generates one, which makes retrying the Train call itself safe; "" sends none, and then
-        Train is not retried (a retry could create a second job).
+        Train is not retried (a retry could create a second job). `labels` are the job's, to find it by in list_jobs.
         """
         request = pb.TrainRequest(  # converted now, so a bad dict raises here and not at the first next()
             config=_to_config(config),
             request_id=uuid.uuid4().hex if request_id is None else request_id,
             display_name=display_name,
+            labels=dict(labels or {}),
         )
         return self._train_stream(request)
 
@@ -354,10 +357,21 @@ class GrpcFineTuneService(IFineTuneService):
         response: pb.GetJobResponse = self._unary("GetJob", pb.GetJobRequest(job_id=job_id))
         return response.job
 
-    def list_jobs(self, states: Iterable[str | int] = (), page_size: int = 0) -> Iterator[pb.Job]:
-        """Every job in `states` (names like "running" or JobState values; empty: all), newest first, all pages."""
+    def list_jobs(
+        self, states: Iterable[str | int] = (), page_size: int = 0, *, labels: Mapping[str, str] | None = None
+    ) -> Iterator[pb.Job]:
+        """Every job in `states` (names like "running" or JobState values; empty: all) that has all of `labels`,
+        newest first, all pages."""
         request = dict_to_message({"states": list(states), "page_size": page_size}, pb.ListJobsRequest)
+        request.labels.update(labels or {})
         return self._pages("ListJobs", request, "jobs")
+
+    def delete_job(self, job_id: str, *, delete_artifacts: bool = False) -> pb.DeleteJobResponse:
+        """Delete a job that has ended: its folder, checkpoints, events and record (FAILED_PRECONDITION for a queued
+        or running one). Its artifacts stay unless `delete_artifacts`. The answer says how many bytes were freed."""
+        request = pb.DeleteJobRequest(job_id=job_id, delete_artifacts=delete_artifacts)
+        response: pb.DeleteJobResponse = self._unary("DeleteJob", request)
+        return response
 
     def _pages(self, method_name: str, request: Any, items: str) -> Iterator[Any]:
         """Every item of a paged list call (AIP-158): the pages one after another until the last."""
@@ -386,6 +400,21 @@ class GrpcFineTuneService(IFineTuneService):
         """Delete an uploaded dataset and its token cache entries; FAILED_PRECONDITION while a job trains on it."""
         response: pb.DeleteDatasetResponse = self._unary(
             "DeleteDataset", pb.DeleteDatasetRequest(dataset_id=dataset_id)
+        )
+        return response
+
+    def list_artifacts(self, page_size: int = 0, *, job_id: str = "") -> Iterator[pb.Artifact]:
+        """The caller's artifacts (of one job, with `job_id`), newest first, all pages."""
+        return self._pages("ListArtifacts", pb.ListArtifactsRequest(page_size=page_size, job_id=job_id), "artifacts")
+
+    def get_artifact(self, artifact_id: str) -> pb.Artifact:
+        response: pb.GetArtifactResponse = self._unary("GetArtifact", pb.GetArtifactRequest(artifact_id=artifact_id))
+        return response.artifact
+
+    def delete_artifact(self, artifact_id: str) -> pb.DeleteArtifactResponse:
+        """Delete an artifact's files and record; FAILED_PRECONDITION while it is being exported or downloaded."""
+        response: pb.DeleteArtifactResponse = self._unary(
+            "DeleteArtifact", pb.DeleteArtifactRequest(artifact_id=artifact_id)
         )
         return response
 

@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ def test_help_lists_every_command_and_the_cli_imports_stay_light() -> None:
     assert result.returncode == 0
     for command in ("serve", "demo", "validate", "train", "watch", "jobs", "cancel", "export", "upload", "presets"):
         assert command in result.stdout
-    assert "recommend" in result.stdout
+    assert "recommend" in result.stdout and "artifacts" in result.stdout and "datasets" in result.stdout
     probe = (
         "import sys, finetune_server.cli.main; print(sorted({'torch', 'grpc', 'finetune_client'} & set(sys.modules)))"
     )
@@ -345,6 +346,40 @@ def test_datasets_list_show_and_rm(address: str, tmp_path: Path) -> None:
     again = cli(address, "datasets", "rm", dataset_id)
     assert again.returncode == 2 and dataset_id in again.stderr  # NOT_FOUND: a usage error, as for jobs
     assert dataset_id not in cli(address, "datasets", "list").stdout
+
+
+@pytest.mark.slow
+def test_labels_jobs_rm_and_artifacts_list_show_rm(
+    address: str, configs: dict[str, Path], trained_job: tuple[str, Any], tmp_path: Path
+) -> None:
+    run = uuid.uuid4().hex[:12]
+    long_run = ("--set", "max_steps=100000", "--set", "save_steps=0")
+    started = cli(
+        address, "train", configs["json"], "--detach", "--label", f"run={run}", "--label", "suite=cli", *long_run
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    job_id = started.stdout.strip()
+    refused = cli(address, "jobs", "rm", job_id)  # queued or running
+    assert refused.returncode == 1 and "JOB_NOT_FINISHED" in refused.stderr and job_id in refused.stderr
+    listed = as_json(cli(address, "jobs", "list", "--label", f"run={run}", "--json"))
+    assert [job["id"] for job in listed] == [job_id] and listed[0]["labels"] == {"run": run, "suite": "cli"}
+    assert cli(address, "jobs", "list", "--label", "run").returncode == 2, "KEY=VALUE expected"
+    assert cli(address, "cancel", job_id).returncode == 0
+    assert cli(address, "watch", job_id).returncode == 1, "it ends cancelled"
+    removed = cli(address, "jobs", "rm", job_id, "--with-artifacts")
+    assert removed.returncode == 0 and f"✓ deleted {job_id} and 0 artifacts: " in removed.stdout
+    assert as_json(cli(address, "jobs", "list", "--label", f"run={run}", "--json")) == []
+
+    trained_id, _ = trained_job
+    artifact_id = as_json(cli(address, "export", trained_id, "--output", tmp_path / "adapter", "--json"))["artifact_id"]
+    listed_artifacts = as_json(cli(address, "artifacts", "list", "--job", trained_id, "--json"))
+    assert artifact_id in [a["id"] for a in listed_artifacts]
+    shown = cli(address, "artifacts", "show", artifact_id)
+    assert shown.returncode == 0 and trained_id in shown.stdout and "adapter" in shown.stdout
+    gone = cli(address, "artifacts", "rm", artifact_id)
+    assert gone.returncode == 0 and f"✓ deleted {artifact_id} (job {trained_id}): " in gone.stdout
+    again = cli(address, "artifacts", "show", artifact_id, "--json")
+    assert again.returncode == 2 and artifact_id in again.stderr  # NOT_FOUND
 
 
 def test_presets(address: str) -> None:

@@ -14,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from finetune_client import FinetuneServiceError, GrpcFineTuneService, from_rpc_error
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_server.storage.layout import DataDir
+from finetune_server.util.paths import folder_bytes
 
 from .conftest import RunningServer, start_server, stop_server
 from .test_jobs import job_config, upload
@@ -51,7 +53,9 @@ def test_calls_without_or_with_a_wrong_token_are_unauthenticated(auth_server: Ru
         assert stub.ListPresets(pb.ListPresetsRequest(), metadata=as_token(ALICE), timeout=10).presets
 
 
-def test_a_token_sees_only_its_own_jobs_and_an_admin_sees_all(auth_server: RunningServer, tiny_model_dir: Path) -> None:
+def test_a_token_sees_and_deletes_only_its_own_jobs_and_artifacts_and_an_admin_sees_all(
+    auth_server: RunningServer, tiny_model_dir: Path
+) -> None:
     channel, stub = stub_for(auth_server)
     with channel:
         stream = stub.Train(pb.TrainRequest(config=job_config(tiny_model_dir.name)), metadata=as_token(ALICE))
@@ -81,6 +85,18 @@ def test_a_token_sees_only_its_own_jobs_and_an_admin_sees_all(auth_server: Runni
         assert job.id in {j.id for j in admins}
         assert stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=as_token(ADMIN), timeout=10).job.owner == "alice"
 
+        # Continuing another token's job: as unknown as a job that does not exist; the owner and an admin may.
+        continued = job_config(tiny_model_dir.name, init_from_job=job.id)
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.ValidateConfig(pb.ValidateConfigRequest(config=continued), metadata=as_token(BOB), timeout=60)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert [(v.field, v.reason) for v in from_rpc_error(unknown.value).violations] == [
+            ("init_from_job", "JOB_NOT_FOUND")
+        ]
+        for token in (ALICE, ADMIN):
+            request = pb.ValidateConfigRequest(config=continued)
+            assert stub.ValidateConfig(request, metadata=as_token(token), timeout=60).valid
+
         artifact = list(stub.Export(pb.ExportRequest(job_id=job.id, format=1), metadata=as_token(ALICE)))[-1].artifact
         with pytest.raises(grpc.RpcError) as download:
             list(stub.DownloadArtifact(pb.DownloadArtifactRequest(artifact_id=artifact.id), metadata=as_token(BOB)))
@@ -92,6 +108,52 @@ def test_a_token_sees_only_its_own_jobs_and_an_admin_sees_all(auth_server: Runni
                 )
             )
         assert generate.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert artifact.owner == "alice"
+        assert_only_alice_reaches(stub, artifact.id)
+
+        # Alice deletes her job: the artifact stays hers (it holds its owner), downloadable, and only hers.
+        with pytest.raises(grpc.RpcError) as bobs_delete:
+            stub.DeleteJob(pb.DeleteJobRequest(job_id=job.id), metadata=as_token(BOB), timeout=10)
+        assert bobs_delete.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        data = DataDir(auth_server.data_dir)
+        assert data.job(job.id).root.is_dir(), "a refused delete removes nothing"
+        deleted = stub.DeleteJob(pb.DeleteJobRequest(job_id=job.id), metadata=as_token(ALICE), timeout=10)
+        assert list(deleted.deleted_artifact_ids) == [] and not data.job(job.id).root.exists()
+        assert_only_alice_reaches(stub, artifact.id)
+        download_all = pb.DownloadArtifactRequest(artifact_id=artifact.id)
+        chunks = list(stub.DownloadArtifact(download_all, metadata=as_token(ALICE), timeout=60))
+        assert {c.path for c in chunks} == {f.path for f in artifact.files}
+        request = pb.GenerateRequest(messages=[hello], artifact_id=artifact.id, max_new_tokens=2)
+        answer = list(stub.Generate(request, metadata=as_token(ALICE), timeout=120))
+        assert answer[-1].finish.step == artifact.step, "it still answers: the artifact names its base model"
+
+        held = folder_bytes(data.artifact(artifact.id)) + data.artifact_log(artifact.id).stat().st_size
+        removed = stub.DeleteArtifact(pb.DeleteArtifactRequest(artifact_id=artifact.id), metadata=as_token(ALICE))
+        assert removed.artifact == artifact and removed.freed_bytes == held
+        assert not data.artifact(artifact.id).exists() and not data.artifact_log(artifact.id).exists()
+
+
+def assert_only_alice_reaches(stub: pb_grpc.FineTuneServiceStub, artifact_id: str) -> None:
+    """Bob neither lists, gets nor deletes Alice's artifact; Alice and the admin list and get it."""
+    for token in (ALICE, ADMIN):
+        listed = stub.ListArtifacts(pb.ListArtifactsRequest(), metadata=as_token(token), timeout=10).artifacts
+        assert artifact_id in {a.id for a in listed}
+        got = stub.GetArtifact(pb.GetArtifactRequest(artifact_id=artifact_id), metadata=as_token(token), timeout=10)
+        assert got.artifact.owner == "alice"
+    bobs = stub.ListArtifacts(pb.ListArtifactsRequest(), metadata=as_token(BOB), timeout=10).artifacts
+    assert artifact_id not in {a.id for a in bobs}
+    for call in (
+        lambda: stub.GetArtifact(pb.GetArtifactRequest(artifact_id=artifact_id), metadata=as_token(BOB), timeout=10),
+        lambda: stub.DeleteArtifact(
+            pb.DeleteArtifactRequest(artifact_id=artifact_id), metadata=as_token(BOB), timeout=10
+        ),
+        lambda: list(
+            stub.DownloadArtifact(pb.DownloadArtifactRequest(artifact_id=artifact_id), metadata=as_token(BOB))
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as denied:
+            call()
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_the_client_sends_its_token(auth_server: RunningServer, tiny_model_dir: Path) -> None:

@@ -25,7 +25,7 @@ from .conftest import GRACE_S, RunningServer, start_server
 SERVICE = "sage.finetune.v1.FineTuneService"
 RPCS = {
     "ValidateConfig", "StreamValidateConfig", "Train", "WatchJob", "GetJob", "ListJobs", "CancelJob", "Export",
-    "ListCheckpoints", "DownloadArtifact", "Generate",
+    "DeleteJob", "ListCheckpoints", "DownloadArtifact", "ListArtifacts", "GetArtifact", "DeleteArtifact", "Generate",
     "UploadDataset", "ListDatasets", "GetDataset", "DeleteDataset", "ListPresets", "GetServerInfo",
 }  # fmt: skip
 

@@ -11,7 +11,7 @@ from finetune_client.channel import retrying_service_config
 SERVICE = pb.DESCRIPTOR.services_by_name["FineTuneService"]
 RETRIED = {
     "ValidateConfig", "GetJob", "ListJobs", "ListPresets", "GetServerInfo", "ListDatasets", "GetDataset",
-    "ListCheckpoints",
+    "ListCheckpoints", "ListArtifacts", "GetArtifact",
 }  # fmt: skip
 
 

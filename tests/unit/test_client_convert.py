@@ -68,6 +68,9 @@ FULL_CONFIG: dict[str, Any] = {
     "eval_dataset_subset": "other",
     "eval_dataset_split": "test",
     "eval_dataset_revision": "v1",
+    "init_from_job": "job-0123456789abcdef",
+    "init_from_checkpoint": 200,
+    "resume_optimizer": True,
 }
 
 

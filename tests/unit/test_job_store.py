@@ -541,7 +541,7 @@ def test_sqlite_v1_database_is_migrated_and_reopening_is_idempotent(db_path: Pat
 
     with SqliteJobStore(db_path) as s:
         assert s.get_job("job-old").state is JobState.QUEUED
-    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 6
+    assert _pragma(db_path, "user_version") == SCHEMA_VERSION == 7
     assert {"jobs_newest", "jobs_owner_newest", "jobs_state_queue", "jobs_request_id"} <= _indexes(db_path)
 
     # Reopening re-runs nothing (migration 2's CREATE INDEX would fail if it did).
@@ -585,7 +585,7 @@ def test_artifacts_round_trip_and_replace(store: JobStore) -> None:
     record = ArtifactRecord(
         id="art-1", job_id="job-a", format="ADAPTER", step=6, base_model="m", path="artifacts/art-1",
         files=[{"path": "adapter_config.json", "size_bytes": 10, "sha256": "ab"}], total_size_bytes=10,
-        vllm={"compatible": True, "problems": [], "serve_command": "vllm serve m"}, create_time=2.0,
+        vllm={"compatible": True, "problems": [], "serve_command": "vllm serve m"}, create_time=2.0, owner="alice",
     )  # fmt: skip
     store.put_artifact(record)
     assert store.get_artifact("art-1") == record
@@ -593,6 +593,131 @@ def test_artifacts_round_trip_and_replace(store: JobStore) -> None:
     assert store.get_artifact("art-1").total_size_bytes == 11
     with pytest.raises(KeyError):
         store.get_artifact("art-missing")
+
+
+def _artifact_record(n: int, job_id: str, owner: str = "") -> ArtifactRecord:
+    return ArtifactRecord(
+        id=f"art-{n}", job_id=job_id, format="ADAPTER", step=n, base_model="m", path=f"artifacts/art-{n}",
+        files=[], total_size_bytes=n, vllm={}, create_time=float(n), owner=owner,
+    )  # fmt: skip
+
+
+def test_labels_are_kept_and_every_one_asked_for_must_match(store: JobStore) -> None:
+    store.create_job(job_id="job-a", config=CONFIG, labels={"team": "nlp", "run": "1"}, owner="alice", now=1.0)
+    store.create_job(job_id="job-b", config=CONFIG, labels={"team": "nlp", "run": "2"}, owner="bob", now=2.0)
+    store.create_job(job_id="job-c", config=CONFIG, now=3.0)
+    assert store.get_job("job-a").labels == {"team": "nlp", "run": "1"}
+    assert store.get_job("job-c").labels == {}
+
+    def listed(**kwargs: object) -> list[str]:
+        page, _ = store.list_jobs(states=None, page_size=10, page_token="", **kwargs)  # type: ignore[arg-type]
+        return [j.id for j in page]
+
+    assert listed(labels={"team": "nlp"}) == ["job-b", "job-a"]
+    assert listed(labels={"team": "nlp", "run": "1"}) == ["job-a"]
+    assert listed(labels={"team": "nlp", "run": "3"}) == []
+    assert listed(labels={"team": "nlp"}, owner="bob") == ["job-b"]
+    assert listed(labels={}) == ["job-c", "job-b", "job-a"]
+    first, token = store.list_jobs(states=None, page_size=1, page_token="", labels={"team": "nlp"})
+    second, last = store.list_jobs(states=None, page_size=1, page_token=token, labels={"team": "nlp"})
+    assert ([j.id for j in first], [j.id for j in second], last) == (["job-b"], ["job-a"], "")
+
+
+def test_deleting_an_ended_job_takes_its_events_and_labels_and_leaves_its_artifacts(store: JobStore) -> None:
+    store.create_job(job_id="job-a", config=CONFIG, labels={"team": "nlp"}, owner="alice", now=1.0)
+    store.create_job(job_id="job-b", config=CONFIG, owner="alice", now=2.0)
+    store.transition("job-a", JobState.RUNNING, now=3.0)
+    with pytest.raises(InvalidTransition) as running:
+        store.delete_job("job-a")
+    assert running.value.current is JobState.RUNNING and store.get_job("job-a").state is JobState.RUNNING
+    store.transition("job-a", JobState.SUCCEEDED, now=4.0, result={"steps": 1})
+    store.put_artifact(_artifact_record(1, "job-a", owner="alice"))
+
+    deleted = store.delete_job("job-a")
+    assert deleted.id == "job-a" and deleted.state is JobState.SUCCEEDED and deleted.labels == {"team": "nlp"}
+    for read in (store.get_job, lambda job_id: store.events_after(job_id, 0), store.delete_job):
+        with pytest.raises(KeyError):
+            read("job-a")
+    assert store.list_jobs(states=None, page_size=10, page_token="", labels={"team": "nlp"})[0] == []
+    assert store.get_artifact("art-1").owner == "alice", "the artifact outlives its job"
+    assert [a.id for a in store.list_artifacts(page_size=10, page_token="", job_id="job-a")[0]] == ["art-1"]
+    assert store.integrity_check() == "ok"
+    # A new job may carry the deleted one's labels again (the label rows went with it).
+    store.create_job(job_id="job-c", config=CONFIG, labels={"team": "nlp"}, now=5.0)
+    assert store.get_job("job-b").state is JobState.QUEUED
+
+
+def test_artifacts_are_per_owner_paged_newest_first_by_job_and_deleted(store: JobStore) -> None:
+    store.create_job(job_id="job-a", config=CONFIG, owner="alice", now=1.0)
+    store.create_job(job_id="job-b", config=CONFIG, owner="bob", now=1.0)
+    for n in range(1, 6):
+        store.put_artifact(_artifact_record(n, "job-a", owner="alice"))
+    store.put_artifact(_artifact_record(9, "job-b", owner="bob"))
+    pages, token = [], ""
+    while True:
+        page, token = store.list_artifacts(page_size=2, page_token=token, owner="alice")
+        pages.append([a.id for a in page])
+        if not token:
+            break
+    assert pages == [["art-5", "art-4"], ["art-3", "art-2"], ["art-1"]]
+    assert [a.id for a in store.list_artifacts(page_size=10, page_token="", owner="bob")[0]] == ["art-9"]
+    assert len(store.list_artifacts(page_size=10, page_token="", owner=None)[0]) == 6
+    assert [a.id for a in store.list_artifacts(page_size=10, page_token="", job_id="job-b")[0]] == ["art-9"]
+    with pytest.raises(ValueError, match="page_token"):
+        store.list_artifacts(page_size=10, page_token="not base64 !!")
+
+    assert store.delete_artifact("art-9") == _artifact_record(9, "job-b", owner="bob")
+    for call in (store.get_artifact, store.delete_artifact):
+        with pytest.raises(KeyError):
+            call("art-9")
+    assert store.get_job("job-b").owner == "bob", "deleting an artifact leaves its job"
+
+
+def test_sqlite_a_schema_6_database_keeps_its_artifacts_with_their_jobs_owner(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    apply_migrations(conn, MIGRATIONS[:6])
+    conn.execute(
+        "INSERT INTO jobs (id, state, config, owner, create_time, queue_position)"
+        " VALUES ('job-old', 'SUCCEEDED', '{}', 'alice', 1.0, 1)"
+    )
+    conn.execute(
+        "INSERT INTO artifacts (id, job_id, format, step, base_model, path, files, total_size_bytes, vllm,"
+        " create_time) VALUES ('art-old', 'job-old', 'ADAPTER', 6, 'm', 'artifacts/art-old', '[]', 3, '{}', 2.0)"
+    )
+    conn.close()
+    with SqliteJobStore(path) as store:
+        assert store.get_job("job-old").labels == {}
+        assert store.get_artifact("art-old").owner == "alice"
+        store.delete_job("job-old")
+        assert store.get_artifact("art-old").job_id == "job-old", "no cascade from jobs any more"
+    assert {"artifacts_owner_newest", "artifacts_job", "job_labels_key_value"} <= _indexes(path)
+
+
+def test_postgres_a_migration_1_database_keeps_its_artifacts_with_their_jobs_owner(postgres_url: str) -> None:
+    import psycopg
+
+    from finetune_server.storage import postgres_store
+
+    with psycopg.connect(postgres_url) as conn:
+        postgres_store.apply_migrations(conn, postgres_store.MIGRATIONS[:1])
+        conn.execute(
+            "INSERT INTO jobs (id, state, config, owner, create_time, queue_position)"
+            " VALUES ('job-old', 'SUCCEEDED', '{}', 'alice', 1.0, 1)"
+        )
+        conn.execute(
+            "INSERT INTO artifacts (id, job_id, format, step, base_model, path, files, total_size_bytes, vllm,"
+            " create_time) VALUES ('art-old', 'job-old', 'ADAPTER', 6, 'm', 'artifacts/art-old', '[]', 3, '{}', 2.0)"
+        )
+        conn.commit()
+    with PostgresJobStore(postgres_url) as store:
+        assert store.get_job("job-old").labels == {}
+        assert store.get_artifact("art-old").owner == "alice"
+        store.delete_job("job-old")
+        assert store.get_artifact("art-old").job_id == "job-old", "no cascade from jobs any more"
+    with psycopg.connect(postgres_url) as conn:
+        assert postgres_store.apply_migrations(conn) == postgres_store.SCHEMA_VERSION == 2, "applied once"
 
 
 def test_sqlite_schema_3_database_is_upgraded_and_keeps_its_keys(tmp_path: Path) -> None:

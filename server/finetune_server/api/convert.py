@@ -174,9 +174,16 @@ def job_to_proto(job: JobRecord) -> pb.Job:
             "last_sequence": job.last_sequence,
             "cancel_requested": job.cancel_requested,
             "owner": job.owner,
+            "labels": job.labels,
         },
     )
-    message.config.CopyFrom(config_to_proto(TrainingConfig.from_dict(job.config)))
+    config = TrainingConfig.from_dict(job.config)
+    message.config.CopyFrom(config_to_proto(config))
+    if config.init_from_job:  # lineage is what the job's config says it started from
+        message.lineage.source_job_id = config.init_from_job
+        if config.init_from_checkpoint is not None:
+            message.lineage.source_checkpoint_step = config.init_from_checkpoint
+        message.lineage.optimizer_resumed = bool(config.resume_optimizer)
     return message
 
 

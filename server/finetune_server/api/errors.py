@@ -70,7 +70,13 @@ _MISSING: dict[str, tuple[str, str]] = {
     "MODEL_NOT_CACHED_OFFLINE": ("Model", "model_name"),
 }
 # A rejected config names its missing model or datasets in violations, whose field says which config field it was.
-_CONFIG_RESOURCES = {"model_name": "Model", "dataset": "Dataset", "eval_dataset": "Dataset"}
+_CONFIG_RESOURCES = {
+    "model_name": "Model",
+    "dataset": "Dataset",
+    "eval_dataset": "Dataset",
+    "init_from_job": "Job",
+    "init_from_checkpoint": "Checkpoint",
+}
 _NOT_FOUND_VIOLATIONS = frozenset({"NOT_FOUND", *_MISSING})
 
 

@@ -27,7 +27,8 @@ from finetune_server.host.server_info import ServerInfoProvider
 from finetune_server.jobs import idempotency
 from finetune_server.jobs.checkpoints import best_checkpoint, job_checkpoints
 from finetune_server.jobs.datasets import DatasetService
-from finetune_server.jobs.exports import ExportService, unknown_artifact
+from finetune_server.jobs.deletion import delete_job
+from finetune_server.jobs.exports import ExportService
 from finetune_server.jobs.generation import ChatRequest, GenerateService, GenerationFinish, check_request
 from finetune_server.jobs.service import JobService
 from finetune_server.settings import ServerSettings
@@ -76,7 +77,11 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         config = config_from_proto(config_message)
         try:  # off the event loop, and stopped when the caller goes
             report = await self._jobs.validate(
-                config, target_device, on_progress=on_progress, timeout_s=context.time_remaining()
+                config,
+                target_device,
+                on_progress=on_progress,
+                timeout_s=context.time_remaining(),
+                visible_owner=visible_owner(),
             )
         except CheckStopped:
             raise FinetuneError(
@@ -187,6 +192,8 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             request_id=request.request_id,
             display_name=request.display_name,
             owner=caller_name(),
+            labels=dict(request.labels),
+            visible_owner=visible_owner(),
         )
         yield pb.TrainResponse(job=job_to_proto(job))
         async for event in self._jobs.watch(job.id, 0):
@@ -217,7 +224,11 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
                 raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_STATE", f"states: {number} is not a state")
             states.append(JobState(name.removeprefix("JOB_STATE_")))
         jobs, token = await self._jobs.list(
-            states=states, page_size=request.page_size, page_token=request.page_token, owner=visible_owner()
+            states=states,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            owner=visible_owner(),
+            labels=dict(request.labels),
         )
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
@@ -227,6 +238,16 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
     ) -> pb.CancelJobResponse:
         await self._job_of_caller(request.job_id)
         return pb.CancelJobResponse(job=job_to_proto(await self._jobs.cancel(request.job_id)))
+
+    @map_errors
+    async def DeleteJob(  # noqa: N802 - gRPC method name
+        self, request: pb.DeleteJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteJobResponse:
+        job = await self._job_of_caller(request.job_id)
+        deleted = await delete_job(self._jobs, self._exports, job, with_artifacts=request.delete_artifacts)
+        return pb.DeleteJobResponse(
+            job=job_to_proto(job), freed_bytes=deleted.freed_bytes, deleted_artifact_ids=deleted.artifact_ids
+        )
 
     @map_errors
     async def UploadDataset(  # noqa: N802 - gRPC method name
@@ -302,12 +323,45 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             fill(response.checkpoints.add(), checkpoint)
         return response
 
+    async def _artifact_of_caller(self, art_id: str) -> ArtifactRecord:
+        record = await self._exports.get(art_id)
+        check_access(record.owner, f"artifact {art_id}")
+        return record
+
+    @map_errors
+    async def ListArtifacts(  # noqa: N802 - gRPC method name
+        self, request: pb.ListArtifactsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListArtifactsResponse:
+        records, next_token = await self._exports.list_artifacts(
+            page_size=request.page_size, page_token=request.page_token, owner=visible_owner(), job_id=request.job_id
+        )
+        response = pb.ListArtifactsResponse(next_page_token=next_token)
+        for record in records:
+            fill(response.artifacts.add(), record)
+        return response
+
+    @map_errors
+    async def GetArtifact(  # noqa: N802 - gRPC method name
+        self, request: pb.GetArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetArtifactResponse:
+        response = pb.GetArtifactResponse()
+        fill(response.artifact, await self._artifact_of_caller(request.artifact_id))
+        return response
+
+    @map_errors
+    async def DeleteArtifact(  # noqa: N802 - gRPC method name
+        self, request: pb.DeleteArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteArtifactResponse:
+        record = await self._artifact_of_caller(request.artifact_id)
+        response = pb.DeleteArtifactResponse(freed_bytes=await self._exports.delete(record))
+        fill(response.artifact, record)
+        return response
+
     @map_errors
     async def DownloadArtifact(  # noqa: N802 - gRPC method name
         self, request: pb.DownloadArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DownloadArtifactResponse]:
-        owner = await self._exports.owner_of(request.artifact_id)
-        check_access(owner, f"artifact {request.artifact_id}")
+        await self._artifact_of_caller(request.artifact_id)
         async for chunk in self._exports.download(request.artifact_id, request.path, request.offset):
             yield pb.DownloadArtifactResponse(**chunk)
 
@@ -332,13 +386,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             job = await self._job_of_caller(chat.job_id)
             target = await self._generation.job_target(job, chat.checkpoint_step)
         elif chat.artifact_id:
-            owner = await self._exports.owner_of(chat.artifact_id)
-            check_access(owner, f"artifact {chat.artifact_id}")
-            try:
-                artifact = await asyncio.to_thread(self._store.get_artifact, chat.artifact_id)
-            except KeyError:
-                raise unknown_artifact(chat.artifact_id) from None
-            target = await self._generation.artifact_target(artifact, await self._jobs.get(artifact.job_id))
+            target = await self._generation.artifact_target(await self._artifact_of_caller(chat.artifact_id))
         else:
             target = await self._generation.base_target(chat.model_name)
         # aclosing: a caller that goes while this stream waits to send still stops the generation at once.

@@ -130,6 +130,17 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORE
 _SIZE_UNITS = {"": GIB, "k": KIB, "m": MIB, "g": GIB, "t": TIB}
 
 
+def parse_labels(pairs: list[str] | None) -> dict[str, str]:
+    """`--label KEY=VALUE` options as a dict (the server checks the keys and values)."""
+    labels: dict[str, str] = {}
+    for pair in pairs or []:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise CliError(f"--label {pair!r}: expected KEY=VALUE, e.g. --label team=nlp")
+        labels[key] = value
+    return labels
+
+
 def parse_size(text: str) -> int:
     """`12GB`, `12 GiB`, `12G`, `11.5gb`, `12000MB`, or a plain number of GB -> bytes.
 

@@ -1,6 +1,6 @@
 """The `finetune` command: `serve` runs the server, `demo` shows the whole service on an embedded default, and the
 other commands drive a server (`--server`, or FINETUNE_SERVER): validate, train, watch, jobs, cancel, chat, export,
-upload, presets, recommend.
+artifacts, upload, datasets, presets, recommend.
 
 Exit codes: 0 ok; 1 a failed or invalid result (an invalid config, a failed or cancelled job, a refused upload);
 2 a usage error or a server that cannot be reached; 130 when Ctrl-C detached from a job (which keeps running).
@@ -20,7 +20,15 @@ from typing import Annotated
 
 import typer
 
-from finetune_server.cli.options import ConfigArgument, JobArgument, JsonOption, Remote, SetOption, connects
+from finetune_server.cli.options import (
+    ConfigArgument,
+    JobArgument,
+    JsonOption,
+    LabelOption,
+    Remote,
+    SetOption,
+    connects,
+)
 from finetune_server.host.cpu_policy import parse_cpu_list
 from finetune_server.settings import (
     DEFAULT_LEASE_SECONDS,
@@ -36,10 +44,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune causal language models with LoRA.",
 )
-jobs_app = typer.Typer(no_args_is_help=True, help="List and inspect training jobs.")
+jobs_app = typer.Typer(no_args_is_help=True, help="List, inspect and delete training jobs.")
 app.add_typer(jobs_app, name="jobs")
 datasets_app = typer.Typer(no_args_is_help=True, help="List, inspect and delete uploaded datasets.")
 app.add_typer(datasets_app, name="datasets")
+artifacts_app = typer.Typer(no_args_is_help=True, help="List, inspect and delete exported artifacts.")
+app.add_typer(artifacts_app, name="artifacts")
 
 
 class JobStateName(StrEnum):
@@ -344,6 +354,7 @@ def train(
     set_: SetOption = None,
     detach: Annotated[bool, typer.Option("--detach", help="Print the job id and return; the job runs on.")] = False,
     name: Annotated[str | None, typer.Option(help="A name for the job (default: the config file's name).")] = None,
+    label: LabelOption = None,
 ) -> None:
     """Start a training job and show its progress until it ends (Ctrl-C detaches; it never cancels the job).
 
@@ -356,8 +367,9 @@ def train(
     out = common.console()
     with common.session(remote) as service:
         data = configs.load_config(config, set_ or [])
+        labels = common.parse_labels(label)
         try:
-            stream = service.iter_train(data, display_name=config.stem if name is None else name)
+            stream = service.iter_train(data, display_name=config.stem if name is None else name, labels=labels)
             job = next(stream).job
         except ConfigConversionError as exc:
             rejected = ValidationResult(valid=False, errors=exc.problems, violations=exc.violations)
@@ -415,6 +427,10 @@ def jobs_list(
         list[JobStateName] | None, typer.Option("--state", help="Only jobs in this state (repeatable).")
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="Most jobs to show, newest first.")] = 20,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", metavar="KEY=VALUE", help="Only jobs with this label (repeatable: all must match)."),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """List jobs, newest first."""
@@ -424,7 +440,8 @@ def jobs_list(
 
     with common.session(remote) as service:
         states = [s.value for s in state or []]
-        jobs = list(islice(service.list_jobs(states, page_size=min(limit, 1000)), limit))
+        labels = common.parse_labels(label)
+        jobs = list(islice(service.list_jobs(states, page_size=min(limit, 1000), labels=labels), limit))
     if json_output:
         common.print_json(render.job_dicts(jobs))
     else:
@@ -469,6 +486,29 @@ def jobs_checkpoints(remote: Remote, job_id: JobArgument, json_output: JsonOptio
         common.print_json([message_to_dict(c) for c in checkpoints])
     else:
         render.render_checkpoints(common.console(), checkpoints)
+
+
+@jobs_app.command("rm")
+@connects
+def jobs_rm(
+    remote: Remote,
+    job_id: JobArgument,
+    with_artifacts: Annotated[
+        bool, typer.Option("--with-artifacts", help="Delete the artifacts exported from the job too.")
+    ] = False,
+) -> None:
+    """Delete a job that has ended: its checkpoints, adapter, logs and events (refused while it is queued or running).
+    Its exported artifacts stay unless --with-artifacts."""
+    from finetune_server.cli import common
+
+    with common.session(remote) as service:
+        response = service.delete_job(job_id, delete_artifacts=with_artifacts)
+    artifacts = len(response.deleted_artifact_ids)
+    also = f" and {artifacts} artifact{'s' if artifacts != 1 else ''}" if with_artifacts else ""
+    common.console().print(
+        f"[green]✓ deleted[/] [bold]{response.job.id}[/]{also}: {common.format_bytes(response.freed_bytes)} freed",
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -601,6 +641,61 @@ def upload(
         common.print_json(dataset)
     else:
         render.render_upload(common.console(), dataset)
+
+
+ArtifactArgument = Annotated[str, typer.Argument(help="An artifact's id (art-...).")]
+
+
+@artifacts_app.command("list")
+@connects
+def artifacts_list(
+    remote: Remote,
+    job: Annotated[str, typer.Option("--job", help="Only the artifacts exported from this job.")] = "",
+    limit: Annotated[int, typer.Option(min=1, help="Most artifacts to show, newest first.")] = 50,
+    json_output: JsonOption = False,
+) -> None:
+    """List your exported artifacts, newest first."""
+    from itertools import islice
+
+    from finetune_client import message_to_dict
+    from finetune_server.cli import common, render
+
+    with common.session(remote) as service:
+        artifacts = list(islice(service.list_artifacts(page_size=min(limit, 1000), job_id=job), limit))
+    if json_output:
+        common.print_json([message_to_dict(a) for a in artifacts])
+    else:
+        render.render_artifacts(common.console(), artifacts)
+
+
+@artifacts_app.command("show")
+@connects
+def artifacts_show(remote: Remote, artifact_id: ArtifactArgument, json_output: JsonOption = False) -> None:
+    """Show one artifact: its job, format, step, size, files and whether vLLM can serve it."""
+    from finetune_client import message_to_dict
+    from finetune_server.cli import common, render
+
+    with common.session(remote) as service:
+        artifact = service.get_artifact(artifact_id)
+    if json_output:
+        common.print_json(message_to_dict(artifact))
+    else:
+        render.render_artifact(common.console(), artifact)
+
+
+@artifacts_app.command("rm")
+@connects
+def artifacts_rm(remote: Remote, artifact_id: ArtifactArgument) -> None:
+    """Delete an artifact's files on the server (refused while it is being exported or downloaded)."""
+    from finetune_server.cli import common
+
+    with common.session(remote) as service:
+        response = service.delete_artifact(artifact_id)
+    common.console().print(
+        f"[green]✓ deleted[/] [bold]{response.artifact.id}[/] (job {response.artifact.job_id}): "
+        f"{common.format_bytes(response.freed_bytes)} freed",
+        soft_wrap=True,
+    )
 
 
 DatasetArgument = Annotated[str, typer.Argument(help="An uploaded dataset's id (ds-...).")]

@@ -57,6 +57,10 @@ SetOption = Annotated[
         "else as text); repeatable.",
     ),
 ]
+LabelOption = Annotated[
+    list[str] | None,
+    typer.Option("--label", metavar="KEY=VALUE", help="A job label, e.g. team=nlp; repeatable."),
+]
 ConfigArgument = Annotated[Path, typer.Argument(help="A training config file (.json, .yaml or .yml).")]
 JobArgument = Annotated[str, typer.Argument(help="The job id (job-...).")]
 

@@ -200,6 +200,10 @@ def render_job(console: Console, job: pb.Job) -> None:
     ]
     if job.owner:
         rows.append(("owner", escape(job.owner)))
+    if job.labels:
+        rows.append(("labels", escape(labels_text(job.labels))))
+    if job.HasField("lineage"):
+        rows.append(("continues", escape(lineage_text(job.lineage))))
     for label, is_set, moment in (
         ("created", job.HasField("create_time"), job.create_time),
         ("started", job.HasField("start_time"), job.start_time),
@@ -243,6 +247,16 @@ def render_job(console: Console, job: pb.Job) -> None:
     for label, value in rows:
         grid.add_row(label, value)
     console.print(grid)
+
+
+def lineage_text(lineage: pb.JobLineage) -> str:
+    """`job-1a2b's checkpoint at step 4, with its optimizer state` or `job-1a2b's final adapter`."""
+    source = lineage.source_job_id
+    if lineage.HasField("source_checkpoint_step"):
+        text = f"{source}'s checkpoint at step {lineage.source_checkpoint_step}"
+    else:
+        text = f"{source}'s final adapter"
+    return text + (", with its optimizer state" if lineage.optimizer_resumed else "")
 
 
 def error_text(error: pb.JobError) -> str:
@@ -381,6 +395,60 @@ def render_datasets(console: Console, datasets: Sequence[pb.Dataset]) -> None:
             _time(dataset.create_time) if dataset.HasField("create_time") else "",
         )
     console.print(table)
+
+
+def labels_text(labels: Mapping[str, str]) -> str:
+    """`k=v, k2=v2` in key order, as `--label` takes them."""
+    return ", ".join(f"{key}={labels[key]}" for key in sorted(labels))
+
+
+def render_artifacts(console: Console, artifacts: Sequence[pb.Artifact]) -> None:
+    if not artifacts:
+        console.print("no artifacts")
+        return
+    table = Table()
+    table.add_column("artifact", no_wrap=True, style="bold")
+    table.add_column("job", no_wrap=True)
+    table.add_column("format", no_wrap=True)
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    for artifact in artifacts:
+        table.add_row(
+            artifact.id,
+            artifact.job_id,
+            _format_name(artifact.format),
+            str(artifact.step),
+            format_bytes(artifact.total_size_bytes),
+            _time(artifact.create_time) if artifact.HasField("create_time") else "",
+        )
+    console.print(table)
+
+
+def render_artifact(console: Console, artifact: pb.Artifact) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    grid.add_row("artifact", artifact.id)
+    grid.add_row("job", artifact.job_id)
+    grid.add_row("format", _format_name(artifact.format))
+    grid.add_row("step", str(artifact.step))
+    grid.add_row("base model", escape(artifact.base_model))
+    grid.add_row("size", f"{format_bytes(artifact.total_size_bytes)} in {len(artifact.files)} files")
+    if artifact.owner:
+        grid.add_row("owner", escape(artifact.owner))
+    if artifact.HasField("create_time"):
+        grid.add_row("created", _time(artifact.create_time))
+    if artifact.vllm.compatible:
+        grid.add_row("vLLM", escape(artifact.vllm.serve_command))
+    for problem in artifact.vllm.problems:
+        grid.add_row("vLLM", f"[yellow]cannot serve it:[/] {escape(problem)}")
+    console.print(grid)
+
+
+def _format_name(value: pb.ExportFormat.ValueType) -> str:
+    known = value in pb.ExportFormat.values()
+    return pb.ExportFormat.Name(value).removeprefix("EXPORT_FORMAT_").lower() if known else ""
 
 
 def render_upload(console: Console, dataset: Mapping[str, Any], *, title: str = "") -> None:

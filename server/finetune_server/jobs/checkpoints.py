@@ -1,5 +1,6 @@
 """A job's checkpoints as callers see them: the complete ones on disk, each with the evaluation its job reported at
-that step, and the best of them by a metric (what Export's best_checkpoint_by picks)."""
+that step, the best of them by a metric (what Export's best_checkpoint_by picks), and the adapter a caller names
+by job and step (what Generate answers with and a continued job starts from)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 from finetune_server.errors import ErrorKind, FinetuneError, Violation, field_error
 from finetune_server.storage import layout
 from finetune_server.storage.job_store import JobStore
-from finetune_server.storage.records import EventKind
+from finetune_server.storage.records import EventKind, JobRecord, JobState
 from finetune_server.util.paths import folder_bytes
 
 _EVENT_PAGE = 1000
@@ -82,3 +83,45 @@ def best_checkpoint(checkpoints: list[CheckpointInfo], metric: str, job_id: str)
         )
     lower = any(word in metric for word in _LOWER_IS_BETTER)
     return (min(scored, key=lambda s: (s[0], -s[1])) if lower else max(scored, key=lambda s: (s[0], s[1])))[2]
+
+
+@dataclass(frozen=True)
+class JobAdapter:
+    """A job's adapter folder, and the checkpoint folder holding the optimizer state it was saved with (None when
+    no checkpoint of that step is kept)."""
+
+    adapter_dir: Path
+    checkpoint_dir: Path | None
+
+
+def job_adapter(job: JobRecord, job_dir: Path, step: int | None, *, job_field: str, step_field: str) -> JobAdapter:
+    """The final adapter of `job` (step None), FAILED_PRECONDITION NO_ADAPTER on `job_field` until the job has
+    succeeded with one; or its checkpoint at `step`, NOT_FOUND CHECKPOINT_NOT_FOUND on `step_field` listing the
+    steps it has. Reads the disk: call it off the event loop."""
+    folder = layout.JobDir(job_dir)
+    checkpoints = dict(folder.complete_checkpoints())
+    if step is None:
+        if job.state is not JobState.SUCCEEDED or not layout.has_adapter(folder.adapter):
+            listed = ", ".join(map(str, checkpoints)) or "none"
+            message = f"job {job.id} is {job.state.value}: it has no final adapter yet (its checkpoints: {listed})"
+            raise FinetuneError(
+                ErrorKind.FAILED_PRECONDITION,
+                "NO_ADAPTER",
+                message,
+                violations=[Violation(job_field, "NO_ADAPTER", message)],
+                hint=f"Wait for the job to succeed, or name one of its checkpoints with {step_field}.",
+            )
+        final_step = (job.result or {}).get("steps")
+        return JobAdapter(folder.adapter, checkpoints.get(final_step) if isinstance(final_step, int) else None)
+    path = checkpoints.get(step)
+    if path is None or not layout.has_adapter(path / layout.ADAPTER_DIR):
+        listed = ", ".join(map(str, checkpoints)) or "none"
+        error = field_error(
+            ErrorKind.NOT_FOUND,
+            "CHECKPOINT_NOT_FOUND",
+            step_field,
+            f"job {job.id} has no checkpoint at step {step}; its checkpoints: {listed}",
+        )
+        error.metadata.update(available_steps=",".join(map(str, checkpoints)))
+        raise error
+    return JobAdapter(path / layout.ADAPTER_DIR, path)

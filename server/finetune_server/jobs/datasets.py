@@ -8,9 +8,10 @@ import asyncio
 import structlog
 
 from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.jobs.active import refuse_while_used
 from finetune_server.settings import ServerSettings
 from finetune_server.storage.job_store import JobStore
-from finetune_server.storage.records import DatasetRecord, JobState
+from finetune_server.storage.records import DatasetRecord
 from finetune_server.training.data.token_cache import TokenCache
 
 log = structlog.get_logger(__name__)
@@ -48,16 +49,13 @@ class DatasetService:
     async def delete(self, record: DatasetRecord) -> tuple[int, int]:
         """Delete an upload: its file, then its record, then its unused token cache entries. Returns the bytes freed
         and how many cache entries went. FAILED_PRECONDITION while a queued or running job trains on it."""
-        for state in (JobState.QUEUED, JobState.RUNNING):
-            for job in await asyncio.to_thread(self._store.jobs_in_state, state):
-                if record.id in (job.config.get(name) for name in _DATASET_FIELDS):
-                    raise FinetuneError(
-                        ErrorKind.FAILED_PRECONDITION,
-                        "DATASET_IN_USE",
-                        f"dataset {record.id} is used by job {job.id}, which is {state.value.lower()}",
-                        hint=f"Wait for job {job.id} to end, or cancel it, then delete the dataset.",
-                        metadata={"job_id": job.id},
-                    )
+        await refuse_while_used(
+            self._store,
+            lambda job: record.id in (job.config.get(name) for name in _DATASET_FIELDS),
+            what=f"dataset {record.id}",
+            reason="DATASET_IN_USE",
+            how="used by",
+        )
         path = self._settings.data_dir / record.path
         # The file first: a crash after it leaves a record whose retried delete finishes the job, never a file
         # nothing names any more.

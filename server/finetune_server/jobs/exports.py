@@ -5,16 +5,21 @@ artifact only once its folder is complete, and never lets a caller name a server
 call that began it, by design: a dropped stream still gets its artifact recorded, and another Export of the same job,
 format and checkpoint while it runs follows it (its progress from then on, the same artifact) instead of starting a
 second worker on the same folder.
+
+Deleting an artifact (or a job with its artifacts) is refused while it is being exported or downloaded on this
+server: its files would vanish under a reader that was promised them. While a deletion runs, no export or download of
+what it deletes can start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +33,12 @@ from finetune_server.jobs.service import job_not_found
 from finetune_server.settings import ServerSettings
 from finetune_server.storage import layout
 from finetune_server.storage.job_store import JobStore
-from finetune_server.storage.records import ArtifactRecord, JobState
+from finetune_server.storage.records import ArtifactRecord, JobRecord, JobState
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.model_info import summarize_model
 from finetune_server.training.model_source import ResolvedModel, resolve_model
 from finetune_server.util.aio import get_unless_done
+from finetune_server.util.paths import remove_folder
 from finetune_server.workers.protocol import ExportProgress
 from finetune_server.workers.supervisor import run_export
 from finetune_server.workers.warm_pool import FreshLauncher, WorkerLauncher
@@ -51,10 +57,15 @@ def artifact_id(job_id: str, fmt: ExportFormat, checkpoint_step: int | None) -> 
     return "art-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _being_deleted(what: str) -> FinetuneError:
+    return FinetuneError(ErrorKind.FAILED_PRECONDITION, "BEING_DELETED", f"{what} is being deleted")
+
+
 class _RunningExport:
     """One export in progress and the callers following it; each follower hears the progress from when it came."""
 
-    def __init__(self, task: asyncio.Task[ArtifactRecord]) -> None:
+    def __init__(self, job_id: str, task: asyncio.Task[ArtifactRecord]) -> None:
+        self.job_id = job_id
         self.task = task
         self._followers: list[asyncio.Queue[ExportProgress]] = []
 
@@ -83,6 +94,8 @@ class ExportService:
         self._launcher = launcher or FreshLauncher()
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._running: dict[str, _RunningExport] = {}  # by artifact id; an export outlives the call that began it
+        self._downloads: Counter[str] = Counter()  # artifact id -> downloads streaming now
+        self._deleting: set[str] = set()  # job and artifact ids being deleted: nothing new may start on them
 
     async def _stored(self, art_id: str) -> ArtifactRecord | None:
         try:
@@ -124,24 +137,32 @@ class ExportService:
             resource_id=art_id,
         )
         async with self._locks[art_id]:  # one caller at a time decides between stored, running and a new run
+            self._refuse_if_deleting(job_id, art_id)
             running = self._running.get(art_id)  # looked up before the store: a run records before it leaves
             if running is None:
                 existing = await self._stored(art_id)
                 if existing is not None:
                     yield existing
                     return
-                running = await self._start(art_id, job_id, job.config, fmt, checkpoint_step)
+                running = await self._start(art_id, job, fmt, checkpoint_step)
         async for item in running.follow():
             yield item
 
+    def _refuse_if_deleting(self, job_id: str, art_id: str) -> None:
+        for name, what in ((job_id, f"job {job_id}"), (art_id, f"artifact {art_id}")):
+            if name in self._deleting:
+                raise _being_deleted(what)
+
     async def _start(
-        self, art_id: str, job_id: str, job_config: dict[str, Any], fmt: ExportFormat, checkpoint_step: int | None
+        self, art_id: str, job: JobRecord, fmt: ExportFormat, checkpoint_step: int | None
     ) -> _RunningExport:
         """Check what the export needs, then run it as a task of its own: it goes on (and records its artifact)
         whether or not anyone still follows it, so a dropped stream loses nothing and a retry attaches."""
+        job_id, job_config = job.id, job.config
         config = TrainingConfig.from_dict(job_config)
         model = await asyncio.to_thread(resolve_model, config.model_name, self._settings)
         await asyncio.to_thread(self._check_disk, job_id, model, fmt)
+        self._refuse_if_deleting(job_id, art_id)  # again: a deletion may have begun while this awaited
         spec = {
             "job_dir": str(self._settings.jobs_dir / job_id),
             "config": job_config,
@@ -155,7 +176,8 @@ class ExportService:
             "cpu_threads": self._settings.threads_per_worker,
             "cpus": self._settings.worker_cpus or None,
         }
-        running = _RunningExport(asyncio.create_task(self._produce(running_id=art_id, job_id=job_id, spec=spec)))
+        task = asyncio.create_task(self._produce(running_id=art_id, job_id=job_id, owner=job.owner, spec=spec))
+        running = _RunningExport(job_id, task)
         self._running[art_id] = running
         running.task.add_done_callback(functools.partial(self._finished, art_id))
         log.info("export.started", job_id=job_id, artifact_id=art_id, format=fmt.name)
@@ -166,7 +188,7 @@ class ExportService:
         if not task.cancelled() and task.exception() is not None:  # retrieved here: followers may all be gone
             log.info("export.failed", artifact_id=art_id, error=str(task.exception()))
 
-    async def _produce(self, *, running_id: str, job_id: str, spec: dict[str, Any]) -> ArtifactRecord:
+    async def _produce(self, *, running_id: str, job_id: str, owner: str, spec: dict[str, Any]) -> ArtifactRecord:
         art_id, target = running_id, Path(spec["target_dir"])
         self._settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
         manifest = await run_export(
@@ -186,6 +208,7 @@ class ExportService:
             total_size_bytes=int(manifest["total_size_bytes"]),
             vllm=dict(manifest["vllm"]),
             create_time=time.time(),
+            owner=owner,  # the job's, even when an admin exported it: it answers for the artifact after the job
         )
         await asyncio.to_thread(self._store.put_artifact, record)
         log.info("export.done", job_id=job_id, artifact_id=art_id, format=record.format, bytes=record.total_size_bytes)
@@ -204,20 +227,122 @@ class ExportService:
         needed = export_disk_bytes(base, adapter_bytes // 4, merged)
         ensure_free_space(self._settings.artifacts_dir, needed, self._settings.disk_reserve_bytes, "this export")
 
-    async def owner_of(self, art_id: str) -> str:
-        """The owner of the job an artifact came from (NOT_FOUND for an unknown artifact)."""
+    async def get(self, art_id: str) -> ArtifactRecord:
+        """The stored artifact (NOT_FOUND for an unknown one)."""
         try:
-            record = await asyncio.to_thread(self._store.get_artifact, art_id)
-            return (await asyncio.to_thread(self._store.get_job, record.job_id)).owner
+            return await asyncio.to_thread(self._store.get_artifact, art_id)
         except KeyError:
             raise unknown_artifact(art_id) from None
 
+    async def list_artifacts(
+        self, *, page_size: int, page_token: str, owner: str | None, job_id: str = ""
+    ) -> tuple[list[ArtifactRecord], str]:
+        if not 0 <= page_size <= 1000:
+            raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", "page_size must be in 0..1000")
+        try:
+            return await asyncio.to_thread(
+                lambda: self._store.list_artifacts(
+                    page_size=page_size or 50, page_token=page_token, owner=owner, job_id=job_id
+                )
+            )
+        except ValueError:
+            raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", "page_token is not valid") from None
+
+    async def of_job(self, job_id: str) -> list[ArtifactRecord]:
+        """Every artifact exported from a job."""
+        found, token = [], ""
+        while True:
+            page, token = await self.list_artifacts(page_size=1000, page_token=token, owner=None, job_id=job_id)
+            found.extend(page)
+            if not token:
+                return found
+
+    def _check_idle(self, art_id: str) -> None:
+        if art_id in self._running:
+            raise FinetuneError(
+                ErrorKind.FAILED_PRECONDITION,
+                "ARTIFACT_IN_USE",
+                f"artifact {art_id} is being exported",
+                hint="Delete it once the export has ended.",
+                metadata={"artifact_id": art_id},
+            )
+        if self._downloads[art_id]:
+            raise FinetuneError(
+                ErrorKind.FAILED_PRECONDITION,
+                "ARTIFACT_IN_USE",
+                f"artifact {art_id} is being downloaded ({self._downloads[art_id]} download(s) in progress)",
+                hint="Delete it once the downloads have ended.",
+                metadata={"artifact_id": art_id},
+            )
+
+    @contextlib.contextmanager
+    def deleting(self, job_id: str, art_ids: list[str]) -> Iterator[None]:
+        """Claim a job ("" for none) and artifacts for deletion: FAILED_PRECONDITION while an export of the job or
+        of an artifact runs, or an artifact is downloaded; while claimed, no export or download of them starts."""
+        names = {job_id, *art_ids} - {""}
+        already = sorted(names & self._deleting)
+        if already:
+            raise _being_deleted(already[0])
+        for art_id in art_ids:
+            self._check_idle(art_id)
+        exporting = sorted(a for a, r in self._running.items() if job_id and r.job_id == job_id)
+        if exporting:
+            raise FinetuneError(
+                ErrorKind.FAILED_PRECONDITION,
+                "JOB_EXPORTING",
+                f"job {job_id} is being exported (artifact {exporting[0]})",
+                hint="Delete the job once the export has ended.",
+                metadata={"job_id": job_id, "artifact_id": exporting[0]},
+            )
+        self._deleting |= names
+        try:
+            yield
+        finally:
+            self._deleting -= names
+
+    async def remove(self, record: ArtifactRecord) -> int:
+        """Delete an artifact claimed with `deleting`: its folder and log first (a crash after them leaves a record
+        whose retried delete finishes the work), then its record. Returns the bytes freed."""
+        folder = (self._settings.data_dir / record.path).resolve()
+        if not folder.is_relative_to(self._settings.artifacts_dir.resolve()) or folder.name != record.id:
+            raise FinetuneError(  # never remove what is not an artifact's own folder, whatever the record says
+                ErrorKind.DATA_LOSS, "ARTIFACT_PATH_UNEXPECTED", f"artifact {record.id} is recorded at {record.path!r}"
+            )
+        export_log = self._settings.layout.artifact_log(record.id)
+
+        def remove_files() -> int:
+            log_bytes = export_log.stat().st_size if export_log.is_file() else 0
+            freed = remove_folder(folder) + log_bytes
+            export_log.unlink(missing_ok=True)
+            return freed
+
+        freed = await asyncio.to_thread(remove_files)
+        with contextlib.suppress(KeyError):  # another server deleted the record meanwhile: the files are gone too
+            await asyncio.to_thread(self._store.delete_artifact, record.id)
+        log.info("artifact.deleted", artifact_id=record.id, job_id=record.job_id, freed_bytes=freed)
+        return freed
+
+    async def delete(self, record: ArtifactRecord) -> int:
+        """Delete one artifact (refused while it is exported or downloaded); returns the bytes freed."""
+        with self.deleting("", [record.id]):
+            return await self.remove(record)
+
     async def download(self, art_id: str, path: str, offset: int) -> AsyncIterator[dict[str, Any]]:
         """Chunks of one file (from `offset`) or of every file; DATA_LOSS when a file no longer matches its sha256."""
+        record = await self.get(art_id)
+        if art_id in self._deleting:
+            raise unknown_artifact(art_id)
+        self._downloads[art_id] += 1  # with the check above, in one step of the loop: a deletion sees one or other
         try:
-            record = await asyncio.to_thread(self._store.get_artifact, art_id)
-        except KeyError:
-            raise unknown_artifact(art_id) from None
+            async for chunk in self._chunks(record, path, offset):
+                yield chunk
+        finally:
+            self._downloads[art_id] -= 1
+            if not self._downloads[art_id]:
+                del self._downloads[art_id]
+
+    async def _chunks(self, record: ArtifactRecord, path: str, offset: int) -> AsyncIterator[dict[str, Any]]:
+        art_id = record.id
         files = {f["path"]: f for f in record.files}
         if path and path not in files:
             raise FinetuneError(ErrorKind.NOT_FOUND, "FILE_NOT_FOUND", f"artifact {art_id} has no file {path!r}")

@@ -24,10 +24,10 @@ from typing import Any
 
 import structlog
 
-from finetune_server.errors import ErrorKind, FinetuneError, Violation, ViolationList, field_error
+from finetune_server.errors import ErrorKind, FinetuneError, Violation, ViolationList
+from finetune_server.jobs.checkpoints import job_adapter
 from finetune_server.settings import ServerSettings
-from finetune_server.storage import layout
-from finetune_server.storage.records import ArtifactRecord, JobRecord, JobState
+from finetune_server.storage.records import ArtifactRecord, JobRecord
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.data.formats import ROLES
 from finetune_server.training.model_source import resolve_model
@@ -229,27 +229,9 @@ class GenerateService:
     async def job_target(self, job: JobRecord, checkpoint_step: int | None) -> GenerationTarget:
         """A job's final adapter (FAILED_PRECONDITION until it has one) or one of its checkpoints (NOT_FOUND)."""
         job_dir = self._settings.layout.job(job.id).root
-        if checkpoint_step is None:
-            if job.state is not JobState.SUCCEEDED or not layout.has_adapter(layout.JobDir(job_dir).adapter):
-                raise FinetuneError(
-                    ErrorKind.FAILED_PRECONDITION,
-                    "NO_ADAPTER",
-                    f"job {job.id} is {job.state.value}: it has no final adapter yet",
-                    violations=[Violation("job_id", "NO_ADAPTER", f"job {job.id} has no final adapter yet")],
-                    hint="Wait for the job to succeed, or name one of its checkpoints with checkpoint_step.",
-                )
-        else:
-            steps = [step for step, _ in await asyncio.to_thread(layout.JobDir(job_dir).complete_checkpoints)]
-            if checkpoint_step not in steps:
-                listed = ", ".join(map(str, steps)) or "none"
-                error = field_error(
-                    ErrorKind.NOT_FOUND,
-                    "CHECKPOINT_NOT_FOUND",
-                    "checkpoint_step",
-                    f"job {job.id} has no checkpoint at step {checkpoint_step}; its checkpoints: {listed}",
-                )
-                error.metadata.update(available_steps=",".join(map(str, steps)))
-                raise error
+        await asyncio.to_thread(
+            job_adapter, job, job_dir, checkpoint_step, job_field="job_id", step_field="checkpoint_step"
+        )
         base = TrainingConfig.from_dict(job.config).model_name
         model = await asyncio.to_thread(resolve_model, base, self._settings)
         spec = self._spec(
@@ -257,15 +239,16 @@ class GenerateService:
         )
         return GenerationTarget(spec, base)
 
-    async def artifact_target(self, artifact: ArtifactRecord, job: JobRecord) -> GenerationTarget:
-        """An exported artifact: a merged model loads alone, an adapter on the base its job trained."""
+    async def artifact_target(self, artifact: ArtifactRecord) -> GenerationTarget:
+        """An exported artifact: a merged model loads alone, an adapter on the base its job trained (the artifact
+        records it, so this works after the job was deleted)."""
         folder = self._settings.data_dir / artifact.path
         if not folder.is_dir():
             raise FinetuneError(ErrorKind.DATA_LOSS, "FILE_MISSING", f"artifact {artifact.id} is missing on the server")
-        fields = {"job_id": job.id, "artifact_dir": str(folder), "artifact_step": artifact.step}
+        fields = {"job_id": artifact.job_id, "artifact_dir": str(folder), "artifact_step": artifact.step}
         if artifact.format == "MERGED":
             return GenerationTarget(self._spec(str(folder), **fields), artifact.base_model)
-        model = await asyncio.to_thread(resolve_model, TrainingConfig.from_dict(job.config).model_name, self._settings)
+        model = await asyncio.to_thread(resolve_model, artifact.base_model, self._settings)
         return GenerationTarget(self._spec(model.load_ref, **fields), artifact.base_model)
 
     # --- answering -------------------------------------------------------------------------------------------------

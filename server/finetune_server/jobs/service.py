@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,10 +29,13 @@ from typing import Any, TypeVar
 
 import structlog
 
-from finetune_server.errors import ErrorKind, FinetuneError
+from finetune_server.errors import ErrorKind, FinetuneError, field_error
 from finetune_server.host.diskspace import ensure_free_space, job_disk_bytes
 from finetune_server.jobs import idempotency
+from finetune_server.jobs.active import refuse_while_used
+from finetune_server.jobs.checkpoints import job_adapter
 from finetune_server.jobs.event_hub import EventHub
+from finetune_server.jobs.labels import check_labels
 from finetune_server.observability.metrics import ServiceMetrics
 from finetune_server.settings import ServerSettings
 from finetune_server.storage import layout
@@ -47,9 +50,11 @@ from finetune_server.storage.job_store import (
 )
 from finetune_server.storage.records import EventKind, JobEventRecord, JobRecord, JobState, Lease
 from finetune_server.training.config import TrainingConfig
+from finetune_server.training.continuation import SourceAdapter, SourceLookup
 from finetune_server.training.dataset_source import training_refs
 from finetune_server.training.engine.errors import out_of_memory_hint
 from finetune_server.training.validation import CheckHooks, ValidationReport, validate
+from finetune_server.util.paths import remove_folder
 from finetune_server.util.stoppable import run_stoppable
 from finetune_server.workers.executor import Executor
 from finetune_server.workers.protocol import Cancelled, Error, Event, Message, Result, Started
@@ -295,16 +300,26 @@ class JobService:
     # -- requests -------------------------------------------------------------------------------------------------
 
     async def submit(
-        self, config: TrainingConfig, *, request_id: str = "", display_name: str = "", owner: str = ""
+        self,
+        config: TrainingConfig,
+        *,
+        request_id: str = "",
+        display_name: str = "",
+        owner: str = "",
+        labels: Mapping[str, str] | None = None,
+        visible_owner: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Validate exactly as ValidateConfig does, then persist the job as QUEUED. Idempotent on the owner's
-        request_id: a retry returns its job; the key with another config is ALREADY_EXISTS naming that job."""
+        request_id: a retry returns its job; the key with another config is ALREADY_EXISTS naming that job.
+        `visible_owner`: whose jobs init_from_job may name (None: anyone's)."""
+        labels = check_labels(labels or {})
         digest = idempotency.fingerprint(config.to_dict()) if request_id else ""
         if request_id:
             existing = await self._db(self._store.find_by_request_id, request_id, owner)
             if existing is not None:
                 return _same_request(existing, digest), False
-        report = await self.validate(config)  # stopped, like ValidateConfig, when the caller goes
+        # Stopped, like ValidateConfig, when the caller goes.
+        report = await self.validate(config, visible_owner=visible_owner)
         if not report.valid:
             raise report.rejection()
         estimate = report.memory_estimate
@@ -327,6 +342,7 @@ class JobService:
             request_fingerprint=digest,
             display_name=display_name,
             owner=owner,
+            labels=labels,
             now=self._clock(),
         )
         if not created:  # a concurrent call with the same key won the race
@@ -343,17 +359,45 @@ class JobService:
         *,
         on_progress: Callable[[str, int, int | None], None] | None = None,
         timeout_s: float | None = None,
+        visible_owner: str | None = None,
     ) -> ValidationReport:
         """What ValidateConfig answers and Train checks: the config's own checks, then whether the executor could
         place a job at all. Off the event loop (it reads and tokenizes the dataset), and stopped when the awaiting
-        caller is cancelled or `timeout_s` passes (CheckStopped)."""
+        caller is cancelled or `timeout_s` passes (CheckStopped). init_from_job may name a job of `visible_owner`
+        only (None: of anyone); another's is reported as unknown, as if it did not exist."""
 
         def checked(should_stop: Callable[[], bool]) -> ValidationReport:
             problem = self._executor.placement_problem() or ""
             hooks = CheckHooks(should_stop=should_stop, on_progress=on_progress)
-            return validate(config, self._settings, target_device=target_device, placement_problem=problem, hooks=hooks)
+            return validate(
+                config,
+                self._settings,
+                target_device=target_device,
+                placement_problem=problem,
+                hooks=hooks,
+                source_lookup=self._source_lookup(visible_owner),
+            )
 
         return await run_stoppable(checked, timeout_s=timeout_s)
+
+    def _source_lookup(self, visible_owner: str | None) -> SourceLookup:
+        """Find the adapter a continued job starts from (in a thread: it reads the store and the disk)."""
+
+        def lookup(job_id: str, step: int | None) -> SourceAdapter:
+            try:
+                job = self._store.get_job(job_id)
+            except KeyError:
+                job = None
+            if job is None or (visible_owner is not None and job.owner != visible_owner):
+                unknown = f"no job has the id {job_id!r}"
+                raise field_error(ErrorKind.NOT_FOUND, "JOB_NOT_FOUND", "init_from_job", unknown)
+            found = job_adapter(
+                job, self.job_dir(job.id), step, job_field="init_from_job", step_field="init_from_checkpoint"
+            )
+            config = TrainingConfig.from_dict(job.config)
+            return SourceAdapter(job.id, step, config, found.adapter_dir, found.checkpoint_dir)
+
+        return lookup
 
     async def get(self, job_id: str) -> JobRecord:
         try:
@@ -362,10 +406,17 @@ class JobService:
             raise job_not_found(job_id) from None
 
     async def list(
-        self, *, states: list[JobState], page_size: int, page_token: str, owner: str | None = None
+        self,
+        *,
+        states: list[JobState],
+        page_size: int,
+        page_token: str,
+        owner: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> tuple[list[JobRecord], str]:
         if not 0 <= page_size <= 1000:
             raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_PAGE_SIZE", "page_size must be in 0..1000")
+        wanted = check_labels(labels or {})
         try:
             return await self._db(
                 self._store.list_jobs,
@@ -373,9 +424,47 @@ class JobService:
                 page_size=page_size or 50,
                 page_token=page_token,
                 owner=owner,
+                labels=wanted,
             )
         except ValueError:
             raise FinetuneError(ErrorKind.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN", "page_token is not valid") from None
+
+    @staticmethod
+    def check_deletable(job: JobRecord) -> None:
+        """FAILED_PRECONDITION, naming the state, for a job that has not ended (its worker may still write)."""
+        if not job.state.is_final:
+            raise FinetuneError(
+                ErrorKind.FAILED_PRECONDITION,
+                "JOB_NOT_FINISHED",
+                f"job {job.id} is {job.state.value}; only a job that has ended (SUCCEEDED, FAILED or CANCELLED) can"
+                " be deleted",
+                hint=f"Cancel job {job.id} first, or wait for it to end.",
+                metadata={"job_id": job.id, "state": job.state.value},
+            )
+
+    async def check_not_continued(self, job: JobRecord) -> None:
+        """FAILED_PRECONDITION `JOB_IN_USE`, naming it, while a queued or running job continues from this one's
+        adapter (each attempt of it reads that adapter at its start)."""
+        await refuse_while_used(
+            self._store,
+            lambda other: other.config.get("init_from_job") == job.id,
+            what=f"job {job.id}",
+            reason="JOB_IN_USE",
+            how="continued by",
+        )
+
+    async def delete(self, job: JobRecord) -> int:
+        """Delete an ended job: its folder first (a crash after it leaves a record whose retried delete finishes
+        the work, never a folder nothing names), then its record with its events. Returns the bytes freed."""
+        self.check_deletable(job)
+        freed = await asyncio.to_thread(remove_folder, self.job_dir(job.id))
+        try:
+            await self._db(self._store.delete_job, job.id)
+        except KeyError:
+            raise job_not_found(job.id) from None  # deleted meanwhile by another call
+        self.hub.forget(job.id)
+        log.info("job.deleted", job_id=job.id, freed_bytes=freed)
+        return freed
 
     async def cancel(self, job_id: str) -> JobRecord:
         job = await self.get(job_id)
@@ -464,6 +553,13 @@ class JobService:
     def _spec(self, job: JobRecord, slot: int) -> WorkerSpec:
         config = TrainingConfig.from_dict(job.config)
         model_ref, dataset_ref, eval_dataset_ref = training_refs(config, self._settings)
+        init_adapter = init_optimizer = None
+        # A continued job starts from its source's adapter until it has a checkpoint of its own to resume from.
+        if config.init_from_job and not layout.JobDir(self.job_dir(job.id)).complete_checkpoints():
+            source = self._source_lookup(None)(config.init_from_job, config.init_from_checkpoint)
+            init_adapter = str(source.adapter_dir)
+            if config.resume_optimizer and source.checkpoint_dir is not None:
+                init_optimizer = str(source.checkpoint_dir)
         return WorkerSpec(
             job_id=job.id,
             config=job.config,
@@ -478,6 +574,8 @@ class JobService:
             cpu_threads=self._settings.threads_per_worker,
             cpus=self._settings.worker_cpus or None,
             token_cache_max_bytes=self._settings.token_cache_max_bytes,
+            init_adapter_dir=init_adapter,
+            init_optimizer_dir=init_optimizer,
         )
 
     async def _run(self, job: JobRecord, running: _Running) -> None:

@@ -24,7 +24,7 @@ import json
 import math
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -101,6 +101,7 @@ class JobStore(Protocol):
         request_fingerprint: str = "",
         display_name: str = "",
         owner: str = "",
+        labels: Mapping[str, str] | None = None,
         now: float,
     ) -> tuple[JobRecord, bool]: ...
 
@@ -119,7 +120,10 @@ class JobStore(Protocol):
         page_size: int,
         page_token: str,
         owner: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> tuple[list[JobRecord], str]: ...
+
+    def delete_job(self, job_id: str) -> JobRecord: ...
 
     def append_event(
         self, job_id: str, kind: EventKind, payload: dict[str, Any], *, now: float, lease: Lease | None = None
@@ -177,6 +181,12 @@ class JobStore(Protocol):
     def put_artifact(self, record: ArtifactRecord) -> ArtifactRecord: ...
 
     def get_artifact(self, artifact_id: str) -> ArtifactRecord: ...
+
+    def list_artifacts(
+        self, *, page_size: int, page_token: str, owner: str | None = None, job_id: str = ""
+    ) -> tuple[list[ArtifactRecord], str]: ...
+
+    def delete_artifact(self, artifact_id: str) -> ArtifactRecord: ...
 
     def bind_data_dir(self, data_dir_id: str) -> str: ...
 
@@ -295,6 +305,40 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX datasets_owner_newest ON datasets (owner, create_time DESC, id DESC)",
         "CREATE INDEX datasets_newest ON datasets (create_time DESC, id DESC)",
     ),
+    (
+        # Artifacts outlive the job they came from (DeleteJob keeps them unless asked to delete them too): they
+        # hold their owner themselves and no longer cascade from jobs. Older ones take their job's owner.
+        """CREATE TABLE artifacts_owned (
+            id TEXT PRIMARY KEY,
+            job_id TEXT NOT NULL,
+            owner TEXT NOT NULL DEFAULT '',
+            format TEXT NOT NULL,
+            step INTEGER NOT NULL,
+            base_model TEXT NOT NULL,
+            path TEXT NOT NULL,
+            files TEXT NOT NULL,
+            total_size_bytes INTEGER NOT NULL,
+            vllm TEXT NOT NULL,
+            create_time REAL NOT NULL
+        )""",
+        "INSERT INTO artifacts_owned (id, job_id, owner, format, step, base_model, path, files, total_size_bytes,"
+        " vllm, create_time) SELECT a.id, a.job_id, COALESCE(j.owner, ''), a.format, a.step, a.base_model, a.path,"
+        " a.files, a.total_size_bytes, a.vllm, a.create_time FROM artifacts a LEFT JOIN jobs j ON j.id = a.job_id",
+        "DROP TABLE artifacts",
+        "ALTER TABLE artifacts_owned RENAME TO artifacts",
+        "CREATE INDEX artifacts_owner_newest ON artifacts (owner, create_time DESC, id DESC)",
+        "CREATE INDEX artifacts_newest ON artifacts (create_time DESC, id DESC)",
+        "CREATE INDEX artifacts_job ON artifacts (job_id)",
+        # Labels: on the job row as read back, and one row per label for ListJobs' filter.
+        "ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",
+        """CREATE TABLE job_labels (
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (job_id, key)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX job_labels_key_value ON job_labels (key, value)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -357,6 +401,7 @@ def _job(row: Any) -> JobRecord:
         lease_owner=row["lease_owner"],
         lease_epoch=row["lease_epoch"],
         lease_expires=row["lease_expires"],
+        labels=json.loads(row["labels"]),
     )
 
 
@@ -378,6 +423,22 @@ def _dataset(row: Any) -> DatasetRecord:
         sha256=row["sha256"],
         path=row["path"],
         report=json.loads(row["report"]),
+        create_time=row["create_time"],
+        owner=row["owner"],
+    )
+
+
+def _artifact(row: Any) -> ArtifactRecord:
+    return ArtifactRecord(
+        id=row["id"],
+        job_id=row["job_id"],
+        format=row["format"],
+        step=row["step"],
+        base_model=row["base_model"],
+        path=row["path"],
+        files=json.loads(row["files"]),
+        total_size_bytes=row["total_size_bytes"],
+        vllm=json.loads(row["vllm"]),
         create_time=row["create_time"],
         owner=row["owner"],
     )
@@ -485,15 +546,18 @@ class SqlJobStore:
         request_fingerprint: str = "",
         display_name: str = "",
         owner: str = "",
+        labels: Mapping[str, str] | None = None,
         now: float,
     ) -> tuple[JobRecord, bool]:
         """Insert a QUEUED job at the back of the queue with its first event; the owner's known request_id returns
         its job (the caller compares `request_fingerprint` to tell a retry from a reused key)."""
+        labels = dict(labels or {})
         try:
             with self._tx(write=True) as conn:
                 conn.execute(
                     "INSERT INTO jobs (id, state, config, request_id, request_fingerprint, display_name, owner,"
-                    f" create_time, queue_position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, {self.NEXT_QUEUE_POSITION})",
+                    f" labels, create_time, queue_position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                    f" {self.NEXT_QUEUE_POSITION})",
                     (
                         job_id,
                         JobState.QUEUED.value,
@@ -502,9 +566,12 @@ class SqlJobStore:
                         request_fingerprint,
                         display_name,
                         owner,
+                        json.dumps(labels, sort_keys=True),
                         now,
                     ),
                 )
+                for key, value in labels.items():
+                    conn.execute("INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)", (job_id, key, value))
                 self._append(
                     conn,
                     job_id,
@@ -559,8 +626,10 @@ class SqlJobStore:
         page_size: int,
         page_token: str,
         owner: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> tuple[list[JobRecord], str]:
-        """Newest first, keyset-paged on (create_time, id); an empty `states` means no filter, like None."""
+        """Newest first, keyset-paged on (create_time, id); an empty `states` means no filter, like None; every
+        one of `labels` must be a label of the job with that value."""
         where: list[str] = []
         params: list[Any] = []
         if states:
@@ -569,8 +638,22 @@ class SqlJobStore:
         if owner is not None:
             where.append("owner = ?")
             params.append(owner)
+        for key, value in sorted((labels or {}).items()):
+            where.append("EXISTS (SELECT 1 FROM job_labels l WHERE l.job_id = jobs.id AND l.key = ? AND l.value = ?)")
+            params.extend((key, value))
         rows, next_token = self._newest_first("jobs", where, params, page_size, page_token)
         return [_job(r) for r in rows], next_token
+
+    def delete_job(self, job_id: str) -> JobRecord:
+        """Remove a job that has ended, with its events and labels (its folder and artifacts are the caller's);
+        returns the record as it was. `InvalidTransition` for a job that has not ended."""
+        with self._tx(write=True) as conn:
+            job = self._get(conn, job_id, for_update=True)
+            if not job.state.is_final:
+                raise InvalidTransition(job.state, job_id)
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))  # events and labels cascade
+        log.info("job_deleted", job_id=job_id)
+        return job
 
     def _newest_first(
         self, table: str, where: list[str], params: list[Any], page_size: int, page_token: str
@@ -798,14 +881,18 @@ class SqlJobStore:
 
     def put_artifact(self, record: ArtifactRecord) -> ArtifactRecord:
         """Record an export (its folder is complete before this is called); the same id replaces the old record."""
-        columns = ("job_id", "format", "step", "base_model", "path", "files", "total_size_bytes", "vllm", "create_time")
+        columns = (
+            "job_id", "owner", "format", "step", "base_model", "path", "files", "total_size_bytes", "vllm",
+            "create_time",
+        )  # fmt: skip
         with self._tx(write=True) as conn:
             conn.execute(
-                f"INSERT INTO artifacts (id, {', '.join(columns)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                f"INSERT INTO artifacts (id, {', '.join(columns)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 f" ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in columns)}",
                 (
                     record.id,
                     record.job_id,
+                    record.owner,
                     record.format,
                     record.step,
                     record.base_model,
@@ -823,18 +910,28 @@ class SqlJobStore:
             row = conn.execute("SELECT * FROM artifacts WHERE id = ?", (artifact_id,)).fetchone()
         if row is None:
             raise KeyError(artifact_id)
-        return ArtifactRecord(
-            id=row["id"],
-            job_id=row["job_id"],
-            format=row["format"],
-            step=row["step"],
-            base_model=row["base_model"],
-            path=row["path"],
-            files=json.loads(row["files"]),
-            total_size_bytes=row["total_size_bytes"],
-            vllm=json.loads(row["vllm"]),
-            create_time=row["create_time"],
-        )
+        return _artifact(row)
+
+    def list_artifacts(
+        self, *, page_size: int, page_token: str, owner: str | None = None, job_id: str = ""
+    ) -> tuple[list[ArtifactRecord], str]:
+        """Newest first, keyset-paged like list_jobs; `owner` None: everyone's; `job_id`: that job's only."""
+        where, params = (["owner = ?"], [owner]) if owner is not None else ([], [])
+        if job_id:
+            where.append("job_id = ?")
+            params.append(job_id)
+        rows, next_token = self._newest_first("artifacts", where, params, page_size, page_token)
+        return [_artifact(r) for r in rows], next_token
+
+    def delete_artifact(self, artifact_id: str) -> ArtifactRecord:
+        """Remove an artifact's record (its folder is the caller's to remove); returns the record as it was."""
+        with self._tx(write=True) as conn:
+            row = conn.execute("SELECT * FROM artifacts WHERE id = ?", (artifact_id,)).fetchone()
+            if row is None:
+                raise KeyError(artifact_id)
+            conn.execute("DELETE FROM artifacts WHERE id = ?", (artifact_id,))
+        log.info("artifact_deleted", artifact_id=artifact_id)
+        return _artifact(row)
 
     def get_dataset(self, dataset_id: str) -> DatasetRecord:
         with self._tx() as conn:

@@ -120,6 +120,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE TABLE store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    (
+        # Artifacts outlive the job they came from (DeleteJob keeps them unless asked to delete them too): they
+        # hold their owner themselves and no longer cascade from jobs. Older ones take their job's owner.
+        "ALTER TABLE artifacts DROP CONSTRAINT artifacts_job_id_fkey",
+        'ALTER TABLE artifacts ALTER COLUMN id TYPE TEXT COLLATE "C"',
+        "ALTER TABLE artifacts ADD COLUMN owner TEXT COLLATE \"C\" NOT NULL DEFAULT ''",
+        "UPDATE artifacts SET owner = jobs.owner FROM jobs WHERE jobs.id = artifacts.job_id",
+        "CREATE INDEX artifacts_owner_newest ON artifacts (owner, create_time DESC, id DESC)",
+        "CREATE INDEX artifacts_newest ON artifacts (create_time DESC, id DESC)",
+        "CREATE INDEX artifacts_job ON artifacts (job_id)",
+        # Labels: on the job row as read back, and one row per label for ListJobs' filter.
+        "ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",
+        """CREATE TABLE job_labels (
+            job_id TEXT COLLATE "C" NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (job_id, key)
+        )""",
+        "CREATE INDEX job_labels_key_value ON job_labels (key, value)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

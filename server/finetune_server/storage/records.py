@@ -71,6 +71,7 @@ class JobRecord:
     lease_owner: str = ""  # the server running the job's current attempt ("" when none holds it)
     lease_epoch: int = 0  # +1 per claim: fences the writes of an attempt whose lease was taken away
     lease_expires: float | None = None  # unix seconds by the database's clock
+    labels: dict[str, str] = field(default_factory=dict)  # the caller's, set at creation (jobs.labels)
 
     @property
     def lease(self) -> Lease | None:
@@ -112,3 +113,4 @@ class ArtifactRecord:
     total_size_bytes: int = 0
     vllm: dict[str, Any] = field(default_factory=dict)  # VllmCompatibility fields
     create_time: float = 0.0
+    owner: str = ""  # the owner of the job it came from; kept when that job is deleted

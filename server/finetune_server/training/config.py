@@ -69,6 +69,11 @@ class TrainingConfig:
     eval_dataset_subset: str = ""
     eval_dataset_split: str = ""
     eval_dataset_revision: str = ""
+    # Continue another job: its id, one of its checkpoints' steps (None: its final adapter), and whether that
+    # checkpoint's optimizer state is continued too (`training/continuation.py`).
+    init_from_job: str = ""
+    init_from_checkpoint: int | None = None
+    resume_optimizer: bool | None = None
 
     def source_options(self, field: str = "dataset") -> dict[str, str]:
         """The subset, split and revision of `dataset` or `eval_dataset`, as DatasetSource takes them."""
@@ -115,6 +120,7 @@ DEFAULTS: dict[str, Any] = {
     "train_on_prompt": False,
     "allow_fallback_chat_template": True,
     "skip_invalid_rows": False,
+    "resume_optimizer": False,
     "lora.r": 16,
     "lora.dropout": 0.05,
     "lora.use_dora": False,

@@ -22,6 +22,7 @@ import structlog
 from finetune_server.errors import ConfigWarning, ErrorKind, FinetuneError, Violation, ViolationList
 from finetune_server.host.devices import Device, detect_devices
 from finetune_server.settings import ServerSettings
+from finetune_server.training import continuation
 from finetune_server.training.config import (
     DATA_FORMATS,
     LR_SCHEDULERS,
@@ -481,6 +482,26 @@ def _device_capacities(target_device: str) -> list[tuple[str, int]]:
     return capacities
 
 
+def _source_step(
+    config: TrainingConfig, lookup: continuation.SourceLookup | None, out: _Collector
+) -> continuation.SourceAdapter | None:
+    """The adapter a continued job starts from (None when it starts fresh, or on a problem, which is reported)."""
+    problems = continuation.request_problems(config)
+    for problem in problems:
+        out.violation(problem.field, problem.reason, problem.message)
+    if not config.init_from_job or problems:
+        return None
+    if lookup is None:
+        message = "continuing a job needs the server's job store; this trainer has none"
+        out.violation("init_from_job", "UNSUPPORTED", message, ErrorKind.FAILED_PRECONDITION)
+        return None
+    try:
+        return lookup(config.init_from_job, config.init_from_checkpoint)
+    except FinetuneError as exc:
+        out.from_error(exc, "init_from_job")
+        return None
+
+
 def validate(
     config: TrainingConfig,
     settings: ServerSettings,
@@ -488,14 +509,19 @@ def validate(
     target_device: str = "",
     placement_problem: str = "",
     hooks: CheckHooks | None = None,
+    source_lookup: continuation.SourceLookup | None = None,
 ) -> ValidationReport:
     """Everything Train checks before accepting a job. `placement_problem`: why the executor could place no job now
     (e.g. no Ray node has the GPUs a job asks for), a FAILED_PRECONDITION of the whole config. `hooks` lets a caller
-    follow the dataset checks and stop them (CheckStopped)."""
+    follow the dataset checks and stop them (CheckStopped). `source_lookup` finds the adapter of the job that
+    init_from_job names (without one, a config naming a job is refused)."""
     hooks = hooks or CheckHooks()
     out = _Collector()
     if placement_problem:
         out.violation("", "DOES_NOT_FIT_CLUSTER", placement_problem, ErrorKind.FAILED_PRECONDITION)
+    source = _source_step(config, source_lookup, out)
+    if source is not None:
+        config = continuation.inherit(config, source)
     preset_values: dict[str, Any] = {}
     if config.preset:
         try:
@@ -511,6 +537,11 @@ def validate(
     if bf16_by_default(config, preset_values, detect_devices()):
         resolved.bf16 = True
     _check_ranges(resolved, out)
+    if source is not None:
+        problems, warnings = continuation.mismatches(resolved, source)
+        for problem in problems:
+            out.violation(problem.field, problem.reason, problem.message)
+        out.warnings.extend(warnings)
     fields_in_range = not out.violations  # the memory estimate needs sane numbers
     _check_device_support(config, resolved, out)
 

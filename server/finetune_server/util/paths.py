@@ -1,4 +1,4 @@
-"""Confinement of caller-named paths to configured roots, and the size of a folder.
+"""Confinement of caller-named paths to configured roots, and the size (and removal) of a folder.
 
 A caller may name a local model folder or a server-side dataset, but only under the roots the operator configured.
 `..`, absolute paths outside the roots and symlinks that lead out are refused with PERMISSION_DENIED; `~` is a
@@ -8,6 +8,7 @@ plain character (never expanded), so `~/x` and `~user` name folders under a root
 from __future__ import annotations
 
 import contextlib
+import shutil
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,3 +119,12 @@ def folder_bytes(folder: Path) -> int:
             if path.is_file():
                 total += path.stat().st_size
     return total
+
+
+def remove_folder(folder: Path) -> int:
+    """Delete `folder` and everything under it (nothing when it does not exist); returns the bytes its files held."""
+    if not folder.is_dir():
+        return 0
+    size = folder_bytes(folder)
+    shutil.rmtree(folder)
+    return size

@@ -58,6 +58,10 @@ class WorkerSpec(Spec):
     cpu_threads: int | None = None  # torch/OpenMP threads; None: torch's default
     cpus: list[int] | None = None  # CPUs to run on; None: the server's
     token_cache_max_bytes: int | None = None  # the cap of the data dir's token cache; None: no cap
+    # A continued job's first attempts: the adapter folder it starts from, and the checkpoint folder whose optimizer
+    # state it continues (resume_optimizer); None once it has a checkpoint of its own, which it resumes instead.
+    init_adapter_dir: str | None = None
+    init_optimizer_dir: str | None = None
 
 
 def event_message(event: Any) -> Event:
@@ -169,6 +173,8 @@ def run(spec: WorkerSpec, channel: MessageSink, stop: threading.Event, log: Any,
             token_cache=TokenCache(DataDir(Path(spec.data_dir)).token_cache, spec.token_cache_max_bytes)
             if spec.data_dir
             else None,
+            init_adapter_dir=Path(spec.init_adapter_dir) if spec.init_adapter_dir else None,
+            init_optimizer_dir=Path(spec.init_optimizer_dir) if spec.init_optimizer_dir else None,
         )
     except TrainingCancelled as exc:
         log.info("training cancelled", step=exc.step)

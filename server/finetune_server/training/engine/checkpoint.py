@@ -227,18 +227,10 @@ def load_checkpoint(
     RNG states are returned, not applied: the caller restores them right before the loop, after everything that
     draws random numbers during setup (model init, LoRA init).
     """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not (path / layout.CHECKPOINT_COMPLETE_MARKER).is_file():
         raise ValueError(f"{path} is not a complete checkpoint")
-    device = next(p.device for p in model.parameters())
-    weights = load_file(str(path / layout.ADAPTER_DIR / layout.ADAPTER_WEIGHTS_FILE), device=str(device))
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "modules_to_save" in k]
-    if unexpected:
-        raise ValueError(f"checkpoint {path.name} does not match the model: unexpected {unexpected[:5]}")
+    load_adapter_weights(model, path / layout.ADAPTER_DIR)
     load_optimizer_state(optimizer, path / layout.OPTIMIZER_FILE)
     scheduler.load_state_dict(torch.load(path / layout.SCHEDULER_FILE, weights_only=True))
     torch_rng = torch.load(path / layout.RNG_FILE, weights_only=True)
@@ -253,6 +245,35 @@ def load_checkpoint(
         rng_states=_rank_rng_states(state["rng"], torch_rng),
         extra=state.get("extra", {}),
     )
+
+
+def load_adapter_weights(model: Any, adapter_dir: Path) -> None:
+    """Load a saved adapter folder's weights into the PEFT model in place (on the model's device); ValueError when
+    they are not this model's adapter (a LoRA weight the folder lacks, or one the model has no place for)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    device = next(p.device for p in model.parameters())
+    weights = load_file(str(Path(adapter_dir) / layout.ADAPTER_WEIGHTS_FILE), device=str(device))
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as exc:  # a tensor of another shape (another rank)
+        raise ValueError(f"the adapter in {adapter_dir} does not fit the model: {exc}") from exc
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "modules_to_save" in k]
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if unexpected or missing:
+        raise ValueError(
+            f"the adapter in {adapter_dir} does not match the model: unexpected {unexpected[:5]}, missing {missing[:5]}"
+        )
+
+
+def load_optimizer_moments(optimizer: torch.optim.Optimizer, checkpoint_dir: Path) -> None:
+    """A checkpoint's optimizer state (AdamW's moments and step counts) into `optimizer`, keeping its own
+    hyperparameters (learning rate, weight decay): a continued job trains at its own learning rate and schedule."""
+    own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    load_optimizer_state(optimizer, Path(checkpoint_dir) / layout.OPTIMIZER_FILE)
+    for group, values in zip(optimizer.param_groups, own, strict=True):
+        group.update(values)
 
 
 def _rank_rng_states(host: dict[str, Any], device: dict[str, Any]) -> list[dict[str, Any]]:

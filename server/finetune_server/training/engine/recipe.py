@@ -2,9 +2,9 @@
 
 `run_training` builds a `LoRARecipe` and runs it. `LoRARecipe.setup()` does, in order: seeds; tokenizer and chat
 template; open the dataset's token cache entry (tokenizing it once, on a miss) and split off the eval set; model +
-LoRA; batch plan; optimizer and schedule; resume from the newest complete checkpoint. `LoRARecipe.train()` is the
-step loop (gradient accumulation, clipping, progress, eval, early stopping, checkpoints, cancellation), then the final
-adapter and report.
+LoRA; batch plan; optimizer and schedule; resume from the newest complete checkpoint (or, without one, a continued
+job's source adapter). `LoRARecipe.train()` is the step loop (gradient accumulation, clipping, progress, eval, early
+stopping, checkpoints, cancellation), then the final adapter and report.
 
 Choices worth knowing:
 - The loss of an optimizer step is the sum of token losses over the whole accumulation window divided by the number
@@ -42,6 +42,7 @@ import torch
 from torch.nn import functional
 
 from finetune_server import faults
+from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.host.cpu_policy import available_cpus, cpu_set_note
 from finetune_server.storage import layout
 from finetune_server.training.config import TrainingConfig
@@ -245,6 +246,15 @@ class Optimization:
 
 
 @dataclass(frozen=True)
+class Initialisation:
+    """Where a fresh start takes its weights from: another job's adapter (and checkpoint, for its optimizer state),
+    or, with neither, LoRA's own initialisation."""
+
+    adapter_dir: Path | None = None
+    optimizer_dir: Path | None = None
+
+
+@dataclass(frozen=True)
 class Resume:
     state: TrainState
     rng_states: dict[str, Any] | None  # restored just before the first step; None for a fresh start
@@ -264,8 +274,13 @@ def run_training(
     hub_cache_dir: Path | None = None,
     hub_offline: bool | None = None,
     token_cache: TokenCache | None = None,
+    init_adapter_dir: Path | None = None,
+    init_optimizer_dir: Path | None = None,
 ) -> TrainingOutcome:
     """Train a LoRA adapter on a RESOLVED config; resume from `output_dir`'s newest complete checkpoint if any.
+
+    Without a checkpoint of its own, a continued job (init_from_job) starts from the adapter in `init_adapter_dir`
+    and, when given, the optimizer state of the checkpoint folder `init_optimizer_dir`.
 
     Raises TrainingCancelled when `should_stop()` turns True, TrainingError subclasses (NAN_LOSS, OUT_OF_MEMORY,
     NO_USABLE_EXAMPLES) and FinetuneError for bad inputs. Checkpoints already written are kept in every case.
@@ -288,6 +303,7 @@ def run_training(
             hub_cache_dir=hub_cache_dir,
             hub_offline=hub_offline,
             token_cache=cache,
+            init=Initialisation(init_adapter_dir, init_optimizer_dir),
         )
         try:
             recipe.setup()
@@ -339,8 +355,10 @@ class LoRARecipe:
         hub_cache_dir: Path | None,
         hub_offline: bool | None,
         token_cache: TokenCache,
+        init: Initialisation | None = None,
     ) -> None:
         self.config = config
+        self.init = init or Initialisation()
         self.settings = LoopSettings.from_config(config)
         self.model_ref = model_ref
         self.dataset_path = dataset_path
@@ -536,7 +554,8 @@ class LoRARecipe:
             ckpt.remove_stale_temp(self.output_dir)
         barrier(self.dist)
         latest = ckpt.latest_checkpoint(self.output_dir)
-        if latest is None:
+        if latest is None:  # its own checkpoint always wins: a resumed continued job goes on from where it was
+            self.setup_initial_weights()
             return Resume(TrainState(), None)
         loaded = ckpt.load_checkpoint(
             latest,
@@ -551,6 +570,26 @@ class LoRARecipe:
             f"resumed from {latest.relative_to(self.output_dir)} (step {state.step} of {self.plan.total_steps})",
         )
         return Resume(state, ckpt.rng_states_for_rank(loaded.rng_states, self.dist.rank))
+
+    def setup_initial_weights(self) -> None:
+        """A continued job's start: the source adapter's weights in place of LoRA's initialisation, and its
+        optimizer state when resume_optimizer found one (every rank loads the same files)."""
+        init = self.init
+        if init.adapter_dir is None:
+            return
+        try:
+            ckpt.load_adapter_weights(self.model.peft_model, init.adapter_dir)
+            if init.optimizer_dir is not None:
+                ckpt.load_optimizer_moments(self.optim.optimizer, init.optimizer_dir)
+        except (OSError, ValueError) as exc:
+            raise FinetuneError(
+                ErrorKind.FAILED_PRECONDITION,
+                "INIT_ADAPTER_MISMATCH",
+                f"the adapter of init_from_job cannot be loaded into this job's model: {exc}",
+                hint="Continue a job with the same base model and LoRA shape (leave the lora fields unset).",
+            ) from exc
+        with_optimizer = " and its optimizer state" if init.optimizer_dir is not None else ""
+        self._say(LogLevel.INFO, f"starting from the adapter {init.adapter_dir}{with_optimizer}")
 
     # --- the loop ----------------------------------------------------------------------------------------------------
 

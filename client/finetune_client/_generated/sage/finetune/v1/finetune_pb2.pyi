@@ -259,6 +259,9 @@ class TrainingConfig(_message.Message):
     EVAL_DATASET_SUBSET_FIELD_NUMBER: _builtins.int
     EVAL_DATASET_SPLIT_FIELD_NUMBER: _builtins.int
     EVAL_DATASET_REVISION_FIELD_NUMBER: _builtins.int
+    INIT_FROM_JOB_FIELD_NUMBER: _builtins.int
+    INIT_FROM_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    RESUME_OPTIMIZER_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The base model: a hub id (`Qwen/Qwen2.5-0.5B-Instruct`) or a local folder under one of the server's model roots.
     Required.
@@ -358,6 +361,22 @@ class TrainingConfig(_message.Message):
     """As dataset_split, for `eval_dataset`."""
     eval_dataset_revision: _builtins.str
     """As dataset_revision, for `eval_dataset`."""
+    init_from_job: _builtins.str
+    """Continue another job: the id of a job of the same caller whose LoRA adapter this job starts from (its final
+    adapter, or the checkpoint named by init_from_checkpoint), to train it on new data or for more steps. The base
+    model must be the same, and the adapter's shape too (lora.r, lora.target_modules, lora.use_dora and
+    lora.modules_to_save); those, lora.alpha and chat_template take that job's values when left unset. Empty: a
+    fresh adapter.
+    """
+    init_from_checkpoint: _builtins.int
+    """The step of one of init_from_job's checkpoints (see ListCheckpoints) to start from. Unset: its final adapter
+    (the job must have succeeded).
+    """
+    resume_optimizer: _builtins.bool
+    """Also continue the optimizer of the adapter started from: AdamW's moments and step counts from that checkpoint
+    (the learning rate, its warmup and decay are this job's own, over this job's steps). Default false: a fresh
+    optimizer. Needs the same optim; ignored, with a warning, where the checkpoint holds no optimizer state.
+    """
     @_builtins.property
     def lora(self) -> Global___LoraConfig:
         """The LoRA adapter. Unset fields take the defaults documented on LoraConfig."""
@@ -405,10 +424,13 @@ class TrainingConfig(_message.Message):
         eval_dataset_subset: _builtins.str = ...,
         eval_dataset_split: _builtins.str = ...,
         eval_dataset_revision: _builtins.str = ...,
+        init_from_job: _builtins.str = ...,
+        init_from_checkpoint: _builtins.int | None = ...,
+        resume_optimizer: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_skip_invalid_rows", b"_skip_invalid_rows", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "data_format", b"data_format", "early_stopping_patience", b"early_stopping_patience", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "skip_invalid_rows", b"skip_invalid_rows", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_init_from_checkpoint", b"_init_from_checkpoint", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_resume_optimizer", b"_resume_optimizer", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_skip_invalid_rows", b"_skip_invalid_rows", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "data_format", b"data_format", "early_stopping_patience", b"early_stopping_patience", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "init_from_checkpoint", b"init_from_checkpoint", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "resume_optimizer", b"resume_optimizer", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "skip_invalid_rows", b"skip_invalid_rows", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_skip_invalid_rows", b"_skip_invalid_rows", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "chat_template", b"chat_template", "data_format", b"data_format", "dataset", b"dataset", "dataset_revision", b"dataset_revision", "dataset_split", b"dataset_split", "dataset_subset", b"dataset_subset", "early_stopping_patience", b"early_stopping_patience", "eval_dataset", b"eval_dataset", "eval_dataset_revision", b"eval_dataset_revision", "eval_dataset_split", b"eval_dataset_split", "eval_dataset_subset", b"eval_dataset_subset", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "model_name", b"model_name", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "preset", b"preset", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "skip_invalid_rows", b"skip_invalid_rows", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_init_from_checkpoint", b"_init_from_checkpoint", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_resume_optimizer", b"_resume_optimizer", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_skip_invalid_rows", b"_skip_invalid_rows", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "chat_template", b"chat_template", "data_format", b"data_format", "dataset", b"dataset", "dataset_revision", b"dataset_revision", "dataset_split", b"dataset_split", "dataset_subset", b"dataset_subset", "early_stopping_patience", b"early_stopping_patience", "eval_dataset", b"eval_dataset", "eval_dataset_revision", b"eval_dataset_revision", "eval_dataset_split", b"eval_dataset_split", "eval_dataset_subset", b"eval_dataset_subset", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "init_from_checkpoint", b"init_from_checkpoint", "init_from_job", b"init_from_job", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "model_name", b"model_name", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "preset", b"preset", "resume_optimizer", b"resume_optimizer", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "skip_invalid_rows", b"skip_invalid_rows", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_fallback_chat_template: _TypeAlias = _typing.Literal["allow_fallback_chat_template"]  # noqa: Y015
     _WhichOneofArgType__allow_fallback_chat_template: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template"]  # noqa: Y015
@@ -428,6 +450,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__gradient_accumulation_steps: _TypeAlias = _typing.Literal["_gradient_accumulation_steps", b"_gradient_accumulation_steps"]  # noqa: Y015
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015
+    _WhichOneofReturnType__init_from_checkpoint: _TypeAlias = _typing.Literal["init_from_checkpoint"]  # noqa: Y015
+    _WhichOneofArgType__init_from_checkpoint: _TypeAlias = _typing.Literal["_init_from_checkpoint", b"_init_from_checkpoint"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__load_in_4bit: _TypeAlias = _typing.Literal["load_in_4bit"]  # noqa: Y015
@@ -452,6 +476,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__packing: _TypeAlias = _typing.Literal["_packing", b"_packing"]  # noqa: Y015
     _WhichOneofReturnType__per_device_train_batch_size: _TypeAlias = _typing.Literal["per_device_train_batch_size"]  # noqa: Y015
     _WhichOneofArgType__per_device_train_batch_size: _TypeAlias = _typing.Literal["_per_device_train_batch_size", b"_per_device_train_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__resume_optimizer: _TypeAlias = _typing.Literal["resume_optimizer"]  # noqa: Y015
+    _WhichOneofArgType__resume_optimizer: _TypeAlias = _typing.Literal["_resume_optimizer", b"_resume_optimizer"]  # noqa: Y015
     _WhichOneofReturnType__save_steps: _TypeAlias = _typing.Literal["save_steps"]  # noqa: Y015
     _WhichOneofArgType__save_steps: _TypeAlias = _typing.Literal["_save_steps", b"_save_steps"]  # noqa: Y015
     _WhichOneofReturnType__save_total_limit: _TypeAlias = _typing.Literal["save_total_limit"]  # noqa: Y015
@@ -485,6 +511,8 @@ class TrainingConfig(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_checkpointing) -> _WhichOneofReturnType__gradient_checkpointing | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__init_from_checkpoint) -> _WhichOneofReturnType__init_from_checkpoint | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__load_in_4bit) -> _WhichOneofReturnType__load_in_4bit | None: ...
@@ -508,6 +536,8 @@ class TrainingConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__packing) -> _WhichOneofReturnType__packing | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__per_device_train_batch_size) -> _WhichOneofReturnType__per_device_train_batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__resume_optimizer) -> _WhichOneofReturnType__resume_optimizer | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__save_steps) -> _WhichOneofReturnType__save_steps | None: ...
     @_typing.overload
@@ -1167,6 +1197,26 @@ class Job(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
@@ -1182,6 +1232,8 @@ class Job(_message.Message):
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id, e.g. `job-3f2a...`. Output only."""
     state: Global___JobState.ValueType
@@ -1226,6 +1278,16 @@ class Job(_message.Message):
     def result(self) -> Global___JobResult:
         """The outcome, when the job succeeded. Output only."""
 
+    @_builtins.property
+    def lineage(self) -> Global___JobLineage:
+        """Where the job's adapter started from, when it continues another job (config.init_from_job); unset for a job
+        that started from a fresh adapter. Output only.
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The labels given by the Train that created the job (see TrainRequest.labels); never change."""
+
     def __init__(
         self,
         *,
@@ -1244,14 +1306,48 @@ class Job(_message.Message):
         last_sequence: _builtins.int = ...,
         cancel_requested: _builtins.bool = ...,
         owner: _builtins.str = ...,
+        lineage: Global___JobLineage | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "progress", b"progress", "result", b"result", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "lineage", b"lineage", "progress", b"progress", "result", b"result", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "config", b"config", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "id", b"id", "last_sequence", b"last_sequence", "owner", b"owner", "progress", b"progress", "request_id", b"request_id", "result", b"result", "resume_count", b"resume_count", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested", b"cancel_requested", "config", b"config", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "error", b"error", "id", b"id", "labels", b"labels", "last_sequence", b"last_sequence", "lineage", b"lineage", "owner", b"owner", "progress", b"progress", "request_id", b"request_id", "result", b"result", "resume_count", b"resume_count", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class JobLineage(_message.Message):
+    """JobLineage names the adapter a job started from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_JOB_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_RESUMED_FIELD_NUMBER: _builtins.int
+    source_job_id: _builtins.str
+    """The job whose adapter it started from. Output only."""
+    source_checkpoint_step: _builtins.int
+    """The step of that job's checkpoint it started from; unset: that job's final adapter. Output only."""
+    optimizer_resumed: _builtins.bool
+    """True when it also continued that checkpoint's optimizer state (config.resume_optimizer). Output only."""
+    def __init__(
+        self,
+        *,
+        source_job_id: _builtins.str = ...,
+        source_checkpoint_step: _builtins.int | None = ...,
+        optimizer_resumed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_source_checkpoint_step", b"_source_checkpoint_step", "source_checkpoint_step", b"source_checkpoint_step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_source_checkpoint_step", b"_source_checkpoint_step", "optimizer_resumed", b"optimizer_resumed", "source_checkpoint_step", b"source_checkpoint_step", "source_job_id", b"source_job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__source_checkpoint_step: _TypeAlias = _typing.Literal["source_checkpoint_step"]  # noqa: Y015
+    _WhichOneofArgType__source_checkpoint_step: _TypeAlias = _typing.Literal["_source_checkpoint_step", b"_source_checkpoint_step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__source_checkpoint_step) -> _WhichOneofReturnType__source_checkpoint_step | None: ...
+
+Global___JobLineage: _TypeAlias = JobLineage  # noqa: Y015
 
 @_typing.final
 class JobError(_message.Message):
@@ -1689,9 +1785,30 @@ class TrainRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CONFIG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key, scoped to the caller's token: a second Train with the same request_id and config returns the
     same job (and streams its events) instead of creating another; with a different config it is ALREADY_EXISTS
@@ -1703,16 +1820,24 @@ class TrainRequest(_message.Message):
     def config(self) -> Global___TrainingConfig:
         """The training config."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels to find the job by (ListJobsRequest.labels): at most 32; each key 1 to 63 characters of lower-case
+        letters, digits, `_`, `-` and `.`, starting with a letter; each value 0 to 63 characters of letters, digits,
+        `_`, `-` and `.`. Anything else is INVALID_ARGUMENT naming `labels`.
+        """
+
     def __init__(
         self,
         *,
         config: Global___TrainingConfig | None = ...,
         request_id: _builtins.str = ...,
         display_name: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "display_name", b"display_name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "display_name", b"display_name", "labels", b"labels", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1852,9 +1977,30 @@ class ListJobsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Most jobs to return, 1..1000; 0 means 50."""
     page_token: _builtins.str
@@ -1863,16 +2009,23 @@ class ListJobsRequest(_message.Message):
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___JobState.ValueType]:
         """Only jobs in these states; empty: all states."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only jobs that have every one of these labels with these values; empty: no filter. Same bounds as
+        TrainRequest.labels.
+        """
+
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         states: _abc.Iterable[Global___JobState.ValueType] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1951,6 +2104,66 @@ class CancelJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
+
+@_typing.final
+class DeleteJobRequest(_message.Message):
+    """DeleteJobRequest names the job to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    DELETE_ARTIFACTS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job id; the job must have ended."""
+    delete_artifacts: _builtins.bool
+    """Delete the artifacts exported from the job too. Default false: they stay, and can still be downloaded."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        delete_artifacts: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_artifacts", b"delete_artifacts", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobRequest: _TypeAlias = DeleteJobRequest  # noqa: Y015
+
+@_typing.final
+class DeleteJobResponse(_message.Message):
+    """DeleteJobResponse says what the deletion freed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    FREED_BYTES_FIELD_NUMBER: _builtins.int
+    DELETED_ARTIFACT_IDS_FIELD_NUMBER: _builtins.int
+    freed_bytes: _builtins.int
+    """Disk space freed: the job's folder, and the artifacts deleted with it."""
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The deleted job, as it was."""
+
+    @_builtins.property
+    def deleted_artifact_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The artifacts deleted with it (with delete_artifacts)."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+        freed_bytes: _builtins.int = ...,
+        deleted_artifact_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_artifact_ids", b"deleted_artifact_ids", "freed_bytes", b"freed_bytes", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobResponse: _TypeAlias = DeleteJobResponse  # noqa: Y015
 
 @_typing.final
 class ExportRequest(_message.Message):
@@ -2158,6 +2371,7 @@ class Artifact(_message.Message):
     TOTAL_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     VLLM_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id, e.g. `art-...`. Output only."""
     job_id: _builtins.str
@@ -2170,6 +2384,10 @@ class Artifact(_message.Message):
     """The base model it applies to."""
     total_size_bytes: _builtins.int
     """Sum of the file sizes, in bytes."""
+    owner: _builtins.str
+    """Name of the token whose job it came from (empty without authentication); it stays when the job is deleted.
+    Output only.
+    """
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArtifactFile]:
         """Its files."""
@@ -2194,14 +2412,169 @@ class Artifact(_message.Message):
         total_size_bytes: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         vllm: Global___VllmCompatibility | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "vllm", b"vllm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "create_time", b"create_time", "files", b"files", "format", b"format", "id", b"id", "job_id", b"job_id", "step", b"step", "total_size_bytes", b"total_size_bytes", "vllm", b"vllm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "create_time", b"create_time", "files", b"files", "format", b"format", "id", b"id", "job_id", b"job_id", "owner", b"owner", "step", b"step", "total_size_bytes", b"total_size_bytes", "vllm", b"vllm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Artifact: _TypeAlias = Artifact  # noqa: Y015
+
+@_typing.final
+class ListArtifactsRequest(_message.Message):
+    """ListArtifactsRequest asks for a page of the caller's artifacts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Most artifacts to return, 1..1000; 0 means 50."""
+    page_token: _builtins.str
+    """The next_page_token of a previous response; empty for the first page."""
+    job_id: _builtins.str
+    """Only the artifacts exported from this job (which may have been deleted since); empty: every job's."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListArtifactsRequest: _TypeAlias = ListArtifactsRequest  # noqa: Y015
+
+@_typing.final
+class ListArtifactsResponse(_message.Message):
+    """ListArtifactsResponse is one page of artifacts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]:
+        """The artifacts, newest first."""
+
+    def __init__(
+        self,
+        *,
+        artifacts: _abc.Iterable[Global___Artifact] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListArtifactsResponse: _TypeAlias = ListArtifactsResponse  # noqa: Y015
+
+@_typing.final
+class GetArtifactRequest(_message.Message):
+    """GetArtifactRequest names an artifact."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    artifact_id: _builtins.str
+    """The artifact's id (`art-...`)."""
+    def __init__(
+        self,
+        *,
+        artifact_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetArtifactRequest: _TypeAlias = GetArtifactRequest  # noqa: Y015
+
+@_typing.final
+class GetArtifactResponse(_message.Message):
+    """GetArtifactResponse holds the artifact."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def artifact(self) -> Global___Artifact:
+        """The artifact."""
+
+    def __init__(
+        self,
+        *,
+        artifact: Global___Artifact | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetArtifactResponse: _TypeAlias = GetArtifactResponse  # noqa: Y015
+
+@_typing.final
+class DeleteArtifactRequest(_message.Message):
+    """DeleteArtifactRequest names the artifact to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    artifact_id: _builtins.str
+    """The artifact's id (`art-...`)."""
+    def __init__(
+        self,
+        *,
+        artifact_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteArtifactRequest: _TypeAlias = DeleteArtifactRequest  # noqa: Y015
+
+@_typing.final
+class DeleteArtifactResponse(_message.Message):
+    """DeleteArtifactResponse says what the deletion freed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_FIELD_NUMBER: _builtins.int
+    FREED_BYTES_FIELD_NUMBER: _builtins.int
+    freed_bytes: _builtins.int
+    """Disk space freed: its files and its export log."""
+    @_builtins.property
+    def artifact(self) -> Global___Artifact:
+        """The deleted artifact, as it was."""
+
+    def __init__(
+        self,
+        *,
+        artifact: Global___Artifact | None = ...,
+        freed_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "freed_bytes", b"freed_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteArtifactResponse: _TypeAlias = DeleteArtifactResponse  # noqa: Y015
 
 @_typing.final
 class ArtifactFile(_message.Message):

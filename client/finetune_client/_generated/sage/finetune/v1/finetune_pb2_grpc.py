@@ -71,6 +71,11 @@ class FineTuneServiceStub:
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/sage.finetune.v1.FineTuneService/DeleteJob',
+                request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.Export = channel.unary_stream(
                 '/sage.finetune.v1.FineTuneService/Export',
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportRequest.SerializeToString,
@@ -85,6 +90,21 @@ class FineTuneServiceStub:
                 '/sage.finetune.v1.FineTuneService/DownloadArtifact',
                 request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactResponse.FromString,
+                _registered_method=True)
+        self.ListArtifacts = channel.unary_unary(
+                '/sage.finetune.v1.FineTuneService/ListArtifacts',
+                request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListArtifactsRequest.SerializeToString,
+                response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListArtifactsResponse.FromString,
+                _registered_method=True)
+        self.GetArtifact = channel.unary_unary(
+                '/sage.finetune.v1.FineTuneService/GetArtifact',
+                request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GetArtifactRequest.SerializeToString,
+                response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GetArtifactResponse.FromString,
+                _registered_method=True)
+        self.DeleteArtifact = channel.unary_unary(
+                '/sage.finetune.v1.FineTuneService/DeleteArtifact',
+                request_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteArtifactRequest.SerializeToString,
+                response_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteArtifactResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/sage.finetune.v1.FineTuneService/Generate',
@@ -183,6 +203,15 @@ class FineTuneServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Deletes a job that has ended (SUCCEEDED, FAILED or CANCELLED): its folder (checkpoints, final adapter, logs,
+        report), its events and its record. A queued or running job, or one being exported, gives FAILED_PRECONDITION
+        naming why. The artifacts exported from it stay unless `delete_artifacts` is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Export(self, request, context):
         """Exports the adapter of a SUCCEEDED job (or one of its checkpoints) as an adapter folder or as merged weights.
         Streams progress and ends with the artifact. Exporting the same thing twice returns the stored artifact.
@@ -200,6 +229,28 @@ class FineTuneServiceServicer:
 
     def DownloadArtifact(self, request, context):
         """Streams the files of an artifact in chunks with offsets; resumable from an offset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListArtifacts(self, request, context):
+        """Lists the caller's artifacts, newest first, a page at a time (optionally those of one job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetArtifact(self, request, context):
+        """Returns one artifact.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteArtifact(self, request, context):
+        """Deletes an artifact: its files, its export log and its record. An artifact still being exported or downloaded
+        gives FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -298,6 +349,11 @@ def add_FineTuneServiceServicer_to_server(servicer, server):
                     request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.CancelJobRequest.FromString,
                     response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.CancelJobResponse.SerializeToString,
             ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteJobRequest.FromString,
+                    response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteJobResponse.SerializeToString,
+            ),
             'Export': grpc.unary_stream_rpc_method_handler(
                     servicer.Export,
                     request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ExportRequest.FromString,
@@ -312,6 +368,21 @@ def add_FineTuneServiceServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactResponse.SerializeToString,
+            ),
+            'ListArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListArtifacts,
+                    request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListArtifactsRequest.FromString,
+                    response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.ListArtifactsResponse.SerializeToString,
+            ),
+            'GetArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetArtifact,
+                    request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GetArtifactRequest.FromString,
+                    response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.GetArtifactResponse.SerializeToString,
+            ),
+            'DeleteArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteArtifact,
+                    request_deserializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteArtifactRequest.FromString,
+                    response_serializer=sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteArtifactResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -551,6 +622,33 @@ class FineTuneService:
             _registered_method=True)
 
     @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.finetune.v1.FineTuneService/DeleteJob',
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteJobRequest.SerializeToString,
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Export(request,
             target,
             options=(),
@@ -621,6 +719,87 @@ class FineTuneService:
             '/sage.finetune.v1.FineTuneService/DownloadArtifact',
             sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactRequest.SerializeToString,
             sage_dot_finetune_dot_v1_dot_finetune__pb2.DownloadArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.finetune.v1.FineTuneService/ListArtifacts',
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.ListArtifactsRequest.SerializeToString,
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.ListArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.finetune.v1.FineTuneService/GetArtifact',
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.GetArtifactRequest.SerializeToString,
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.GetArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sage.finetune.v1.FineTuneService/DeleteArtifact',
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteArtifactRequest.SerializeToString,
+            sage_dot_finetune_dot_v1_dot_finetune__pb2.DeleteArtifactResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,11 @@ class FineTuneServiceStub:
     """Lists jobs, newest first, a page at a time."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.CancelJobRequest, _finetune_pb2.CancelJobResponse]
     """Cancels a queued job at once, or asks a running job's worker to stop. A finished job gives FAILED_PRECONDITION."""
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.DeleteJobRequest, _finetune_pb2.DeleteJobResponse]
+    """Deletes a job that has ended (SUCCEEDED, FAILED or CANCELLED): its folder (checkpoints, final adapter, logs,
+    report), its events and its record. A queued or running job, or one being exported, gives FAILED_PRECONDITION
+    naming why. The artifacts exported from it stay unless `delete_artifacts` is set.
+    """
     Export: _grpc.UnaryStreamMultiCallable[_finetune_pb2.ExportRequest, _finetune_pb2.ExportResponse]
     """Exports the adapter of a SUCCEEDED job (or one of its checkpoints) as an adapter folder or as merged weights.
     Streams progress and ends with the artifact. Exporting the same thing twice returns the stored artifact.
@@ -79,6 +84,14 @@ class FineTuneServiceStub:
     """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step."""
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
+    ListArtifacts: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.ListArtifactsRequest, _finetune_pb2.ListArtifactsResponse]
+    """Lists the caller's artifacts, newest first, a page at a time (optionally those of one job)."""
+    GetArtifact: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.GetArtifactRequest, _finetune_pb2.GetArtifactResponse]
+    """Returns one artifact."""
+    DeleteArtifact: _grpc.UnaryUnaryMultiCallable[_finetune_pb2.DeleteArtifactRequest, _finetune_pb2.DeleteArtifactResponse]
+    """Deletes an artifact: its files, its export log and its record. An artifact still being exported or downloaded
+    gives FAILED_PRECONDITION.
+    """
     Generate: _grpc.UnaryStreamMultiCallable[_finetune_pb2.GenerateRequest, _finetune_pb2.GenerateResponse]
     """Answers a chat with the base model, a job's final adapter or one of its checkpoints, or an exported artifact,
     streaming the text as it is produced and ending with a message that says why generation ended. The prompt is
@@ -132,6 +145,11 @@ class FineTuneServiceAsyncStub(FineTuneServiceStub):
     """Lists jobs, newest first, a page at a time."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_finetune_pb2.CancelJobRequest, _finetune_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Cancels a queued job at once, or asks a running job's worker to stop. A finished job gives FAILED_PRECONDITION."""
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_finetune_pb2.DeleteJobRequest, _finetune_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """Deletes a job that has ended (SUCCEEDED, FAILED or CANCELLED): its folder (checkpoints, final adapter, logs,
+    report), its events and its record. A queued or running job, or one being exported, gives FAILED_PRECONDITION
+    naming why. The artifacts exported from it stay unless `delete_artifacts` is set.
+    """
     Export: _aio.UnaryStreamMultiCallable[_finetune_pb2.ExportRequest, _finetune_pb2.ExportResponse]  # type: ignore[assignment]
     """Exports the adapter of a SUCCEEDED job (or one of its checkpoints) as an adapter folder or as merged weights.
     Streams progress and ends with the artifact. Exporting the same thing twice returns the stored artifact.
@@ -140,6 +158,14 @@ class FineTuneServiceAsyncStub(FineTuneServiceStub):
     """Lists a job's complete checkpoints, oldest first, with their size and the evaluation at their step."""
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_finetune_pb2.DownloadArtifactRequest, _finetune_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
     """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
+    ListArtifacts: _aio.UnaryUnaryMultiCallable[_finetune_pb2.ListArtifactsRequest, _finetune_pb2.ListArtifactsResponse]  # type: ignore[assignment]
+    """Lists the caller's artifacts, newest first, a page at a time (optionally those of one job)."""
+    GetArtifact: _aio.UnaryUnaryMultiCallable[_finetune_pb2.GetArtifactRequest, _finetune_pb2.GetArtifactResponse]  # type: ignore[assignment]
+    """Returns one artifact."""
+    DeleteArtifact: _aio.UnaryUnaryMultiCallable[_finetune_pb2.DeleteArtifactRequest, _finetune_pb2.DeleteArtifactResponse]  # type: ignore[assignment]
+    """Deletes an artifact: its files, its export log and its record. An artifact still being exported or downloaded
+    gives FAILED_PRECONDITION.
+    """
     Generate: _aio.UnaryStreamMultiCallable[_finetune_pb2.GenerateRequest, _finetune_pb2.GenerateResponse]  # type: ignore[assignment]
     """Answers a chat with the base model, a job's final adapter or one of its checkpoints, or an exported artifact,
     streaming the text as it is produced and ending with a message that says why generation ended. The prompt is
@@ -234,6 +260,17 @@ class FineTuneServiceServicer(metaclass=_abc_1.ABCMeta):
         """Cancels a queued job at once, or asks a running job's worker to stop. A finished job gives FAILED_PRECONDITION."""
 
     @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _finetune_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.DeleteJobResponse, _abc.Awaitable[_finetune_pb2.DeleteJobResponse]]:
+        """Deletes a job that has ended (SUCCEEDED, FAILED or CANCELLED): its folder (checkpoints, final adapter, logs,
+        report), its events and its record. A queued or running job, or one being exported, gives FAILED_PRECONDITION
+        naming why. The artifacts exported from it stay unless `delete_artifacts` is set.
+        """
+
+    @_abc_1.abstractmethod
     def Export(
         self,
         request: _finetune_pb2.ExportRequest,
@@ -258,6 +295,32 @@ class FineTuneServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_finetune_pb2.DownloadArtifactResponse], _abc.AsyncIterator[_finetune_pb2.DownloadArtifactResponse]]:
         """Streams the files of an artifact in chunks with offsets; resumable from an offset."""
+
+    @_abc_1.abstractmethod
+    def ListArtifacts(
+        self,
+        request: _finetune_pb2.ListArtifactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.ListArtifactsResponse, _abc.Awaitable[_finetune_pb2.ListArtifactsResponse]]:
+        """Lists the caller's artifacts, newest first, a page at a time (optionally those of one job)."""
+
+    @_abc_1.abstractmethod
+    def GetArtifact(
+        self,
+        request: _finetune_pb2.GetArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.GetArtifactResponse, _abc.Awaitable[_finetune_pb2.GetArtifactResponse]]:
+        """Returns one artifact."""
+
+    @_abc_1.abstractmethod
+    def DeleteArtifact(
+        self,
+        request: _finetune_pb2.DeleteArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_finetune_pb2.DeleteArtifactResponse, _abc.Awaitable[_finetune_pb2.DeleteArtifactResponse]]:
+        """Deletes an artifact: its files, its export log and its record. An artifact still being exported or downloaded
+        gives FAILED_PRECONDITION.
+        """
 
     @_abc_1.abstractmethod
     def Generate(
