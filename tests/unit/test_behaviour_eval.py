@@ -47,7 +47,9 @@ def test_greedy_answers_equal_plain_transformers_generate(tiny_model_dir: Path) 
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
     for probe, answer in zip(probes, ours, strict=True):
         messages = [{"role": "user", "content": probe.prompt}]
-        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.no_grad():
             output = model.generate(
                 **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.0, eos_token_id=eos
@@ -129,3 +131,16 @@ def test_a_memorised_fact_is_an_exact_match_and_probes_show_before_and_after(
     assert losses == [e.loss for e in plain_events if isinstance(e, ProgressEvent)]
     assert [e.step for e in plain_events if isinstance(e, EvalEvent)] == [30, 60], "no baseline without probes"
     assert plain.probes == [] and "final_exact_match" not in plain.metrics
+
+
+def test_probes_survive_the_contract_and_the_job_record() -> None:
+    from finetune_client import config_from_dict
+    from finetune_server.api.convert import config_from_proto, config_to_proto
+
+    message = config_from_dict(
+        {"model_name": "m", "dataset": "d", "eval_probes": [{"prompt": "Hi?", "expected": "Hello."}, {"prompt": "x"}]}
+    )
+    config = config_from_proto(message)
+    assert config.eval_probes == [EvalProbe("Hi?", "Hello."), EvalProbe("x")]
+    stored = TrainingConfig.from_dict(json.loads(json.dumps(config.to_dict())))  # as a job record keeps it
+    assert stored == config and config_to_proto(stored).eval_probes == message.eval_probes
