@@ -21,6 +21,9 @@ Choices worth knowing:
 - Several processes (torchrun): every optimizer step consumes one window of `grad_accum * world_size` planned
   micro-batches and rank r trains its r-th share, so N processes follow the same trajectory as one process with N
   times the accumulation. Only rank 0 reports and writes.
+- With eval_probes or eval_generate_examples, an evaluation before the first step is the baseline the answers are
+  compared with (never best, never counted by early stopping). Rank 0 generates, in eval mode and drawing no random
+  numbers, so a job trains exactly as it would without them (`behaviour.py`).
 """
 
 from __future__ import annotations
