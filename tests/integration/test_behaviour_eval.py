@@ -86,7 +86,7 @@ def test_probes_and_held_out_answers_arrive_as_eval_events_and_land_in_the_resul
     assert len(stored.config.eval_probes) == 2 and stored.config.eval_max_new_tokens == 16
 
 
-def test_jobs_show_prints_the_probe_table(server: RunningServer, probed: TrainResult) -> None:
+def test_jobs_show_prints_the_probe_table_and_watch_the_evaluations(server: RunningServer, probed: TrainResult) -> None:
     shown = cli(server.address, "jobs", "show", probed.job_id)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     out = shown.stdout
@@ -95,6 +95,11 @@ def test_jobs_show_prints_the_probe_table(server: RunningServer, probed: TrainRe
     assert "probes answered exactly: 0/1 before, 1/1 after training" in out
     assert "Zorvath uses H254." in out and "✓" in out and "✗" in out
     assert "capital of France" in out
+    watched = cli(server.address, "watch", probed.job_id)  # the eval lines of the stored events
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    lines = " ".join(watched.stdout.split())  # as wrapped for COLUMNS=100
+    assert "eval before training: loss" in lines and "exact match 0%, token accuracy 0%, probes 0/1 exact" in lines
+    assert "eval at step 60: loss" in lines and "exact match 100%, token accuracy 100%, probes 1/1 exact" in lines
 
 
 def _refused(server: RunningServer, config: dict[str, Any]) -> dict[str, str]:

@@ -5,6 +5,7 @@ exact match, without changing what the job trains."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +65,18 @@ def test_greedy_answers_equal_plain_transformers_generate(tiny_model_dir: Path) 
 
 
 def _config(dataset: Path, **extra: Any) -> TrainingConfig:
-    config, _ = resolve(
-        TrainingConfig(
-            model_name="tiny",
-            dataset=str(dataset),
-            max_steps=60,
-            learning_rate=1e-2,
-            lr_scheduler_type="constant",
-            warmup_ratio=0.0,
-            per_device_train_batch_size=2,
-            max_length=64,
-            save_steps=0,
-            eval_steps=30,
-            lora=LoraSettings(r=16, alpha=32, dropout=0.1),
-            **extra,
-        )
-    )
+    values: dict[str, Any] = {
+        "max_steps": 60,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "warmup_ratio": 0.0,
+        "per_device_train_batch_size": 2,
+        "max_length": 64,
+        "save_steps": 0,
+        "eval_steps": 30,
+        "lora": LoraSettings(r=16, alpha=32, dropout=0.1),
+    }
+    config, _ = resolve(TrainingConfig(model_name="tiny", dataset=str(dataset), **{**values, **extra}))
     return config
 
 
@@ -144,3 +141,17 @@ def test_probes_survive_the_contract_and_the_job_record() -> None:
     assert config.eval_probes == [EvalProbe("Hi?", "Hello."), EvalProbe("x")]
     stored = TrainingConfig.from_dict(json.loads(json.dumps(config.to_dict())))  # as a job record keeps it
     assert stored == config and config_to_proto(stored).eval_probes == message.eval_probes
+
+
+def test_probes_are_answered_without_eval_data(tmp_path: Path, tiny_model_dir: Path) -> None:
+    dataset = tmp_path / "facts.jsonl"
+    dataset.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS))
+    config = _config(dataset, max_steps=2, eval_steps=1, eval_probes=[EvalProbe(UNTRAINED)], eval_max_new_tokens=4)
+    events: list[Event] = []
+    outcome = run_training(
+        config, model_ref=tiny_model_dir, dataset_path=dataset, output_dir=tmp_path / "out", on_event=events.append
+    )
+    evals = [e for e in events if isinstance(e, EvalEvent)]
+    assert [e.step for e in evals] == [0, 1, 2] and all(len(e.probes) == 1 for e in evals)
+    assert all(math.isnan(e.eval_loss) and math.isnan(e.perplexity) and not e.is_best for e in evals)
+    assert outcome.final_eval_loss is None and [p.prompt for p in outcome.probes] == [UNTRAINED]

@@ -174,7 +174,8 @@ def report_end(console: Console, job: pb.Job, *, server_flag: str = "") -> int:
 
 
 def eval_text(e: pb.EvalResult) -> str:
-    """`eval at step 20: loss 0.1234, perplexity 1.13, exact match 75%, probes 3/4 exact` (parts it has)."""
+    """`eval at step 20: loss 0.1234, perplexity 1.13, exact match 75%, token accuracy 90%, probes 3/4 exact`
+    (the parts it has: no loss without an eval set; probes without expected answers are only counted)."""
     parts = []
     if math.isfinite(e.eval_loss):
         parts.append(f"loss {e.eval_loss:.4f}, perplexity {e.perplexity:.2f}")
@@ -182,8 +183,8 @@ def eval_text(e: pb.EvalResult) -> str:
         parts.append(f"exact match {e.metrics['exact_match']:.0%}, token accuracy {e.metrics['token_accuracy']:.0%}")
     if e.probes:
         scored = [p for p in e.probes if p.expected]
-        exact = f" ({sum(p.exact_match for p in scored)}/{len(scored)} exact)" if scored else ""
-        parts.append(f"{len(e.probes)} probes answered{exact}")
+        exact = sum(p.exact_match for p in scored)
+        parts.append(f"probes {exact}/{len(scored)} exact" if scored else f"{len(e.probes)} probes answered")
     when = "before training" if e.step == 0 else f"at step {e.step}"
     best = " [green](best so far)[/]" if e.is_best else ""
     return f"eval {when}: {', '.join(parts)}{best}"
