@@ -60,6 +60,7 @@ from finetune_server.training.engine.behaviour import (
     BehaviourCheck,
     ProbeAnswer,
     ProbeComparison,
+    StopTokens,
     compare_probes,
     held_out_examples,
     stop_tokens,
@@ -527,12 +528,13 @@ class LoRARecipe:
                 f"eval_generate_examples is {config.eval_generate_examples} but the eval set has {len(held_out)} "
                 "examples with a prompt to answer: generating on those",
             )
+        generates = bool(config.eval_probes or held_out)  # reading the stop ids reads the tokenizer again
         return BehaviourCheck(
             probes=list(config.eval_probes),
             held_out=held_out,
             tokenizer=self.tokens.tokenizer,
             template=self.tokens.template,
-            stop=stop_tokens(self.model_dir, self.tokens.template),
+            stop=stop_tokens(self.model_dir, self.tokens.template) if generates else StopTokens([], None),
             max_new_tokens=int(config.eval_max_new_tokens or 64),
         )
 
