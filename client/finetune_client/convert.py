@@ -19,6 +19,7 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client.interface import (
     ExportResult,
     FieldViolation,
+    ProbeComparison,
     ProgressUpdate,
     TrainResult,
     ValidationResult,
@@ -379,6 +380,19 @@ def train_result_from_job(job: pb.Job) -> TrainResult:
         metrics=metrics,
         adapter_location=result.adapter_location,
         error=error,
+        probes=[probe_comparison_from_proto(p) for p in result.probes],
+    )
+
+
+def probe_comparison_from_proto(probe: pb.ProbeComparison) -> ProbeComparison:
+    return ProbeComparison(
+        index=probe.index,
+        prompt=probe.prompt,
+        before=probe.before,
+        after=probe.after,
+        expected=probe.expected,
+        before_exact_match=probe.before_exact_match,
+        after_exact_match=probe.after_exact_match,
     )
 
 

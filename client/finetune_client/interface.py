@@ -19,6 +19,7 @@ __all__ = [
     "ExportResult",
     "FieldViolation",
     "IFineTuneService",
+    "ProbeComparison",
     "ProgressCallback",
     "ProgressUpdate",
     "TrainResult",
@@ -116,6 +117,19 @@ class ProgressUpdate(_DictLike):
 
 
 @dataclass(frozen=True, eq=True)
+class ProbeComparison(_DictLike):
+    """One of the config's eval_probes: its answer before training and the final adapter's."""
+
+    index: int
+    prompt: str
+    before: str
+    after: str
+    expected: str = ""  # empty: the probe has no expected answer
+    before_exact_match: bool = False
+    after_exact_match: bool = False
+
+
+@dataclass(frozen=True, eq=True)
 class TrainResult(_DictLike):
     """How a training job ended. A job that failed or was cancelled is `success=False` with `error` set."""
 
@@ -128,6 +142,9 @@ class TrainResult(_DictLike):
     metrics: dict[str, float] = field(default_factory=dict)
     adapter_location: str = ""
     error: str | None = None
+    # eval_probes answered before and after training; with eval_generate_examples, `metrics` has final_exact_match
+    # and final_token_accuracy.
+    probes: list[ProbeComparison] = field(default_factory=list)
 
 
 @dataclass(frozen=True, eq=True)

@@ -47,7 +47,10 @@ def _value(field: FieldDescriptor) -> st.SearchStrategy[object]:
 def messages(draw: st.DrawFn, cls: type) -> object:
     message = cls()
     for field in cls.DESCRIPTOR.fields:
-        if field.message_type is not None:
+        if field.message_type is not None and field.is_repeated:  # eval_probes
+            item = getattr(pb, field.message_type.name)
+            getattr(message, field.name).extend(draw(st.lists(messages(item), max_size=3)))
+        elif field.message_type is not None:
             if draw(st.booleans()):
                 getattr(message, field.name).CopyFrom(draw(messages(pb.LoraConfig)))
         elif field.is_repeated:

@@ -71,6 +71,9 @@ FULL_CONFIG: dict[str, Any] = {
     "init_from_job": "job-0123456789abcdef",
     "init_from_checkpoint": 200,
     "resume_optimizer": True,
+    "eval_generate_examples": 8,
+    "eval_probes": [{"prompt": "What is the capital of France?", "expected": "Paris."}, {"prompt": "Hello?"}],
+    "eval_max_new_tokens": 32,
 }
 
 

@@ -63,7 +63,11 @@ def _run(
             for e in events
             if isinstance(e, ProgressEvent)
         ]
-        evals = [{"step": e.step, "eval_loss": e.eval_loss} for e in events if isinstance(e, EvalEvent)]
+        evals = [
+            {"step": e.step, "eval_loss": e.eval_loss, "metrics": e.metrics, "probes": [p.answer for p in e.probes]}
+            for e in events
+            if isinstance(e, EvalEvent)
+        ]
         logs = [e.message for e in events if isinstance(e, LogEvent)]
         Path(events_file).write_text(json.dumps({"progress": rows, "evals": evals, "logs": logs}))
 
@@ -175,17 +179,27 @@ def test_eval_with_an_empty_slice_on_one_rank_and_each_ranks_own_generators(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     """One eval batch for two ranks: rank 1 evaluates nothing. Through the DDP wrapper, rank 0's forward would enter
-    a buffer broadcast that rank 1 never joins (a hang under NCCL, a mismatched collective under gloo)."""
+    a buffer broadcast that rank 1 never joins (a hang under NCCL, a mismatched collective under gloo). Probes and
+    held-out generation run on rank 0 alone (through the bare model too) while rank 1 waits for it."""
     dataset = _facts(tmp_path / "facts.jsonl")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     # 16 x 0.125 = 2 eval examples = 1 batch of 2; dropout makes each rank's generator move its own way.
-    overrides = {**COMMON, "eval_split": 0.125, "gradient_accumulation_steps": 1, "lora": {"r": 8, "dropout": 0.1}}
+    overrides = {
+        **COMMON,
+        "eval_split": 0.125,
+        "gradient_accumulation_steps": 1,
+        "lora": {"r": 8, "dropout": 0.1},
+        "eval_probes": [{"prompt": "Name of planet 3?"}],
+        "eval_generate_examples": 2,
+        "eval_max_new_tokens": 4,
+    }
     outcome = tmp_path / "two.json"
     args = [str(Path(__file__).resolve()), str(tiny_model_dir), str(dataset), str(tmp_path / "two")]
     finished = _torchrun([*args, json.dumps(overrides), str(outcome)], env, timeout=240)
     assert finished.returncode == 0, finished.stderr[-3000:]
     evals = json.loads(outcome.read_text())["evals"]
-    assert [e["step"] for e in evals] == [2, 4] and all(math.isfinite(e["eval_loss"]) for e in evals)
+    assert [e["step"] for e in evals] == [0, 2, 4] and all(math.isfinite(e["eval_loss"]) for e in evals)
+    assert all(len(e["probes"]) == 1 and set(e["metrics"]) == {"exact_match", "token_accuracy"} for e in evals)
     rng = torch.load(tmp_path / "two" / "checkpoints" / "step-00000002" / "rng.pt", weights_only=True)
     assert len(rng["ranks"]) == 2  # each rank's own, not rank 0's for all
     assert not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])

@@ -211,6 +211,8 @@ def test_tensorboard_sink_writes_train_and_eval_scalars_by_step(tmp_path: Path) 
     for step in (1, 2, 3):
         sink(event_message(progress_event(step, loss=3.0 - step / 2)))
     sink(event_message(EvalEvent(step=2, eval_loss=2.25, perplexity=math.exp(2.25), is_best=True)))
+    metrics = {"exact_match": 0.5, "token_accuracy": 0.75}  # held-out generation; a probes-only eval has no loss
+    sink(event_message(EvalEvent(step=3, eval_loss=math.nan, perplexity=math.nan, is_best=False, metrics=metrics)))
     sink(
         event_message(CheckpointEvent(step=2, path="checkpoints/step-00000002", size_bytes=10))
     )  # not a scalar: ignored
@@ -223,13 +225,16 @@ def test_tensorboard_sink_writes_train_and_eval_scalars_by_step(tmp_path: Path) 
         "train/grad_norm",
         "train/tokens_per_second",
         "eval/loss",
+        "eval/exact_match",
+        "eval/token_accuracy",
     }
     assert scalars["train/loss"] == [(1, 2.5), (2, 2.0), (3, 1.5)]
     assert [s for s, _ in scalars["train/learning_rate"]] == [1, 2, 3]
     assert [v for _, v in scalars["train/learning_rate"]] == pytest.approx([1e-3, 5e-4, 1e-3 / 3])
     assert scalars["train/grad_norm"] == [(1, 0.5), (2, 1.0), (3, 1.5)]
     assert scalars["train/tokens_per_second"] == [(1, 100.0), (2, 200.0), (3, 300.0)]
-    assert scalars["eval/loss"] == [(2, 2.25)]
+    assert scalars["eval/loss"] == [(2, 2.25)]  # no NaN point at 3
+    assert scalars["eval/exact_match"] == [(3, 0.5)] and scalars["eval/token_accuracy"] == [(3, 0.75)]
     sink.close()
     sink(event_message(progress_event(4, loss=1.0)))  # after close: ignored, no error
     assert read_scalars(tmp_path / "tb")["train/loss"][-1] == (3, 1.5)

@@ -19,7 +19,7 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_server.errors import ErrorKind, FinetuneError
 from finetune_server.export.formats import ExportFormat
 from finetune_server.storage.records import JobEventRecord, JobRecord
-from finetune_server.training.config import LoraSettings, TrainingConfig
+from finetune_server.training.config import EvalProbe, LoraSettings, TrainingConfig
 from finetune_server.training.validation import ValidationReport
 
 M = TypeVar("M", bound=Message)
@@ -114,6 +114,8 @@ def config_from_proto(message: pb.TrainingConfig) -> TrainingConfig:
             descriptor = msg.DESCRIPTOR.fields_by_name[f.name]
             if descriptor.has_presence and not msg.HasField(f.name):
                 values[f.name] = None
+            elif descriptor.is_repeated and descriptor.message_type is not None:  # eval_probes
+                values[f.name] = [EvalProbe(prompt=p.prompt, expected=p.expected) for p in getattr(msg, f.name)]
             elif descriptor.is_repeated:
                 values[f.name] = list(getattr(msg, f.name))
             else:

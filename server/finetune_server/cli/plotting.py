@@ -6,6 +6,7 @@ so the CLI needs no plotting library.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def loss_points(service: GrpcFineTuneService, job: pb.Job) -> tuple[Points, Poin
             kind = event.WhichOneof("kind")
             if kind == "progress":
                 train[float(event.progress.step)] = event.progress.loss
-            elif kind == "eval":
+            elif kind == "eval" and math.isfinite(event.eval.eval_loss):  # NaN: an evaluation of probes only
                 evals[float(event.eval.step)] = event.eval.eval_loss
             if event.sequence >= job.last_sequence:
                 break

@@ -7,6 +7,7 @@ in place; in a pipe or a log file the events are printed as lines and the bar on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from datetime import UTC
 from types import TracebackType
@@ -70,9 +71,7 @@ class JobDisplay:
         elif kind == "state_change":
             self._show_state(event)
         elif kind == "eval":
-            e = event.eval
-            best = " [green](best so far)[/]" if e.is_best else ""
-            self._say(event, f"eval at step {e.step}: loss {e.eval_loss:.4f}, perplexity {e.perplexity:.2f}{best}")
+            self._say(event, eval_text(event.eval))
         elif kind == "checkpoint":
             c = event.checkpoint
             self._say(event, f"[dim]checkpoint at step {c.step} ({format_bytes(c.size_bytes)})[/]")
@@ -172,3 +171,20 @@ def report_end(console: Console, job: pb.Job, *, server_flag: str = "") -> int:
         soft_wrap=True,
     )
     return EXIT_FAILED
+
+
+def eval_text(e: pb.EvalResult) -> str:
+    """`eval at step 20: loss 0.1234, perplexity 1.13, exact match 75%, token accuracy 90%, probes 3/4 exact`
+    (the parts it has: no loss without an eval set; probes without expected answers are only counted)."""
+    parts = []
+    if math.isfinite(e.eval_loss):
+        parts.append(f"loss {e.eval_loss:.4f}, perplexity {e.perplexity:.2f}")
+    if "exact_match" in e.metrics:
+        parts.append(f"exact match {e.metrics['exact_match']:.0%}, token accuracy {e.metrics['token_accuracy']:.0%}")
+    if e.probes:
+        scored = [p for p in e.probes if p.expected]
+        exact = sum(p.exact_match for p in scored)
+        parts.append(f"probes {exact}/{len(scored)} exact" if scored else f"{len(e.probes)} probes answered")
+    when = "before training" if e.step == 0 else f"at step {e.step}"
+    best = " [green](best so far)[/]" if e.is_best else ""
+    return f"eval {when}: {', '.join(parts)}{best}"

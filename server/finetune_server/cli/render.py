@@ -238,6 +238,14 @@ def render_job(console: Console, job: pb.Job) -> None:
             f"{format_duration(r.train_runtime.ToTimedelta().total_seconds())}"
         )
         rows.append(("result", text))
+        if "final_exact_match" in r.metrics:
+            rows.append(
+                (
+                    "held-out",
+                    f"exact match {r.metrics['final_exact_match']:.0%}, "
+                    f"token accuracy {r.metrics.get('final_token_accuracy', 0.0):.0%}",
+                )
+            )
         rows.append(("adapter", escape(r.adapter_location)))
     if job.HasField("error"):
         rows.append(("error", f"[red]{escape(error_text(job.error))}[/]"))
@@ -247,6 +255,43 @@ def render_job(console: Console, job: pb.Job) -> None:
     for label, value in rows:
         grid.add_row(label, value)
     console.print(grid)
+    if job.HasField("result") and job.result.probes:
+        render_probes(console, job.result.probes)
+
+
+PROBE_TEXT_CHARS = 60  # longer answers are cut in the table (`--json` has them whole)
+
+
+def render_probes(console: Console, probes: Sequence[pb.ProbeComparison]) -> None:
+    """The eval_probes before and after training, marked ✓/✗ against their expected answers when they have one."""
+    with_expected = any(p.expected for p in probes)
+    table = Table(title="Probes: greedy answers before and after training", title_justify="left")
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("prompt")
+    if with_expected:
+        table.add_column("expected")
+    table.add_column("before training")
+    table.add_column("after training")
+    for probe in probes:
+        cells = [str(probe.index), escape(_one_line(probe.prompt))]
+        if with_expected:
+            cells.append(escape(_one_line(probe.expected)))
+        for answer, exact in ((probe.before, probe.before_exact_match), (probe.after, probe.after_exact_match)):
+            mark = ("[green]✓[/] " if exact else "[red]✗[/] ") if probe.expected else ""
+            cells.append(mark + (escape(_one_line(answer)) or "[dim](nothing)[/]"))
+        table.add_row(*cells)
+    console.print(table)
+    if with_expected:
+        scored = [p for p in probes if p.expected]
+        before = sum(p.before_exact_match for p in scored)
+        after = sum(p.after_exact_match for p in scored)
+        console.print(f"probes answered exactly: {before}/{len(scored)} before, {after}/{len(scored)} after training")
+
+
+def _one_line(text: str) -> str:
+    """Whitespace runs as one space (a newline as ⏎), cut to PROBE_TEXT_CHARS."""
+    flat = " ⏎ ".join(" ".join(line.split()) for line in text.strip().splitlines())
+    return flat if len(flat) <= PROBE_TEXT_CHARS else flat[: PROBE_TEXT_CHARS - 1] + "…"
 
 
 def lineage_text(lineage: pb.JobLineage) -> str:

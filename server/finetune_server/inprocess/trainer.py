@@ -12,6 +12,7 @@ Each job gets its folder from `storage.layout` (`work_dir/jobs/<job_id>`); calli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import uuid
@@ -33,6 +34,7 @@ from finetune_client.convert import (
 from finetune_client.interface import (
     ExportResult,
     IFineTuneService,
+    ProbeComparison,
     ProgressCallback,
     ProgressUpdate,
     TrainResult,
@@ -144,6 +146,7 @@ class LoRATrainer(IFineTuneService):
             steps=outcome.steps,
             metrics=dict(outcome.metrics),
             adapter_location=str(outcome.adapter_dir),
+            probes=[ProbeComparison(**dataclasses.asdict(p)) for p in outcome.probes],
         )
 
     def cancel(self) -> None:

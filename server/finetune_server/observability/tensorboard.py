@@ -7,6 +7,7 @@ fails the job, whose real record is the job store.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,8 +65,12 @@ class TensorBoardSink:
         if self._writer is None or tags is None:
             return
         try:
-            for tag, key in tags.items():
-                self._writer.add_scalar(tag, float(event.data[key]), int(event.data["step"]))
+            scalars = {tag: float(event.data[key]) for tag, key in tags.items()}
+            if event.kind == "eval":  # held-out generation's exact_match and token_accuracy
+                scalars.update({f"eval/{name}": float(v) for name, v in (event.data.get("metrics") or {}).items()})
+            for tag, value in scalars.items():
+                if math.isfinite(value):  # an evaluation of probes only has no loss (NaN)
+                    self._writer.add_scalar(tag, value, int(event.data["step"]))
             self._writer.flush()  # progress events are seconds apart: a live TensorBoard sees each one
         except Exception as exc:  # never fail training over a side channel
             log.warning("tensorboard.disabled", log_dir=str(self.log_dir), error=str(exc))

@@ -26,6 +26,22 @@ class LoraSettings:
 
 
 @dataclass
+class EvalProbe:
+    """A prompt every evaluation answers (a user message), and optionally the answer expected."""
+
+    prompt: str = ""
+    expected: str = ""
+
+
+# Bounds of behaviour evaluation (validation enforces them): generation at every evaluation must stay a small part
+# of a job's time, and the answers must fit in an event.
+MAX_EVAL_PROBES = 32
+MAX_EVAL_GENERATE_EXAMPLES = 64
+MAX_EVAL_NEW_TOKENS = 512
+MAX_PROBE_CHARS = 4096
+
+
+@dataclass
 class TrainingConfig:
     model_name: str = ""
     dataset: str = ""
@@ -74,6 +90,11 @@ class TrainingConfig:
     init_from_job: str = ""
     init_from_checkpoint: int | None = None
     resume_optimizer: bool | None = None
+    # Behaviour evaluation (`training/engine/behaviour.py`): held-out examples answered greedily at each evaluation,
+    # probe prompts answered before training and at each evaluation, and the most tokens of one such answer.
+    eval_generate_examples: int | None = None
+    eval_probes: list[EvalProbe] = field(default_factory=list)
+    eval_max_new_tokens: int | None = None
 
     def source_options(self, field: str = "dataset") -> dict[str, str]:
         """The subset, split and revision of `dataset` or `eval_dataset`, as DatasetSource takes them."""
@@ -87,7 +108,8 @@ class TrainingConfig:
         """Inverse of to_dict (used for persistence and the worker hand-off; input is our own output)."""
         values = dict(data)
         lora = LoraSettings(**values.pop("lora", {}) or {})
-        return cls(**values, lora=lora)
+        probes = [EvalProbe(**probe) for probe in values.pop("eval_probes", None) or []]
+        return cls(**values, lora=lora, eval_probes=probes)
 
 
 # Server defaults for every optional field; `None` for lora.alpha means "2 * r", resolved below.
@@ -121,6 +143,8 @@ DEFAULTS: dict[str, Any] = {
     "allow_fallback_chat_template": True,
     "skip_invalid_rows": False,
     "resume_optimizer": False,
+    "eval_generate_examples": 0,
+    "eval_max_new_tokens": 64,
     "lora.r": 16,
     "lora.dropout": 0.05,
     "lora.use_dora": False,
@@ -151,6 +175,7 @@ def resolve(config: TrainingConfig, preset_values: dict[str, Any] | None = None)
     resolved = dataclasses.replace(config, lora=dataclasses.replace(config.lora))
     resolved.lora.target_modules = list(config.lora.target_modules)
     resolved.lora.modules_to_save = list(config.lora.modules_to_save)
+    resolved.eval_probes = [dataclasses.replace(probe) for probe in config.eval_probes]
     filled: list[str] = []
     for path, value in (preset_values or {}).items():
         current = get_path(resolved, path)

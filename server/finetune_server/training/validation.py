@@ -26,16 +26,22 @@ from finetune_server.training import continuation
 from finetune_server.training.config import (
     DATA_FORMATS,
     LR_SCHEDULERS,
+    MAX_EVAL_GENERATE_EXAMPLES,
+    MAX_EVAL_NEW_TOKENS,
+    MAX_EVAL_PROBES,
+    MAX_PROBE_CHARS,
     OPTIMIZERS,
     TrainingConfig,
     resolve,
 )
 from finetune_server.training.data import (
     DatasetReport,
+    Message,
     TemplateError,
     TextTokenizer,
     check_dataset,
     choose_chat_template,
+    encode_prompt,
     load_tokenizer,
     render,
 )
@@ -166,14 +172,82 @@ def _check_ranges(c: TrainingConfig, out: _Collector) -> None:
             "EVAL_DATA_REQUIRED",
             "early stopping needs evaluation data: set eval_split or eval_dataset",
         )
-    if (c.eval_steps or 0) > 0 and not has_eval:
+    if (c.eval_steps or 0) > 0 and not has_eval and not c.eval_probes:
         out.warn("eval_steps", "NO_EVAL_DATA", "eval_steps is set but there is no eval_split or eval_dataset")
+    _check_behaviour_eval(c, has_eval, out)
     lora = c.lora
     need(1 <= (lora.r or 0) <= 1024, "lora.r", f"must be between 1 and 1024, got {lora.r}")
     need((lora.alpha or 0) > 0, "lora.alpha", f"must be > 0, got {lora.alpha}")
     need(0 <= (lora.dropout or 0) < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
     for i, name in enumerate(lora.target_modules):
         need(bool(name.strip()), f"lora.target_modules[{i}]", "must not be empty", "INVALID_VALUE")
+
+
+def _check_behaviour_eval(c: TrainingConfig, has_eval: bool, out: _Collector) -> None:
+    """The bounds of held-out generation and probes: what each evaluation generates stays small and fits an event."""
+    examples = c.eval_generate_examples or 0
+    if not 0 <= examples <= MAX_EVAL_GENERATE_EXAMPLES:
+        out.violation(
+            "eval_generate_examples",
+            "OUT_OF_RANGE",
+            f"must be between 0 (off) and {MAX_EVAL_GENERATE_EXAMPLES}, got {examples}",
+        )
+    elif examples and not has_eval:
+        out.violation(
+            "eval_generate_examples",
+            "EVAL_DATA_REQUIRED",
+            "generating on held-out examples needs evaluation data: set eval_split or eval_dataset",
+        )
+    elif examples and c.train_on_prompt:
+        out.violation(
+            "eval_generate_examples",
+            "NEEDS_ANSWER_ONLY_LOSS",
+            "with train_on_prompt the prompt is trained too, so an example's answer cannot be told from its prompt: "
+            "set train_on_prompt false to generate on held-out examples",
+        )
+    new_tokens = c.eval_max_new_tokens or 0
+    if not 1 <= new_tokens <= MAX_EVAL_NEW_TOKENS:
+        out.violation(
+            "eval_max_new_tokens", "OUT_OF_RANGE", f"must be between 1 and {MAX_EVAL_NEW_TOKENS}, got {new_tokens}"
+        )
+    if len(c.eval_probes) > MAX_EVAL_PROBES:
+        out.violation(
+            "eval_probes", "TOO_MANY", f"at most {MAX_EVAL_PROBES} probes are answered, got {len(c.eval_probes)}"
+        )
+        return
+    for i, probe in enumerate(c.eval_probes):
+        if not probe.prompt.strip():
+            out.violation(f"eval_probes[{i}].prompt", "REQUIRED", "a probe needs a prompt (its user message)")
+        for name in ("prompt", "expected"):
+            length = len(getattr(probe, name))
+            if length > MAX_PROBE_CHARS:
+                out.violation(
+                    f"eval_probes[{i}].{name}",
+                    "TOO_LONG",
+                    f"must be at most {MAX_PROBE_CHARS} characters, got {length}",
+                )
+
+
+def _check_probe_tokens(
+    c: TrainingConfig, tokenizer: TextTokenizer, template: str, context: int, out: _Collector
+) -> None:
+    """Each probe's rendered prompt with eval_max_new_tokens must fit the model's context."""
+    new_tokens = c.eval_max_new_tokens or 0
+    for i, probe in enumerate(c.eval_probes[:MAX_EVAL_PROBES]):
+        if not probe.prompt.strip() or len(probe.prompt) > MAX_PROBE_CHARS:
+            continue  # reported by _check_behaviour_eval
+        try:
+            tokens = len(encode_prompt([Message("user", probe.prompt)], tokenizer, template))
+        except TemplateError as exc:
+            out.violation(f"eval_probes[{i}].prompt", "TEMPLATE_FAILED", str(exc))
+            continue
+        if tokens + new_tokens > context:
+            out.violation(
+                f"eval_probes[{i}].prompt",
+                "PROMPT_TOO_LONG",
+                f"the prompt is {tokens} tokens; with eval_max_new_tokens {new_tokens} that is more than the model's "
+                f"context of {context} tokens",
+            )
 
 
 def _check_device_support(raw: TrainingConfig, c: TrainingConfig, out: _Collector) -> None:
@@ -561,6 +635,9 @@ def validate(
                 out.warn("model_name", "NO_FAST_TOKENIZER", "no tokenizer.json: token statistics are not available")
             template = _template_step(resolved, model.path, out)
             model_dir = model.path
+            context = summary.max_position_embeddings if summary is not None else 0
+            if tokenizer is not None and template is not None and context:
+                _check_probe_tokens(resolved, tokenizer, template, context, out)
         except FinetuneError as exc:
             out.from_error(exc, "model_name")
     _check_vllm(resolved, summary, out)

@@ -20,10 +20,12 @@ Training worker:
 - ``{"type": "event", "kind": "progress" | "eval" | "checkpoint" | "log", "data": {...}}``, data keyed by the
   contract's field names: TrainingProgress (step, total_steps, epoch, loss, learning_rate, grad_norm,
   tokens_per_second, elapsed and eta in seconds (eta may be null), memory {device, allocated_bytes, peak_bytes,
-  reserved_bytes}, tokens_seen), EvalResult (step, eval_loss, perplexity, is_best), CheckpointSaved (step, path
+  reserved_bytes}, tokens_seen), EvalResult (step, eval_loss (NaN without an eval set), perplexity, is_best,
+  metrics {name: float}, probes [{index, prompt, answer, expected, exact_match}]), CheckpointSaved (step, path
   relative to the output folder, size_bytes), LogLine (level "DEBUG" | "INFO" | "WARNING" | "ERROR", message).
 - then exactly one final message: ``{"type": "result", "data": {final_train_loss, final_eval_loss, steps,
-  trained_tokens, train_runtime (seconds), metrics, adapter_location, stopped_early}}`` and exit 0, or
+  trained_tokens, train_runtime (seconds), metrics, adapter_location, stopped_early, probes [{index, prompt,
+  expected, before, after, before_exact_match, after_exact_match}]}}`` and exit 0, or
   ``{"type": "cancelled", "step": k}`` and exit 0, or an error (below) and exit 1.
 
 Export worker:

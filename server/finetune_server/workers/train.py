@@ -110,6 +110,7 @@ def _result(outcome: Any, data_dir: str | None) -> Result:
             "metrics": outcome.metrics,
             "adapter_location": _adapter_location(outcome.adapter_dir, data_dir),
             "stopped_early": outcome.stopped_early,
+            "probes": [dataclasses.asdict(p) for p in outcome.probes],
         }
     )
 

@@ -12,6 +12,7 @@ from finetune_server.training.data.encode import (
     RenderedExample,
     encode_example,
     encode_many,
+    encode_prompt,
     encode_rendered,
     render_example,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "choose_chat_template",
     "encode_example",
     "encode_many",
+    "encode_prompt",
     "encode_rendered",
     "iter_examples",
     "iter_records",

@@ -15,8 +15,9 @@ tokenizer adds one) + text + EOS, all trained. Examples longer than max_length k
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from finetune_server.training.data.formats import Example, Message
 from finetune_server.training.data.template import TemplateError, render
@@ -115,6 +116,15 @@ def render_example(example: Example, tokenizer: TextTokenizer, template: str) ->
     if spans is None:
         spans = _spans_by_search(messages, full)
     return RenderedExample(full, tuple(spans))
+
+
+def encode_prompt(
+    messages: Sequence[Message | Mapping[str, Any]], tokenizer: TextTokenizer, template: str
+) -> list[int]:
+    """The ids a model answers `messages` from: rendered with the generation prompt, tokenized as training does.
+    Raises TemplateError when the template cannot render them."""
+    prompt = render(template, messages, add_generation_prompt=True, **tokenizer.template_variables)
+    return tokenizer.encode(prompt)
 
 
 def _label(

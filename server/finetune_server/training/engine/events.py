@@ -9,10 +9,12 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 import torch
+
+from finetune_server.training.engine.behaviour import ProbeAnswer
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,12 @@ class ProgressEvent:
 
 @dataclass(frozen=True)
 class EvalEvent:
-    step: int
-    eval_loss: float  # token-weighted mean over the eval set
+    step: int  # 0: the evaluation before training (probes and held-out generation only ask for one)
+    eval_loss: float  # token-weighted mean over the eval set; NaN without one (probes only)
     perplexity: float
     is_best: bool
+    metrics: dict[str, float] = field(default_factory=dict)  # exact_match, token_accuracy (held-out generation)
+    probes: list[ProbeAnswer] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

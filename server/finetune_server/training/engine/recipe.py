@@ -21,11 +21,15 @@ Choices worth knowing:
 - Several processes (torchrun): every optimizer step consumes one window of `grad_accum * world_size` planned
   micro-batches and rank r trains its r-th share, so N processes follow the same trajectory as one process with N
   times the accumulation. Only rank 0 reports and writes.
+- With eval_probes or eval_generate_examples, an evaluation before the first step is the baseline the answers are
+  compared with (never best, never counted by early stopping). Rank 0 generates, in eval mode and drawing no random
+  numbers, so a job trains exactly as it would without them (`behaviour.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import shutil
@@ -52,6 +56,15 @@ from finetune_server.training.data.token_cache import CacheStopped, TokenCache
 from finetune_server.training.data.token_table import empty_table
 from finetune_server.training.engine import checkpoint as ckpt
 from finetune_server.training.engine.batching import Batch, collate, plan_batches
+from finetune_server.training.engine.behaviour import (
+    BehaviourCheck,
+    ProbeAnswer,
+    ProbeComparison,
+    StopTokens,
+    compare_probes,
+    held_out_examples,
+    stop_tokens,
+)
 from finetune_server.training.engine.data_setup import (
     BatchPlan,
     CacheAccess,
@@ -107,6 +120,7 @@ class TrainingOutcome:
     metrics: dict[str, float]
     adapter_dir: Path
     stopped_early: bool = False
+    probes: list[ProbeComparison] = field(default_factory=list)  # each probe's first and final answer
 
 
 @dataclass
@@ -124,6 +138,8 @@ class TrainState:
     last_logged_step: int = 0
     last_eval_step: int = -1
     last_saved_step: int = -1
+    probes_before: list[dict[str, Any]] = field(default_factory=list)  # ProbeAnswer dicts of the step-0 evaluation
+    probes_latest: list[dict[str, Any]] = field(default_factory=list)  # and of the newest one
 
     def to_extra(self) -> dict[str, Any]:
         return {
@@ -135,6 +151,8 @@ class TrainState:
             "evals_without_improvement": self.evals_without_improvement,
             "last_logged_step": self.last_logged_step,
             "last_eval_step": self.last_eval_step,
+            "probes_before": self.probes_before,
+            "probes_latest": self.probes_latest,
         }
 
     @classmethod
@@ -152,6 +170,8 @@ class TrainState:
             last_logged_step=int(extra.get("last_logged_step", state.step)),
             last_eval_step=int(extra.get("last_eval_step", -1)),
             last_saved_step=state.step,
+            probes_before=list(extra.get("probes_before", [])),
+            probes_latest=list(extra.get("probes_latest", [])),
         )
 
 
@@ -336,6 +356,7 @@ class LoRARecipe:
     data: TrainingData
     model: ModelSetup
     plan: StepPlan
+    behaviour: BehaviourCheck
     optim: Optimization
     state: TrainState
     attempt: Attempt
@@ -388,6 +409,7 @@ class LoRARecipe:
         self.model_dir = resolve_model_dir(self.model_ref, cache_dir=self.hub_cache_dir, offline=self.hub_offline)
         self.tokens = self.setup_tokenizer()
         self.data = self.setup_data()
+        self.behaviour = self.setup_behaviour()
         # Model load, DDP wrap and checkpoint load allocate on the device too: an OOM there is as final as one in a
         # step (a retry would fail the same way), so it is the same typed error.
         with out_of_memory_as_error(
@@ -496,6 +518,26 @@ class LoRARecipe:
 
         return report
 
+    def setup_behaviour(self) -> BehaviourCheck:
+        """The probes and held-out examples each evaluation answers greedily (none: no generation)."""
+        config = self.config
+        held_out = held_out_examples(self.data.eval, int(config.eval_generate_examples or 0))
+        if config.eval_generate_examples and len(held_out) < config.eval_generate_examples:
+            self._say(
+                LogLevel.WARNING,
+                f"eval_generate_examples is {config.eval_generate_examples} but the eval set has {len(held_out)} "
+                "examples with a prompt to answer: generating on those",
+            )
+        generates = bool(config.eval_probes or held_out)  # reading the stop ids reads the tokenizer again
+        return BehaviourCheck(
+            probes=list(config.eval_probes),
+            held_out=held_out,
+            tokenizer=self.tokens.tokenizer,
+            template=self.tokens.template,
+            stop=stop_tokens(self.model_dir, self.tokens.template) if generates else StopTokens([], None),
+            max_new_tokens=int(config.eval_max_new_tokens or 64),
+        )
+
     def setup_model(self) -> ModelSetup:
         """The base model with LoRA on the device, wrapped for DDP with several processes, and its precision."""
         peft_model, _ = load_for_training(self.config, self.model_dir, device=self.device)
@@ -603,6 +645,8 @@ class LoRARecipe:
         stream = self.plan.batches.stream(self.state.position)
         try:
             with out_of_memory_as_error(lambda: self.state.step + 1, str(self.device), self.config):
+                if self.state.step == 0 and self.behaviour.enabled:
+                    self._run_eval()  # the baseline the probes' and held-out answers are compared with
                 while self.state.step < self.plan.total_steps and not self.attempt.stopped_early:
                     if self.dist.world_size > 1 and any_rank(self.should_stop(), self.device):
                         raise TrainingCancelled(self.state.step)
@@ -689,7 +733,7 @@ class LoRARecipe:
         step, total, s = self.state.step, self.plan.total_steps, self.settings
         if step % s.log_every == 0 or step == total:
             self._report_progress()
-        if self.plan.eval_batches and s.eval_every and step % s.eval_every == 0 and step < total:
+        if self._evaluates and s.eval_every and step % s.eval_every == 0 and step < total:
             self._flush()
             self._run_eval()
         if s.save_every and step % s.save_every == 0 and step < total and not self.attempt.stopped_early:
@@ -701,7 +745,7 @@ class LoRARecipe:
         self._flush()
         if state.last_logged_step < state.step and any(r["step"] > state.last_logged_step for r in state.history):
             self._report_progress()
-        if self.plan.eval_batches and state.last_eval_step != state.step:
+        if self._evaluates and state.last_eval_step != state.step:
             self._run_eval()
         if state.last_saved_step != state.step:
             self._save_checkpoint()
@@ -749,26 +793,61 @@ class LoRARecipe:
         self.model.train_module.train()
         return float(loss_sum.item() / max(1.0, count.item()))
 
+    @property
+    def _evaluates(self) -> bool:
+        """Whether the job evaluates at all: an eval set to score, or probes to answer."""
+        return bool(self.plan.eval_batches) or bool(self.behaviour.probes)
+
     def _run_eval(self) -> None:
-        """Evaluate, report, and stop early after `patience` evaluations without improvement."""
+        """Evaluate (the loss on the eval set, then greedy answers), report, and stop early after `patience`
+        evaluations without improvement. The evaluation at step 0 is a baseline: never best, never counted."""
         state, patience = self.state, self.settings.patience
-        eval_loss = self._eval_loss()
-        is_best = state.best_eval_loss is None or eval_loss < state.best_eval_loss
-        if is_best:
+        eval_loss = self._eval_loss() if self.plan.eval_batches else math.nan
+        metrics, probes = self._behaviour()
+        is_best = state.step > 0 and math.isfinite(eval_loss)
+        if is_best and state.best_eval_loss is not None and eval_loss >= state.best_eval_loss:
+            is_best = False
+            state.evals_without_improvement += 1
+        elif is_best:
             state.best_eval_loss = eval_loss
             state.best_eval_step = state.step
             state.evals_without_improvement = 0
-        else:
-            state.evals_without_improvement += 1
         state.last_eval_step = state.step
-        state.history.append({"step": state.step, "eval_loss": eval_loss})
-        self._emit(EvalEvent(state.step, eval_loss, _perplexity(eval_loss), is_best))
-        self.log.info("eval", step=state.step, eval_loss=eval_loss, is_best=is_best)
+        if math.isfinite(eval_loss):
+            state.history.append({"step": state.step, "eval_loss": eval_loss})
+        if metrics:
+            state.history.append({"step": state.step, **metrics})
+        answers = [dataclasses.asdict(answer) for answer in probes]
+        if answers:
+            state.probes_latest = answers
+            if state.step == 0:
+                state.probes_before = answers
+        self._emit(EvalEvent(state.step, eval_loss, _perplexity(eval_loss), is_best, metrics, probes))
+        self.log.info("eval", step=state.step, eval_loss=eval_loss, is_best=is_best, **metrics)
         if patience and state.evals_without_improvement >= patience:
             self.attempt.stopped_early = True
             self._say(
                 LogLevel.INFO, f"early stopping at step {state.step}: no eval improvement in {patience} evaluations"
             )
+
+    def _behaviour(self) -> tuple[dict[str, float], list[ProbeAnswer]]:
+        """Greedy answers of the model being trained (rank 0 only: the others wait; the bare model, never the DDP
+        wrapper, whose forward is a collective), in eval mode and without gradients, then back to training."""
+        found: list[tuple[dict[str, float], list[ProbeAnswer]]] = []
+        if not self.behaviour.enabled:
+            return {}, []
+        module = self.model.peft_model
+
+        def answer() -> None:
+            module.eval()
+            try:
+                with torch.no_grad(), self.model.autocast:
+                    found.append(self.behaviour.run(module))
+            finally:
+                self.model.train_module.train()
+
+        on_main_rank(self.dist, self.device, self.state.step, "the behaviour evaluation", answer)
+        return found[0] if found else ({}, [])
 
     def _save_checkpoint(self) -> None:
         self._flush()  # never save weights that a NaN already spoiled
@@ -842,9 +921,14 @@ class LoRARecipe:
         eval_rows = [r for r in state.history if "eval_loss" in r]
         final_eval_loss = eval_rows[-1]["eval_loss"] if eval_rows else None
         metrics = self._final_metrics(runtime, final_train_loss, final_eval_loss)
+        probes = compare_probes(state.probes_before, state.probes_latest)
         adapter_dir = layout.JobDir(self.output_dir).adapter
         on_main_rank(
-            self.dist, self.device, state.step, "the final adapter", lambda: self._write_adapter(adapter_dir, metrics)
+            self.dist,
+            self.device,
+            state.step,
+            "the final adapter",
+            lambda: self._write_adapter(adapter_dir, metrics, probes),
         )
         self.log.info("training finished", steps=state.step, final_train_loss=final_train_loss, runtime_s=runtime)
         return TrainingOutcome(
@@ -856,6 +940,7 @@ class LoRARecipe:
             metrics=metrics,
             adapter_dir=adapter_dir,
             stopped_early=self.attempt.stopped_early,
+            probes=probes,
         )
 
     def _final_metrics(
@@ -883,9 +968,16 @@ class LoRARecipe:
             metrics["eval_perplexity"] = _perplexity(final_eval_loss)
         if state.best_eval_loss is not None:
             metrics["best_eval_loss"] = state.best_eval_loss
+        generated = [r for r in state.history if "exact_match" in r]
+        if generated:  # the last evaluation's held-out generation
+            metrics["final_exact_match"] = generated[-1]["exact_match"]
+            metrics["final_token_accuracy"] = generated[-1]["token_accuracy"]
+        if any(p.expected.strip() for p in self.behaviour.probes):
+            for when, answers in (("before", state.probes_before), ("after", state.probes_latest)):
+                metrics[f"probes_exact_{when}"] = float(sum(bool(a["exact_match"]) for a in answers))
         return metrics
 
-    def _write_adapter(self, adapter_dir: Path, metrics: dict[str, float]) -> None:
+    def _write_adapter(self, adapter_dir: Path, metrics: dict[str, float], probes: list[ProbeComparison]) -> None:
         with disk_full_as_error(
             self.state.step,
             "the final adapter",
@@ -894,7 +986,8 @@ class LoRARecipe:
             trainable_parameters=self.model.trainable_parameters,
         ):
             save_adapter(self.model.peft_model, adapter_dir, self.model_dir, self.tokens.template)
-            write_report(self.output_dir, metrics=metrics, history=self.state.history)
+            report = {**metrics, "probes": [dataclasses.asdict(p) for p in probes]} if probes else metrics
+            write_report(self.output_dir, metrics=report, history=self.state.history)
 
     # --- reporting ---------------------------------------------------------------------------------------------------
 
@@ -948,4 +1041,6 @@ def _final_window_loss(rows: list[dict[str, Any]], log_every: int) -> float:
 
 
 def _perplexity(loss: float) -> float:
+    if math.isnan(loss):
+        return math.nan
     return math.exp(loss) if loss < 700 else float("inf")

@@ -262,6 +262,9 @@ class TrainingConfig(_message.Message):
     INIT_FROM_JOB_FIELD_NUMBER: _builtins.int
     INIT_FROM_CHECKPOINT_FIELD_NUMBER: _builtins.int
     RESUME_OPTIMIZER_FIELD_NUMBER: _builtins.int
+    EVAL_GENERATE_EXAMPLES_FIELD_NUMBER: _builtins.int
+    EVAL_PROBES_FIELD_NUMBER: _builtins.int
+    EVAL_MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The base model: a hub id (`Qwen/Qwen2.5-0.5B-Instruct`) or a local folder under one of the server's model roots.
     Required.
@@ -377,9 +380,28 @@ class TrainingConfig(_message.Message):
     (the learning rate, its warmup and decay are this job's own, over this job's steps). Default false: a fresh
     optimizer. Needs the same optim; ignored, with a warning, where the checkpoint holds no optimizer state.
     """
+    eval_generate_examples: _builtins.int
+    """At each evaluation (and at the end), also answer up to this many examples of the eval set greedily and compare
+    each answer with the example's own: EvalResult.metrics gets `exact_match` (the fraction answered token for
+    token, end of turn included) and `token_accuracy` (the fraction of answer tokens generated right, position by
+    position). The prompt is the example's tokens before its first trained token, the answer its first trained
+    span, so it needs evaluation data and train_on_prompt false. Default 0 (off), at most 64.
+    """
+    eval_max_new_tokens: _builtins.int
+    """The most tokens generated for one probe or held-out answer (a held-out answer longer than this is judged on its
+    first this many tokens). Default 64, between 1 and 512.
+    """
     @_builtins.property
     def lora(self) -> Global___LoraConfig:
         """The LoRA adapter. Unset fields take the defaults documented on LoraConfig."""
+
+    @_builtins.property
+    def eval_probes(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvalProbe]:
+        """Prompts answered greedily, with the job's chat template, before training (an EvalResult at step 0), at each
+        evaluation and at the end, so a caller sees what training changed on things it did not train as well as on
+        things it did (EvalResult.probes; JobResult.probes compares the first answers with the last). They are answered
+        at the eval_steps cadence even without evaluation data. At most 32.
+        """
 
     def __init__(
         self,
@@ -427,10 +449,13 @@ class TrainingConfig(_message.Message):
         init_from_job: _builtins.str = ...,
         init_from_checkpoint: _builtins.int | None = ...,
         resume_optimizer: _builtins.bool | None = ...,
+        eval_generate_examples: _builtins.int | None = ...,
+        eval_probes: _abc.Iterable[Global___EvalProbe] | None = ...,
+        eval_max_new_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_init_from_checkpoint", b"_init_from_checkpoint", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_resume_optimizer", b"_resume_optimizer", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_skip_invalid_rows", b"_skip_invalid_rows", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "data_format", b"data_format", "early_stopping_patience", b"early_stopping_patience", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "init_from_checkpoint", b"init_from_checkpoint", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "resume_optimizer", b"resume_optimizer", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "skip_invalid_rows", b"skip_invalid_rows", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_generate_examples", b"_eval_generate_examples", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_init_from_checkpoint", b"_init_from_checkpoint", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_resume_optimizer", b"_resume_optimizer", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_skip_invalid_rows", b"_skip_invalid_rows", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "data_format", b"data_format", "early_stopping_patience", b"early_stopping_patience", "eval_generate_examples", b"eval_generate_examples", "eval_max_new_tokens", b"eval_max_new_tokens", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "init_from_checkpoint", b"init_from_checkpoint", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "resume_optimizer", b"resume_optimizer", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "skip_invalid_rows", b"skip_invalid_rows", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_init_from_checkpoint", b"_init_from_checkpoint", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_resume_optimizer", b"_resume_optimizer", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_skip_invalid_rows", b"_skip_invalid_rows", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "chat_template", b"chat_template", "data_format", b"data_format", "dataset", b"dataset", "dataset_revision", b"dataset_revision", "dataset_split", b"dataset_split", "dataset_subset", b"dataset_subset", "early_stopping_patience", b"early_stopping_patience", "eval_dataset", b"eval_dataset", "eval_dataset_revision", b"eval_dataset_revision", "eval_dataset_split", b"eval_dataset_split", "eval_dataset_subset", b"eval_dataset_subset", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "init_from_checkpoint", b"init_from_checkpoint", "init_from_job", b"init_from_job", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "model_name", b"model_name", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "preset", b"preset", "resume_optimizer", b"resume_optimizer", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "skip_invalid_rows", b"skip_invalid_rows", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template", "_bf16", b"_bf16", "_data_format", b"_data_format", "_early_stopping_patience", b"_early_stopping_patience", "_eval_generate_examples", b"_eval_generate_examples", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_eval_split", b"_eval_split", "_eval_steps", b"_eval_steps", "_fp16", b"_fp16", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_init_from_checkpoint", b"_init_from_checkpoint", "_learning_rate", b"_learning_rate", "_load_in_4bit", b"_load_in_4bit", "_load_in_8bit", b"_load_in_8bit", "_logging_steps", b"_logging_steps", "_lr_scheduler_type", b"_lr_scheduler_type", "_max_grad_norm", b"_max_grad_norm", "_max_length", b"_max_length", "_max_steps", b"_max_steps", "_num_train_epochs", b"_num_train_epochs", "_optim", b"_optim", "_packing", b"_packing", "_per_device_train_batch_size", b"_per_device_train_batch_size", "_resume_optimizer", b"_resume_optimizer", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_skip_invalid_rows", b"_skip_invalid_rows", "_train_on_prompt", b"_train_on_prompt", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "allow_fallback_chat_template", b"allow_fallback_chat_template", "bf16", b"bf16", "chat_template", b"chat_template", "data_format", b"data_format", "dataset", b"dataset", "dataset_revision", b"dataset_revision", "dataset_split", b"dataset_split", "dataset_subset", b"dataset_subset", "early_stopping_patience", b"early_stopping_patience", "eval_dataset", b"eval_dataset", "eval_dataset_revision", b"eval_dataset_revision", "eval_dataset_split", b"eval_dataset_split", "eval_dataset_subset", b"eval_dataset_subset", "eval_generate_examples", b"eval_generate_examples", "eval_max_new_tokens", b"eval_max_new_tokens", "eval_probes", b"eval_probes", "eval_split", b"eval_split", "eval_steps", b"eval_steps", "fp16", b"fp16", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "init_from_checkpoint", b"init_from_checkpoint", "init_from_job", b"init_from_job", "learning_rate", b"learning_rate", "load_in_4bit", b"load_in_4bit", "load_in_8bit", b"load_in_8bit", "logging_steps", b"logging_steps", "lora", b"lora", "lr_scheduler_type", b"lr_scheduler_type", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_steps", b"max_steps", "model_name", b"model_name", "num_train_epochs", b"num_train_epochs", "optim", b"optim", "packing", b"packing", "per_device_train_batch_size", b"per_device_train_batch_size", "preset", b"preset", "resume_optimizer", b"resume_optimizer", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "skip_invalid_rows", b"skip_invalid_rows", "train_on_prompt", b"train_on_prompt", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_fallback_chat_template: _TypeAlias = _typing.Literal["allow_fallback_chat_template"]  # noqa: Y015
     _WhichOneofArgType__allow_fallback_chat_template: _TypeAlias = _typing.Literal["_allow_fallback_chat_template", b"_allow_fallback_chat_template"]  # noqa: Y015
@@ -440,6 +465,10 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__data_format: _TypeAlias = _typing.Literal["_data_format", b"_data_format"]  # noqa: Y015
     _WhichOneofReturnType__early_stopping_patience: _TypeAlias = _typing.Literal["early_stopping_patience"]  # noqa: Y015
     _WhichOneofArgType__early_stopping_patience: _TypeAlias = _typing.Literal["_early_stopping_patience", b"_early_stopping_patience"]  # noqa: Y015
+    _WhichOneofReturnType__eval_generate_examples: _TypeAlias = _typing.Literal["eval_generate_examples"]  # noqa: Y015
+    _WhichOneofArgType__eval_generate_examples: _TypeAlias = _typing.Literal["_eval_generate_examples", b"_eval_generate_examples"]  # noqa: Y015
+    _WhichOneofReturnType__eval_max_new_tokens: _TypeAlias = _typing.Literal["eval_max_new_tokens"]  # noqa: Y015
+    _WhichOneofArgType__eval_max_new_tokens: _TypeAlias = _typing.Literal["_eval_max_new_tokens", b"_eval_max_new_tokens"]  # noqa: Y015
     _WhichOneofReturnType__eval_split: _TypeAlias = _typing.Literal["eval_split"]  # noqa: Y015
     _WhichOneofArgType__eval_split: _TypeAlias = _typing.Literal["_eval_split", b"_eval_split"]  # noqa: Y015
     _WhichOneofReturnType__eval_steps: _TypeAlias = _typing.Literal["eval_steps"]  # noqa: Y015
@@ -501,6 +530,10 @@ class TrainingConfig(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__early_stopping_patience) -> _WhichOneofReturnType__early_stopping_patience | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_generate_examples) -> _WhichOneofReturnType__eval_generate_examples | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_max_new_tokens) -> _WhichOneofReturnType__eval_max_new_tokens | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_split) -> _WhichOneofReturnType__eval_split | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_steps) -> _WhichOneofReturnType__eval_steps | None: ...
@@ -554,6 +587,34 @@ class TrainingConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_decay) -> _WhichOneofReturnType__weight_decay | None: ...
 
 Global___TrainingConfig: _TypeAlias = TrainingConfig  # noqa: Y015
+
+@_typing.final
+class EvalProbe(_message.Message):
+    """EvalProbe is one prompt that every evaluation answers (TrainingConfig.eval_probes)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_FIELD_NUMBER: _builtins.int
+    EXPECTED_FIELD_NUMBER: _builtins.int
+    prompt: _builtins.str
+    """The user message, rendered alone with the job's chat template. Required; at most 4096 characters."""
+    expected: _builtins.str
+    """The answer expected, when there is one: an answer equal to it (leading and trailing whitespace aside) is an
+    exact match. Empty: the answer is only recorded. At most 4096 characters.
+    """
+    def __init__(
+        self,
+        *,
+        prompt: _builtins.str = ...,
+        expected: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvalProbe: _TypeAlias = EvalProbe  # noqa: Y015
 
 @_typing.final
 class LoraConfig(_message.Message):
@@ -1416,6 +1477,7 @@ class JobResult(_message.Message):
     TRAIN_RUNTIME_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     ADAPTER_LOCATION_FIELD_NUMBER: _builtins.int
+    PROBES_FIELD_NUMBER: _builtins.int
     final_train_loss: _builtins.float
     """Training loss averaged over the last logging window."""
     final_eval_loss: _builtins.float
@@ -1434,6 +1496,12 @@ class JobResult(_message.Message):
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Other metrics by name (e.g. `train_tokens_per_second`, `truncated_examples`)."""
 
+    @_builtins.property
+    def probes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProbeComparison]:
+        """Each of the config's eval_probes, answered before training and by the final adapter. With
+        eval_generate_examples, `metrics` holds the last evaluation's `final_exact_match` and `final_token_accuracy`.
+        """
+
     def __init__(
         self,
         *,
@@ -1444,10 +1512,11 @@ class JobResult(_message.Message):
         train_runtime: _duration_pb2.Duration | None = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         adapter_location: _builtins.str = ...,
+        probes: _abc.Iterable[Global___ProbeComparison] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_final_eval_loss", b"_final_eval_loss", "final_eval_loss", b"final_eval_loss", "train_runtime", b"train_runtime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_final_eval_loss", b"_final_eval_loss", "adapter_location", b"adapter_location", "final_eval_loss", b"final_eval_loss", "final_train_loss", b"final_train_loss", "metrics", b"metrics", "steps", b"steps", "train_runtime", b"train_runtime", "trained_tokens", b"trained_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_final_eval_loss", b"_final_eval_loss", "adapter_location", b"adapter_location", "final_eval_loss", b"final_eval_loss", "final_train_loss", b"final_train_loss", "metrics", b"metrics", "probes", b"probes", "steps", b"steps", "train_runtime", b"train_runtime", "trained_tokens", b"trained_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__final_eval_loss: _TypeAlias = _typing.Literal["final_eval_loss"]  # noqa: Y015
     _WhichOneofArgType__final_eval_loss: _TypeAlias = _typing.Literal["_final_eval_loss", b"_final_eval_loss"]  # noqa: Y015
@@ -1694,17 +1763,24 @@ class EvalResult(_message.Message):
     PERPLEXITY_FIELD_NUMBER: _builtins.int
     IS_BEST_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    PROBES_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """The optimizer step it was taken at."""
     eval_loss: _builtins.float
-    """Mean loss over the evaluation set."""
+    """Mean loss over the evaluation set; NaN when the job has no evaluation data (an evaluation of eval_probes only)."""
     perplexity: _builtins.float
-    """exp(eval_loss)."""
+    """exp(eval_loss); NaN with it."""
     is_best: _builtins.bool
-    """True when it is the best eval loss so far."""
+    """True when it is the best eval loss so far (never at step 0: the evaluation before training, made when the config
+    has eval_probes or eval_generate_examples, is a baseline, not a checkpoint to choose).
+    """
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Other metrics by name."""
+        """Other metrics by name: `exact_match` and `token_accuracy` with eval_generate_examples."""
+
+    @_builtins.property
+    def probes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProbeAnswer]:
+        """The answers to TrainingConfig.eval_probes at this step, in their order."""
 
     def __init__(
         self,
@@ -1714,14 +1790,99 @@ class EvalResult(_message.Message):
         perplexity: _builtins.float = ...,
         is_best: _builtins.bool = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        probes: _abc.Iterable[Global___ProbeAnswer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_loss", b"eval_loss", "is_best", b"is_best", "metrics", b"metrics", "perplexity", b"perplexity", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_loss", b"eval_loss", "is_best", b"is_best", "metrics", b"metrics", "perplexity", b"perplexity", "probes", b"probes", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvalResult: _TypeAlias = EvalResult  # noqa: Y015
+
+@_typing.final
+class ProbeAnswer(_message.Message):
+    """ProbeAnswer is the model's greedy answer to one of TrainingConfig.eval_probes at one evaluation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    EXPECTED_FIELD_NUMBER: _builtins.int
+    EXACT_MATCH_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Its position in eval_probes, from 0."""
+    prompt: _builtins.str
+    """The probe's prompt."""
+    answer: _builtins.str
+    """The answer, decoded without special tokens (so without the end of turn)."""
+    expected: _builtins.str
+    """The probe's expected answer; empty when it has none."""
+    exact_match: _builtins.bool
+    """True when there is an expected answer and the answer equals it (leading and trailing whitespace aside)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        prompt: _builtins.str = ...,
+        answer: _builtins.str = ...,
+        expected: _builtins.str = ...,
+        exact_match: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "exact_match", b"exact_match", "expected", b"expected", "index", b"index", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeAnswer: _TypeAlias = ProbeAnswer  # noqa: Y015
+
+@_typing.final
+class ProbeComparison(_message.Message):
+    """ProbeComparison is one probe's answer before training and after it (JobResult.probes)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    EXPECTED_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    BEFORE_EXACT_MATCH_FIELD_NUMBER: _builtins.int
+    AFTER_EXACT_MATCH_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Its position in eval_probes, from 0."""
+    prompt: _builtins.str
+    """The probe's prompt."""
+    expected: _builtins.str
+    """The probe's expected answer; empty when it has none."""
+    before: _builtins.str
+    """The answer before the first training step."""
+    after: _builtins.str
+    """The answer of the final adapter."""
+    before_exact_match: _builtins.bool
+    """Whether `before` equals `expected` (false without one)."""
+    after_exact_match: _builtins.bool
+    """Whether `after` equals `expected` (false without one)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        prompt: _builtins.str = ...,
+        expected: _builtins.str = ...,
+        before: _builtins.str = ...,
+        after: _builtins.str = ...,
+        before_exact_match: _builtins.bool = ...,
+        after_exact_match: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "after_exact_match", b"after_exact_match", "before", b"before", "before_exact_match", b"before_exact_match", "expected", b"expected", "index", b"index", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeComparison: _TypeAlias = ProbeComparison  # noqa: Y015
 
 @_typing.final
 class CheckpointSaved(_message.Message):
