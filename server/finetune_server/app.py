@@ -61,6 +61,7 @@ class FinetuneServer:
         self._transport: GrpcTransport | None = None
         self._info = ServerInfoProvider(settings)
         self._stopped = asyncio.Event()
+        self._store_probe: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +108,7 @@ class FinetuneServer:
             self.metrics_port = self.metrics.start_http_server(self.settings.metrics_port, self.host)
         self._info.start_probe()
         await transport.mark_serving()
+        self._store_probe = asyncio.create_task(self._probe_store(transport, self.store))
         log.info("server.started", host=self.host, port=self.port, data_dir=str(self.settings.data_dir))
         return self.port
 
@@ -115,6 +117,8 @@ class FinetuneServer:
         if self._transport is None or self._stopped.is_set():
             return
         log.info("server.draining", grace_s=self.grace)
+        if self._store_probe is not None:  # drained is NOT_SERVING for good: no probe may say otherwise
+            self._store_probe.cancel()
         if self.generation is not None:
             self.generation.begin_stop()  # answers in progress end now (CANCELLED), not at the end of the grace
         await self._transport.drain()
@@ -130,6 +134,18 @@ class FinetuneServer:
         await self._info.stop()
         self._stopped.set()
         log.info("server.stopped")
+
+    async def _probe_store(self, transport: GrpcTransport, store: JobStore) -> None:
+        """Health follows the job store: NOT_SERVING while it cannot be reached (a load balancer then sends calls
+        elsewhere; calls that come anyway are UNAVAILABLE with a RetryInfo), SERVING again once it answers."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.settings.store_probe_s)
+            reachable = await asyncio.to_thread(store.reachable)
+            if reachable != serving:
+                serving = reachable
+                log.warning("server.store_" + ("reachable" if reachable else "lost"), serving=serving)
+                await transport.mark_serving(serving)
 
     async def wait(self) -> None:
         await self._stopped.wait()

@@ -69,6 +69,7 @@ class ServerSettings:
     # re-queued, and how long a stalled server may go quiet before its jobs are taken from it.
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     store_reread_s: float = 1.0  # shared store: how often the tables are re-read in case a notice was lost
+    store_probe_s: float = 2.0  # how often health asks whether the job store is reachable
     executor: str = "local"  # one of EXECUTORS: worker subprocesses on this host, or actors on a Ray cluster
     ray: RaySettings = field(default_factory=RaySettings)
     # Generate: worker processes (each holds one model; apart from the training slots, sharing a GPU with them),

@@ -400,3 +400,13 @@ def test_missing_chat_template_fallback_or_error(tmp_path: Path, tiny_model_dir:
     assert isinstance(outcome, TrainingOutcome)
     assert any(isinstance(e, LogEvent) and "fallback" in e.message for e in events)
     assert (outcome.adapter_dir / "chat_template.jinja").read_text() == FALLBACK_CHAT_TEMPLATE
+
+
+def test_a_progress_window_is_the_loss_rows_after_the_last_reported_step() -> None:
+    from finetune_server.training.engine.recipe import _rows_since
+
+    history: list[dict[str, float]] = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}]
+    history += [{"step": 2, "eval_loss": 2.5}, {"step": 3, "loss": 1.0}]
+    assert _rows_since(history, 1) == [{"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.0}]
+    assert _rows_since(history, 0) == [r for r in history if "loss" in r]
+    assert _rows_since(history, 3) == []

@@ -347,3 +347,20 @@ print([m for m in ("finetune_server.training.model_source", "huggingface_hub") i
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_summary_is_remembered_until_the_folder_changes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "copy"
+    shutil.copytree(tiny_model_dir, folder)
+    settings = _settings(tmp_path, model_roots=[folder.parent])
+    first = summarize_model(resolve_model("copy", settings))
+    again = summarize_model(resolve_model("copy", settings))
+    assert again == first and again is not first, "the same figures, as a copy the caller may change"
+    again.linear_modules.append("changed by a caller")
+    assert summarize_model(resolve_model("copy", settings)) == first
+    # The weights replaced in place by another model's: the next summary reads them.
+    (folder / "model.safetensors").unlink()
+    shards = sorted(tiny_model_dir.glob("*.safetensors"))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [3, 5], "data_offsets": [0, 60]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(60))
+    assert shards and summarize_model(resolve_model("copy", settings)).num_parameters == 15

@@ -111,10 +111,12 @@ class GrpcTransport:
         self._server = server
         return self.port
 
-    async def mark_serving(self) -> None:
-        """Health: SERVING, for the server as a whole ("") and for the FineTuneService."""
+    async def mark_serving(self, serving: bool = True) -> None:
+        """Health: SERVING (or NOT_SERVING, while the job store is lost), for the server as a whole ("") and for the
+        FineTuneService."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(name, status)
 
     async def drain(self) -> None:
         """Report NOT_SERVING (health watchers hear it), refuse new calls, give in-flight calls `grace` seconds to

@@ -194,6 +194,10 @@ class JobStore(Protocol):
 
     def integrity_check(self) -> str: ...
 
+    def reachable(self) -> bool:
+        """Whether a statement can run now (the health probe asks: a shared database may be lost and come back)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -1038,6 +1042,14 @@ class SqliteJobStore(SqlJobStore, JobStore):
             rows = self._conn.execute("PRAGMA integrity_check").fetchall()
         problems = [str(r[0]) for r in rows if str(r[0]) != "ok"] + self._sequence_problems()
         return "\n".join(problems) or "ok"
+
+    def reachable(self) -> bool:
+        try:
+            with self._lock:
+                self._conn.execute("SELECT 1").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
 
     def close(self) -> None:
         with self._lock:

@@ -248,6 +248,14 @@ class PostgresJobStore(SqlJobStore, JobStore):
         """PostgreSQL checks its own pages; this checks what is ours: every job's events are gap-free."""
         return "\n".join(self._sequence_problems()) or "ok"
 
+    def reachable(self) -> bool:
+        try:
+            with self._tx() as conn:
+                conn.execute("SELECT 1")
+        except FinetuneError:  # STORE_UNAVAILABLE: the connection is lost, or none could be had in time
+            return False
+        return True
+
     def close(self) -> None:
         self._pool.close()
 

@@ -7,9 +7,13 @@ safetensors).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +102,39 @@ def _int(config: dict[str, Any], *keys: str) -> int:
 
 
 def summarize_model(resolved: ResolvedModel) -> ModelSummary:
+    """The model's summary; remembered while its folder's files keep their sizes and modification times, since every
+    validation asks again (reading safetensors headers and the tokenizer config each time is most of its model step).
+    A fresh copy each call: callers may change theirs."""
+    key = (resolved.name, resolved.source, str(resolved.path), folder_stamp(resolved.path))
+    with _SUMMARIES_LOCK:
+        cached = _SUMMARIES.get(key)
+        if cached is not None:
+            _SUMMARIES.move_to_end(key)
+            return copy.deepcopy(cached)
+    summary = _summarize(resolved)
+    with _SUMMARIES_LOCK:
+        _SUMMARIES[key] = summary
+        while len(_SUMMARIES) > _SUMMARIES_MAX:
+            _SUMMARIES.popitem(last=False)
+    return copy.deepcopy(summary)
+
+
+def folder_stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime_ns) of each file directly in `folder`: what changes when a model is replaced in place."""
+    try:
+        with os.scandir(folder) as entries:
+            stamps = [(e.name, s.st_size, s.st_mtime_ns) for e in entries if e.is_file() for s in (e.stat(),)]
+    except OSError:
+        return ()
+    return tuple(sorted(stamps))
+
+
+_SUMMARIES: OrderedDict[tuple[Any, ...], ModelSummary] = OrderedDict()
+_SUMMARIES_LOCK = threading.Lock()
+_SUMMARIES_MAX = 32
+
+
+def _summarize(resolved: ResolvedModel) -> ModelSummary:
     config = resolved.config
     tc = text_config(config)
     return ModelSummary(

@@ -12,7 +12,6 @@ Records are numbered as ValidateConfig reports them: JSONL by line, JSON by arra
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -24,7 +23,7 @@ from finetune_server.errors import ErrorKind, FinetuneError, Violation
 from finetune_server.training.data.formats import AUTO
 from finetune_server.training.data.records import JSON, JSONL, RawRecord, detect_file_format
 from finetune_server.training.data.records import iter_records as iter_json_records
-from finetune_server.util.hashing import sha256_file
+from finetune_server.util.hashing import sha256_file_cached
 
 # kinds
 FILE = "file"
@@ -109,16 +108,6 @@ def is_saved_dataset(folder: Path) -> bool:
     return (folder / SAVED_DATASET_FILE).is_file() or (folder / SAVED_DICT_FILE).is_file()
 
 
-@functools.lru_cache(maxsize=256)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: hash again when the file changes
-    return sha256_file(Path(path))
-
-
-def _sha256_of(path: Path) -> str:
-    stat = path.stat()
-    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
-
-
 def _files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
@@ -193,13 +182,13 @@ class DatasetSource:
         """A key of the content: a file's sha256; for a folder the sha256 of its files' names and sha256s (and the
         split read); for a hub dataset of its id, pinned commit, subset and split."""
         if self.kind == FILE:
-            return _sha256_of(self.path)
+            return sha256_file_cached(self.path)
         digest = hashlib.sha256(f"{self.kind}\0{self.subset}\0{self.split}\0".encode())
         if self.kind == HUB:
             digest.update(f"{self.location}\0{self.revision}".encode())
         else:
             for file in _files_under(self.path):
-                digest.update(f"{file.relative_to(self.path).as_posix()}\0{_sha256_of(file)}\0".encode())
+                digest.update(f"{file.relative_to(self.path).as_posix()}\0{sha256_file_cached(file)}\0".encode())
         return digest.hexdigest()
 
     def size_bytes(self) -> int:

@@ -33,7 +33,7 @@ import structlog
 
 from finetune_server.storage.layout import TokenCacheDir, TokenCacheEntry
 from finetune_server.training.data.sources import DatasetSource, as_source
-from finetune_server.util.hashing import sha256_file
+from finetune_server.util.hashing import sha256_file_cached
 from finetune_server.util.paths import folder_bytes
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def tokenizer_fingerprint(model_dir: Path) -> str:
     for name in _TOKENIZER_FILES:
         path = model_dir / name
         digest.update(name.encode())
-        digest.update(sha256_file(path).encode() if path.is_file() else b"-")
+        digest.update(sha256_file_cached(path).encode() if path.is_file() else b"-")
     return digest.hexdigest()
 
 

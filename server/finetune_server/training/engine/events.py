@@ -7,7 +7,9 @@ EvalResult, CheckpointSaved and LogLine messages; an in-process caller can consu
 from __future__ import annotations
 
 import enum
+import functools
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -86,9 +88,22 @@ def read_device_memory(device: torch.device) -> DeviceMemoryReading:
             peak_bytes=int(torch.cuda.max_memory_allocated(index)),
             reserved_bytes=int(torch.cuda.memory_reserved(index)),
         )
-    process = psutil.Process(os.getpid())
-    rss = int(process.memory_info().rss)
+    rss = int(_this_process().memory_info().rss)
     return DeviceMemoryReading(device=str(device), allocated_bytes=rss, peak_bytes=max(rss, _peak_rss_bytes()))
+
+
+@functools.lru_cache(maxsize=1)
+def _process(pid: int) -> psutil.Process:
+    return psutil.Process(pid)
+
+
+def _this_process() -> psutil.Process:
+    """psutil's handle of this process, made once (it reads /proc to make one); by pid, as a forked worker is
+    another process than the one that imported this module."""
+    return _process(os.getpid())
+
+
+_RU_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
 
 
 def _peak_rss_bytes() -> int:
@@ -96,6 +111,4 @@ def _peak_rss_bytes() -> int:
         import resource
     except ImportError:  # Windows
         return 0
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if os.uname().sysname == "Darwin" else int(peak) * 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * _RU_MAXRSS_UNIT

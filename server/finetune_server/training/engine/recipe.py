@@ -887,7 +887,7 @@ class LoRARecipe:
         state, attempt, total_steps = self.state, self.attempt, self.plan.total_steps
         tokens = sum_across(attempt.progress_tokens, self.dist, self.device)
         now = time.perf_counter()
-        window_rows = [r for r in state.history if "loss" in r and r["step"] > state.last_logged_step]
+        window_rows = _rows_since(state.history, state.last_logged_step)
         last = window_rows[-1]
         done_this_attempt = state.step - attempt.start_step
         elapsed_here = now - attempt.started
@@ -1031,6 +1031,18 @@ def save_adapter(peft_model: Any, adapter_dir: Path, model_dir: Path, template: 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _rows_since(history: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    """The training rows (with a loss) after `step`, oldest first, read from the end: the history grows with the run
+    and a progress event must not cost more at step 10,000 than at step 10."""
+    rows: list[dict[str, Any]] = []
+    for row in reversed(history):
+        if row["step"] <= step:
+            break
+        if "loss" in row:
+            rows.append(row)
+    return rows[::-1]
 
 
 def _final_window_loss(rows: list[dict[str, Any]], log_every: int) -> float:
