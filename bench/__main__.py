@@ -71,7 +71,7 @@ def plan(args: argparse.Namespace) -> dict[str, Callable[[], Section]]:
             methods=engine.QUICK_METHODS if quick else engine.DEFAULT_METHODS,
         ),
         "startup": lambda: startup.run(
-            size=QUICK_SIZE if quick else SIZES["0.1M"], work_dir=work, reps=1 if quick else 5
+            size=QUICK_SIZE if quick else SIZES["0.1M"], work_dir=work, reps=1 if quick else 5, warm_up=not quick
         ),
         "service": lambda: service.run(
             size=QUICK_SIZE if quick else dataclasses.replace(SIZES["0.1M"], samples=48, batch_size=4),

@@ -21,7 +21,8 @@ POOL_LIMIT_S = 2.0  # Train -> first step with the pool, on the tiny model
 POOL_SPEEDUP = 4.0  # ... and at least this many times sooner than a fresh worker
 
 
-def run(*, size: ModelSize, work_dir: Path, reps: int) -> Section:
+def run(*, size: ModelSize, work_dir: Path, reps: int, warm_up: bool = True) -> Section:
+    """`warm_up`: one untimed job per server first (off in the smoke run, which checks the plumbing only)."""
     section = Section("startup")
     t0 = time.perf_counter()
     model_dir = build_model(size, work_dir)
@@ -34,7 +35,7 @@ def run(*, size: ModelSize, work_dir: Path, reps: int) -> Section:
     try:
         servers["pool"] = start_server(folder / "pool", model_dir.parent, dataset_root)
         servers["fresh"] = start_server(folder / "fresh", model_dir.parent, dataset_root, "--warm-workers", "0")
-        for server in servers.values():  # untimed
+        for server in servers.values() if warm_up else ():  # untimed
             run_async(train_grpc(server.address, config, 1))
         for rep in range(reps):
             for mode in MODES if rep % 2 == 0 else MODES[::-1]:

@@ -213,15 +213,13 @@ class _Answer:
 
 
 def _prompt_ids(loaded: Loaded, command: GenerateCommand) -> list[int]:
-    from finetune_server.training.data.template import TemplateError, render
+    from finetune_server.training.data.encode import encode_prompt
+    from finetune_server.training.data.template import TemplateError
 
-    try:
-        prompt = render(
-            loaded.template, command.messages, add_generation_prompt=True, **loaded.tokenizer.template_variables
-        )
+    try:  # exactly as the job's behaviour evaluation prompts it
+        ids = encode_prompt(command.messages, loaded.tokenizer, loaded.template)
     except TemplateError as exc:
         raise field_error(ErrorKind.INVALID_ARGUMENT, "TEMPLATE_FAILED", "messages", str(exc)) from exc
-    ids: list[int] = loaded.tokenizer.encode(prompt)
     if loaded.context_length and len(ids) + command.max_new_tokens > loaded.context_length:
         raise field_error(
             ErrorKind.INVALID_ARGUMENT,
