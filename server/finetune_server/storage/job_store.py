@@ -929,13 +929,7 @@ class SqlJobStore:
 
     def delete_artifact(self, artifact_id: str) -> ArtifactRecord:
         """Remove an artifact's record (its folder is the caller's to remove); returns the record as it was."""
-        with self._tx(write=True) as conn:
-            row = conn.execute("SELECT * FROM artifacts WHERE id = ?", (artifact_id,)).fetchone()
-            if row is None:
-                raise KeyError(artifact_id)
-            conn.execute("DELETE FROM artifacts WHERE id = ?", (artifact_id,))
-        log.info("artifact_deleted", artifact_id=artifact_id)
-        return _artifact(row)
+        return _artifact(self._delete_row("artifacts", artifact_id))
 
     def get_dataset(self, dataset_id: str) -> DatasetRecord:
         with self._tx() as conn:
@@ -959,13 +953,18 @@ class SqlJobStore:
 
     def delete_dataset(self, dataset_id: str) -> DatasetRecord:
         """Remove a dataset's record (its file is the caller's to remove); returns the record as it was."""
+        return _dataset(self._delete_row("datasets", dataset_id))
+
+    def _delete_row(self, table: str, record_id: str) -> Any:
+        """Delete `table`'s row `record_id` (a table name of ours, never a caller's) and return it as it was; KeyError
+        when there is none."""
         with self._tx(write=True) as conn:
-            row = conn.execute("SELECT * FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+            row = conn.execute(f"SELECT * FROM {table} WHERE id = ?", (record_id,)).fetchone()
             if row is None:
-                raise KeyError(dataset_id)
-            conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
-        log.info("dataset_deleted", dataset_id=dataset_id)
-        return _dataset(row)
+                raise KeyError(record_id)
+            conn.execute(f"DELETE FROM {table} WHERE id = ?", (record_id,))
+        log.info("record_deleted", table=table, record_id=record_id)
+        return row
 
     # -- the store itself ----------------------------------------------------------------------------------------
 
