@@ -3,6 +3,7 @@ and a dead server's job resumed by the other once its lease expires (`--lease-se
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -48,6 +49,12 @@ def pair(
     yield a, b, url.rsplit("/", 1)[1]
     for server in (a, b):
         stop_server(server)
+
+
+def logged(server: RunningServer, event: str) -> list[dict[str, object]]:
+    """The server's JSON log records of `event`."""
+    lines = server.log_path.read_text().splitlines()
+    return [record for line in lines if line.startswith("{") and (record := json.loads(line))["event"] == event]
 
 
 def ancestors(pid: int) -> list[int]:
@@ -141,6 +148,34 @@ def test_a_job_running_on_one_server_is_cancelled_from_the_other(
     assert states_of(rest)[-1] == pb.JOB_STATE_CANCELLED
     assert final.state == pb.JOB_STATE_CANCELLED
     wait_for(lambda: not Path(f"/proc/{worker_pid}").exists(), "the worker has exited", timeout=30)
+
+
+def test_one_artifact_asked_of_both_servers_at_once_is_exported_once(
+    pair: tuple[RunningServer, RunningServer, str], tiny_model_dir: Path
+) -> None:
+    a, b, _ = pair
+    channel, stub = a.stub()
+    with channel:
+        stream = stub.Train(pb.TrainRequest(config=job_config(tiny_model_dir.name)), timeout=300)
+        job = next(stream).job
+        assert states_of([m.event for m in stream])[-1] == pb.JOB_STATE_SUCCEEDED
+    request = pb.ExportRequest(job_id=job.id, format=pb.EXPORT_FORMAT_MERGED)
+    started = threading.Barrier(2)
+
+    def export_on(server: RunningServer) -> list[pb.ExportResponse]:
+        server_channel, server_stub = server.stub()
+        with server_channel:
+            started.wait(timeout=30)
+            return list(server_stub.Export(request, timeout=300))
+
+    with ThreadPoolExecutor(2) as pool:
+        from_a, from_b = pool.map(export_on, (a, b))
+    assert from_a[-1].artifact == from_b[-1].artifact, "both callers get the one artifact"
+    # One export worker ran, on one of the servers; the other server's caller waited for its record.
+    started_on = {name: logged(server, "export.started") for name, server in (("a", a), ("b", b))}
+    assert sorted(len(records) for records in started_on.values()) == [0, 1], started_on
+    waited = from_b if started_on["a"] else from_a
+    assert any(m.progress.stage == "waiting" for m in waited[:-1])
 
 
 def test_kill_9_of_a_server_mid_training_and_the_other_resumes_the_job(

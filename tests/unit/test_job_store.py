@@ -956,3 +956,18 @@ def test_nan_and_infinity_round_trip_in_every_payload(store: JobStore) -> None:
     assert job.result is not None and math.isnan(job.result["final_loss"])
     stored = store.events_after("job-1", 1, limit=1)[0].payload
     assert math.isnan(stored["loss"]) and stored["grad_norm"] == math.inf
+
+
+def test_a_store_lock_is_held_across_servers_until_released(open_store: StoreFactory) -> None:
+    mine, other = open_store(), open_store()
+    held = mine.try_lock("export:art-1")
+    assert held is not None and mine.reachable()
+    if mine.shared:  # another server of the same database: refused while held, its own names still free
+        assert other.try_lock("export:art-1") is None
+        free = other.try_lock("export:art-2")
+        assert free is not None
+        free.release()
+    held.release()
+    again = other.try_lock("export:art-1")
+    assert again is not None
+    again.release()

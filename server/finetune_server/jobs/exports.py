@@ -32,7 +32,7 @@ from finetune_server.jobs import idempotency
 from finetune_server.jobs.service import job_not_found
 from finetune_server.settings import ServerSettings
 from finetune_server.storage import layout
-from finetune_server.storage.job_store import JobStore
+from finetune_server.storage.job_store import JobStore, StoreLock
 from finetune_server.storage.records import ArtifactRecord, JobRecord, JobState
 from finetune_server.training.config import TrainingConfig
 from finetune_server.training.model_info import summarize_model
@@ -55,6 +55,14 @@ def unknown_artifact(art_id: str) -> FinetuneError:
 def artifact_id(job_id: str, fmt: ExportFormat, checkpoint_step: int | None) -> str:
     key = f"{job_id}:{fmt.name}:{'final' if checkpoint_step is None else checkpoint_step}"
     return "art-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+# What a caller hears while another server exports the artifact it asked for (then that server's artifact).
+_WAITING = ExportProgress(stage="waiting", fraction=0.0, message="another server is exporting it; waiting for it")
+
+
+def _export_lock(art_id: str) -> str:
+    return f"export:{art_id}"
 
 
 def _being_deleted(what: str) -> FinetuneError:
@@ -140,11 +148,25 @@ class ExportService:
             self._refuse_if_deleting(job_id, art_id)
             running = self._running.get(art_id)  # looked up before the store: a run records before it leaves
             if running is None:
+                claim: StoreLock | None = None
                 existing = await self._stored(art_id)
+                while existing is None and claim is None:
+                    claim = await asyncio.to_thread(self._store.try_lock, _export_lock(art_id))
+                    if claim is None:  # another server of this store is exporting it: its record will do
+                        yield _WAITING
+                        await asyncio.sleep(self._settings.store_reread_s)
+                    existing = await self._stored(art_id)  # perhaps recorded by the lock's previous holder
+                    if existing is not None and claim is not None:
+                        claim.release()
                 if existing is not None:
                     yield existing
                     return
-                running = await self._start(art_id, job, fmt, checkpoint_step)
+                assert claim is not None
+                try:
+                    running = await self._start(art_id, job, fmt, checkpoint_step, claim)
+                except BaseException:
+                    claim.release()
+                    raise
         async for item in running.follow():
             yield item
 
@@ -154,10 +176,11 @@ class ExportService:
                 raise _being_deleted(what)
 
     async def _start(
-        self, art_id: str, job: JobRecord, fmt: ExportFormat, checkpoint_step: int | None
+        self, art_id: str, job: JobRecord, fmt: ExportFormat, checkpoint_step: int | None, claim: StoreLock
     ) -> _RunningExport:
         """Check what the export needs, then run it as a task of its own: it goes on (and records its artifact)
-        whether or not anyone still follows it, so a dropped stream loses nothing and a retry attaches."""
+        whether or not anyone still follows it, so a dropped stream loses nothing and a retry attaches. `claim`
+        (this artifact's lock across the servers of the store) is released when it ends."""
         job_id, job_config = job.id, job.config
         config = TrainingConfig.from_dict(job_config)
         model = await asyncio.to_thread(resolve_model, config.model_name, self._settings)
@@ -180,6 +203,7 @@ class ExportService:
         running = _RunningExport(job_id, task)
         self._running[art_id] = running
         running.task.add_done_callback(functools.partial(self._finished, art_id))
+        running.task.add_done_callback(lambda _: asyncio.get_running_loop().run_in_executor(None, claim.release))
         log.info("export.started", job_id=job_id, artifact_id=art_id, format=fmt.name)
         return running
 

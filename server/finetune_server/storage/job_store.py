@@ -83,6 +83,17 @@ class StoreUnavailableError(StoreRefusedError):
     """The database cannot be reached."""
 
 
+class StoreLock(Protocol):
+    def release(self) -> None: ...
+
+
+class _LocalLock:
+    """A store one server owns needs no lock between servers: that server's own locks suffice."""
+
+    def release(self) -> None:
+        pass
+
+
 class JobStore(Protocol):
     """What the job service needs from its storage. Unknown ids raise `KeyError(id)`.
 
@@ -196,6 +207,11 @@ class JobStore(Protocol):
 
     def reachable(self) -> bool:
         """Whether a statement can run now (the health probe asks: a shared database may be lost and come back)."""
+        ...
+
+    def try_lock(self, name: str) -> StoreLock | None:
+        """A lock named `name` held across every server of this store until released, or None when another server
+        holds it now. For work that must run once per data dir (one export of an artifact)."""
         ...
 
     def close(self) -> None: ...
@@ -1041,6 +1057,9 @@ class SqliteJobStore(SqlJobStore, JobStore):
             rows = self._conn.execute("PRAGMA integrity_check").fetchall()
         problems = [str(r[0]) for r in rows if str(r[0]) != "ok"] + self._sequence_problems()
         return "\n".join(problems) or "ok"
+
+    def try_lock(self, name: str) -> StoreLock | None:
+        return _LocalLock()
 
     def reachable(self) -> bool:
         try:

@@ -29,6 +29,7 @@ from finetune_server.storage.job_store import (
     OnNotice,
     SchemaTooNewError,
     SqlJobStore,
+    StoreLock,
     StoreUnavailableError,
 )
 from finetune_server.storage.store_url import redact
@@ -226,13 +227,7 @@ class PostgresJobStore(SqlJobStore, JobStore):
         except (PoolTimeout, psycopg.OperationalError) as exc:
             if isinstance(exc, psycopg.OperationalError) and not _connection_lost(exc):
                 raise
-            log.warning("job_store.unavailable", store=redact(self.url), error=" ".join(str(exc).split()))
-            raise FinetuneError(
-                ErrorKind.UNAVAILABLE,
-                "STORE_UNAVAILABLE",
-                "the server cannot reach its job store right now",
-                hint="Retry shortly: the server reconnects by itself.",
-            ) from exc
+            raise _unavailable(self.url, exc) from exc
 
     def _notify(self, conn: Connection, kind: str, job_id: str) -> None:
         conn.execute("SELECT pg_notify(?, ?)", (NOTICE_CHANNEL, f"{kind}:{job_id}"))
@@ -248,6 +243,24 @@ class PostgresJobStore(SqlJobStore, JobStore):
         """PostgreSQL checks its own pages; this checks what is ours: every job's events are gap-free."""
         return "\n".join(self._sequence_problems()) or "ok"
 
+    def try_lock(self, name: str) -> StoreLock | None:
+        """A session-level advisory lock on a connection of its own, held until `release` (or until this server's
+        connection dies with it: a dead server's locks go with its sessions)."""
+        try:
+            conn = self._pool.getconn()
+        except PoolTimeout as exc:
+            raise _unavailable(self.url, exc) from exc
+        try:  # a session lock outlives the transaction that took it: commit, and hold no transaction open
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0)) AS got", (name,)).fetchone()
+            conn.commit()
+        except BaseException:
+            self._pool.putconn(conn)
+            raise
+        if row is None or not row["got"]:
+            self._pool.putconn(conn)
+            return None
+        return _AdvisoryLock(self._pool, conn, name)
+
     def reachable(self) -> bool:
         try:
             with self._tx() as conn:
@@ -258,6 +271,30 @@ class PostgresJobStore(SqlJobStore, JobStore):
 
     def close(self) -> None:
         self._pool.close()
+
+
+class _AdvisoryLock:
+    def __init__(self, pool: ConnectionPool[Any], conn: psycopg.Connection[Any], name: str) -> None:
+        self._pool, self._conn, self._name = pool, conn, name
+
+    def release(self) -> None:
+        try:
+            self._conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (self._name,))
+            self._conn.commit()
+        except psycopg.OperationalError:  # the connection is gone, and the lock with it
+            pass
+        finally:
+            self._pool.putconn(self._conn)
+
+
+def _unavailable(url: str, exc: Exception) -> FinetuneError:
+    log.warning("job_store.unavailable", store=redact(url), error=" ".join(str(exc).split()))
+    return FinetuneError(
+        ErrorKind.UNAVAILABLE,
+        "STORE_UNAVAILABLE",
+        "the server cannot reach its job store right now",
+        hint="Retry shortly: the server reconnects by itself.",
+    )
 
 
 def _connection_lost(exc: psycopg.OperationalError) -> bool:
