@@ -2497,7 +2497,9 @@ class ExportProgress(_message.Message):
     FRACTION_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
-    """Stage name: `loading_base`, `merging`, `saving`, `checksumming`."""
+    """Stage name: `loading_base`, `merging`, `saving`, `checksumming`; `waiting` while another server of the same
+    store exports this artifact (its artifact then ends the stream).
+    """
     fraction: _builtins.float
     """Overall completion in [0, 1]."""
     message: _builtins.str
