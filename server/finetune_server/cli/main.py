@@ -296,9 +296,12 @@ def demo(
     model: Annotated[
         str | None, typer.Option(help="A hub id or local folder instead of the embedded tiny model.")
     ] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 150,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Optimizer steps (default: 150 for the tiny model, 40 for --model).")
+    ] = None,
 ) -> None:
-    """Train the embedded tiny model on made-up facts through the service and show its answers before and after."""
+    """Train the embedded tiny model (or --model) on made-up facts through the service and show its answers, and its
+    answers to general questions it did not train, before and after."""
     from rich.console import Console
 
     from finetune_server.demo.run import run_demo

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from finetune_client import ExportResult, FieldViolation, ValidationResult
+from finetune_client import ExportResult, FieldViolation, ProbeComparison, ValidationResult
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client.convert import config_to_dict, message_to_dict, state_name
 from finetune_server.cli.common import format_bytes, format_count, format_duration
@@ -262,7 +262,7 @@ def render_job(console: Console, job: pb.Job) -> None:
 PROBE_TEXT_CHARS = 60  # longer answers are cut in the table (`--json` has them whole)
 
 
-def render_probes(console: Console, probes: Sequence[pb.ProbeComparison]) -> None:
+def render_probes(console: Console, probes: Sequence[pb.ProbeComparison] | Sequence[ProbeComparison]) -> None:
     """The eval_probes before and after training, marked ✓/✗ against their expected answers when they have one."""
     with_expected = any(p.expected for p in probes)
     table = Table(title="Probes: greedy answers before and after training", title_justify="left")

@@ -2,7 +2,9 @@
 
 It builds a tiny random Qwen2-style model and a dataset of made-up facts (names and codes it cannot know), starts a
 server (or uses `--server`), uploads the dataset, trains through gRPC with a live progress bar, and prints the
-model's answers before and after training side by side.
+model's answers before and after training side by side. The job also answers a few general questions it does not
+train (`eval_probes`), before and after, so the demo shows what training did to everything else: on a real model
+(`--model`) those answers should survive, which is why a real model gets gentler settings than the tiny one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from finetune_client import GrpcFineTuneService, ProgressUpdate
+from finetune_server.cli.render import render_probes
 from finetune_server.demo.tiny_model import TinyModelSpec, build_tiny_model
 from finetune_server.host.cpu_policy import available_cpus
 from finetune_server.storage.layout import DataDir
@@ -32,6 +35,26 @@ from finetune_server.storage.layout import DataDir
 # Sized to learn the demo: hidden 128 / 2 layers with LoRA r16 memorises a dozen facts in ~150 steps at lr 3e-3.
 DEMO_MODEL_SPEC = TinyModelSpec(hidden_size=128, intermediate_size=256)
 DEMO_MODEL_NAME = "tiny-qwen2-demo"
+TINY_MODEL_STEPS = 150
+# A pretrained model memorises the dozen facts within a few dozen steps; the tiny model's 150 steps at lr 3e-3 drive
+# a real one's loss to ~0 by step 35 and keep pushing, which overwrote what it knew ("The capital of France is
+# B188."). Fewer steps, a tenth of the learning rate, decaying, and a smaller adapter learn the facts and keep the rest.
+REAL_MODEL_STEPS = 40
+# Questions the demo does not train: their answers before and after training show what else training changed.
+GENERAL_PROBES = (
+    "What is the capital of France?",
+    "What is 2 + 2?",
+    "What colour is a clear daytime sky?",
+)
+# Other general questions, answered by the base model itself before training and trained alongside the facts
+# (rehearsal): without them a dozen answers of one shape teach a real model to answer everything with a code. They
+# differ from GENERAL_PROBES so the probes still measure what was not trained.
+REHEARSAL_QUESTIONS = (
+    "What is the largest planet in the solar system?",
+    "Who wrote Romeo and Juliet?",
+    "How many days are in a week?",
+    "What do bees make?",
+)
 _NAMES = (
     "Zorvath", "Quillane", "Brixomund", "Talvenor", "Mirethis", "Kobranth",
     "Velquist", "Ostrava Pell", "Drummelkin", "Fenwarrow", "Sarnoth", "Ilvexa",
@@ -62,13 +85,16 @@ def demo_facts(count: int = len(_NAMES), seed: int = 7) -> list[Fact]:
 
 
 def write_dataset(path: Path, facts: list[Fact]) -> Path:
+    """One instruction/output line per fact (or rehearsal answer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"instruction": f.question, "output": f.answer}) + "\n" for f in facts))
     return path
 
 
-def demo_config(model_name: str, dataset: str, steps: int) -> dict[str, Any]:
-    return {
+def demo_config(model_name: str, dataset: str, steps: int, *, real_model: bool = False) -> dict[str, Any]:
+    """The tiny random model's settings, or (`real_model`) gentler ones that leave a pretrained model's knowledge
+    alone; both answer GENERAL_PROBES before and after training."""
+    config: dict[str, Any] = {
         "model_name": model_name,
         "dataset": dataset,
         "max_steps": steps,
@@ -80,10 +106,23 @@ def demo_config(model_name: str, dataset: str, steps: int) -> dict[str, Any]:
         "logging_steps": 5,
         "save_steps": 50,
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "eval_probes": [{"prompt": prompt} for prompt in GENERAL_PROBES],
+        "eval_max_new_tokens": 32,
     }
+    if real_model:
+        config.update(
+            learning_rate=1e-3,
+            lr_scheduler_type="cosine",
+            warmup_ratio=0.1,
+            per_device_train_batch_size=16,  # the facts and the rehearsal answers in one batch
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        )
+    return config
 
 
-def answer_all(model_ref: str | Path, questions: list[str], adapter: Path | None = None) -> list[str]:
+def answer_all(
+    model_ref: str | Path, questions: list[str], adapter: Path | None = None, *, max_new_tokens: int = 32
+) -> list[str]:
     """Greedy answers with the model's own chat template (plain transformers + peft, none of our code)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,7 +141,7 @@ def answer_all(model_ref: str | Path, questions: list[str], adapter: Path | None
             inputs = tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
             )
-            output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             new_tokens = output[0, inputs["input_ids"].shape[1] :]
             text = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
             answers.append(text or repr(tokenizer.decode(new_tokens[:6])))  # what it emits, even if only specials
@@ -143,7 +182,9 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def run_demo(data_dir: Path, *, server: str | None, model: str | None, steps: int, console: Console) -> int:
+def run_demo(data_dir: Path, *, server: str | None, model: str | None, steps: int | None, console: Console) -> int:
+    """The whole demo; `steps` None: the model's default (TINY_MODEL_STEPS or REAL_MODEL_STEPS). Returns the exit code:
+    0 when training got more facts exactly right than before."""
     _quiet_libraries()
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -157,16 +198,23 @@ def run_demo(data_dir: Path, *, server: str | None, model: str | None, steps: in
     else:
         model_ref = model_name = model
         model_root = Path(model).resolve().parent if Path(model).exists() else data_dir / "models"
-    dataset_file = write_dataset(data_dir / "demo" / "facts.jsonl", facts)
+    trained = facts
+    if model is not None:
+        console.print("[bold]1.[/] The base model's own answers to a few general questions, to train alongside...")
+        own = answer_all(model_ref, list(REHEARSAL_QUESTIONS), max_new_tokens=64)
+        trained = facts + [Fact(q, a) for q, a in zip(REHEARSAL_QUESTIONS, own, strict=True)]
+    dataset_file = write_dataset(data_dir / "demo" / "facts.jsonl", trained)
 
     console.print("[bold]2.[/] Answers before training...")
     before = answer_all(model_ref, questions)
 
     with local_server(data_dir, model_root) if server is None else nullcontext(server) as address:
-        console.print(f"[bold]3.[/] Server at {address}; uploading {len(facts)} made-up facts...")
+        extra = f" and {len(trained) - len(facts)} of its own answers" if len(trained) > len(facts) else ""
+        console.print(f"[bold]3.[/] Server at {address}; uploading {len(facts)} made-up facts{extra}...")
         with GrpcFineTuneService(address, timeout=60) as service:
             uploaded = service.upload_dataset(dataset_file)
-            config = demo_config(model_name, uploaded["id"], steps)
+            default_steps = TINY_MODEL_STEPS if model is None else REAL_MODEL_STEPS
+            config = demo_config(model_name, uploaded["id"], steps or default_steps, real_model=model is not None)
             result = _train_with_bar(service, config, console)
             if not result["success"]:
                 console.print(f"[red]training failed:[/] {result['error']}")
@@ -176,6 +224,10 @@ def run_demo(data_dir: Path, *, server: str | None, model: str | None, steps: in
     console.print("[bold]5.[/] Answers after training...")
     after = answer_all(model_ref, questions, adapter)
     _print_comparison(console, facts, before, after)
+    if result["probes"]:
+        render_probes(console, result["probes"])
+        kept = sum(p.after.strip() == p.before.strip() for p in result["probes"])
+        console.print(f"[bold]general answers unchanged by training: {kept}/{len(result['probes'])}[/]")
     console.print(f"job {result['job_id']}: {result['steps']} steps, final loss {result['final_loss']:.3f}")
     console.print(f"adapter: {adapter}")
     if server is None:
