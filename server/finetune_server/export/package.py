@@ -44,6 +44,7 @@ from finetune_server.training.data.template import (
 )
 from finetune_server.training.model_source import resolve_model_dir
 from finetune_server.util.hashing import sha256_file
+from finetune_server.util.json_values import read_json_object
 
 log = structlog.get_logger(__name__)
 
@@ -206,13 +207,13 @@ def _write_artifact(
     if fmt is ExportFormat.MERGED:
         base_dir = source.base_dir()
         _merge(base_dir, source.adapter_dir, staging, on_progress, device=device, max_shard_size=max_shard_size)
-        generation_base = _read_json(staging / layout.GENERATION_CONFIG_FILE)
+        generation_base = read_json_object(staging / layout.GENERATION_CONFIG_FILE)
     else:
         on_progress("saving", 0.0, "copying the adapter")
         for name in layout.ADAPTER_FILES:
             shutil.copy2(source.adapter_dir / name, staging / name)
         local_base = _local_base_dir(source.model_ref, source.hub_cache_dir)
-        generation_base = _read_json(local_base / layout.GENERATION_CONFIG_FILE) if local_base else {}
+        generation_base = read_json_object(local_base / layout.GENERATION_CONFIG_FILE) if local_base else {}
     save_tokenizer_files(tokenizer_dir, staging, template)
     _write_generation_config(staging, generation_base, tokenizer_dir, template)
     on_progress("saving", 0.8, "artifact written")
@@ -252,7 +253,7 @@ def find_adapter(job_dir: Path, checkpoint_step: int | None) -> tuple[Path, int]
 
 def _final_step(job_dir: Path) -> int:
     """The final adapter's step: the training report's, else the newest checkpoint's."""
-    steps = _read_json(layout.JobDir(job_dir).metrics).get("steps")
+    steps = read_json_object(layout.JobDir(job_dir).metrics).get("steps")
     if isinstance(steps, int | float) and not isinstance(steps, bool):
         return int(steps)
     from finetune_server.training.engine.checkpoint import list_checkpoints
@@ -348,6 +349,15 @@ def generation_settings(base: Mapping[str, Any], tokenizer_dir: Path, template: 
     return out
 
 
+def stop_ids(model_dir: Path, tokenizer_dir: Path, template: str) -> tuple[list[int], int | None]:
+    """The ids that end an answer and the pad id, as an export's generation_config.json holds them (the base's own
+    from `model_dir`, the tokenizer's eos, the template's end of turn): what Generate and behaviour evaluation stop
+    at, so they stop where a served export does."""
+    settings = generation_settings(read_json_object(model_dir / layout.GENERATION_CONFIG_FILE), tokenizer_dir, template)
+    eos, pad = settings.get("eos_token_id"), settings.get("pad_token_id")
+    return ([eos] if isinstance(eos, int) else list(eos or [])), (pad if isinstance(pad, int) else None)
+
+
 def _write_generation_config(dest: Path, base: Mapping[str, Any], tokenizer_dir: Path, template: str) -> None:
     settings = generation_settings(base, tokenizer_dir, template)
     (dest / layout.GENERATION_CONFIG_FILE).write_text(
@@ -384,7 +394,7 @@ def _merge(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base_config = _read_json(model_dir / "config.json")
+    base_config = read_json_object(model_dir / "config.json")
     if base_config.get("quantization_config"):
         raise FinetuneError(
             ErrorKind.FAILED_PRECONDITION,
@@ -451,11 +461,3 @@ def checksum_files(
         if on_progress is not None:
             on_progress("checksumming", start + (end - start) * done / total, relative)
     return files
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -112,23 +112,21 @@ def _template_of(folder: Path) -> str:
         raise FinetuneError(ErrorKind.FAILED_PRECONDITION, "NO_CHAT_TEMPLATE", str(exc)) from exc
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def load(spec: GenerateSpec) -> Loaded:
     """The model (with its adapter, when there is one) in eval mode, its tokenizer, template and stop ids."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from finetune_server.export.package import find_adapter, generation_settings, merge_dtype, tokenizer_source
+    from finetune_server.export.package import (
+        find_adapter,
+        merge_dtype,
+        stop_ids,
+        tokenizer_source,
+    )
     from finetune_server.storage import layout
     from finetune_server.training.data.tokenizer import load_tokenizer
     from finetune_server.training.model_source import resolve_model_dir
+    from finetune_server.util.json_values import read_json_object
 
     def base_dir() -> Path:
         cache = Path(spec.hub_cache_dir) if spec.hub_cache_dir else None
@@ -148,17 +146,12 @@ def load(spec: GenerateSpec) -> Loaded:
         template = _template_of(tokenizer_dir)
         step = 0
     model_dir = base_dir()
-    settings = generation_settings(
-        _read_json(model_dir / layout.GENERATION_CONFIG_FILE), tokenizer_dir, template
-    )  # the eos ids an export writes: tokenizer eos, end of turn, base eos
-    eos = settings.get("eos_token_id")
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    pad_id = settings.get("pad_token_id")
+    eos_ids, pad_id = stop_ids(model_dir, tokenizer_dir, template)
 
     device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log.info("loading model", model=spec.model_ref, adapter=str(adapter_dir), device=str(device))
     # fp32 on the CPU (exact, and bf16 there is slow); on a GPU the base's own dtype, as a merged export ships it.
-    dtype = getattr(torch, merge_dtype(_read_json(model_dir / "config.json")), "auto")
+    dtype = getattr(torch, merge_dtype(read_json_object(model_dir / "config.json")), "auto")
     if device.type != "cuda":
         dtype = torch.float32
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

@@ -7,7 +7,6 @@ special tokens written in the text (`<|im_end|>`) map to their ids.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,16 +14,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from finetune_server.errors import ErrorKind, FinetuneError
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
+from finetune_server.util.json_values import read_json_object
 
 
 def _token_text(value: Any) -> str | None:
@@ -140,9 +130,9 @@ def load_tokenizer(model_dir: Path) -> TextTokenizer:
         raise FinetuneError(
             ErrorKind.FAILED_PRECONDITION, "TOKENIZER_INVALID", f"cannot read {path.name}: {exc}"
         ) from exc
-    config = _read_json(model_dir / "tokenizer_config.json")
-    generation = _read_json(model_dir / "generation_config.json")
-    model_config = _read_json(model_dir / "config.json")
+    config = read_json_object(model_dir / "tokenizer_config.json")
+    generation = read_json_object(model_dir / "generation_config.json")
+    model_config = read_json_object(model_dir / "config.json")
     bos_token = _token_text(config.get("bos_token"))
     pad_ids = _ids(generation.get("pad_token_id")) or _ids(model_config.get("pad_token_id"))
     return TextTokenizer(

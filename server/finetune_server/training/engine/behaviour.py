@@ -15,7 +15,6 @@ template's end of turn, the base's eos), as the Generate RPC serves; nothing of 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune_server.storage import layout
 from finetune_server.training.config import EvalProbe
 from finetune_server.training.data import IGNORE_INDEX, Message, TextTokenizer, encode_prompt
 from finetune_server.training.data.token_table import TokenTable
@@ -59,16 +57,9 @@ class HeldOutExample:
 
 def stop_tokens(model_dir: Path, template: str) -> StopTokens:
     """The stop ids of the job's template and tokenizer, as an export's generation_config.json holds them."""
-    from finetune_server.export.package import generation_settings
+    from finetune_server.export.package import stop_ids
 
-    try:
-        base = json.loads((model_dir / layout.GENERATION_CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        base = {}
-    settings = generation_settings(base if isinstance(base, dict) else {}, model_dir, template)
-    eos = settings.get("eos_token_id")
-    pad = settings.get("pad_token_id")
-    return StopTokens([eos] if isinstance(eos, int) else list(eos or []), pad if isinstance(pad, int) else None)
+    return StopTokens(*stop_ids(model_dir, model_dir, template))
 
 
 @contextlib.contextmanager
