@@ -1,7 +1,8 @@
 """A worker module for the warm pool's tests: it reports the state it was started with, then dirties that state.
 
 Run through a fork server like a real worker (`main(args)` with `--spec`/`--events-fd`); the spec is a JSON object:
-{"crash": true} raises before reporting. Its one message is a protocol `result` whose data is what it saw.
+{"crash": true} raises before reporting; {"wait_for_stdin": true} sends `started`, then waits for its stdin's
+EOF. Its last message is a protocol `result` whose data is what it saw.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune_server.workers.protocol import Result
+from finetune_server.workers.protocol import Result, Started
 
 STATE = {"dirtied": 0}  # module state each run changes: a worker forked later must still see 0
 
@@ -23,6 +24,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     events_fd = int(args[args.index("--events-fd") + 1])
     if spec.get("crash"):
         raise RuntimeError("probe crash on purpose")
+    if spec.get("wait_for_stdin"):  # says it started, then runs until its stdin closes
+        with os.fdopen(os.dup(events_fd), "w") as started:
+            started.write(Started(resumed_from_step=None, pid=os.getpid()).encode())
+        sys.stdin.read()
     torch = sys.modules.get("torch")
     seen = {
         "pid": os.getpid(),

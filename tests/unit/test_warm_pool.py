@@ -14,7 +14,7 @@ from typing import Any
 
 from finetune_server.workers.protocol import Cancelled, Message, Result
 from finetune_server.workers.supervisor import run_worker, supervise
-from finetune_server.workers.warm_pool import WarmPool
+from finetune_server.workers.warm_pool import UNKNOWN_RETURNCODE, WarmPool
 
 from .test_worker_supervisor import Recorder, assert_gone, cancel_at_first_progress, make_spec
 
@@ -113,3 +113,50 @@ async def test_cancel_stops_a_pooled_training_worker(tmp_path: Path, tiny_model_
     assert exit_.returncode == 0 and isinstance(exit_.final, Cancelled) and 1 <= exit_.final.step < 200
     assert recorder.messages[0].TYPE == "started" and recorder.messages[-1] is exit_.final
     assert_gone(exit_.pid)
+
+
+async def test_a_worker_outliving_its_fork_server_still_ends_for_its_supervisor(tmp_path: Path) -> None:
+    pool = WarmPool(1, tmp_path / "pool")
+    (tmp_path / "wait.json").write_text(json.dumps({"wait_for_stdin": True}))
+    commands: asyncio.Queue[bytes | None] = asyncio.Queue()
+    seen: list[Message] = []
+
+    async def on_message(message: Message) -> None:
+        seen.append(message)
+        if message.TYPE == "started":  # the fork server dies while its worker runs; then the worker is let go
+            os.kill(_parent_of(message.pid), signal.SIGKILL)
+            await commands.put(None)
+
+    try:
+        exit_ = await asyncio.wait_for(
+            supervise(
+                PROBE,
+                tmp_path / "wait.json",
+                on_message=on_message,
+                log_path=tmp_path / "wait.log",
+                env=probe_env(),
+                bound=_Quiet(),
+                commands=commands,
+                launcher=pool,
+            ),
+            timeout=120,
+        )
+    finally:
+        await pool.close()
+    assert [m.TYPE for m in seen] == ["started", "result"] and isinstance(exit_.final, Result)
+    assert exit_.returncode == UNKNOWN_RETURNCODE, "its status went with the fork server; its end did not"
+    # Ended: gone, or a zombie left to whatever adopted it (an init that does not reap, as in some sandboxes).
+    assert _state_of(exit_.pid) in {None, "Z"}
+
+
+def _state_of(pid: int) -> str | None:
+    """The process's state letter (R, S, Z...), None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def _parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])

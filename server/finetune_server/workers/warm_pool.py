@@ -95,6 +95,7 @@ class ForkServer:
         self._forked: dict[int, asyncio.Future[int]] = {}
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._early_exits: dict[int, int] = {}  # an exit reported before its fork's answer was read
+        self._watchers: set[asyncio.Task[None]] = set()  # workers outliving this server, watched by pid
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()  # one fork request in flight: packets and their fds stay paired
         self._reader: asyncio.Task[None] | None = None
@@ -173,12 +174,27 @@ class ForkServer:
         finally:
             for fd in fds:
                 os.close(fd)
-        exited = self._exits.setdefault(pid, asyncio.get_running_loop().create_future())
-        if pid in self._early_exits:
-            exited.set_result(self._early_exits.pop(pid))
+        exited = self._exit_of(pid)
         writer = await _stdin_writer(stdin_write) if stdin_write is not None else None
         reader, transport = await open_message_reader(read_fd)
         return MessagePipe(ForkedProcess(pid, writer, exited), reader, transport)
+
+    def _exit_of(self, pid: int) -> asyncio.Future[int]:
+        """The future of worker `pid`'s exit code: reported by this server, or watched by pid once it is gone."""
+        exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if pid in self._early_exits:
+            exited.set_result(self._early_exits.pop(pid))
+        elif self._reader is not None and self._reader.done():  # it died between forking and this: nobody reports
+            self._watch_gone(pid, exited)
+        else:
+            self._exits[pid] = exited
+        return exited
+
+    def _watch_gone(self, pid: int, exited: asyncio.Future[int]) -> None:
+        log.warning("forkserver.gone_with_worker_running", worker_pid=pid)
+        task = asyncio.get_running_loop().create_task(_settle_when_gone(pid, exited))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     async def _send(self, data: bytes, fds: list[int]) -> None:
         assert self._sock is not None
@@ -205,7 +221,7 @@ class ForkServer:
         except (OSError, ValueError) as exc:
             bound.warning("forkserver.lost", error=str(exc))
         finally:
-            self._fail_pending(bound)
+            self._fail_pending()
 
     def _on_reply(self, reply: dict[str, Any], bound: Any) -> None:
         kind = reply.get("type")
@@ -228,7 +244,7 @@ class ForkServer:
             elif not exited.done():
                 exited.set_result(code)
 
-    def _fail_pending(self, bound: Any) -> None:
+    def _fail_pending(self) -> None:
         """The fork server is gone: requests fail (the pool starts those workers fresh); running workers are
         watched by pid until they end, their exit status unknown."""
         gone = RuntimeError("the fork server exited")
@@ -240,8 +256,7 @@ class ForkServer:
         self._forked.clear()
         for pid, exited in self._exits.items():
             if not exited.done():
-                bound.warning("forkserver.gone_with_worker_running", worker_pid=pid)
-                asyncio.get_running_loop().create_task(_settle_when_gone(pid, exited))
+                self._watch_gone(pid, exited)
         self._exits.clear()
 
     async def close(self) -> None:
