@@ -20,11 +20,11 @@ from pathlib import Path
 
 from bench import data, engine, memory, rpc, service, startup
 from bench.common import (
+    ALL_SIZES,
     DEFAULT_SIZES,
     DEFAULT_WORK_DIR,
     QUICK_SIZE,
     RESULTS_DIR,
-    SIZES,
     Section,
     machine,
     versions,
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description="sage-finetune benchmarks with baselines.")
     parser.add_argument("--quick", action="store_true", help="smallest size, a few steps (smoke run)")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
-    parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=f"engine model sizes, of {list(SIZES)}")
+    parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=f"engine model sizes, of {list(ALL_SIZES)}")
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions (engine, service)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in the engine runs")
     parser.add_argument(
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only.split(",")) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
-    unknown_sizes = set(args.sizes.split(",")) - set(SIZES)
+    unknown_sizes = set(args.sizes.split(",")) - set(ALL_SIZES)
     if unknown_sizes:
         parser.error(f"unknown sizes: {', '.join(sorted(unknown_sizes))}")
     return args
@@ -71,10 +71,10 @@ def plan(args: argparse.Namespace) -> dict[str, Callable[[], Section]]:
             methods=engine.QUICK_METHODS if quick else engine.DEFAULT_METHODS,
         ),
         "startup": lambda: startup.run(
-            size=QUICK_SIZE if quick else SIZES["0.1M"], work_dir=work, reps=1 if quick else 5, warm_up=not quick
+            size=QUICK_SIZE if quick else ALL_SIZES["0.1M"], work_dir=work, reps=1 if quick else 5, warm_up=not quick
         ),
         "service": lambda: service.run(
-            size=QUICK_SIZE if quick else dataclasses.replace(SIZES["0.1M"], samples=48, batch_size=4),
+            size=QUICK_SIZE if quick else dataclasses.replace(ALL_SIZES["0.1M"], samples=48, batch_size=4),
             work_dir=work,
             reps=reps,
             watchers=3 if quick else args.watchers,
@@ -82,7 +82,7 @@ def plan(args: argparse.Namespace) -> dict[str, Callable[[], Section]]:
             threads=args.service_threads,
         ),
         "rpc": lambda: rpc.run(
-            size=QUICK_SIZE if quick else SIZES["0.1M"],
+            size=QUICK_SIZE if quick else ALL_SIZES["0.1M"],
             work_dir=work,
             levels=(1, 5) if quick else rpc.LEVELS,
             max_requests=20 if quick else 3000,

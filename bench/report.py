@@ -78,10 +78,11 @@ def _engine(data: dict[str, Any]) -> list[str]:
         lengths = s["lengths"]
         out += [
             "",
-            f"### {size}: {s['parameters']:,} parameters; {s['examples']} examples, {lengths['tokens']:,} tokens "
+            f"### {size} ({s.get('model', 'random Qwen2')}): {s['parameters']:,} parameters; "
+            f"{s['examples']} examples, {lengths['tokens']:,} tokens "
             f"(length {lengths['min']}-{lengths['max']}, median {lengths['median']}, "
             f"{lengths['padding_fraction_at_max_length']:.0%} padding at max_length {s['max_length']}); "
-            f"batch {s['batch_size']}; {s['torch_threads']} torch threads",
+            f"batch {s['batch_size']}; {s['torch_threads']} torch threads; {s.get('repetitions', '?')} repetition(s)",
             "",
             "| method | tokens/s | tokens/CPU-s | train s | wall s | steps | peak RSS MiB | RSS delta MiB "
             "| final loss |",

@@ -1,6 +1,7 @@
 """`finetune serve --executor ray` on a real local Ray cluster (started here, stopped after): jobs train in actors named
 after them and stream what local workers stream; cancel, a killed actor, a full cluster, a job that cannot fit, an
-unreachable head and a data dir the cluster cannot see each behave as they should."""
+unreachable head and a data dir the cluster cannot see each behave as they should; and two servers on one PostgreSQL
+store and one cluster, the one running a job killed, the other resuming it."""
 
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_
 from finetune_server.storage import layout
 from finetune_server.workers.protocol import ORPHAN_EXIT_S
 
+from ..postgres_cluster import PostgresCluster
 from ..unit.test_ddp import COMMON as DDP_COMMON
 from ..unit.test_ddp import _facts as facts
 from .conftest import RunningServer, start_server, stop_server
 from .ray_cluster import RayHead, start_head, start_worker_node
 from .test_jobs import assert_gap_free, job_config, log_lines, states_of, train_to_end
+from .test_several_servers import LEASE_SECONDS, logged, wait_for
 from .test_validate_config import rejected
 
 pytestmark = pytest.mark.slow
@@ -49,9 +52,11 @@ def ray_head() -> Iterator[RayHead]:
         shutil.rmtree(head.temp_dir, ignore_errors=True)  # its sockets, session files and logs
 
 
-def ray_server(tmp: Path, roots: tuple[Path, Path], head: RayHead, *extra: str) -> RunningServer:
+def ray_server(
+    tmp: Path, roots: tuple[Path, Path], head: RayHead, *extra: str, data_dir: Path | None = None
+) -> RunningServer:
     flags = ["--executor", "ray", "--ray-address", head.address, "--ray-namespace", NAMESPACE]
-    return start_server(tmp, *roots, *flags, "--ray-cpus-per-job", "1", *extra)
+    return start_server(tmp, *roots, *flags, "--ray-cpus-per-job", "1", *extra, data_dir=data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +236,59 @@ def test_a_dead_server_takes_its_actors_and_their_workers_with_it(
     while alive(worker["pid"]):
         assert time.monotonic() < deadline, "the worker of a dead server's actor is still running"
         time.sleep(0.2)  # polling the process table, under a deadline
+
+
+def test_two_servers_on_one_store_and_cluster_the_survivor_resumes_a_killed_servers_job(
+    tmp_path: Path,
+    server_roots: tuple[Path, Path],
+    ray_head: RayHead,
+    postgres_cluster: PostgresCluster,
+    tiny_model_dir: Path,
+) -> None:
+    """kill -9 of the server whose actor trains a job: the actor dies with its owner, the lease expires, and the
+    other server resumes the job in an actor of its own, to the planned steps with an unbroken sequence."""
+    url, data_dir, steps = postgres_cluster.new_database(), tmp_path / "shared-data", 40
+    flags = ("--store", url, "--lease-seconds", str(LEASE_SECONDS))
+    servers = []
+    for name in ("server-a", "server-b"):
+        (tmp_path / name).mkdir()
+        servers.append(ray_server(tmp_path / name, server_roots, ray_head, *flags, data_dir=data_dir))
+    try:
+        channel, stub = servers[0].stub()
+        with channel:
+            config = job_config(tiny_model_dir.name, max_steps=steps, save_steps=5, logging_steps=5)
+            stream = stub.Train(pb.TrainRequest(config=config), timeout=300)
+            job = next(stream).job
+            until(stream, "checkpoint")
+
+            def started_on(server: RunningServer) -> bool:
+                return any(r.get("job_id") == job.id for r in logged(server, "ray.attempt_started"))
+
+            [owner] = [s for s in servers if started_on(s)]
+            [survivor] = [s for s in servers if s is not owner]
+            owner.process.kill()  # kill -9: its Ray driver goes, and the actors it owns with it
+            owner.process.wait(timeout=30)
+        channel, survivor_stub = survivor.stub()
+        with channel:
+            events = [m.event for m in survivor_stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=300)]
+            final = survivor_stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10).job
+        wait_for(lambda: actor_gone(job.id), "the resumed attempt's actor is gone", timeout=GONE_TIMEOUT_S)
+    finally:
+        for server in servers:
+            stop_server(server)
+    assert_gap_free(events)
+    assert final.state == pb.JOB_STATE_SUCCEEDED and final.result.steps == steps and final.resume_count >= 1
+    assert states_of(events) == [
+        pb.JOB_STATE_QUEUED,
+        pb.JOB_STATE_RUNNING,
+        pb.JOB_STATE_QUEUED,  # the dead server's lease expired
+        pb.JOB_STATE_RUNNING,
+        pb.JOB_STATE_SUCCEEDED,
+    ]
+    assert any(line.startswith("resumed from the checkpoint at step ") for line in log_lines(events))
+    assert started_on(survivor), "the survivor ran the resumed attempt in its own actor"
+    progress = [e.progress for e in events if e.WhichOneof("kind") == "progress"]
+    assert progress[-1].step == steps and all(p.total_steps == steps for p in progress)
 
 
 def test_two_ray_train_workers_follow_one_process_with_double_accumulation(

@@ -1,6 +1,7 @@
 """A PostgreSQL job store lost while the server runs: health says NOT_SERVING and calls are UNAVAILABLE with a
-RetryInfo; once the database is back, health says SERVING and the same calls work. A cluster of its own: it is
-stopped here."""
+RetryInfo; once the database is back, health says SERVING and the same calls work. A job training through the
+outage keeps training, and what its worker reported meanwhile is written once the database is back: nothing lost,
+the sequence gap-free, the same attempt. Each test has a cluster of its own: it is stopped here."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from finetune_client import from_rpc_error
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_server.storage.layout import DataDir, JobDir
 
 from ..postgres_cluster import start_cluster
 from .conftest import start_server, stop_server
+from .test_jobs import assert_gap_free, job_config, log_lines, states_of
+from .test_several_servers import logged
 
 DEADLINE_S = 60
 
@@ -62,3 +66,46 @@ def test_health_follows_the_store_and_calls_are_unavailable_while_it_is_lost(
         if server is not None:
             stop_server(server)
         cluster.stop()
+
+
+def test_a_job_trains_through_a_store_outage_and_loses_no_event(
+    tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
+) -> None:
+    cluster = start_cluster()
+    server = None
+    steps = 600
+    try:
+        server = start_server(tmp_path, *server_roots, "--store", cluster.new_database(), "--no-prewarm-workers")
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.FineTuneServiceStub(channel)
+            config = job_config(tiny_model_dir.name, max_steps=steps, save_steps=25, save_total_limit=0)
+            stream = stub.Train(pb.TrainRequest(config=config), timeout=300)
+            job = next(stream).job
+            for message in stream:  # training has begun
+                if message.event.WhichOneof("kind") == "progress":
+                    break
+            job_dir = JobDir(DataDir(server.data_dir).jobs / job.id)
+
+            def newest_checkpoint() -> int:
+                return max((step for step, _ in job_dir.complete_checkpoints()), default=0)
+
+            cluster.pg_ctl("stop", "-m", "fast")
+            # A write of the job's events fails (after the pool's wait for a connection) and the writes queue...
+            wait_until(lambda: bool(logged(server, "job.store_unreachable_writes_queued")), "the writes queue")
+            at_outage = newest_checkpoint()
+            # ...while the worker keeps training with the database gone: its checkpoints keep landing on disk.
+            wait_until(lambda: newest_checkpoint() >= at_outage + 50, "two more checkpoints are saved")
+            stream.cancel()  # a stream may end UNAVAILABLE while the store is lost; callers watch again after it
+            cluster.start()
+            events = [m.event for m in stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=120)]
+    finally:
+        if server is not None:
+            stop_server(server)
+        cluster.stop()
+    assert_gap_free(events)
+    assert [e.progress.step for e in events if e.WhichOneof("kind") == "progress"] == list(range(1, steps + 1))
+    checkpointed = [e.checkpoint.step for e in events if e.WhichOneof("kind") == "checkpoint"]
+    assert checkpointed == list(range(25, steps + 1, 25)), "the checkpoints saved during the outage are all reported"
+    assert states_of(events) == [pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING, pb.JOB_STATE_SUCCEEDED]
+    assert not [line for line in log_lines(events) if "resumed" in line or "died" in line], "one attempt throughout"
+    assert logged(server, "job.queued_writes_landed")

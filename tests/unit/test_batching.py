@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from finetune_server.training.engine.batching import IGNORE_INDEX, collate, plan_batches
+from finetune_server.training.engine.batching import IGNORE_INDEX, collate, plan_batches, split_for_padding
 
 PAD = 0
 
@@ -181,3 +181,39 @@ def test_batch_to_and_model_inputs() -> None:
     assert torch.equal(inputs["labels"], batch.labels)
     assert "labels" not in batch.model_inputs(include_labels=False)
     assert batch.to(torch.device("cpu")).input_ids.dtype == torch.long
+
+
+def _padded_cost(seq_lens: list[int], groups: list[list[int]], overhead: int) -> int:
+    return sum(len(g) * max(seq_lens[k] for k in g) + overhead for g in groups)
+
+
+def test_a_long_row_among_short_ones_gets_a_pass_of_its_own() -> None:
+    lengths = [120, 1024, 95, 110]
+    groups = split_for_padding(lengths, overhead_tokens=64)
+    assert groups == [[1], [0, 2, 3]]  # 1024 + 3 x 120 (+ 2 passes) instead of 4 x 1024
+    assert _padded_cost(lengths, groups, 64) < _padded_cost(lengths, [[0, 1, 2, 3]], 64)
+
+
+def test_similar_lengths_stay_one_pass() -> None:
+    assert split_for_padding([100, 96, 104, 99], overhead_tokens=64) == [[0, 1, 2, 3]]
+    assert split_for_padding([100, 96, 104, 99], overhead_tokens=0) != [[0, 1, 2, 3]]  # a free pass: no padding
+    assert split_for_padding([7], overhead_tokens=64) == [[0]]
+
+
+def test_the_split_is_a_partition_no_grouping_beats() -> None:
+    """Every position exactly once, and no grouping of the sorted lengths into runs costs less (checked by brute
+    force over every cut of the sorted order)."""
+    rng = random.Random(3)
+    for _ in range(200):
+        lengths = [rng.choice([rng.randint(8, 64), rng.randint(200, 1024)]) for _ in range(rng.randint(1, 7))]
+        overhead = rng.choice([0, 16, 64, 1024])
+        groups = split_for_padding(lengths, overhead_tokens=overhead)
+        assert sorted(k for g in groups for k in g) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
+        n = len(order)
+        best = min(
+            _padded_cost(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, n), strict=True)], overhead)
+            for mask in range(1 << (n - 1))
+            for cuts in [tuple(i + 1 for i in range(n - 1) if mask >> i & 1)]
+        )
+        assert _padded_cost(lengths, groups, overhead) == best

@@ -132,16 +132,23 @@ def test_save_and_load_restore_everything(tmp_path: Path, lora_model) -> None:
     assert torch.equal(draws[2], expected_draws[2])
 
 
-class _BrokenAdapter:
-    """Writes part of a checkpoint, then fails, as a full disk would."""
+def _lora_model(model_dir: Path) -> object:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-    def save_pretrained(self, path: Path, **_: object) -> None:
-        Path(path).mkdir(parents=True)
-        (Path(path) / "adapter_model.safetensors").write_bytes(b"half")
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules=["q_proj"]))
+
+
+def test_a_failed_save_leaves_no_checkpoint_and_keeps_the_previous(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    def half_written(_tensors: object, filename: str, **_: object) -> None:  # a full disk, mid-write
+        Path(filename).write_bytes(b"half")
         raise OSError("No space left on device")
 
-
-def test_a_failed_save_leaves_no_checkpoint_and_keeps_the_previous(tmp_path: Path) -> None:
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
     previous = _complete(tmp_path, layout.checkpoint_name(10))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -149,7 +156,7 @@ def test_a_failed_save_leaves_no_checkpoint_and_keeps_the_previous(tmp_path: Pat
         ckpt.save_checkpoint(
             tmp_path,
             20,
-            model=_BrokenAdapter(),
+            model=_lora_model(tiny_model_dir),
             optimizer=optimizer,
             scheduler=scheduler,
             rng_states=[ckpt.capture_rng_states()],
@@ -157,6 +164,27 @@ def test_a_failed_save_leaves_no_checkpoint_and_keeps_the_previous(tmp_path: Pat
         )
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000010"]
     assert ckpt.latest_checkpoint(tmp_path) == previous
+
+
+def test_a_checkpoint_adapter_loads_as_a_peft_adapter(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The checkpoint's adapter folder is a PEFT adapter: `PeftModel.from_pretrained` (what exports of a checkpoint
+    use) loads exactly the saved weights."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    model = _lora_model(tiny_model_dir)
+    for name, param in model.named_parameters():  # type: ignore[attr-defined]
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)  # not the zeros it starts at
+    ckpt.save_adapter_weights(model, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
+    saved, again = get_peft_model_state_dict(model), get_peft_model_state_dict(loaded)
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["inference_mode"] is True
 
 
 def _save(tmp_path: Path, model: object, optimizer: torch.optim.Optimizer, **kwargs: object) -> Path:

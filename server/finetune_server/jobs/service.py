@@ -22,7 +22,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from finetune_server.errors import ErrorKind, FinetuneError, field_error
 from finetune_server.host.diskspace import ensure_free_space, job_disk_bytes
 from finetune_server.jobs import idempotency
 from finetune_server.jobs.active import refuse_while_used
+from finetune_server.jobs.attempt_writes import AttemptWrites
 from finetune_server.jobs.checkpoints import job_adapter
 from finetune_server.jobs.event_hub import EventHub
 from finetune_server.jobs.labels import check_labels
@@ -94,6 +95,7 @@ class _Running:
     cancel: asyncio.Event
     task: asyncio.Task[None] | None = None
     lost: bool = False  # the lease went to another attempt: write nothing more
+    writes: AttemptWrites = field(init=False)  # its store writes, in order, kept through a store outage
 
 
 class JobService:
@@ -144,8 +146,8 @@ class JobService:
             if len(events) < EVENTS_PAGE:
                 return
 
-    async def _append(self, job_id: str, kind: EventKind, payload: dict[str, Any], lease: Lease | None = None) -> None:
-        await self._db(self._store.append_event, job_id, kind, payload, now=self._clock(), lease=lease)
+    async def _append(self, job_id: str, kind: EventKind, payload: dict[str, Any]) -> None:
+        await self._db(self._store.append_event, job_id, kind, payload, now=self._clock())
         await self._published(job_id)
 
     async def _transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
@@ -545,6 +547,7 @@ class JobService:
     def _launch(self, job: JobRecord, slot: int) -> None:
         assert job.lease is not None  # claimed: the store gave it a lease
         running = _Running(job.id, slot, job.lease, asyncio.Event())
+        running.writes = AttemptWrites(job.id, partial(self._lose, running))
         if job.cancel_requested:
             running.cancel.set()
         self._running[job.id] = running
@@ -588,10 +591,11 @@ class JobService:
             bound.exception("job.supervision_failed")
             error = {"reason": "INTERNAL", "message": f"the server could not run the job: {exc}"}
             try:
-                await self._fail(job.id, error, running.lease)
+                await self._fail(running, error)
             except LeaseLost:
                 self._lose(running)
         finally:
+            await running.writes.close()
             self._running.pop(job.id, None)
             self._wake.set()
 
@@ -599,16 +603,16 @@ class JobService:
         try:
             spec = await asyncio.to_thread(self._spec, job, running.slot)
         except FinetuneError as exc:  # the model or dataset vanished since the job was accepted
-            await self._fail(job.id, {"reason": exc.reason, "message": exc.message, "hint": exc.hint}, running.lease)
+            await self._fail(running, {"reason": exc.reason, "message": exc.message, "hint": exc.hint})
             return
         job_dir = self.job_dir(job.id)
         try:  # the disk may have filled while the job was queued
             ensure_free_space(job_dir, 0, self._settings.disk_reserve_bytes, "this job")
         except FinetuneError as exc:
-            await self._fail(job.id, {"reason": exc.reason, "message": exc.message, "hint": exc.hint}, running.lease)
+            await self._fail(running, {"reason": exc.reason, "message": exc.message, "hint": exc.hint})
             return
         while True:
-            job = await self._db(self._store.record_attempt, job.id, resumed=False)
+            job = await running.writes.call(partial(self._db, self._store.record_attempt, job.id, resumed=False))
             outcome = await self._executor.run(
                 spec,
                 on_message=partial(self._on_worker_message, running),
@@ -623,86 +627,108 @@ class JobService:
         if running.lost:  # another attempt owns the job: this one says nothing more
             bound.warning("job.attempt_abandoned_after_lease_lost")
             return True
-        final, cancel, lease = outcome.final, running.cancel, running.lease
+        final, cancel = outcome.final, running.cancel
         if isinstance(final, Result):
             result = dict(final.data)
-            await self._transition(
-                job.id,
-                JobState.SUCCEEDED,
-                expect=[JobState.RUNNING],
-                result=result,
-                message="training finished",
-                lease=lease,
-            )
+            await self._end(running, JobState.SUCCEEDED, result=result, message="training finished")
             bound.info("job.succeeded", steps=result.get("steps"))
             return True
         if self._draining:  # the server is stopping: another server (or the next start) resumes the job
-            await self._db(self._store.release_lease, job.id, lease, now=self._clock(), message=STOPPING)
-            await self._published(job.id)
-            bound.info("job.released_for_resume")
+            await self._release_for_resume(running, bound)
             return True
         if isinstance(final, Cancelled) or (cancel.is_set() and not isinstance(final, Error)):
-            await self._transition(
-                job.id, JobState.CANCELLED, expect=[JobState.RUNNING], message="cancelled", lease=lease
-            )
+            await self._end(running, JobState.CANCELLED, message="cancelled")
             return True
         if isinstance(final, Error):
             error = {"reason": final.reason, "message": final.message, "hint": final.hint, "step": final.step}
-            await self._fail(job.id, error, lease)
+            await self._fail(running, error)
             return True
         # No final word: the worker died. Retry from the newest checkpoint while attempts remain.
         how = outcome.how
         if outcome.oom_killed:
             await self._fail(
-                job.id,
+                running,
                 {
                     "reason": "OUT_OF_MEMORY",
                     "message": f"the worker was killed for using too much memory ({how})",
                     "hint": out_of_memory_hint(TrainingConfig.from_dict(job.config)),
                 },
-                lease,
             )
             return True
-        current = await self.get(job.id)
+        current = await running.writes.call(partial(self.get, job.id))
         if current.attempts >= self._max_attempts:
             tail = "\n".join(outcome.log_tail[-15:])
             await self._fail(
-                job.id,
+                running,
                 {
                     "reason": "WORKER_CRASHED",
                     "message": f"the worker died ({how}) {current.attempts} times; last log lines:\n{tail}",
                     "hint": "Check the job's {layout.WORKER_LOG_FILE}; the newest checkpoint is kept.",
                 },
-                lease,
             )
             return True
         message = f"the worker died ({how}); restarting from the newest checkpoint (attempt {current.attempts + 1})"
-        await self._append(job.id, EventKind.LOG, {"level": "WARNING", "message": message}, lease)
+        await self._attempt_event(running, EventKind.LOG, {"level": "WARNING", "message": message})
         bound.warning("job.worker_died", how=how, attempts=current.attempts)
         return False
 
-    async def _fail(self, job_id: str, error: dict[str, Any], lease: Lease) -> None:
-        await self._transition(
-            job_id, JobState.FAILED, expect=[JobState.RUNNING], error=error, message="failed", lease=lease
+    async def _fail(self, running: _Running, error: dict[str, Any]) -> None:
+        await self._end(running, JobState.FAILED, error=error, message="failed")
+
+    async def _end(self, running: _Running, state: JobState, **kwargs: Any) -> None:
+        """An attempt's final transition, after every event it queued, waiting out a store outage."""
+        job_id = running.job_id
+        await running.writes.call(
+            lambda: self._db(
+                self._store.transition,
+                job_id,
+                state,
+                now=self._clock(),
+                expect=[JobState.RUNNING],
+                lease=running.lease,
+                **kwargs,
+            )
         )
+        if state.is_final and self._metrics is not None:  # before publishing: a watcher that saw the end sees it
+            self._metrics.job_ended(job_id)
+        await running.writes.call(partial(self._published, job_id))
+
+    async def _release_for_resume(self, running: _Running, bound: Any) -> None:
+        """The server is stopping: what the attempt queued lands, then its lease goes back. The store must answer
+        within a lease's length; if it does not, the lease expires instead and the job resumes all the same."""
+        job_id = running.job_id
+        release = partial(self._db, self._store.release_lease, job_id, running.lease, message=STOPPING)
+        try:
+            await asyncio.wait_for(running.writes.call(lambda: release(now=self._clock())), timeout=self._lease_s)
+        except TimeoutError:
+            bound.warning("job.lease_left_to_expire", reason="the job store did not answer while stopping")
+            return
+        with contextlib.suppress(FinetuneError):  # watchers of other servers re-read the store anyway
+            await self._published(job_id)
+        bound.info("job.released_for_resume")
+
+    async def _attempt_event(self, running: _Running, kind: EventKind, payload: dict[str, Any]) -> None:
+        """One event of a running attempt, stamped now and written in order (queued through a store outage)."""
+        job_id = running.job_id
+        append = partial(self._store.append_event, job_id, kind, payload, now=self._clock(), lease=running.lease)
+        await running.writes.write(partial(self._db, append))
+        await running.writes.write(partial(self._published, job_id))
 
     async def _on_worker_message(self, running: _Running, message: Message) -> None:
-        """Persist what the worker reports, in order, before reading its next message; nothing once the lease
+        """Persist what the worker reports, in order, before reading its next message; while the store is
+        unreachable the writes queue (the worker keeps training) and land when it is back. Nothing once the lease
         is lost (the worker is being stopped)."""
         if running.lost:
             return
-        job_id, lease = running.job_id, running.lease
-        try:
-            if isinstance(message, Event):
-                if message.kind == EventKind.PROGRESS.value and self._metrics is not None:
-                    self._metrics.on_progress(job_id, message.data)  # before publishing, like job_ended
-                await self._append(job_id, EventKind(message.kind), message.data, lease)
-            elif isinstance(message, Started):
-                step = message.resumed_from_step
-                if step is None:
-                    return
-                await self._db(self._store.record_resume, job_id)
-                resumed = {"level": "INFO", "message": f"resumed from the checkpoint at step {step}"}
-                await self._append(job_id, EventKind.LOG, resumed, lease)
-        except LeaseLost:
-            self._lose(running)
+        job_id = running.job_id
+        if isinstance(message, Event):
+            if message.kind == EventKind.PROGRESS.value and self._metrics is not None:
+                self._metrics.on_progress(job_id, message.data)  # before publishing, like job_ended
+            await self._attempt_event(running, EventKind(message.kind), message.data)
+        elif isinstance(message, Started):
+            step = message.resumed_from_step
+            if step is None:
+                return
+            await running.writes.write(partial(self._db, self._store.record_resume, job_id))
+            resumed = {"level": "INFO", "message": f"resumed from the checkpoint at step {step}"}
+            await self._attempt_event(running, EventKind.LOG, resumed)

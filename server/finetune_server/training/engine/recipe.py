@@ -53,9 +53,15 @@ from finetune_server.training.config import TrainingConfig
 from finetune_server.training.data import IGNORE_INDEX
 from finetune_server.training.data.template import SOURCE_FALLBACK, save_tokenizer_files
 from finetune_server.training.data.token_cache import CacheStopped, TokenCache
-from finetune_server.training.data.token_table import empty_table
+from finetune_server.training.data.token_table import TokenRow, empty_table
 from finetune_server.training.engine import checkpoint as ckpt
-from finetune_server.training.engine.batching import Batch, collate, plan_batches
+from finetune_server.training.engine.batching import (
+    Batch,
+    collate,
+    pass_overhead_tokens,
+    plan_batches,
+    split_for_padding,
+)
 from finetune_server.training.engine.behaviour import (
     BehaviourCheck,
     ProbeAnswer,
@@ -393,6 +399,7 @@ class LoRARecipe:
         self.dist = dist_info()
         self.log = structlog.get_logger(__name__).bind(job_id=job_id, rank=self.dist.rank)
         self.device = pick_device(device, self.dist)
+        self._pass_overhead = pass_overhead_tokens(self.device.type)
         self._rng_to_restore: dict[str, Any] | None = None
         self._opened: list[EncodedSet] = []  # token cache entries to close at the end
 
@@ -677,20 +684,30 @@ class LoRARecipe:
         # Trainable tokens of the whole window (all ranks): known from the plan, no communication needed.
         window_tokens = max(1, self.data.trainable_in([i for _, indices in window for i in indices]))
         window_loss = torch.zeros((), device=self.device)
-        for k, (_, indices) in enumerate(mine):
+        passes = [part for _, indices in mine for part in self._passes(indices)]
+        for k, rows in enumerate(passes):
             if self.dist.world_size == 1 and self.should_stop():
                 raise TrainingCancelled(self.state.step)
             batch = collate(
-                self.data.train.rows(indices),
+                rows,
                 packing=self.settings.packing,
                 pad_token_id=self.tokens.pad_token_id,
                 max_length=self.settings.max_length,
             )
-            loss_sum = self._forward_backward(batch, window_tokens, sync_grads=k == len(mine) - 1)
+            loss_sum = self._forward_backward(batch, window_tokens, sync_grads=k == len(passes) - 1)
             window_loss += loss_sum.detach() / window_tokens
             self.attempt.progress_tokens += batch.num_tokens
             self.attempt.tokens += batch.num_tokens
         return window_loss
+
+    def _passes(self, indices: Sequence[int]) -> list[list[TokenRow]]:
+        """One micro-batch's rows as forward passes: packed rows as they are, padded ones regrouped where padding
+        would waste more than another pass costs (`split_for_padding`)."""
+        rows = self.data.train.rows(indices)
+        if self.settings.packing or len(rows) == 1:
+            return [rows]
+        groups = split_for_padding([len(r.input_ids) for r in rows], overhead_tokens=self._pass_overhead)
+        return [[rows[i] for i in group] for group in groups]
 
     def _forward_backward(self, batch: Batch, window_tokens: int, *, sync_grads: bool) -> torch.Tensor:
         """Backpropagate one micro-batch's share of the window loss; returns its token loss sum."""
