@@ -97,6 +97,22 @@ def listeners(cluster: PostgresCluster, database: str) -> int:
     return int(rows[0][0])  # type: ignore[call-overload]
 
 
+def assert_resumed_elsewhere(events: list[pb.JobEvent], final: pb.Job, steps: int) -> None:
+    """A job whose server died mid-training, resumed by another server once the lease expired, to its end."""
+    assert_gap_free(events)
+    assert final.state == pb.JOB_STATE_SUCCEEDED and final.result.steps == steps and final.resume_count >= 1
+    assert states_of(events) == [
+        pb.JOB_STATE_QUEUED,
+        pb.JOB_STATE_RUNNING,
+        pb.JOB_STATE_QUEUED,  # the dead server's lease expired
+        pb.JOB_STATE_RUNNING,
+        pb.JOB_STATE_SUCCEEDED,
+    ]
+    assert any(line.startswith("resumed from the checkpoint at step ") for line in log_lines(events))
+    progress = [e.progress for e in events if e.WhichOneof("kind") == "progress"]
+    assert progress[-1].step == steps and all(p.total_steps == steps for p in progress)
+
+
 def test_a_job_is_watched_live_from_the_other_server_even_when_the_listeners_are_cut(
     pair: tuple[RunningServer, RunningServer, str], tiny_model_dir: Path, postgres_cluster: PostgresCluster
 ) -> None:
@@ -200,17 +216,6 @@ def test_kill_9_of_a_server_mid_training_and_the_other_resumes_the_job(
     with channel:
         events = [m.event for m in survivor_stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=300)]
         final = survivor_stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10).job
-    assert_gap_free(events)
-    assert final.state == pb.JOB_STATE_SUCCEEDED and final.result.steps == steps and final.resume_count >= 1
-    assert states_of(events) == [
-        pb.JOB_STATE_QUEUED,
-        pb.JOB_STATE_RUNNING,
-        pb.JOB_STATE_QUEUED,  # the dead server's lease expired
-        pb.JOB_STATE_RUNNING,
-        pb.JOB_STATE_SUCCEEDED,
-    ]
+    assert_resumed_elsewhere(events, final, steps)
     requeued = [e.state_change.message for e in events if e.WhichOneof("kind") == "state_change"][2]
     assert "lease" in requeued
-    assert any("resumed from the checkpoint" in line for line in log_lines(events))
-    progress = [e.progress for e in events if e.WhichOneof("kind") == "progress"]
-    assert progress[-1].step == steps and all(p.total_steps == steps for p in progress)
