@@ -51,11 +51,8 @@ breaking: $(STAMP)
 	if [ -z "$$base" ]; then echo "buf breaking: no earlier version of the proto to compare with"; \
 	else echo "buf breaking against $$base"; $(VENV)/bin/buf breaking --against ".git#ref=$$base"; fi
 
-# Two test processes (pytest-xdist), each taking whole files (module fixtures start once): much of the suite waits
-# on servers, workers and databases it started, so two share 2 cores well. TEST_WORKERS=0 runs them in one process.
-TEST_WORKERS ?= 2
 test: $(STAMP) node-deps proto-check lint breaking
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 # Chaos and load soaks (they write bench/results/reliability.md) and >= 10,000 fuzz cases; not part of `make test`.
 test-soak: $(STAMP)
