@@ -46,10 +46,6 @@ class AttemptWrites:
         self._drainer: asyncio.Task[None] | None = None
         self.lost = False
 
-    @property
-    def queued(self) -> int:
-        return len(self._queued)
-
     async def write(self, op: Write) -> None:
         """Run `op` now, or queue it behind the writes an outage holds back; `LeaseLost` is handled here."""
         if self.lost:

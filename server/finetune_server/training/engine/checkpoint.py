@@ -17,6 +17,7 @@ Checkpoints are ordered by the integer step, never by their names as strings.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -251,8 +252,6 @@ def load_checkpoint(
 def save_adapter_weights(model: Any, adapter_dir: Path) -> None:
     """The PEFT model's trainable weights and its adapter config, the two files `PeftModel.from_pretrained` and
     `load_adapter_weights` read (what `save_pretrained` writes, without its README model card)."""
-    import copy
-
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
