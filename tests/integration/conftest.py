@@ -42,16 +42,19 @@ def start_server(
     *extra: str,
     env: dict[str, str] | None = None,
     data_dir: Path | None = None,
+    prewarm: bool = False,
 ) -> RunningServer:
     """A server offline (HF_HUB_OFFLINE=1) with its own HF_HOME (`tmp/hf-home`); `env` adds to or overrides that.
-    Its data dir is `tmp/data` unless `data_dir` names one (several servers may share it)."""
+    Its data dir is `tmp/data` unless `data_dir` names one (several servers may share it). Its warm pool starts with
+    the first job unless `prewarm` (the served default): the fork server's imports are ~10 s of CPU that a test
+    server which never trains would spend for nothing, and the suite runs on 2 cores."""
     data_dir = data_dir or tmp / "data"
     log_path = tmp / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"), **(env or {})}
     command = [
         sys.executable, "-m", "finetune_server.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
         "--data-dir", str(data_dir), "--model-dir", str(model_root), "--dataset-dir", str(dataset_root),
-        "--grace", str(GRACE_S), *extra,
+        "--grace", str(GRACE_S), *([] if prewarm else ["--no-prewarm-workers"]), *extra,
     ]  # fmt: skip
     log_file = log_path.open("w")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
@@ -118,6 +121,6 @@ def flaky_server(tmp_path_factory: pytest.TempPathFactory, server_roots: tuple[P
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, server_roots: tuple[Path, Path]) -> Iterator[RunningServer]:
     model_root, dataset_root = server_roots
-    running = start_server(tmp_path_factory.mktemp("server"), model_root, dataset_root)
+    running = start_server(tmp_path_factory.mktemp("server"), model_root, dataset_root, prewarm=True)
     yield running
     stop_server(running)

@@ -40,7 +40,7 @@ def test_health_follows_the_store_and_calls_are_unavailable_while_it_is_lost(
     cluster = start_cluster()
     server = None
     try:
-        server = start_server(tmp_path, *server_roots, "--store", cluster.new_database(), "--no-prewarm-workers")
+        server = start_server(tmp_path, *server_roots, "--store", cluster.new_database())
         with grpc.insecure_channel(server.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             stub = pb_grpc.FineTuneServiceStub(channel)
@@ -75,7 +75,7 @@ def test_a_job_trains_through_a_store_outage_and_loses_no_event(
     server = None
     steps = 600
     try:
-        server = start_server(tmp_path, *server_roots, "--store", cluster.new_database(), "--no-prewarm-workers")
+        server = start_server(tmp_path, *server_roots, "--store", cluster.new_database())
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.FineTuneServiceStub(channel)
             config = job_config(tiny_model_dir.name, max_steps=steps, save_steps=25, save_total_limit=0)

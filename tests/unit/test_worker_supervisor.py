@@ -1,7 +1,9 @@
 """The worker subprocess and its supervisor, for real: the tiny model, real processes, real signals.
 
-Each worker start costs ~9 s of imports (torch, transformers, peft) before it trains, so every test here is a few
-seconds of protocol on top of that.
+A fresh worker start costs ~9 s of imports (torch, transformers, peft) before it trains. Most tests here take their
+workers from one warm pool for the module (forks of a fork server that imported those once, as a server's workers
+are); the ones about a fresh start (still importing when cancelled, a parent that dies, a fault flag in the
+environment) start theirs fresh.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
 from finetune_server.training.engine.checkpoint import list_checkpoints
@@ -33,11 +37,26 @@ from finetune_server.workers.protocol import (
 )
 from finetune_server.workers.supervisor import WorkerExit, run_worker, spec_path_for, worker_env
 from finetune_server.workers.train import WORKER_MODULE, WorkerSpec
+from finetune_server.workers.warm_pool import WarmPool
 
 from ..conftest import write_alpaca
 
 TOTAL_STEPS = 6
 SAVE_STEPS = 2
+
+in_module_loop = pytest.mark.asyncio(loop_scope="module")  # the pool's fork server lives in the module's loop
+
+
+def stable_env() -> dict[str, str]:
+    """Our environment without pytest's per-test variable: the pool keys fork servers by the whole environment."""
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def pool(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WarmPool]:
+    warm = WarmPool(1, tmp_path_factory.mktemp("pool"))
+    yield warm
+    await warm.close()
 
 
 def make_spec(tmp_path: Path, model_dir: Path, dataset: Path | None = None, **config: Any) -> WorkerSpec:
@@ -92,12 +111,15 @@ def assert_gone(pid: int) -> None:
         os.killpg(pid, 0)
 
 
-async def test_run_to_completion(tmp_path: Path, tiny_model_dir: Path) -> None:
+@in_module_loop
+async def test_run_to_completion(tmp_path: Path, tiny_model_dir: Path, pool: WarmPool) -> None:
     spec = make_spec(tmp_path, tiny_model_dir)
     recorder = Recorder()
     log_path = tmp_path / "job" / "worker.log"
 
-    exit_ = await run_worker(spec, on_message=recorder, cancel=asyncio.Event(), log_path=log_path)
+    exit_ = await run_worker(
+        spec, on_message=recorder, cancel=asyncio.Event(), log_path=log_path, env=stable_env(), launcher=pool
+    )
 
     assert exit_.returncode == 0 and exit_.signal is None and not exit_.crashed and not exit_.oom_killed
     types = [m.TYPE for m in recorder.messages]
@@ -151,11 +173,14 @@ def cancel_at_first_progress(cancel: asyncio.Event) -> Recorder:
     return Recorder(on_progress)
 
 
-async def test_cancel_mid_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+@in_module_loop
+async def test_cancel_mid_run(tmp_path: Path, tiny_model_dir: Path, pool: WarmPool) -> None:
     spec = make_spec(tmp_path, tiny_model_dir, max_steps=200)
     cancel = asyncio.Event()
     recorder = cancel_at_first_progress(cancel)
-    exit_ = await run_worker(spec, on_message=recorder, cancel=cancel, log_path=tmp_path / "worker.log")
+    exit_ = await run_worker(
+        spec, on_message=recorder, cancel=cancel, log_path=tmp_path / "worker.log", env=stable_env(), launcher=pool
+    )
 
     assert exit_.returncode == 0 and exit_.signal is None
     assert isinstance(exit_.final, Cancelled)
@@ -164,7 +189,8 @@ async def test_cancel_mid_run(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert_gone(exit_.pid)
 
 
-async def test_sigkill_then_resume(tmp_path: Path, tiny_model_dir: Path) -> None:
+@in_module_loop
+async def test_sigkill_then_resume(tmp_path: Path, tiny_model_dir: Path, pool: WarmPool) -> None:
     spec = make_spec(tmp_path, tiny_model_dir)
     killed_at: list[int] = []
     pids: list[int] = []
@@ -177,7 +203,12 @@ async def test_sigkill_then_resume(tmp_path: Path, tiny_model_dir: Path) -> None
             assert kill_process_group(pids[0]) is True
 
     first = await run_worker(
-        spec, on_message=Recorder(kill_after_first_checkpoint), cancel=asyncio.Event(), log_path=tmp_path / "w.log"
+        spec,
+        on_message=Recorder(kill_after_first_checkpoint),
+        cancel=asyncio.Event(),
+        log_path=tmp_path / "w.log",
+        env=stable_env(),
+        launcher=pool,
     )
     assert first.signal == signal.SIGKILL and first.returncode == -signal.SIGKILL
     assert first.final is None and first.crashed and not first.oom_killed
@@ -189,7 +220,9 @@ async def test_sigkill_then_resume(tmp_path: Path, tiny_model_dir: Path) -> None
     assert newest_on_disk >= killed_at[0]
 
     recorder = Recorder()
-    second = await run_worker(spec, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log")
+    second = await run_worker(
+        spec, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log", env=stable_env(), launcher=pool
+    )
 
     assert second.returncode == 0 and isinstance(second.final, Result)
     assert second.started is not None and second.started.resumed_from_step == newest_on_disk
@@ -199,13 +232,16 @@ async def test_sigkill_then_resume(tmp_path: Path, tiny_model_dir: Path) -> None
     assert second.final.data["steps"] == TOTAL_STEPS
 
 
-async def test_typed_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+@in_module_loop
+async def test_typed_error(tmp_path: Path, tiny_model_dir: Path, pool: WarmPool) -> None:
     dataset = tmp_path / "bad.jsonl"
     dataset.write_text('{"unrelated": 1}\n{"unrelated": 2}\n')
     spec = make_spec(tmp_path, tiny_model_dir, dataset, data_format="alpaca")
     recorder = Recorder()
 
-    exit_ = await run_worker(spec, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log")
+    exit_ = await run_worker(
+        spec, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log", env=stable_env(), launcher=pool
+    )
 
     assert exit_.returncode == 1 and exit_.signal is None
     error = exit_.final
@@ -215,12 +251,20 @@ async def test_typed_error(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert [m.TYPE for m in recorder.messages] == ["started", "error"]
 
 
-async def test_crash_is_exit_2_without_final_message(tmp_path: Path, tiny_model_dir: Path) -> None:
+@in_module_loop
+async def test_crash_is_exit_2_without_final_message(tmp_path: Path, tiny_model_dir: Path, pool: WarmPool) -> None:
     spec = make_spec(tmp_path, tiny_model_dir)
     broken = WorkerSpec.from_dict({**spec.to_dict(), "config": {**spec.config, "no_such_field": 1}})
     recorder = Recorder()
 
-    exit_ = await run_worker(broken, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log")
+    exit_ = await run_worker(
+        broken,
+        on_message=recorder,
+        cancel=asyncio.Event(),
+        log_path=tmp_path / "w.log",
+        env=stable_env(),
+        launcher=pool,
+    )
 
     assert exit_.returncode == 2 and exit_.signal is None and exit_.crashed
     assert [m.TYPE for m in recorder.messages] == ["started"]
@@ -342,7 +386,10 @@ def test_oom_heuristic(tmp_path: Path) -> None:
     assert not _exit_report(1, -signal.SIGKILL, nothing, log_path, None, bound).oom_killed
 
 
-async def test_cancelled_caller_does_not_orphan_the_worker(tmp_path: Path, tiny_model_dir: Path) -> None:
+@in_module_loop
+async def test_cancelled_caller_does_not_orphan_the_worker(
+    tmp_path: Path, tiny_model_dir: Path, pool: WarmPool
+) -> None:
     """If the coroutine running the worker is cancelled (server shutdown), the worker still stops and is reaped."""
     from finetune_server.workers import supervisor
 
@@ -357,7 +404,14 @@ async def test_cancelled_caller_does_not_orphan_the_worker(tmp_path: Path, tiny_
             started.set()
 
     task = asyncio.create_task(
-        run_worker(spec, on_message=on_message, cancel=asyncio.Event(), log_path=tmp_path / "w.log")
+        run_worker(
+            spec,
+            on_message=on_message,
+            cancel=asyncio.Event(),
+            log_path=tmp_path / "w.log",
+            env=stable_env(),
+            launcher=pool,
+        )
     )
     await started.wait()
     task.cancel()

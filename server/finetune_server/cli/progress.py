@@ -8,7 +8,10 @@ in place; in a pipe or a log file the events are printed as lines and the bar on
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC
 from types import TracebackType
 from typing import Self
@@ -108,12 +111,43 @@ class JobDisplay:
         return f"step {step}/{self._total if self._total else '?'}"
 
 
+@dataclass(frozen=True)
+class _Ended:
+    job: pb.Job
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
 def follow(service: GrpcFineTuneService, job: pb.Job, events: Iterable[pb.JobEvent], console: Console) -> pb.Job:
-    """Show `events` until their stream ends, then return the job as the server stores it."""
+    """Show `events` until their stream ends, then return the job as the server stores it.
+
+    A helper thread reads the stream (and then the job) and hands each item over through a queue, so a Ctrl-C lands
+    in this thread's wait on that queue, never inside gRPC's own code: a KeyboardInterrupt raised between a
+    `threading.Condition`'s acquire and its `with` block leaves the call's lock held, and the process then cannot
+    close its channel and exit. Errors of the stream are raised here, as if it had been read here.
+    """
+    handoff: queue.SimpleQueue[pb.JobEvent | _Ended | _Failed] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            for event in events:
+                handoff.put(event)
+            handoff.put(_Ended(service.get_job(job.id)))
+        except BaseException as exc:  # every failure is the caller's to see, in the caller's thread
+            handoff.put(_Failed(exc))
+
+    threading.Thread(target=read, name=f"follow-{job.id}", daemon=True).start()
     with JobDisplay(console, job) as display:
-        for event in events:
-            display.apply(event)
-    return service.get_job(job.id)
+        while True:
+            item = handoff.get()  # C-level wait: a SIGINT raises KeyboardInterrupt here, with no lock held
+            if isinstance(item, _Ended):
+                return item.job
+            if isinstance(item, _Failed):
+                raise item.error
+            display.apply(item)
 
 
 def follow_until_end(
