@@ -14,7 +14,6 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_
 from finetune_server.api.auth import caller_name, check_access, visible_owner
 from finetune_server.api.convert import (
     config_from_proto,
-    event_to_proto,
     export_format_from_proto,
     fill,
     job_to_proto,
@@ -22,6 +21,7 @@ from finetune_server.api.convert import (
     report_to_proto,
 )
 from finetune_server.api.errors import map_errors
+from finetune_server.api.wire import EventWire
 from finetune_server.errors import ErrorKind, FinetuneError, field_error
 from finetune_server.host.server_info import ServerInfoProvider
 from finetune_server.jobs import idempotency
@@ -60,6 +60,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         self._exports = exports
         self._datasets = datasets
         self._generation = generation
+        self._wire = EventWire()
 
     async def _job_of_caller(self, job_id: str) -> JobRecord:
         job = await self._jobs.get(job_id)
@@ -197,7 +198,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         )
         yield pb.TrainResponse(job=job_to_proto(job))
         async for event in self._jobs.watch(job.id, 0):
-            yield pb.TrainResponse(event=event_to_proto(event))
+            yield self._wire.train_response(event)  # type: ignore[misc]  # prebuilt bytes (api/wire.py)
 
     @map_errors
     async def WatchJob(  # noqa: N802 - gRPC method name
@@ -205,7 +206,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
     ) -> AsyncIterator[pb.WatchJobResponse]:
         await self._job_of_caller(request.job_id)
         async for event in self._jobs.watch(request.job_id, request.after_sequence):
-            yield pb.WatchJobResponse(event=event_to_proto(event))
+            yield self._wire.watch_response(event)  # type: ignore[misc]  # prebuilt bytes (api/wire.py)
 
     @map_errors
     async def GetJob(  # noqa: N802 - gRPC method name

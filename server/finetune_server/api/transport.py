@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
+from finetune_server.api.wire import add_servicer
 from finetune_server.settings import ServerSettings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FineTuneService"].full_name
@@ -98,7 +99,7 @@ class GrpcTransport:
                 *keepalive_options(self._settings),
             ],
         )
-        pb_grpc.add_FineTuneServiceServicer_to_server(self._servicer, server)
+        add_servicer(self._servicer, server)  # Train and WatchJob send events prebuilt once (api/wire.py)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self.host}:{self.port}"
