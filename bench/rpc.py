@@ -122,7 +122,12 @@ def run(
     dataset_root = work_dir / "datasets"
     dataset = write_dataset(dataset_root / f"rpc-{size.name}.jsonl", size.samples, size.max_length)
     config = proto_config(training_fields(size, model_dir.name, dataset.name))
-    server = start_server(work_dir / "rpc" / f"server-{time.time_ns()}", model_dir.parent, dataset_root)
+    # No prewarm: the warm pool's ~10 s of imports at start would share the cores with the first levels measured
+    # (p50 at 1 client 7-8 ms with it against 4.3-4.8 ms without). Its fork server starts with the one-step job,
+    # which ends before GetJob is measured.
+    server = start_server(
+        work_dir / "rpc" / f"server-{time.time_ns()}", model_dir.parent, dataset_root, "--no-prewarm-workers"
+    )
     try:
         measured = [run_async(_measure(server.address, config, levels, max_requests, max_seconds)) for _ in range(reps)]
     finally:

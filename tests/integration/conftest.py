@@ -124,3 +124,28 @@ def server(tmp_path_factory: pytest.TempPathFactory, server_roots: tuple[Path, P
     running = start_server(tmp_path_factory.mktemp("server"), model_root, dataset_root, prewarm=True)
     yield running
     stop_server(running)
+
+
+# Servers with the flags that several modules' tests need, shared for the session (each start of one is a fork
+# server's ~10 s of imports at its first job).
+
+ALICE, BOB, ADMIN = "alice-token-0123456789", "bob-token-0123456789ab", "admin-token-0123456789"
+
+
+@pytest.fixture(scope="session")
+def jobs_server(tmp_path_factory: pytest.TempPathFactory, server_roots: tuple[Path, Path]) -> Iterator[RunningServer]:
+    """Uploads limited to 200,000 bytes (test_jobs, test_idempotency)."""
+    running = start_server(tmp_path_factory.mktemp("jobs-server"), *server_roots, "--max-upload-bytes", "200000")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def auth_server(tmp_path_factory: pytest.TempPathFactory, server_roots: tuple[Path, Path]) -> Iterator[RunningServer]:
+    """Tokens for alice, bob and an admin (test_security, test_idempotency)."""
+    tmp = tmp_path_factory.mktemp("auth")
+    tokens = tmp / "tokens.txt"
+    tokens.write_text(f"# test tokens\n{ALICE} alice\n{BOB} bob\n\n{ADMIN} ops admin\n")
+    running = start_server(tmp, *server_roots, "--auth-token-file", str(tokens))
+    yield running
+    stop_server(running)

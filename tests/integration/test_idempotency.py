@@ -16,8 +16,8 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 
 from .conftest import RunningServer
-from .test_jobs import job_config, jobs_server, stub, train_to_end  # noqa: F401 - the module's server fixtures
-from .test_security import ALICE, BOB, as_token, auth_server  # noqa: F401
+from .test_jobs import job_config, stub, train_to_end  # noqa: F401 - the module's stub fixture
+from .test_security import ALICE, BOB, as_token
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
@@ -59,7 +59,7 @@ def test_a_request_id_with_another_config_is_already_exists_naming_the_job(
 
 
 def test_request_ids_belong_to_their_owner(
-    auth_server: RunningServer,  # noqa: F811
+    auth_server: RunningServer,
     tiny_model_dir: Path,
 ) -> None:
     channel, auth_stub = auth_server.stub()

@@ -18,16 +18,9 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 from finetune_server.storage.layout import DataDir, TokenCacheDir
 
-from .conftest import RunningServer, start_server, stop_server, write_jsonl
+from .conftest import RunningServer, write_jsonl
 
 FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
-
-
-@pytest.fixture(scope="module")
-def jobs_server(tmp_path_factory: pytest.TempPathFactory, server_roots: tuple[Path, Path]) -> Iterator[RunningServer]:
-    running = start_server(tmp_path_factory.mktemp("jobs-server"), *server_roots, "--max-upload-bytes", "200000")
-    yield running
-    stop_server(running)
 
 
 @pytest.fixture(scope="module")

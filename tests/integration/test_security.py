@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,20 +16,8 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_
 from finetune_server.storage.layout import DataDir
 from finetune_server.util.paths import folder_bytes
 
-from .conftest import RunningServer, start_server, stop_server
+from .conftest import ADMIN, ALICE, BOB, RunningServer, start_server, stop_server
 from .test_jobs import job_config, upload
-
-ALICE, BOB, ADMIN = "alice-token-0123456789", "bob-token-0123456789ab", "admin-token-0123456789"
-
-
-@pytest.fixture(scope="module")
-def auth_server(tmp_path_factory: pytest.TempPathFactory, server_roots: tuple[Path, Path]) -> Iterator[RunningServer]:
-    tmp = tmp_path_factory.mktemp("auth")
-    tokens = tmp / "tokens.txt"
-    tokens.write_text(f"# test tokens\n{ALICE} alice\n{BOB} bob\n\n{ADMIN} ops admin\n")
-    running = start_server(tmp, *server_roots, "--auth-token-file", str(tokens))
-    yield running
-    stop_server(running)
 
 
 def stub_for(server: RunningServer) -> tuple[grpc.Channel, pb_grpc.FineTuneServiceStub]:
