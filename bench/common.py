@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -277,25 +278,69 @@ def child_env(threads: int | None = None) -> dict[str, str]:
     return env
 
 
+class _Children:
+    """How `run_child` starts children: fresh (`python -m`, what the measurements use) or, for the smoke run, forked
+    from a fork server of the server's warm pool, which imported torch, transformers and peft once: the ~10 s of
+    imports are then paid once per environment instead of once per child."""
+
+    forked: ClassVar[bool] = False
+    servers: ClassVar[dict[tuple[tuple[str, str], ...], Any]] = {}
+
+
+def fork_children() -> None:
+    """From now on `run_child` forks its children (see `_Children`); `close_children` stops the fork servers."""
+    _Children.forked = True
+
+
+def close_children() -> None:
+    servers = list(_Children.servers.values())
+    _Children.servers.clear()
+    if servers:
+        run_async(asyncio.gather(*(server.close() for server in servers)))
+
+
 def run_child(module: str, args: Sequence[str], *, out: Path, timeout_s: float, threads: int | None = None) -> Any:
-    """Run `python -m module args --out OUT` and return the JSON it wrote; its stderr goes to OUT.log."""
+    """Run `python -m module args --out OUT` and return the JSON it wrote; its output goes to OUT.log."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     log_path = out.with_suffix(".log")
-    with log_path.open("w") as log:
-        proc = subprocess.run(
-            [sys.executable, "-m", module, *args, "--out", str(out)],
-            cwd=REPO,
-            env=child_env(threads),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=timeout_s,
-            check=False,
-        )
-    if proc.returncode != 0 or not out.is_file():
+    command = [*args, "--out", str(out)]
+    if _Children.forked:
+        log_path.write_text("")
+        returncode = run_async(_forked(module, command, env=child_env(threads), log_path=log_path, timeout_s=timeout_s))
+    else:
+        with log_path.open("w") as log:
+            returncode = subprocess.run(
+                [sys.executable, "-m", module, *command],
+                cwd=REPO,
+                env=child_env(threads),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout_s,
+                check=False,
+            ).returncode
+    if returncode != 0 or not out.is_file():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"{module} exited with {proc.returncode}; last lines of {log_path}:\n{tail}")
+        raise RuntimeError(f"{module} exited with {returncode}; last lines of {log_path}:\n{tail}")
     return json.loads(out.read_text())
+
+
+async def _forked(module: str, args: list[str], *, env: dict[str, str], log_path: Path, timeout_s: float) -> int:
+    from finetune_server.workers.warm_pool import ForkServer  # light: the fork server imports the heavy libraries
+
+    key = tuple(sorted(env.items()))
+    server = _Children.servers.get(key)
+    if server is None or not server.alive:
+        server = _Children.servers[key] = ForkServer(env, log_path.parent / "forkserver.log")
+    pipe = await server.fork_command(module, args, log_path=log_path, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        return int(await asyncio.wait_for(pipe.process.wait(), timeout_s))
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pipe.pid, signal.SIGKILL)
+        raise
+    finally:
+        pipe.transport.close()
 
 
 def write_json(path: Path, data: Any) -> None:

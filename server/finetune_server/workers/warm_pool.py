@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -140,6 +140,10 @@ class ForkServer:
 
     async def fork(self, module: str, spec_path: Path, *, log_path: Path, stdin: int) -> MessagePipe:
         """A worker forked from this server. RuntimeError when this server cannot fork (broken or gone)."""
+        return await self.fork_command(module, worker_args(spec_path, "{events_fd}"), log_path=log_path, stdin=stdin)
+
+    async def fork_command(self, module: str, args: Sequence[str], *, log_path: Path, stdin: int) -> MessagePipe:
+        """`module.main(args)` in a fork of this server, "{events_fd}" in `args` replaced by its pipe's fd."""
         try:
             await asyncio.shield(self._started)
         except OSError as exc:
@@ -161,7 +165,7 @@ class ForkServer:
                     "type": "fork",
                     "id": request_id,
                     "module": module,
-                    "args": worker_args(spec_path, "{events_fd}"),
+                    "args": list(args),
                     "stdin": stdin_read is not None,
                 }
                 await self._send(json.dumps(request).encode(), fds)
