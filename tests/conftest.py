@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .postgres_cluster import PostgresCluster, start_cluster
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Deliver Ctrl-C as Python's KeyboardInterrupt, here and in the CLIs the tests start (they inherit it).
+
+    A suite started in the background (`nohup`, `&` in a shell without job control) inherits SIGINT ignored, and
+    the tests that press Ctrl-C on a CLI, or on `follow` in this process, would then wait for an exit that never
+    comes."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
