@@ -52,6 +52,11 @@ def stable_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
 
 
+async def run_pooled(pool: WarmPool, spec: WorkerSpec, **kwargs: Any) -> WorkerExit:
+    """`run_worker` with its worker forked from the module's pool."""
+    return await run_worker(spec, **kwargs, env=stable_env(), launcher=pool)
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def pool(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WarmPool]:
     warm = WarmPool(1, tmp_path_factory.mktemp("pool"))
@@ -117,9 +122,7 @@ async def test_run_to_completion(tmp_path: Path, tiny_model_dir: Path, pool: War
     recorder = Recorder()
     log_path = tmp_path / "job" / "worker.log"
 
-    exit_ = await run_worker(
-        spec, on_message=recorder, cancel=asyncio.Event(), log_path=log_path, env=stable_env(), launcher=pool
-    )
+    exit_ = await run_pooled(pool, spec, on_message=recorder, cancel=asyncio.Event(), log_path=log_path)
 
     assert exit_.returncode == 0 and exit_.signal is None and not exit_.crashed and not exit_.oom_killed
     types = [m.TYPE for m in recorder.messages]
@@ -178,9 +181,7 @@ async def test_cancel_mid_run(tmp_path: Path, tiny_model_dir: Path, pool: WarmPo
     spec = make_spec(tmp_path, tiny_model_dir, max_steps=200)
     cancel = asyncio.Event()
     recorder = cancel_at_first_progress(cancel)
-    exit_ = await run_worker(
-        spec, on_message=recorder, cancel=cancel, log_path=tmp_path / "worker.log", env=stable_env(), launcher=pool
-    )
+    exit_ = await run_pooled(pool, spec, on_message=recorder, cancel=cancel, log_path=tmp_path / "worker.log")
 
     assert exit_.returncode == 0 and exit_.signal is None
     assert isinstance(exit_.final, Cancelled)
@@ -202,13 +203,12 @@ async def test_sigkill_then_resume(tmp_path: Path, tiny_model_dir: Path, pool: W
             killed_at.append(message.data["step"])
             assert kill_process_group(pids[0]) is True
 
-    first = await run_worker(
+    first = await run_pooled(
+        pool,
         spec,
         on_message=Recorder(kill_after_first_checkpoint),
         cancel=asyncio.Event(),
         log_path=tmp_path / "w.log",
-        env=stable_env(),
-        launcher=pool,
     )
     assert first.signal == signal.SIGKILL and first.returncode == -signal.SIGKILL
     assert first.final is None and first.crashed and not first.oom_killed
@@ -220,9 +220,7 @@ async def test_sigkill_then_resume(tmp_path: Path, tiny_model_dir: Path, pool: W
     assert newest_on_disk >= killed_at[0]
 
     recorder = Recorder()
-    second = await run_worker(
-        spec, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log", env=stable_env(), launcher=pool
-    )
+    second = await run_pooled(pool, spec, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log")
 
     assert second.returncode == 0 and isinstance(second.final, Result)
     assert second.started is not None and second.started.resumed_from_step == newest_on_disk
@@ -239,9 +237,7 @@ async def test_typed_error(tmp_path: Path, tiny_model_dir: Path, pool: WarmPool)
     spec = make_spec(tmp_path, tiny_model_dir, dataset, data_format="alpaca")
     recorder = Recorder()
 
-    exit_ = await run_worker(
-        spec, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log", env=stable_env(), launcher=pool
-    )
+    exit_ = await run_pooled(pool, spec, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log")
 
     assert exit_.returncode == 1 and exit_.signal is None
     error = exit_.final
@@ -257,14 +253,7 @@ async def test_crash_is_exit_2_without_final_message(tmp_path: Path, tiny_model_
     broken = WorkerSpec.from_dict({**spec.to_dict(), "config": {**spec.config, "no_such_field": 1}})
     recorder = Recorder()
 
-    exit_ = await run_worker(
-        broken,
-        on_message=recorder,
-        cancel=asyncio.Event(),
-        log_path=tmp_path / "w.log",
-        env=stable_env(),
-        launcher=pool,
-    )
+    exit_ = await run_pooled(pool, broken, on_message=recorder, cancel=asyncio.Event(), log_path=tmp_path / "w.log")
 
     assert exit_.returncode == 2 and exit_.signal is None and exit_.crashed
     assert [m.TYPE for m in recorder.messages] == ["started"]
@@ -404,14 +393,7 @@ async def test_cancelled_caller_does_not_orphan_the_worker(
             started.set()
 
     task = asyncio.create_task(
-        run_worker(
-            spec,
-            on_message=on_message,
-            cancel=asyncio.Event(),
-            log_path=tmp_path / "w.log",
-            env=stable_env(),
-            launcher=pool,
-        )
+        run_pooled(pool, spec, on_message=on_message, cancel=asyncio.Event(), log_path=tmp_path / "w.log")
     )
     await started.wait()
     task.cancel()
