@@ -300,7 +300,8 @@ def close_children() -> None:
 
 
 def run_child(module: str, args: Sequence[str], *, out: Path, timeout_s: float, threads: int | None = None) -> Any:
-    """Run `python -m module args --out OUT` and return the JSON it wrote; its output goes to OUT.log."""
+    """Run `python -m module args --out OUT` (forked: `module.main(args + --out OUT)`) and return the JSON it wrote;
+    its output goes to OUT.log."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     log_path = out.with_suffix(".log")
