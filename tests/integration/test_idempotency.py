@@ -15,9 +15,9 @@ from grpc_status import rpc_status
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_grpc
 
-from .conftest import RunningServer
+from .conftest import ALICE, BOB, RunningServer
 from .test_jobs import job_config, stub, train_to_end  # noqa: F401 - the module's stub fixture
-from .test_security import ALICE, BOB, as_token
+from .test_security import as_token
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
