@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,16 @@ import psutil
 import pytest
 
 from finetune_server.host import devices as devices_module
-from finetune_server.host.devices import detect_devices, library_versions, parse_nvidia_smi, probe_bitsandbytes_async
+from finetune_server.host.devices import (
+    PROBE_CACHE_MAX_AGE_S,
+    detect_devices,
+    library_versions,
+    parse_nvidia_smi,
+    probe_bitsandbytes_async,
+    probe_bitsandbytes_cached,
+    probe_cache_path,
+    probe_fingerprint,
+)
 
 SAMPLE = """0, NVIDIA GeForce RTX 3060, 12288, 11972, 8.6
 1, Tesla T4, 15360, 15101, 7.5
@@ -113,3 +123,29 @@ def test_bitsandbytes_probe_times_out() -> None:
     works, error = asyncio.run(probe_bitsandbytes_async(timeout=0.05))
     assert not works
     assert "timed out" in error
+
+
+def test_a_successful_probe_is_remembered_for_the_same_host_and_only_then(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = probe_cache_path()
+    assert path == tmp_path / "sage-finetune" / "bitsandbytes-probe.json"
+    # A failed probe (here: timed out) is not remembered.
+    assert not asyncio.run(probe_bitsandbytes_cached(timeout=0.05))[0]
+    assert not path.exists()
+    assert asyncio.run(probe_bitsandbytes_cached(timeout=120)) == (True, "")
+    assert json.loads(path.read_text())["fingerprint"] == probe_fingerprint()
+    # Remembered: answered without the subprocess, which could not finish in 0.05 s (see the test above).
+    assert asyncio.run(probe_bitsandbytes_cached(timeout=0.05)) == (True, "")
+    # Another torch (or interpreter, or GPU set) on the same host: probed again.
+    entry = json.loads(path.read_text())
+    entry["fingerprint"]["torch"] = "0.0.1"
+    path.write_text(json.dumps(entry))
+    works, error = asyncio.run(probe_bitsandbytes_cached(timeout=0.05))
+    assert not works and "timed out" in error
+    # An old success is probed again too.
+    entry["fingerprint"] = probe_fingerprint()
+    entry["at"] -= PROBE_CACHE_MAX_AGE_S + 1
+    path.write_text(json.dumps(entry))
+    assert not asyncio.run(probe_bitsandbytes_cached(timeout=0.05))[0]

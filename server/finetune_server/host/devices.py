@@ -1,13 +1,17 @@
 """Training devices, library versions and the bitsandbytes probe, without importing torch in the server process.
 
 GPUs come from `nvidia-smi` (importing torch to ask CUDA costs seconds and would hold a CUDA context in the server);
-the CPU from psutil. The bitsandbytes probe imports torch, so it runs in a subprocess.
+the CPU from psutil. The bitsandbytes probe imports torch, so it runs in a subprocess; a success is remembered per
+host (the user's cache folder), keyed by the interpreter, the library versions and the visible GPUs, so a restart on
+an unchanged host does not pay seconds of CPU for it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +19,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import psutil
 import structlog
@@ -24,6 +30,7 @@ log = structlog.get_logger(__name__)
 NVIDIA_SMI_QUERY = "index,name,memory.total,memory.free,compute_cap"
 NVIDIA_SMI_TIMEOUT_S = 5.0
 CACHE_SECONDS = 5.0
+PROBE_CACHE_MAX_AGE_S = 7 * 24 * 3600.0
 MIB = 1 << 20
 LIBRARIES = (
     "torch",
@@ -194,4 +201,59 @@ async def probe_bitsandbytes_async(timeout: float = 120.0) -> tuple[bool, str]: 
         return False, f"bitsandbytes probe timed out after {timeout:.0f} s"
     works, error = _probe_result(process.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
     log.info("bitsandbytes probe", works=works, error=error)
+    return works, error
+
+
+def probe_cache_path() -> Path:
+    """Where a successful probe is remembered: `$XDG_CACHE_HOME` (default ~/.cache)/sage-finetune."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "sage-finetune" / "bitsandbytes-probe.json"
+
+
+def probe_fingerprint() -> dict[str, Any]:
+    """What the probe's answer depends on: the interpreter, torch's and bitsandbytes' versions, the visible GPUs."""
+    versions = library_versions()
+    gpus = [d for d in detect_devices() if d.name != "cpu"]
+    return {
+        "python": sys.executable,
+        "torch": versions.get("torch", ""),
+        "bitsandbytes": versions.get("bitsandbytes", ""),
+        "gpus": [[d.name, d.description, d.compute_capability, d.total_memory_bytes] for d in gpus],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
+def _remembered(path: Path, fingerprint: dict[str, Any]) -> bool:
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    fresh = isinstance(entry, dict) and time.time() - float(entry.get("at", 0)) < PROBE_CACHE_MAX_AGE_S
+    return bool(fresh and entry.get("fingerprint") == fingerprint and entry.get("works") is True)
+
+
+def _remember(path: Path, fingerprint: dict[str, Any]) -> None:
+    """Best effort (an unwritable home only costs the next start a probe); whole or not at all."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch.write_text(json.dumps({"fingerprint": fingerprint, "works": True, "at": time.time()}))
+        os.replace(scratch, path)
+    except OSError as exc:
+        log.info("bitsandbytes probe not remembered", path=str(path), error=str(exc))
+        with contextlib.suppress(OSError):
+            scratch.unlink()
+
+
+async def probe_bitsandbytes_cached(timeout: float = 120.0) -> tuple[bool, str]:  # noqa: ASYNC109 - the probe's
+    """`probe_bitsandbytes_async`, answered from the host's cache when an earlier probe with the same fingerprint
+    succeeded. Failures are not remembered: the next start probes again."""
+    path = probe_cache_path()
+    fingerprint = await asyncio.to_thread(probe_fingerprint)
+    if await asyncio.to_thread(_remembered, path, fingerprint):
+        log.info("bitsandbytes probe", works=True, remembered=str(path))
+        return True, ""
+    works, error = await probe_bitsandbytes_async(timeout)
+    if works:
+        await asyncio.to_thread(_remember, path, fingerprint)
     return works, error

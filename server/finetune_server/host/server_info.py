@@ -1,7 +1,7 @@
 """What GetServerInfo reports: devices, versions, limits, and whether bitsandbytes works.
 
-The bitsandbytes probe imports torch, so it runs once in a subprocess in the background at start-up; until it has
-answered, the report says so instead of blocking the RPC.
+The bitsandbytes probe imports torch, so it runs once in a subprocess in the background at start-up (unless the host
+remembers an earlier success); until it has answered, the report says so instead of blocking the RPC.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import psutil
 import structlog
 
 from finetune_server.host.cpu_policy import format_cpu_list
-from finetune_server.host.devices import detect_devices, library_versions, probe_bitsandbytes_async
+from finetune_server.host.devices import detect_devices, library_versions, probe_bitsandbytes_cached
 from finetune_server.settings import ServerSettings
 
 log = structlog.get_logger(__name__)
@@ -47,7 +47,7 @@ class ServerInfoProvider:
 
     async def _run_probe(self) -> None:
         try:
-            works, error = await probe_bitsandbytes_async(timeout=120)
+            works, error = await probe_bitsandbytes_cached(timeout=120)
         except Exception as exc:  # a broken probe must not take the server down
             works, error = False, f"probe failed: {exc}"
         self._probe = _Probe(works, error)
