@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, from this machine's disk (CPU build), so nothing pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[server,dev,bench,postgres,ray]'
+	$(PY) -m pip install -q torch==2.13.0 uv
+	# The rest with uv: the same packages in ~30 s instead of ~4 minutes of pip. The constraint keeps the torch above
+	# (uv does not look on this disk); bytecode is compiled at install, as pip does, since imports may not write it.
+	$(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode -e '.[server,dev,bench,postgres,ray]' \
+	  --constraint <(echo torch==2.13.0)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -51,8 +54,10 @@ breaking: $(STAMP)
 	if [ -z "$$base" ]; then echo "buf breaking: no earlier version of the proto to compare with"; \
 	else echo "buf breaking against $$base"; $(VENV)/bin/buf breaking --against ".git#ref=$$base"; fi
 
+# Two pytest workers, a whole test file each at a time (module-scoped servers stay one per file); the files with slow
+# tests start first (tests/conftest.py) so neither worker ends alone on a long one.
 test: $(STAMP) node-deps proto-check lint breaking
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25
 
 # Chaos and load soaks (they write bench/results/reliability.md) and >= 10,000 fuzz cases; not part of `make test`.
 test-soak: $(STAMP)

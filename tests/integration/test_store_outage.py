@@ -34,6 +34,10 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.1)  # polling health: the probe's interval is the server's
 
 
+def health_status(channel: grpc.Channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+
+
 def test_health_follows_the_store_and_calls_are_unavailable_while_it_is_lost(
     tmp_path: Path, server_roots: tuple[Path, Path]
 ) -> None:
@@ -42,17 +46,15 @@ def test_health_follows_the_store_and_calls_are_unavailable_while_it_is_lost(
     try:
         server = start_server(tmp_path, *server_roots, "--store", cluster.new_database())
         with grpc.insecure_channel(server.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
             stub = pb_grpc.FineTuneServiceStub(channel)
 
-            def status() -> int:
-                return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
-
-            assert status() == health_pb2.HealthCheckResponse.SERVING
+            assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
             assert list(stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs) == []
 
             cluster.pg_ctl("stop", "-m", "fast")
-            wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, "health says NOT_SERVING")
+            wait_until(
+                lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, "health says NOT_SERVING"
+            )
             with pytest.raises(grpc.RpcError) as lost:
                 stub.ListJobs(pb.ListJobsRequest(), timeout=30)
             error = from_rpc_error(lost.value)
@@ -60,7 +62,9 @@ def test_health_follows_the_store_and_calls_are_unavailable_while_it_is_lost(
             assert error.retry_delay is not None and error.retry_delay > 0
 
             cluster.start()
-            wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING, "health says SERVING again")
+            wait_until(
+                lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING, "health says SERVING again"
+            )
             assert list(stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs) == []
     finally:
         if server is not None:
@@ -97,6 +101,9 @@ def test_a_job_trains_through_a_store_outage_and_loses_no_event(
             wait_until(lambda: newest_checkpoint() >= at_outage + 50, "two more checkpoints are saved")
             stream.cancel()  # a stream may end UNAVAILABLE while the store is lost; callers watch again after it
             cluster.start()
+            # A caller watches again once health says SERVING (before that the store may still be unreachable).
+            serving = health_pb2.HealthCheckResponse.SERVING
+            wait_until(lambda: health_status(channel) == serving, "health says SERVING again")
             events = [m.event for m in stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=120)]
     finally:
         if server is not None:

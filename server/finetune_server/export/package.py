@@ -407,7 +407,7 @@ def _merge(
     on_progress("loading_base", 0.0, f"loading the base model in {dtype_name} on {dev}")
     # No quantization_config: always the full-precision weights, whatever the training used.
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype_name, "auto"))
-    base = base.to(dev)  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
+    base = base.to(dev)
     on_progress("merging", 0.35, "applying the adapter")
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     merged = model.merge_and_unload(safe_merge=True)

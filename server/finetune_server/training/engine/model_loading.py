@@ -103,7 +103,7 @@ def load_for_training(
     log.info("loading model", model=str(model_ref), dtype=str(dtype), device=str(device), quantized=bool(quantization))
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if quantization is None:
-        model = model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
+        model = model.to(device)
     model.config.use_cache = False  # no KV cache in training (and packing's mask detection needs it off)
 
     targets = list(config.lora.target_modules) or linear_module_names(model)
