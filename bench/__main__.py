@@ -50,6 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--watchers", type=int, default=100, help="concurrent WatchJob streams in the service run")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="models, datasets, job folders")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the sections run in the out dir's results.json, keeping the others (each says when it ran)",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.only.split(",")) - set(BENCHMARKS)
     if unknown:
@@ -110,20 +115,31 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": 0.0,
     }
     out_json, out_md = args.out_dir / "results.json", args.out_dir / "results.md"
+    if args.merge and out_json.is_file():
+        results = merge_base(json.loads(out_json.read_text()))
     if args.quick:  # the smoke run checks that every benchmark works, not what it measures: fork, don't import
         fork_children()
     try:
         failed = _run_all(args, results, started, out_json, out_md)
     finally:
         close_children()
-    print(f"[bench] wrote {out_json} and {out_md} in {results['wall_s']:.0f} s", flush=True)
+    print(f"[bench] wrote {out_json} and {out_md} in {time.perf_counter() - started:.0f} s", flush=True)
     return 1 if failed else 0
+
+
+def merge_base(earlier: dict) -> dict:
+    """The earlier results, to which a `--merge` run writes its sections, with each section's start time (from
+    then on `_run_all` stamps the sections it runs)."""
+    ran_at = earlier.get("section_started_at") or dict.fromkeys(earlier["sections"], earlier["started_at"])
+    return earlier | {"section_started_at": dict(ran_at)}
 
 
 def _run_all(args: argparse.Namespace, results: dict, started: float, out_json: Path, out_md: Path) -> bool:
     failed = False
     for name, runner in plan(args).items():
         print(f"[bench] {name} ...", flush=True)
+        if "section_started_at" in results:  # a merged run: this section's own start
+            results["section_started_at"][name] = datetime.now(UTC).isoformat(timespec="seconds")
         try:
             section = runner()
         except Exception:  # one failed benchmark must not lose the others' results
@@ -131,7 +147,8 @@ def _run_all(args: argparse.Namespace, results: dict, started: float, out_json: 
             section = Section(name, error=traceback.format_exc())
             print(section.error, flush=True)
         results["sections"][name] = json.loads(json.dumps(dataclasses.asdict(section), default=str))  # plain data
-        results["wall_s"] = time.perf_counter() - started
+        if "section_started_at" not in results:  # a merged run keeps the first run's total
+            results["wall_s"] = time.perf_counter() - started
         write_json(out_json, results)  # after each benchmark: a long run that dies keeps what it measured
         out_md.write_text(render(results))
         print(f"[bench] {name} done in {section.wall_s:.0f} s", flush=True)

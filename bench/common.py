@@ -82,6 +82,55 @@ REAL_SIZE = ModelSize(
 ALL_SIZES: dict[str, ModelSize] = {**SIZES, REAL_SIZE.name: REAL_SIZE}
 
 
+# The seed's recommended models at their published shapes (the values of their config.json), built with random weights
+# and the tiny BPE tokenizer: their memory at real sizes with no download. Both tie the embeddings to the lm_head.
+PUBLISHED_SHAPES: dict[str, dict[str, Any]] = {
+    "Qwen2.5-0.5B": {
+        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+        "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    },
+    "Qwen2.5-1.5B": {
+        "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    },
+}  # fmt: skip
+
+
+def build_published_shape(name: str, work_dir: Path) -> Path:
+    """A model folder with `PUBLISHED_SHAPES[name]`'s config, random bf16 weights (loading casts or quantises them)
+    and the tiny tokenizer, whose ids all lie inside the real vocabulary. Built once per work dir."""
+    folder = work_dir / "models" / f"random-{name}"
+    marker = folder / "published-shape.json"
+    shape = PUBLISHED_SHAPES[name]
+    if marker.is_file() and json.loads(marker.read_text()) == shape:
+        return folder
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from finetune_server.demo.tiny_model import build_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(work_dir / "models" / "tokenizer-source"))
+    config = Qwen2Config(
+        **shape, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    scratch = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    model.save_pretrained(scratch)
+    tokenizer.save_pretrained(scratch)
+    (scratch / marker.name).write_text(json.dumps(shape))
+    del model
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(scratch, folder)  # whole or not at all
+    return folder
+
+
 def size_by_name(name: str) -> ModelSize:
     if name == QUICK_SIZE.name:
         return QUICK_SIZE

@@ -28,6 +28,14 @@ def _met(met: bool | None) -> str:
     return {True: "met", False: "NOT met", None: "not measured"}[met]
 
 
+def _reruns(results: dict[str, Any]) -> list[str]:
+    """For results merged from several runs (`--merge`): the sections run after the first."""
+    later = {k: v for k, v in results.get("section_started_at", {}).items() if v != results["started_at"]}
+    if not later:
+        return []
+    return ["Sections rerun later (`--merge`): " + ", ".join(f"{k} at {v}" for k, v in later.items()) + "."]
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [
         "# sage-finetune benchmarks",
@@ -37,6 +45,7 @@ def render(results: dict[str, Any]) -> str:
         f"{'quick (smoke) sizes' if results['quick'] else 'default sizes'}; total {results['wall_s']:.0f} s.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
         "Times on a shared machine are noisy: compare the ratios (medians of per-repetition ratios), not the seconds.",
+        *_reruns(results),
         "",
         "## Targets",
         "",
@@ -169,14 +178,23 @@ def _memory(data: dict[str, Any]) -> list[str]:
         data["comparison"] + ".",
         "",
         "| config | steps | measured delta MiB | estimated MiB | measured / estimated | peak RSS MiB "
-        "| estimate incl. imports MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| estimate incl. imports MiB | shortfall in fp32 logits copies |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in data["cases"]:
+        copy = r.get("logits_copy_bytes")
+        shortfall = (r["measured_delta_bytes"] - r["estimated_delta_bytes"]) / copy if copy else None
         out.append(
             f"| {r['case']} | {r['steps']} | {_mib(r['measured_delta_bytes'])} | {_mib(r['estimated_delta_bytes'])} "
-            f"| {_f(r['measured_over_estimated'])} | {_mib(r['peak_rss_bytes'])} | {_mib(r['estimated_total_bytes'])} |"
+            f"| {_f(r['measured_over_estimated'])} | {_mib(r['peak_rss_bytes'])} | {_mib(r['estimated_total_bytes'])} "
+            f"| {_f(shortfall, 1)} |"
         )
+    out += [
+        "",
+        "The last column is the measured minus the estimated delta in units of one micro-batch's fp32 logits "
+        "(batch x seq x vocab x 4 bytes; the estimate counts 4 such copies). Where it is about the same for models of "
+        "one vocabulary and different sizes, the logits and the loss are what the estimate under-counts.",
+    ]
     return out
 
 

@@ -136,3 +136,19 @@ def test_gpu_script_fails_clearly_without_cuda() -> None:
         [sys.executable, "-m", "bench.gpu"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
     )
     assert direct.returncode == 2 and "needs a CUDA GPU" in direct.stderr
+
+
+def test_a_merged_run_keeps_the_other_sections_and_says_when_each_ran(
+    quick_results: tuple[dict[str, Any], str],
+) -> None:
+    from bench.__main__ import merge_base
+    from bench.report import render
+
+    earlier = quick_results[0]
+    base = merge_base(earlier)
+    assert base["sections"] == earlier["sections"]
+    assert set(base["section_started_at"].values()) == {earlier["started_at"]}
+    assert "rerun later" not in render(base)
+    base["section_started_at"]["memory"] = "2099-01-01T00:00:00+00:00"  # what _run_all stamps on a rerun section
+    assert "Sections rerun later (`--merge`): memory at 2099-01-01T00:00:00+00:00." in render(base)
+    assert merge_base(base)["section_started_at"] == base["section_started_at"]  # a second merge keeps the stamps

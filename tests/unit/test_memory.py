@@ -79,6 +79,8 @@ def test_target_modules_rank_and_optimizer() -> None:
     assert qv.trainable_parameters == 24 * 8 * ((896 + 896) + (896 + 128))
     paged = _estimate(QWEN25_05B, GPU, optim="paged_adamw_8bit")
     assert paged.optimizer_bytes == 2 * paged.trainable_parameters
+    on_cpu = _estimate(QWEN25_05B, [("cpu", 64 * GIB)], optim="paged_adamw_8bit")  # the engine uses AdamW there
+    assert on_cpu.optimizer_bytes == 8 * on_cpu.trainable_parameters
     dora = _estimate(QWEN25_05B, GPU, lora=LoraSettings(use_dora=True))
     assert dora.trainable_parameters > _estimate(QWEN25_05B, GPU).trainable_parameters
     saved = _estimate(QWEN25_05B, GPU, lora=LoraSettings(modules_to_save=["lm_head"]))

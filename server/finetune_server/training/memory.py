@@ -11,7 +11,7 @@ fp32 embeddings make the residual stream fp32, and bitsandbytes' layers return t
   double quantisation: P_lin x (0.5 + 1/64 + 4/(64*256)), the rest fp32 likewise.
 - adapter: r x (in + out) per targeted linear per layer (+ out per layer for DoRA's magnitude; + full copies of
   `modules_to_save`), fp32: 4 bytes each. gradients: the same count x 4. optimizer: AdamW keeps 2 fp32 states (8
-  bytes per trainable parameter); paged 8-bit AdamW 2 bytes.
+  bytes per trainable parameter); paged 8-bit AdamW 2 bytes (on a GPU: elsewhere the engine falls back to AdamW).
 - activations, values per token kept for backward in one decoder layer: A = 4h + 3q + 3kv + 4i (norm inputs/outputs,
   q/k/v before and after RoPE, attention output, gate/up/act/product of the MLP), plus per targeted linear r (LoRA A
   output) and, with dropout > 0, its dropped input (in_features values + a 1-byte mask). SDPA attention keeps no
@@ -203,7 +203,7 @@ def _estimate(run: _Run, model: ModelSummary, model_config: dict[str, Any]) -> M
 
     adapter = trainable * 4
     gradients = trainable * 4
-    optimizer = trainable * (2 if run.paged_8bit_optim else 8)
+    optimizer = trainable * (2 if run.paged_8bit_optim and run.on_gpu else 8)  # elsewhere the engine uses AdamW
 
     # Activations (see the module docstring).
     tokens = run.batch * run.seq
