@@ -102,33 +102,21 @@ def build_published_shape(name: str, work_dir: Path) -> Path:
     """A model folder with `PUBLISHED_SHAPES[name]`'s config, random bf16 weights (loading casts or quantises them)
     and the tiny tokenizer, whose ids all lie inside the real vocabulary. Built once per work dir."""
     folder = work_dir / "models" / f"random-{name}"
-    marker = folder / "published-shape.json"
     shape = PUBLISHED_SHAPES[name]
-    if marker.is_file() and json.loads(marker.read_text()) == shape:
-        return folder
-    import shutil
+    from finetune_server.demo.tiny_model import build_tiny_model, built_from, write_model_folder
 
+    if built_from(folder, shape):
+        return folder
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from finetune_server.demo.tiny_model import build_tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(work_dir / "models" / "tokenizer-source"))
     config = Qwen2Config(
         **shape, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    scratch = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(scratch, ignore_errors=True)
-    model.save_pretrained(scratch)
-    tokenizer.save_pretrained(scratch)
-    (scratch / marker.name).write_text(json.dumps(shape))
-    del model
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(scratch, folder)  # whole or not at all
-    return folder
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    return write_model_folder(folder, model, tokenizer, shape)
 
 
 def size_by_name(name: str) -> ModelSize:

@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             explicit.max_length, explicit.per_device_train_batch_size = seq, batch
             explicit.gradient_checkpointing = args.checkpointing
             explicit.lora = LoraSettings(r=8, alpha=16, dropout=args.dropout)
-        config, _ = resolve(explicit, preset_values)
-        if args.preset:  # as the service's validation does on a host without CUDA
-            config.bf16 = config.fp16 = False
+        config, _ = resolve(explicit, preset_values)  # a preset's bf16 is ignored on the CPU (engine and estimate)
         summary = ModelSummary(num_parameters=count_parameters(args.model_dir, model_config))
         estimate = estimate_memory(config, summary, model_config, sequence_length=seq, devices=[("cpu", 0)])
         release_memory()

@@ -38,6 +38,11 @@ def health_status(channel: grpc.Channel) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
 
 
+def wait_for_health(channel: grpc.Channel, status: int) -> None:
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    wait_until(lambda: health_status(channel) == status, f"health says {name}")
+
+
 def test_health_follows_the_store_and_calls_are_unavailable_while_it_is_lost(
     tmp_path: Path, server_roots: tuple[Path, Path]
 ) -> None:
@@ -52,9 +57,7 @@ def test_health_follows_the_store_and_calls_are_unavailable_while_it_is_lost(
             assert list(stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs) == []
 
             cluster.pg_ctl("stop", "-m", "fast")
-            wait_until(
-                lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, "health says NOT_SERVING"
-            )
+            wait_for_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
             with pytest.raises(grpc.RpcError) as lost:
                 stub.ListJobs(pb.ListJobsRequest(), timeout=30)
             error = from_rpc_error(lost.value)
@@ -62,9 +65,7 @@ def test_health_follows_the_store_and_calls_are_unavailable_while_it_is_lost(
             assert error.retry_delay is not None and error.retry_delay > 0
 
             cluster.start()
-            wait_until(
-                lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING, "health says SERVING again"
-            )
+            wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING)
             assert list(stub.ListJobs(pb.ListJobsRequest(), timeout=10).jobs) == []
     finally:
         if server is not None:
@@ -102,8 +103,7 @@ def test_a_job_trains_through_a_store_outage_and_loses_no_event(
             stream.cancel()  # a stream may end UNAVAILABLE while the store is lost; callers watch again after it
             cluster.start()
             # A caller watches again once health says SERVING (before that the store may still be unreachable).
-            serving = health_pb2.HealthCheckResponse.SERVING
-            wait_until(lambda: health_status(channel) == serving, "health says SERVING again")
+            wait_for_health(channel, health_pb2.HealthCheckResponse.SERVING)
             events = [m.event for m in stub.WatchJob(pb.WatchJobRequest(job_id=job.id), timeout=120)]
     finally:
         if server is not None:

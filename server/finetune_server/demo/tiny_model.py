@@ -11,6 +11,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -85,10 +86,30 @@ def _train_tokenizer(spec: TinyModelSpec):
 
 
 def is_tiny_model(path: str | os.PathLike[str], spec: TinyModelSpec | None = None) -> bool:
+    return built_from(path, asdict(spec or TinyModelSpec()))
+
+
+def built_from(path: str | os.PathLike[str], recipe: dict[str, Any]) -> bool:
+    """Whether the model folder at `path` was written by `write_model_folder` from this recipe."""
     marker = Path(path) / _MARKER
-    if not marker.is_file():
-        return False
-    return json.loads(marker.read_text()) == asdict(spec or TinyModelSpec())
+    return marker.is_file() and json.loads(marker.read_text()) == recipe
+
+
+def write_model_folder(path: str | os.PathLike[str], model: Any, tokenizer: Any, recipe: dict[str, Any]) -> Path:
+    """Save the model, its tokenizer and the recipe they were built from at `path`, whole or not at all."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        staging = Path(tmp) / "model"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _MARKER).write_text(json.dumps(recipe))
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
 
 
 def build_tiny_model(path: str | os.PathLike[str], spec: TinyModelSpec | None = None) -> Path:
@@ -120,15 +141,4 @@ def build_tiny_model(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-        staging = Path(tmp) / "model"
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / _MARKER).write_text(json.dumps(asdict(spec)))
-        if target.exists():
-            import shutil
-
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    return target
+    return write_model_folder(target, model, tokenizer, asdict(spec))

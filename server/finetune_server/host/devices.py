@@ -228,8 +228,9 @@ def _remembered(path: Path, fingerprint: dict[str, Any]) -> bool:
         entry = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
+    # Only successes are written, so an entry that matches and is fresh means "works".
     fresh = isinstance(entry, dict) and time.time() - float(entry.get("at", 0)) < PROBE_CACHE_MAX_AGE_S
-    return bool(fresh and entry.get("fingerprint") == fingerprint and entry.get("works") is True)
+    return bool(fresh and entry.get("fingerprint") == fingerprint)
 
 
 def _remember(path: Path, fingerprint: dict[str, Any]) -> None:
@@ -237,7 +238,7 @@ def _remember(path: Path, fingerprint: dict[str, Any]) -> None:
     scratch = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        scratch.write_text(json.dumps({"fingerprint": fingerprint, "works": True, "at": time.time()}))
+        scratch.write_text(json.dumps({"fingerprint": fingerprint, "at": time.time()}))
         os.replace(scratch, path)
     except OSError as exc:
         log.info("bitsandbytes probe not remembered", path=str(path), error=str(exc))
