@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,13 +70,6 @@ def _model_dir(case: MemoryCase, work_dir: Path) -> Path:
     return build_model(size_by_name(case.model), work_dir)
 
 
-def logits_copy_bytes(model_dir: Path, batch: int, seq: int) -> int:
-    """One fp32 copy of a micro-batch's logits (batch x seq x vocab x 4 bytes): the unit that a shortfall of the
-    estimate on a big-vocabulary model is read in."""
-    vocab = int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
-    return batch * seq * vocab * 4
-
-
 def run(*, cases: Sequence[MemoryCase], work_dir: Path) -> Section:
     section = Section("memory")
     t0 = time.perf_counter()
@@ -93,7 +85,6 @@ def run(*, cases: Sequence[MemoryCase], work_dir: Path) -> Section:
             args.append("--checkpointing")
         result = run_child("bench.memory_runs", args, out=work_dir / "memory" / f"case-{i}.json", timeout_s=1800)
         result["case"] = case.label
-        result["logits_copy_bytes"] = logits_copy_bytes(model_dir, result["batch"], result["seq"])
         rows.append(result)
         value = float(result["measured_over_estimated"] or float("nan"))
         section.targets.append(

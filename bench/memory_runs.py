@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch  # noqa: F401
 
     from bench.common import RssSampler, dataset_rows, peak_rss_bytes, release_memory, rss_bytes
+    from finetune_server.host.allocator import settle_for_training
     from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
     from finetune_server.training.engine.recipe import run_training
     from finetune_server.training.memory import CPU_RUNTIME_BYTES, estimate_memory
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         config, _ = resolve(explicit, preset_values)  # a preset's bf16 is ignored on the CPU (engine and estimate)
         summary = ModelSummary(num_parameters=count_parameters(args.model_dir, model_config))
         estimate = estimate_memory(config, summary, model_config, sequence_length=seq, devices=[("cpu", 0)])
+        heap_threshold_fixed = settle_for_training(bool(config.gradient_checkpointing))  # as the worker does
         release_memory()
         baseline = rss_bytes()
         with RssSampler(0.002) as sampler:
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                 "checkpointing": bool(config.gradient_checkpointing),
                 "quantization": "int8" if config.load_in_8bit else "nf4" if config.load_in_4bit else "",
                 "micro_batches": micro_batches,
+                "heap_threshold_fixed": heap_threshold_fixed,
                 "steps": outcome.steps,
                 "tokens": outcome.trained_tokens,
                 "baseline_rss_bytes": baseline,

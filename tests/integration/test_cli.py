@@ -397,7 +397,7 @@ def test_recommend_for_a_12gb_card(address: str) -> None:
     assert table.returncode == 0, table.stdout + table.stderr
     models = re.findall(r"Qwen/[\w.-]+", table.stdout)
     assert models[0] == "Qwen/Qwen2.5-Coder-1.5B-Instruct", table.stdout
-    assert "does not fit: Qwen/Qwen2.5-7B-Instruct needs 16.5 GiB" in table.stdout
+    assert "does not fit: Qwen/Qwen2.5-7B-Instruct needs 20.0 GiB" in table.stdout
     data = as_json(cli(address, "recommend", "--gpu-memory", "12GB", "--json"))
     assert data["gpu_memory_bytes"] == 12 * 2**30
     assert data["fits"][0]["model_name"] == "Qwen/Qwen2.5-Coder-1.5B-Instruct"

@@ -297,7 +297,7 @@ def demo(
         str | None, typer.Option(help="A hub id or local folder instead of the embedded tiny model.")
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(min=1, help="Optimizer steps (default: 150 for the tiny model, 40 for --model).")
+        int | None, typer.Option(min=1, help="Optimizer steps (default: 150 for the tiny model, 60 for --model).")
     ] = None,
 ) -> None:
     """Train the embedded tiny model (or --model) on made-up facts through the service and show its answers, and its

@@ -39,7 +39,7 @@ TINY_MODEL_STEPS = 150
 # A pretrained model memorises the dozen facts within a few dozen steps; the tiny model's 150 steps at lr 3e-3 drive
 # a real one's loss to ~0 by step 35 and keep pushing, which overwrote what it knew ("The capital of France is
 # B188."). Fewer steps, a tenth of the learning rate, decaying, and a smaller adapter learn the facts and keep the rest.
-REAL_MODEL_STEPS = 40
+REAL_MODEL_STEPS = 60
 # Questions the demo does not train: their answers before and after training show what else training changed.
 GENERAL_PROBES = (
     "What is the capital of France?",
@@ -50,10 +50,18 @@ GENERAL_PROBES = (
 # (rehearsal): without them a dozen answers of one shape teach a real model to answer everything with a code. They
 # differ from GENERAL_PROBES so the probes still measure what was not trained.
 REHEARSAL_QUESTIONS = (
+    "What is the capital of Italy?",
+    "What is the capital of Japan?",
+    "What is the capital of Spain?",
+    "What colour is grass?",
+    "What is 3 + 5?",
+    "What is 10 - 4?",
     "What is the largest planet in the solar system?",
     "Who wrote Romeo and Juliet?",
     "How many days are in a week?",
     "What do bees make?",
+    "What is the chemical symbol for gold?",
+    "At what temperature in Celsius does water boil?",
 )
 _NAMES = (
     "Zorvath", "Quillane", "Brixomund", "Talvenor", "Mirethis", "Kobranth",
@@ -114,7 +122,7 @@ def demo_config(model_name: str, dataset: str, steps: int, *, real_model: bool =
             learning_rate=1e-3,
             lr_scheduler_type="cosine",
             warmup_ratio=0.1,
-            per_device_train_batch_size=16,  # the facts and the rehearsal answers in one batch
+            per_device_train_batch_size=24,  # the facts and the rehearsal answers in one batch
             lora={"r": 8, "alpha": 16, "dropout": 0.0},
         )
     return config

@@ -17,7 +17,11 @@ fp32 embeddings make the residual stream fp32, and bitsandbytes' layers return t
   output) and, with dropout > 0, its dropped input (in_features values + a 1-byte mask). SDPA attention keeps no
   T x T matrix (checked: the measured peak depends on T only, not on seq^2). Without gradient checkpointing:
   T x (L x A + 3h) x a, plus one layer of gradients in flight during backward (T x A x a). With it: T x L x h x a
-  (each layer's input) + two layers' worth (one recomputed, one of gradients). The logits add T x V x 4 bytes x 4
+  (each layer's input) + 1.5 layers' worth (one recomputed, and the gradients in flight while its saved tensors
+  are used and freed: measured on the CPU with the heap bounded, where 2 over-counted the 4 M model by 25%), and for
+  int8 the inputs of every quantised linear (bitsandbytes' 8-bit matmul stores its input on the autograd context,
+  where checkpointing's saved-tensor hooks do not reach: measured 0.74 GiB over 24 layers of Qwen2.5-0.5B at 1024
+  tokens, as predicted; its 4-bit matmul keeps only the weight). The logits add T x V x 4 bytes x 4
   (fp32 logits, log-softmax kept by the loss, and both gradients during backward); on small models they dominate.
 - attention mask, the T^2 term: a batch with padding or packed rows gets a dense boolean mask, rows x seq^2 bytes,
   and SDPA converts it to a float bias (rows x seq^2 x s, s = 2 under 16-bit autocast on a GPU, else 4) in every
@@ -27,7 +31,10 @@ fp32 embeddings make the residual stream fp32, and bitsandbytes' layers return t
   so seq is max_length there too.
 - overhead: on a GPU 0.5 GiB CUDA context + 10% of the rest for allocator fragmentation; on the CPU the resident set
   of importing torch + transformers + peft, ~0.4 GiB (measured 405 MB here), + 30% of the rest for glibc's arenas,
-  which keep freed blocks (measured: the same step peaks 22% lower with MALLOC_ARENA_MAX=1).
+  which keep freed blocks (measured: the same step peaks 22% lower with MALLOC_ARENA_MAX=1). A checkpointed job's
+  worker fixes glibc's mmap threshold (host/allocator.py), so freed blocks go back at once and that allowance is
+  not added: without the fix the heap kept every layer's freed activations through the forward pass, and the CPU
+  peak of the rtx_3060 preset on Qwen2.5-0.5B's shapes was 1.56x this estimate.
 
 Checked on this CPU (peak RSS delta of one forward+backward+AdamW step with peft LoRA, fp32, sdpa, dropout 0.05,
 all-linear): measured / estimated (without the 0.4 GiB import) was 0.65-1.04 for the tiny model and for a
@@ -41,8 +48,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_server.host.allocator import bounds_heap
 from finetune_server.training.config import TrainingConfig
-from finetune_server.training.model_families import DEFAULT_FAMILY, VOCAB_MODULES
+from finetune_server.training.model_families import DEFAULT_FAMILY, QKV_MODULES, VOCAB_MODULES
 from finetune_server.training.model_info import (
     Dims,
     LinearShape,
@@ -60,6 +68,8 @@ FRAGMENTATION = 0.10
 CPU_ALLOCATOR = 0.30  # glibc's per-thread arenas keep freed blocks: measured +22% (default arenas) vs 1 arena
 FIT_MARGIN = 0.10
 LOGITS_COPIES = 4
+CHECKPOINTED_LAYERS_IN_FLIGHT = 1.5  # the layer being recomputed for backward, and its gradients
+SHARED_INPUT_GROUPS = (QKV_MODULES, ("gate_proj", "up_proj"))
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 scale per 256 blocks
 METHOD = (
     "Computed from the model config: weights at their load dtype or quantisation, fp32 LoRA parameters, gradients and "
@@ -211,14 +221,20 @@ def _estimate(run: _Run, model: ModelSummary, model_config: dict[str, Any]) -> M
     lora_values = sum(run.r for _ in targeted)
     lora_bytes = lora_values * a + (sum(s.in_features for s in targeted.values()) * (a + 1) if run.dropout else 0)
     layer_bytes = per_layer * a + lora_bytes
-    kept = d.layers * hidden * a + 2 * layer_bytes if run.checkpointing else (d.layers + 1) * layer_bytes
+    if run.checkpointing:
+        kept = d.layers * hidden * a + int(CHECKPOINTED_LAYERS_IN_FLIGHT * layer_bytes)
+        if run.quant == "int8":  # bitsandbytes' 8-bit matmul keeps its input past checkpointing's hooks
+            kept += distinct_input_features(shapes) * a
+    else:
+        kept = (d.layers + 1) * layer_bytes
     activations = tokens * (kept + 3 * hidden * a + LOGITS_COPIES * vocab * 4) + attention_mask_bytes(run, d.layers)
 
     subtotal = weights + adapter + gradients + optimizer + activations
     if run.on_gpu:
         overhead = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * subtotal)
     else:
-        overhead = CPU_RUNTIME_BYTES + int(CPU_ALLOCATOR * subtotal)
+        retained = 0.0 if bounds_heap(run.checkpointing) else CPU_ALLOCATOR
+        overhead = CPU_RUNTIME_BYTES + int(retained * subtotal)
     return MemoryEstimate(
         weights_bytes=int(weights),
         adapter_bytes=adapter,
@@ -232,6 +248,20 @@ def _estimate(run: _Run, model: ModelSummary, model_config: dict[str, Any]) -> M
         sequence_length=run.seq,
         method=METHOD,
     )
+
+
+def distinct_input_features(shapes: dict[str, LinearShape]) -> int:
+    """Values per token that the model's linear layers take as input, counting once an input several layers share
+    (q/k/v read the same normed hidden state, gate/up the same)."""
+    seen: set[tuple[str, str]] = set()
+    total = 0
+    for key, shape in shapes.items():
+        prefix, _, name = key.rpartition(".")
+        group = next((g for g in SHARED_INPUT_GROUPS if name in g), (name,))
+        if (prefix, group[0]) not in seen:
+            seen.add((prefix, group[0]))
+            total += shape.in_features * shape.count
+    return total
 
 
 def attention_mask_bytes(run: _Run, layers: int) -> int:

@@ -125,33 +125,36 @@ RECOMMENDATIONS: list[ModelRecommendation] = [
         model_name="Qwen/Qwen2.5-Coder-1.5B-Instruct",
         description="The best fit for a 12 GB card: code-tuned, ChatML template, trains comfortably in 8-bit.",
         preset="rtx_3060",
-        min_gpu_memory_bytes=int(6.5 * GIB),
+        min_gpu_memory_bytes=int(8.0 * GIB),
     ),
     ModelRecommendation(
         model_name="Qwen/Qwen2.5-0.5B-Instruct",
         description="Quick experiments: minutes per epoch on small datasets, fits any recent GPU.",
         preset="rtx_3060",
-        min_gpu_memory_bytes=int(5.0 * GIB),
+        min_gpu_memory_bytes=int(5.5 * GIB),
         cautions=["small: learns formats and facts, weaker at reasoning than the 1.5B"],
     ),
     ModelRecommendation(
         model_name="Qwen/Qwen2.5-1.5B-Instruct",
         description="General-purpose chat model of the same size as the Coder one.",
         preset="rtx_3060",
-        min_gpu_memory_bytes=int(6.5 * GIB),
+        min_gpu_memory_bytes=int(8.0 * GIB),
     ),
     ModelRecommendation(
         model_name="Qwen/Qwen2.5-3B-Instruct",
         description="Stronger, still trainable on 12 GB in 8-bit with short sequences.",
         preset="rtx_3060",
-        min_gpu_memory_bytes=int(9.0 * GIB),
-        cautions=["expect ~2x slower steps than the 1.5B", "tight on 12 GB above 1024 tokens: keep max_length low"],
+        min_gpu_memory_bytes=int(11.0 * GIB),
+        cautions=[
+            "expect ~2x slower steps than the 1.5B",
+            "over 90% of 12 GB at the preset's 1024 tokens: max_length 768 or less fits (estimated 9.5 GiB)",
+        ],
     ),
     ModelRecommendation(
         model_name="Qwen/Qwen2.5-7B-Instruct",
         description="The strongest of the family; needs a 16 GB card or more, even with 4-bit QLoRA.",
         preset="rtx_3060",
-        min_gpu_memory_bytes=int(16.5 * GIB),
+        min_gpu_memory_bytes=int(20.0 * GIB),
         cautions=[
             "does not fit 12 GB with the rtx_3060 preset, nor with load_in_4bit (about 13 GiB then: 4-bit training "
             "keeps fp32 copies of the 152k-token embeddings and lm_head, 4.4 GB)",

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from finetune_server.host.allocator import settle_for_training
 from finetune_server.host.cpu_policy import apply_in_worker
 from finetune_server.workers.protocol import (
     EXIT_CRASH,
@@ -196,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_worker_args(WORKER_MODULE, "Run one fine-tuning job attempt.", argv)
     spec = WorkerSpec.read(args.spec)
     apply_in_worker(spec.cpu_threads, spec.cpus)  # before torch is imported
+    settle_for_training(bool(spec.config.get("gradient_checkpointing")))
     log = structlog.get_logger(__name__).bind(job_id=spec.job_id)
     stop = threading.Event()
     channel = Channel.open(args.events_fd, stop)
