@@ -14,6 +14,7 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_server.training.config import LoraSettings, TrainingConfig, resolve
 from finetune_server.training.memory import (
     CPU_ALLOCATOR,
+    CPU_JOB_BYTES,
     CPU_RUNTIME_BYTES,
     CUDA_CONTEXT_BYTES,
     GIB,
@@ -174,9 +175,9 @@ def test_cpu_estimate_uses_the_runtime_overhead() -> None:
     assert not any("load_in" in s for s in _estimate(QWEN25_7B, [("cpu", 8 * GIB)]).fits[0].suggestions)
     # A checkpointed job's worker fixes glibc's mmap threshold: no allowance for the heap's retention then.
     checkpointed = _estimate(QWEN25_05B, [("cpu", 64 * GIB)], gradient_checkpointing=True)
-    assert checkpointed.overhead_bytes == CPU_RUNTIME_BYTES
+    assert checkpointed.overhead_bytes == CPU_RUNTIME_BYTES + CPU_JOB_BYTES
     plain = e.total_bytes - e.overhead_bytes
-    assert e.overhead_bytes == CPU_RUNTIME_BYTES + int(CPU_ALLOCATOR * plain)
+    assert e.overhead_bytes == CPU_RUNTIME_BYTES + CPU_JOB_BYTES + int(CPU_ALLOCATOR * plain)
 
 
 # --- against reality --------------------------------------------------------------------------------------------------
@@ -255,7 +256,8 @@ def test_estimate_matches_a_real_cpu_step(tiny_model_dir: Path) -> None:
         estimate = estimate_memory(
             config, summary, model_config, sequence_length=run["seq"], devices=[("cpu", 16 * GIB)]
         )
-        expected = estimate.total_bytes - CPU_RUNTIME_BYTES  # the child measures from after its imports
+        # The child measures from after its imports, and is a bare step: no data pipeline, no job of ours.
+        expected = estimate.total_bytes - CPU_RUNTIME_BYTES - CPU_JOB_BYTES
         ratio = measured / expected
         sys.stderr.write(f"gc={run['gc']}: measured {measured / 1e6:.0f} MB, estimated {expected / 1e6:.0f} MB\n")
         assert 0.5 <= ratio <= 1.5, (run, measured, expected)

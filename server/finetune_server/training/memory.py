@@ -30,7 +30,9 @@ fp32 embeddings make the residual stream fp32, and bitsandbytes' layers return t
   An unpadded, unpacked batch needs no mask (an upper bound, then). Packing keeps rows at max_length (batching.py),
   so seq is max_length there too.
 - overhead: on a GPU 0.5 GiB CUDA context + 10% of the rest for allocator fragmentation; on the CPU the resident set
-  of importing torch + transformers + peft, ~0.4 GiB (measured 405 MB here), + 30% of the rest for glibc's arenas,
+  of importing torch + transformers + peft, ~0.4 GiB (measured 405 MB here), + a job's own fixed part, 72 MiB
+  (a job of 1 x 32 tokens on a 0.1 M-parameter model grew the worker's resident set by 74.5 MiB: the model family's
+  modules, the tokenizer, the data pipeline's buffers), + 30% of the rest for glibc's arenas,
   which keep freed blocks (measured: the same step peaks 22% lower with MALLOC_ARENA_MAX=1). A checkpointed job's
   worker fixes glibc's mmap threshold (host/allocator.py), so freed blocks go back at once and that allowance is
   not added: without the fix the heap kept every layer's freed activations through the forward pass, and the CPU
@@ -64,6 +66,7 @@ from finetune_server.training.model_info import (
 GIB = 1 << 30
 CUDA_CONTEXT_BYTES = GIB // 2
 CPU_RUNTIME_BYTES = int(0.4 * GIB)
+CPU_JOB_BYTES = 72 << 20  # a job's own fixed part on the CPU (see the module docstring)
 FRAGMENTATION = 0.10
 CPU_ALLOCATOR = 0.30  # glibc's per-thread arenas keep freed blocks: measured +22% (default arenas) vs 1 arena
 FIT_MARGIN = 0.10
@@ -234,7 +237,7 @@ def _estimate(run: _Run, model: ModelSummary, model_config: dict[str, Any]) -> M
         overhead = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * subtotal)
     else:
         retained = 0.0 if bounds_heap(run.checkpointing) else CPU_ALLOCATOR
-        overhead = CPU_RUNTIME_BYTES + int(retained * subtotal)
+        overhead = CPU_RUNTIME_BYTES + CPU_JOB_BYTES + int(retained * subtotal)
     return MemoryEstimate(
         weights_bytes=int(weights),
         adapter_bytes=adapter,
