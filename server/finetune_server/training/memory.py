@@ -32,16 +32,15 @@ fp32 embeddings make the residual stream fp32, and bitsandbytes' layers return t
 - overhead: on a GPU 0.5 GiB CUDA context + 10% of the rest for allocator fragmentation; on the CPU the resident set
   of importing torch + transformers + peft, ~0.4 GiB (measured 405 MB here), + a job's own fixed part, 72 MiB
   (a job of 1 x 32 tokens on a 0.1 M-parameter model grew the worker's resident set by 74.5 MiB: the model family's
-  modules, the tokenizer, the data pipeline's buffers), + 30% of the rest for glibc's arenas,
-  which keep freed blocks (measured: the same step peaks 22% lower with MALLOC_ARENA_MAX=1). A checkpointed job's
+  modules, the tokenizer, the data pipeline's buffers), + 30% of the rest for glibc's arenas, which keep freed
+  blocks (measured: the same step peaks 22% lower with MALLOC_ARENA_MAX=1). A checkpointed job's
   worker fixes glibc's mmap threshold (host/allocator.py), so freed blocks go back at once and that allowance is
   not added: without the fix the heap kept every layer's freed activations through the forward pass, and the CPU
   peak of the rtx_3060 preset on Qwen2.5-0.5B's shapes was 1.56x this estimate.
 
-Checked on this CPU (peak RSS delta of one forward+backward+AdamW step with peft LoRA, fp32, sdpa, dropout 0.05,
-all-linear): measured / estimated (without the 0.4 GiB import) was 0.65-1.04 for the tiny model and for a
-hidden-256 4-layer one without checkpointing; with checkpointing on the 4-layer model the backward pass peaked at
-1.2-1.5x the estimate (a transient not modelled here). tests/unit/test_memory.py repeats the tiny-model check.
+Checked on this CPU: the memory benchmark (bench/memory.py, run_training in a fresh process per config) measured
+0.83-1.15x this estimate on seven configurations, checkpointed, 8-bit and Qwen2.5's published shapes among them;
+tests/unit/test_memory.py repeats a bare tiny-model step, where the estimate errs high (0.6-0.75x).
 """
 
 from __future__ import annotations
