@@ -93,14 +93,14 @@ def _engine(data: dict[str, Any]) -> list[str]:
             f"{lengths['padding_fraction_at_max_length']:.0%} padding at max_length {s['max_length']}); "
             f"batch {s['batch_size']}; {s['torch_threads']} torch threads; {s.get('repetitions', '?')} repetition(s)",
             "",
-            "| method | tokens/s | tokens/CPU-s | train s | wall s | steps | peak RSS MiB | RSS delta MiB "
+            "| method | tokens/s | tokens/CPU-s | train s | loop s | wall s | steps | peak RSS MiB | RSS delta MiB "
             "| final loss |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method, m in s["methods"].items():
             out.append(
                 f"| {method} | {_f(m['tokens_per_s'], 0)} | {_f(m.get('tokens_per_cpu_s'), 0)} | {_f(m['train_s'])} "
-                f"| {_f(m['wall_s'])} | {m['steps']} "
+                f"| {_f(m.get('loop_s'))} | {_f(m['wall_s'])} | {m['steps']} "
                 f"| {_mib(m['peak_rss_bytes'])} | {_mib(m['rss_delta_bytes'])} | {_f(m['final_loss'], 3)} |"
             )
         cpu = s.get("cpu_ratios", {})
@@ -158,16 +158,34 @@ def _rpc(data: dict[str, Any]) -> list[str]:
         f"level stops at {data['max_requests_per_level']} answers or {data['max_seconds_per_level']} s. Client and "
         "server share the machine's cores.",
         "",
-        "| rpc | clients | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| rpc | clients | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms | server CPU ms/answer "
+        "| client CPU ms/answer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rpc_name, rows in data["table"].items():
         for r in rows:
             out.append(
                 f"| {rpc_name} | {r['clients']} | {_f(r['requests'], 0)} | {_f(r['errors'], 0)} "
                 f"| {_f(r['requests_per_s'], 0)} | {_f(r['p50_ms'])} | {_f(r['p90_ms'])} | {_f(r['p99_ms'])} "
-                f"| {_f(r['max_ms'])} |"
+                f"| {_f(r['max_ms'])} | {_f(r.get('server_cpu_ms'))} | {_f(r.get('client_cpu_ms'))} |"
             )
+    limit = data.get("limit")
+    if limit:
+        validate, get_job = limit["ValidateConfig"], limit["GetJob"]
+        out += [
+            "",
+            f"What limits it: {limit['clients']} clients that each send their next request when the previous one "
+            f"answers wait, on average, clients / throughput (Little's law), so a p99 of {_f(limit['target_ms'], 0)} "
+            f"ms needs over {_f(limit['answers_per_s_needed'], 0)} answers/s. Here one ValidateConfig costs "
+            f"{_f(validate['server_cpu_ms'])} ms of server CPU and {_f(validate['client_cpu_ms'])} ms of the load "
+            f"generator's, so {limit['cores']} cores and one server process (one interpreter lock) give at most "
+            f"{_f(validate['answers_per_s_possible'], 0)} answers/s (measured: a mean of "
+            f"{_f(validate['mean_ms_floor'], 0)} ms by Little's law); GetJob, which only reads the store, costs "
+            f"{_f(get_job['server_cpu_ms'])} + {_f(get_job['client_cpu_ms'])} ms "
+            f"(at most {_f(get_job['answers_per_s_possible'], 0)}/s). What would close it: more cores for the "
+            "server than one process uses (several servers on one store, see the README), and clients on other "
+            "machines; the server's own work per answer is the part this code controls.",
+        ]
     return out
 
 

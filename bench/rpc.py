@@ -9,12 +9,14 @@ what is measured, so these numbers are upper bounds for a remote client.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 
 from bench.common import ModelSize, Section, Target, build_model, judge, median, percentile, run_async, write_dataset
 from bench.server_proc import start_server
@@ -26,7 +28,12 @@ LEVELS = (1, 10, 50)
 
 
 async def _level(
-    address: str, clients: int, call: Callable[[pb_grpc.FineTuneServiceStub], Any], max_requests: int, max_s: float
+    address: str,
+    clients: int,
+    call: Callable[[pb_grpc.FineTuneServiceStub], Any],
+    max_requests: int,
+    max_s: float,
+    server_pid: int,
 ) -> dict[str, Any]:
     channels = [grpc.aio.insecure_channel(address) for _ in range(clients)]
     stubs = [pb_grpc.FineTuneServiceStub(c) for c in channels]
@@ -49,9 +56,12 @@ async def _level(
                     continue
                 latencies.append(time.perf_counter() - t0)
 
+        server = psutil.Process(server_pid)
+        server_cpu0, client_cpu0 = _cpu_s(server), time.process_time()
         t0 = time.perf_counter()
         await asyncio.gather(*(client(s) for s in stubs))
         elapsed = time.perf_counter() - t0
+        server_cpu, client_cpu = _cpu_s(server) - server_cpu0, time.process_time() - client_cpu0
     finally:
         await asyncio.gather(*(c.close(None) for c in channels))
     ms = [x * 1000 for x in latencies]
@@ -66,7 +76,37 @@ async def _level(
         "p99_ms": percentile(ms, 99),
         "max_ms": max(ms) if ms else float("nan"),
         "mean_ms": sum(ms) / len(ms) if ms else float("nan"),
+        # CPU per answer: what the cores spend, server and load generator apart (they share the machine's cores)
+        "server_cpu_ms": server_cpu * 1000 / len(ms) if ms else float("nan"),
+        "client_cpu_ms": client_cpu * 1000 / len(ms) if ms else float("nan"),
     }
+
+
+def _closed_loop_limit(table: dict[str, list[dict[str, Any]]], clients: int, *, target_ms: float) -> dict[str, Any]:
+    """What bounds the latency at `clients` closed-loop clients on this machine: their mean latency is clients /
+    throughput (Little's law), and the throughput is at most the cores over the CPU that one answer costs, and at
+    most one core's worth of the server's share (one process: its Python work holds one interpreter lock)."""
+    cores = len(os.sched_getaffinity(0))
+    out: dict[str, Any] = {"clients": clients, "target_ms": target_ms, "cores": cores}
+    out["answers_per_s_needed"] = clients / (target_ms / 1000)
+    for rpc_name, rows in table.items():
+        row = next(r for r in rows if r["clients"] == clients)
+        cpu_ms = row["server_cpu_ms"] + row["client_cpu_ms"]
+        out[rpc_name] = {
+            "server_cpu_ms": row["server_cpu_ms"],
+            "client_cpu_ms": row["client_cpu_ms"],
+            "answers_per_s_possible": min(cores * 1000 / cpu_ms, 1000 / row["server_cpu_ms"])
+            if row["server_cpu_ms"] > 0
+            else float("nan"),
+            "mean_ms_floor": clients / row["requests_per_s"] * 1000 if row["requests_per_s"] > 0 else float("nan"),
+        }
+    return out
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    """CPU seconds of the process and its threads so far (a server's workers are not counted: none runs here)."""
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 async def _finished_job(address: str, config: pb.TrainingConfig) -> str:
@@ -81,7 +121,7 @@ async def _finished_job(address: str, config: pb.TrainingConfig) -> str:
 
 
 async def _measure(
-    address: str, config: pb.TrainingConfig, levels: Sequence[int], max_requests: int, max_s: float
+    address: str, config: pb.TrainingConfig, levels: Sequence[int], max_requests: int, max_s: float, server_pid: int
 ) -> dict[str, list[dict[str, Any]]]:
     validate_request = pb.ValidateConfigRequest(config=config)
 
@@ -92,7 +132,7 @@ async def _measure(
 
     out: dict[str, list[dict[str, Any]]] = {"ValidateConfig": [], "GetJob": []}
     for clients in levels:
-        out["ValidateConfig"].append(await _level(address, clients, validate, max_requests, max_s))
+        out["ValidateConfig"].append(await _level(address, clients, validate, max_requests, max_s, server_pid))
     one_step = pb.TrainingConfig()
     one_step.CopyFrom(config)
     one_step.max_steps = 1
@@ -103,7 +143,7 @@ async def _measure(
         await stub.GetJob(get_request, timeout=30)
 
     for clients in levels:
-        out["GetJob"].append(await _level(address, clients, get_job, max_requests, max_s))
+        out["GetJob"].append(await _level(address, clients, get_job, max_requests, max_s, server_pid))
     return out
 
 
@@ -129,7 +169,10 @@ def run(
         work_dir / "rpc" / f"server-{time.time_ns()}", model_dir.parent, dataset_root, "--no-prewarm-workers"
     )
     try:
-        measured = [run_async(_measure(server.address, config, levels, max_requests, max_seconds)) for _ in range(reps)]
+        measured = [
+            run_async(_measure(server.address, config, levels, max_requests, max_seconds, server.process.pid))
+            for _ in range(reps)
+        ]
     finally:
         server.stop()
     table: dict[str, list[dict[str, Any]]] = {}
@@ -153,6 +196,7 @@ def run(
     section.data = {
         "model": size.name,
         "dataset_rows": size.samples,
+        "limit": _closed_loop_limit(table, top, target_ms=25.0),
         "levels": list(levels),
         "max_requests_per_level": max_requests,
         "max_seconds_per_level": max_seconds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +23,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with slow tests first, each file's tests in their order: under `-n 2 --dist loadfile` (make test) a
-    worker takes whole files in this order, so the long ones start early instead of ending the run on one worker."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable
+    """Files with slow tests first, those with the most of them first, each file's tests in their order: under
+    `-n 2 --dist loadfile` (make test) a worker takes whole files in this order, so the long ones start early and
+    the short ones even out the end instead of one long file ending the run on one worker."""
+    slow_tests = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow_tests[item.path])  # stable
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,7 @@ class FinetuneServer:
         self._transport: GrpcTransport | None = None
         self._info = ServerInfoProvider(settings)
         self._stopped = asyncio.Event()
+        self._stopping: asyncio.Future[None] | None = None
         self._store_probe: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
@@ -113,15 +114,23 @@ class FinetuneServer:
         return self.port
 
     async def stop(self) -> None:
-        """Drain the transport (NOT_SERVING, no new calls, in-flight ones get `grace` seconds), then stop the rest."""
-        if self._transport is None or self._stopped.is_set():
+        """Drain the transport (NOT_SERVING, no new calls, in-flight ones get `grace` seconds), then stop the rest.
+
+        Once: a second SIGTERM (or Ctrl-C) while the first drains waits for that drain instead of starting another
+        that would close what the first is still closing."""
+        if self._transport is None:
             return
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(self._transport))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, transport: GrpcTransport) -> None:
         log.info("server.draining", grace_s=self.grace)
         if self._store_probe is not None:  # drained is NOT_SERVING for good: no probe may say otherwise
             self._store_probe.cancel()
         if self.generation is not None:
             self.generation.begin_stop()  # answers in progress end now (CANCELLED), not at the end of the grace
-        await self._transport.drain()
+        await transport.drain()
         if self.generation is not None:
             await self.generation.stop()  # its workers exit (each holds a whole model)
         if self.jobs is not None:

@@ -73,6 +73,12 @@ def stop_server(server: RunningServer) -> int:
     return server.process.wait(timeout=30)
 
 
+def logged(server: RunningServer, event: str) -> list[dict[str, object]]:
+    """The server's JSON log records of `event`."""
+    lines = server.log_path.read_text().splitlines()
+    return [record for line in lines if line.startswith("{") and (record := json.loads(line))["event"] == event]
+
+
 def wait_for_log_event(server: RunningServer, event: str, timeout: float = 60, **fields: object) -> dict[str, object]:
     """The first JSON log record of the server with this event and these fields, waiting for it up to `timeout`."""
     deadline = time.monotonic() + timeout

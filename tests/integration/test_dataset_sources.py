@@ -59,6 +59,7 @@ def config(model: str, **overrides: Any) -> pb.TrainingConfig:
     return json_format.ParseDict(job_fields(model, max_steps=2, save_steps=0, **overrides), pb.TrainingConfig())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_of_source_trains_a_job(stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path, kind: str) -> None:
     job, events = train_to_end(stub, config(tiny_model_dir.name, dataset=_NAMES[(kind, "facts")]))

@@ -20,7 +20,7 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_server.demo.run import DEMO_MODEL_SPEC, demo_config, demo_facts, write_dataset
 from finetune_server.demo.tiny_model import build_tiny_model
 
-from .conftest import RunningServer, start_server, stop_server
+from .conftest import RunningServer, logged, start_server, stop_server
 
 FACTS = demo_facts(20)
 
@@ -75,6 +75,7 @@ def test_merged_and_adapter_exports_serve_what_was_trained(
     merged = service.export_model(merged_dir, format="merged", job_id=trained["job_id"])
     adapter = service.export_model(adapter_dir, format="adapter", job_id=trained["job_id"])
     assert merged["success"] and adapter["success"]
+    assert len(logged(export_server, "forkserver.started")) == 1, "exports fork from the training workers' fork server"
     assert merged.vllm["compatible"] and "--enable-lora" in adapter.vllm["serve_command"]
     assert any(path.suffix == ".safetensors" for path in merged_dir.iterdir())
     assert (adapter_dir / "adapter_model.safetensors").is_file() and (adapter_dir / "chat_template.jinja").is_file()

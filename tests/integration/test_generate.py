@@ -92,6 +92,7 @@ def transformers_greedy(model_dir: Path, adapter: Path | None, tokenizer_dir: Pa
     return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
+@pytest.mark.slow
 def test_generate_streams_what_transformers_generates_for_base_job_checkpoint_and_artifact(
     service: GrpcFineTuneService, job: dict[str, Any], server: RunningServer
 ) -> None:
@@ -221,6 +222,7 @@ def test_chat_cli_streams_base_and_tuned_answers(server: RunningServer, job: dic
     assert output.count("> ") == 2, "one exchange: /exit ended the chat before the next line"
 
 
+@pytest.mark.slow
 def test_an_idle_worker_exits_and_a_shutdown_ends_an_answer_cancelled(
     tmp_path: Path, server_roots: tuple[Path, Path]
 ) -> None:

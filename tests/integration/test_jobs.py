@@ -72,6 +72,7 @@ def log_lines(events: list[pb.JobEvent]) -> list[str]:
     return [e.log.message for e in events if e.WhichOneof("kind") == "log"]
 
 
+@pytest.mark.slow
 def test_train_streams_the_job_then_every_event_until_it_succeeds(
     stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path, jobs_server: RunningServer
 ) -> None:
@@ -348,6 +349,7 @@ def test_a_dataset_in_use_stays_and_deleting_it_frees_its_file_and_token_cache(
         assert [r.resource_name for r in missing.resources] == [dataset.id]
 
 
+@pytest.mark.slow
 def test_checkpoints_are_listed_with_their_evaluation_and_the_best_is_exported(
     stub: pb_grpc.FineTuneServiceStub, tiny_model_dir: Path
 ) -> None:

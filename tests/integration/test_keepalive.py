@@ -53,6 +53,7 @@ def test_the_server_pings_an_idle_connection_itself(keepalive_server: RunningSer
         assert proxy.connections[0].down.pings >= 3 and proxy.connections[0].up.pings == 0
 
 
+@pytest.mark.slow
 def test_a_watch_of_a_queued_job_survives_a_connection_that_dies_silently(
     keepalive_server: RunningServer, tiny_model_dir: Path
 ) -> None:

@@ -105,6 +105,7 @@ def test_stopping_the_metrics_server_frees_its_port() -> None:
     metrics.stop_http_server()
 
 
+@pytest.mark.slow
 def test_a_real_server_exposes_rpc_job_and_progress_metrics_and_writes_tensorboard_events(
     tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
 ) -> None:

@@ -28,10 +28,10 @@ from finetune_server.workers.protocol import ORPHAN_EXIT_S
 from ..postgres_cluster import PostgresCluster
 from ..unit.test_ddp import COMMON as DDP_COMMON
 from ..unit.test_ddp import _facts as facts
-from .conftest import RunningServer, start_server, stop_server
+from .conftest import RunningServer, logged, start_server, stop_server
 from .ray_cluster import RayHead, start_head, start_worker_node
 from .test_jobs import assert_gap_free, job_config, log_lines, states_of, train_to_end
-from .test_several_servers import LEASE_SECONDS, assert_resumed_elsewhere, logged, wait_for
+from .test_several_servers import LEASE_SECONDS, assert_resumed_elsewhere, wait_for
 from .test_validate_config import rejected
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 
-from .conftest import start_server, stop_server
+from .conftest import RunningServer, start_server, stop_server
 from .test_jobs import assert_gap_free, job_config, states_of
 
 STEPS = 300
@@ -70,10 +70,8 @@ def test_kill_9_of_the_server_mid_training_then_restart(
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_worker_mid_training_resumes_it(
-    tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
-) -> None:
-    server = start_server(tmp_path, *server_roots)
+def test_kill_9_of_the_worker_mid_training_resumes_it(server: RunningServer, tiny_model_dir: Path) -> None:
+    """On the session's server: the server itself lives on, and its warm pool serves the resumed attempt."""
     channel, stub = server.stub()
     try:
         stream = stub.Train(pb.TrainRequest(config=long_job(tiny_model_dir.name)), timeout=300)
@@ -86,7 +84,6 @@ def test_kill_9_of_the_worker_mid_training_resumes_it(
         final = stub.GetJob(pb.GetJobRequest(job_id=job.id), timeout=10).job
     finally:
         channel.close()
-        stop_server(server)
     assert_finished_with_planned_steps(events, final)
     died = [e.log.message for e in events if e.WhichOneof("kind") == "log" and "worker died" in e.log.message]
     assert died and "SIGKILL" in died[0]

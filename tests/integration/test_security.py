@@ -40,6 +40,7 @@ def test_calls_without_or_with_a_wrong_token_are_unauthenticated(auth_server: Ru
         assert stub.ListPresets(pb.ListPresetsRequest(), metadata=as_token(ALICE), timeout=10).presets
 
 
+@pytest.mark.slow
 def test_a_token_sees_and_deletes_only_its_own_jobs_and_artifacts_and_an_admin_sees_all(
     auth_server: RunningServer, tiny_model_dir: Path
 ) -> None:
@@ -218,6 +219,7 @@ def test_mutual_tls_requires_a_client_certificate(
         stop_server(server)
 
 
+@pytest.mark.slow
 def test_a_full_queue_is_resource_exhausted(
     tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
 ) -> None:
@@ -245,6 +247,7 @@ def test_a_full_queue_is_resource_exhausted(
         stop_server(server)
 
 
+@pytest.mark.slow
 def test_disk_space_is_checked_before_jobs_and_exports(
     tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
 ) -> None:
@@ -275,6 +278,7 @@ def test_disk_space_is_checked_before_jobs_and_exports(
         stop_server(hungry)
 
 
+@pytest.mark.slow
 def test_one_connection_gets_at_most_its_streams_and_others_are_unaffected(
     tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
 ) -> None:

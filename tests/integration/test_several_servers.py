@@ -3,7 +3,6 @@ and a dead server's job resumed by the other once its lease expires (`--lease-se
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -18,7 +17,7 @@ from finetune_server.storage.layout import DataDir, JobDir
 from finetune_server.storage.postgres_store import LISTENER_APPLICATION
 
 from ..postgres_cluster import PostgresCluster
-from .conftest import RunningServer, start_server, stop_server
+from .conftest import RunningServer, logged, start_server, stop_server
 from .test_jobs import assert_gap_free, job_config, log_lines, states_of
 
 LEASE_SECONDS = 3
@@ -49,12 +48,6 @@ def pair(
     yield a, b, url.rsplit("/", 1)[1]
     for server in (a, b):
         stop_server(server)
-
-
-def logged(server: RunningServer, event: str) -> list[dict[str, object]]:
-    """The server's JSON log records of `event`."""
-    lines = server.log_path.read_text().splitlines()
-    return [record for line in lines if line.startswith("{") and (record := json.loads(line))["event"] == event]
 
 
 def ancestors(pid: int) -> list[int]:
@@ -113,6 +106,7 @@ def assert_resumed_elsewhere(events: list[pb.JobEvent], final: pb.Job, steps: in
     assert progress[-1].step == steps and all(p.total_steps == steps for p in progress)
 
 
+@pytest.mark.slow
 def test_a_job_is_watched_live_from_the_other_server_even_when_the_listeners_are_cut(
     pair: tuple[RunningServer, RunningServer, str], tiny_model_dir: Path, postgres_cluster: PostgresCluster
 ) -> None:
@@ -143,6 +137,7 @@ def test_a_job_is_watched_live_from_the_other_server_even_when_the_listeners_are
     wait_for(lambda: listeners(postgres_cluster, database) == 2, "the listeners reconnected")
 
 
+@pytest.mark.slow
 def test_a_job_running_on_one_server_is_cancelled_from_the_other(
     pair: tuple[RunningServer, RunningServer, str], tiny_model_dir: Path
 ) -> None:
@@ -166,6 +161,7 @@ def test_a_job_running_on_one_server_is_cancelled_from_the_other(
     wait_for(lambda: not Path(f"/proc/{worker_pid}").exists(), "the worker has exited", timeout=30)
 
 
+@pytest.mark.slow
 def test_one_artifact_asked_of_both_servers_at_once_is_exported_once(
     pair: tuple[RunningServer, RunningServer, str], tiny_model_dir: Path
 ) -> None:

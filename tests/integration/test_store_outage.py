@@ -19,9 +19,8 @@ from finetune_client._generated.sage.finetune.v1 import finetune_pb2_grpc as pb_
 from finetune_server.storage.layout import DataDir, JobDir
 
 from ..postgres_cluster import start_cluster
-from .conftest import start_server, stop_server
+from .conftest import logged, start_server, stop_server
 from .test_jobs import assert_gap_free, job_config, log_lines, states_of
-from .test_several_servers import logged
 
 DEADLINE_S = 60
 
@@ -43,6 +42,7 @@ def wait_for_health(channel: grpc.Channel, status: int) -> None:
     wait_until(lambda: health_status(channel) == status, f"health says {name}")
 
 
+@pytest.mark.slow
 def test_health_follows_the_store_and_calls_are_unavailable_while_it_is_lost(
     tmp_path: Path, server_roots: tuple[Path, Path]
 ) -> None:
@@ -73,6 +73,7 @@ def test_health_follows_the_store_and_calls_are_unavailable_while_it_is_lost(
         cluster.stop()
 
 
+@pytest.mark.slow
 def test_a_job_trains_through_a_store_outage_and_loses_no_event(
     tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
 ) -> None:

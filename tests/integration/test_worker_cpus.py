@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from finetune_client._generated.sage.finetune.v1 import finetune_pb2 as pb
 from finetune_server.host.cpu_policy import available_cpus
 
@@ -27,6 +29,7 @@ def test_by_default_a_worker_leaves_one_core_to_the_server(server: RunningServer
     assert f"with {threads} CPU thread{'' if threads == 1 else 's'}" in start_line(events)
 
 
+@pytest.mark.slow
 def test_workers_are_pinned_to_the_cpus_they_are_given(
     tmp_path: Path, server_roots: tuple[Path, Path], tiny_model_dir: Path
 ) -> None:

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from finetune_server.training.config import EvalProbe, LoraSettings, TrainingConfig, resolve
@@ -94,6 +95,7 @@ def _train(config: TrainingConfig, model_dir: Path, dataset: Path, out: Path) ->
     return outcome, events
 
 
+@pytest.mark.slow
 def test_a_memorised_fact_is_an_exact_match_and_probes_show_before_and_after(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:

@@ -73,6 +73,9 @@ def test_engine_methods_train_the_same_tokens(quick_results: tuple[dict[str, Any
     assert {"ours", "hf_padded", "hf_dynamic", "trl_packing", "trl_padding_free", "raw"} <= set(methods)
     assert {m["tokens"] for m in methods.values()} == {size["lengths"]["tokens"]}, "every method trains the same data"
     assert all(m["tokens_per_s"] > 0 and m["peak_rss_bytes"] > 0 for m in methods.values())
+    # The floor compares step loops: ours' lies inside its training call (which adds the final checkpoint).
+    assert 0 < methods["ours"]["loop_s"] <= methods["ours"]["train_s"]
+    assert methods["raw"]["loop_s"] == methods["raw"]["train_s"]
     # The bare loop runs our batch plan from the same seed: the same work, so the same final loss.
     assert methods["raw"]["final_loss"] == pytest.approx(methods["ours"]["final_loss"], rel=1e-3)
     assert all(isinstance(v, float) and v > 0 for v in size["ratios"].values())
@@ -104,6 +107,14 @@ def test_rpc_levels_answered_without_errors(quick_results: tuple[dict[str, Any],
         for row in table[rpc_name]:
             assert row["requests"] > 0 and row["errors"] == 0
             assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+            assert row["server_cpu_ms"] > 0 and row["client_cpu_ms"] > 0
+    limit = quick_results[0]["sections"]["rpc"]["data"]["limit"]
+    assert limit["clients"] == 5 and limit["answers_per_s_needed"] == pytest.approx(5 / 0.025)
+    for rpc_name in ("ValidateConfig", "GetJob"):
+        row = limit[rpc_name]
+        cpu_ms = row["server_cpu_ms"] + row["client_cpu_ms"]
+        assert row["answers_per_s_possible"] <= limit["cores"] * 1000 / cpu_ms * (1 + 1e-9)
+    assert "What limits it:" in quick_results[1]
 
 
 def test_memory_compares_a_measured_peak_with_the_estimate(quick_results: tuple[dict[str, Any], str]) -> None:

@@ -114,6 +114,7 @@ def test_library_versions() -> None:
     assert all(v for v in versions.values())
 
 
+@pytest.mark.slow
 def test_bitsandbytes_probe_works_here() -> None:
     # bitsandbytes 0.50 runs 4-bit and 8-bit layers on this CPU; the probe takes ~3 s (it imports torch).
     assert asyncio.run(probe_bitsandbytes_async(timeout=120)) == (True, "")
@@ -125,6 +126,7 @@ def test_bitsandbytes_probe_times_out() -> None:
     assert "timed out" in error
 
 
+@pytest.mark.slow
 def test_a_successful_probe_is_remembered_for_the_same_host_and_only_then(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

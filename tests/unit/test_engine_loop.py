@@ -88,6 +88,7 @@ def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_learnable_task(tmp_path: Path, tiny_model_dir: Path) -> None:
     dataset = write_facts(tmp_path / "facts.jsonl")
     config = make_config(tiny_model_dir, dataset, max_steps=80, warmup_ratio=0.05)

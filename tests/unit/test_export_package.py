@@ -382,6 +382,7 @@ def spec_for(job: tuple[Path, dict[str, Any]], model_dir: Path, target: Path, fm
     }
 
 
+@pytest.mark.slow
 async def test_run_export_in_a_subprocess_relays_progress_and_returns_the_manifest(
     job: tuple[Path, dict[str, Any]], tiny_model_dir: Path, tmp_path: Path
 ) -> None:

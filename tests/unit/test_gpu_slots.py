@@ -49,6 +49,15 @@ def test_an_export_merges_without_the_gpus_unless_it_names_one() -> None:
     from finetune_server.workers.supervisor import export_env
 
     spec = ExportSpec(job_dir="j", config={}, model_ref="m", fmt="merged", target_dir="t")
-    assert export_env(spec, {"CUDA_VISIBLE_DEVICES": "0,1"})["CUDA_VISIBLE_DEVICES"] == ""
+    assert export_env(spec, {"CUDA_VISIBLE_DEVICES": "0,1"}, host_has_gpus=True)["CUDA_VISIBLE_DEVICES"] == ""
     on_gpu = ExportSpec(job_dir="j", config={}, model_ref="m", fmt="merged", target_dir="t", device="cuda:0")
-    assert export_env(on_gpu, {"CUDA_VISIBLE_DEVICES": "1"})["CUDA_VISIBLE_DEVICES"] == "1"
+    assert export_env(on_gpu, {"CUDA_VISIBLE_DEVICES": "1"}, host_has_gpus=True)["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_without_gpus_an_export_has_the_training_workers_environment() -> None:
+    """Nothing to hide on a host without GPUs: the same environment, so the same warm fork server serves both."""
+    from finetune_server.workers.export import ExportSpec
+    from finetune_server.workers.supervisor import export_env, training_env
+
+    spec = ExportSpec(job_dir="j", config={}, model_ref="m", fmt="merged", target_dir="t")
+    assert export_env(spec, {"HF_HOME": "h"}, host_has_gpus=False) == training_env(None, {"HF_HOME": "h"})

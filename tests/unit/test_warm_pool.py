@@ -12,6 +12,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from finetune_server.workers.protocol import Cancelled, Message, Result
 from finetune_server.workers.supervisor import run_worker, supervise
 from finetune_server.workers.warm_pool import UNKNOWN_RETURNCODE, WarmPool
@@ -51,6 +53,7 @@ class _Quiet:
         return lambda *args, **kwargs: None
 
 
+@pytest.mark.slow
 async def test_each_worker_is_a_fresh_fork_of_a_pristine_preloaded_process(tmp_path: Path) -> None:
     pool = WarmPool(1, tmp_path / "pool")
     env = probe_env(OMP_NUM_THREADS="2")
@@ -81,6 +84,7 @@ async def test_each_worker_is_a_fresh_fork_of_a_pristine_preloaded_process(tmp_p
         assert_gone(s["pid"])
 
 
+@pytest.mark.slow
 async def test_a_dead_fork_server_is_replaced_and_environments_get_their_own(tmp_path: Path) -> None:
     pool = WarmPool(1, tmp_path / "pool")
     try:
@@ -98,6 +102,7 @@ async def test_a_dead_fork_server_is_replaced_and_environments_get_their_own(tmp
     assert pool.forked == 3 and pool.fresh == 0
 
 
+@pytest.mark.slow
 async def test_cancel_stops_a_pooled_training_worker(tmp_path: Path, tiny_model_dir: Path) -> None:
     pool = WarmPool(1, tmp_path / "pool")
     spec = make_spec(tmp_path, tiny_model_dir, max_steps=200)

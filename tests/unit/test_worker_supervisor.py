@@ -116,6 +116,7 @@ def assert_gone(pid: int) -> None:
         os.killpg(pid, 0)
 
 
+@pytest.mark.slow
 @in_module_loop
 async def test_run_to_completion(tmp_path: Path, tiny_model_dir: Path, pool: WarmPool) -> None:
     spec = make_spec(tmp_path, tiny_model_dir)
@@ -274,6 +275,7 @@ async def test_cancel_escalates_to_sigterm(tmp_path: Path, tiny_model_dir: Path)
     assert_gone(exit_.pid)
 
 
+@pytest.mark.slow
 def test_stdin_eof_stops_an_orphan(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The server dies (its end of stdin closes): the worker stops at its next micro-step and exits."""
     spec = make_spec(tmp_path, tiny_model_dir, max_steps=200)
@@ -403,6 +405,7 @@ async def test_cancelled_caller_does_not_orphan_the_worker(
     assert_gone(pids[0])
 
 
+@pytest.mark.slow
 async def test_out_of_memory_at_model_load_is_reported_as_out_of_memory_not_a_crash(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:

@@ -38,6 +38,9 @@ _LOG_LEVELS = {
     pb.LOG_LEVEL_WARNING: "[yellow]warning:[/] ",
     pb.LOG_LEVEL_ERROR: "[red]error:[/] ",
 }
+# A SIGINT that lands just before a blocking wait begins only sets Python's flag (the wait has not started, so it is
+# not interrupted): waiting in slices lets the flag be seen within this many seconds instead of never.
+SIGNAL_CHECK_S = 0.25
 
 
 class JobDisplay:
@@ -142,7 +145,10 @@ def follow(service: GrpcFineTuneService, job: pb.Job, events: Iterable[pb.JobEve
     threading.Thread(target=read, name=f"follow-{job.id}", daemon=True).start()
     with JobDisplay(console, job) as display:
         while True:
-            item = handoff.get()  # C-level wait: a SIGINT raises KeyboardInterrupt here, with no lock held
+            try:
+                item = handoff.get(timeout=SIGNAL_CHECK_S)  # a SIGINT raises KeyboardInterrupt here, no lock held
+            except queue.Empty:
+                continue
             if isinstance(item, _Ended):
                 return item.job
             if isinstance(item, _Failed):

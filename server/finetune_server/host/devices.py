@@ -151,6 +151,11 @@ def detect_devices(*, max_age_s: float = CACHE_SECONDS) -> list[Device]:
         return [Device(**d.__dict__) for d in _Cache.devices]  # copies: callers may not alter the cache
 
 
+def count_gpus(devices: list[Device]) -> int:
+    """How many of `devices` (as `detect_devices` lists them) are CUDA GPUs."""
+    return sum(1 for d in devices if d.name.startswith("cuda"))
+
+
 def library_versions() -> dict[str, str]:
     """Installed versions by distribution name, read from package metadata without importing the libraries."""
     versions = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from finetune_server.errors import FinetuneError
-from finetune_server.host.devices import detect_devices
+from finetune_server.host.devices import count_gpus, detect_devices
 from finetune_server.settings import ServerSettings
 from finetune_server.storage.layout import JobDir
 from finetune_server.workers.gpu_slots import worker_visible_devices
@@ -123,8 +123,7 @@ class LocalSubprocessExecutor:
 
     async def _visible_devices(self, slot: int) -> str | None:
         devices = await asyncio.to_thread(detect_devices)  # nvidia-smi: keep it off the event loop
-        gpu_count = sum(1 for d in devices if d.name.startswith("cuda"))
-        return worker_visible_devices(slot, os.environ if self._env is None else self._env, gpu_count)
+        return worker_visible_devices(slot, os.environ if self._env is None else self._env, count_gpus(devices))
 
     async def _place(self, spec: WorkerSpec) -> WorkerSpec:
         """The slot's GPU, numbered within the server's own CUDA_VISIBLE_DEVICES; the worker sees it as cuda:0.

@@ -8,7 +8,6 @@ torch at module level (the server imports it, for `ExportSpec`).
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from finetune_server.workers.protocol import (
     Error,
     ExportProgress,
     Spec,
+    exit_process,
     parse_worker_args,
 )
 
@@ -119,4 +119,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -34,6 +34,8 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from finetune_server.workers.protocol import exit_process
+
 PRELOAD_MODULES = (
     "torch",
     "transformers",
@@ -124,10 +126,7 @@ def _run_worker(sock: socket.socket, wakeup: int, request: dict[str, Any], fds: 
     except BaseException:
         traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a closed or broken log must not keep the exit code from the server
-                stream.flush()
-        os._exit(code)
+        exit_process(code)
 
 
 def _returncode(status: int) -> int:
@@ -191,4 +190,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -40,6 +40,7 @@ from finetune_server.workers.protocol import (
     GenerateReady,
     GenerateRefused,
     Spec,
+    exit_process,
     parse_worker_args,
 )
 
@@ -375,4 +376,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

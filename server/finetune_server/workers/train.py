@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from finetune_server.workers.protocol import (
     Result,
     Spec,
     Started,
+    exit_process,
     parse_worker_args,
     start_stdin_watch,
 )
@@ -212,4 +212,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
