@@ -180,7 +180,7 @@ def _rpc(data: dict[str, Any]) -> list[str]:
             f"{_f(validate['server_cpu_ms'])} ms of server CPU and {_f(validate['client_cpu_ms'])} ms of the load "
             f"generator's, so {limit['cores']} cores and one server process (one interpreter lock) give at most "
             f"{_f(validate['answers_per_s_possible'], 0)} answers/s (measured: a mean of "
-            f"{_f(validate['mean_ms_floor'], 0)} ms by Little's law); GetJob, which only reads the store, costs "
+            f"{_f(validate['mean_ms'], 0)} ms); GetJob, which only reads the store, costs "
             f"{_f(get_job['server_cpu_ms'])} + {_f(get_job['client_cpu_ms'])} ms "
             f"(at most {_f(get_job['answers_per_s_possible'], 0)}/s). What would close it: more cores for the "
             "server than one process uses (several servers on one store, see the README), and clients on other "

@@ -98,7 +98,7 @@ def _closed_loop_limit(table: dict[str, list[dict[str, Any]]], clients: int, *, 
             "answers_per_s_possible": min(cores * 1000 / cpu_ms, 1000 / row["server_cpu_ms"])
             if row["server_cpu_ms"] > 0
             else float("nan"),
-            "mean_ms_floor": clients / row["requests_per_s"] * 1000 if row["requests_per_s"] > 0 else float("nan"),
+            "mean_ms": row["mean_ms"],
         }
     return out
 
