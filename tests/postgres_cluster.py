@@ -42,10 +42,15 @@ class PostgresCluster:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
+    def _as_owner(self, *command: str | Path) -> list[str]:
+        """`command` as the cluster's owner. Through runuser, not subprocess's `user=`: on Python 3.11 that forces a
+        plain fork(), which runs gRPC's fork handlers in the child of a test process with gRPC threads (a child that
+        then died with SIGSEGV before pg_ctl ran); without it the child is started with vfork, which runs none."""
+        prefix = ["runuser", "-u", self._user, "--"] if self._user is not None else []
+        return [*prefix, *(str(c) for c in command)]
+
     def _run(self, *command: str | Path) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(c) for c in command], user=self._user, capture_output=True, text=True, timeout=120, check=False
-        )
+        result = subprocess.run(self._as_owner(*command), capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             log = (self.root / "server.log").read_text() if (self.root / "server.log").exists() else ""
             raise RuntimeError(f"{command[0]} failed ({result.returncode}):\n{result.stdout}{result.stderr}\n{log}")
@@ -73,8 +78,7 @@ class PostgresCluster:
 
     def stop(self) -> None:
         subprocess.run(
-            [str(PG_BIN / "pg_ctl"), "stop", "-D", str(self.data), "-m", "immediate"],
-            user=self._user,
+            self._as_owner(PG_BIN / "pg_ctl", "stop", "-D", self.data, "-m", "immediate"),
             capture_output=True,
             timeout=60,
             check=False,
